@@ -1,0 +1,33 @@
+# Two commands matter: `make demo` and `make test`. Each creates/refreshes .venv itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test lint typecheck bench venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools>=69" wheel
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/hello/run_demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check stem cli tests bench examples
+	$(BIN)/mypy stem
+
+test: lint
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .stem .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""sqlite adapters (being built)."""

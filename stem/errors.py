@@ -1,0 +1,51 @@
+"""One exception hierarchy: every error Stem raises is a :class:`StemError`."""
+
+from __future__ import annotations
+
+
+class StemError(Exception):
+    """Base class of every error raised by Stem."""
+
+
+class ConfigurationError(StemError, ValueError):
+    """The configuration is wrong (bad URL, unknown scheme, invalid option)."""
+
+
+class ServiceUnavailableError(StemError, ConnectionError):
+    """A broker or store could not be reached; the message says which and how to fix it."""
+
+
+class EnvelopeDecodeError(StemError, ValueError):
+    """Bytes read from a broker are not a valid Stem envelope."""
+
+
+class UnknownTaskError(StemError, LookupError):
+    """No handler is registered under the envelope's task name."""
+
+
+class TaskArgumentError(StemError, TypeError):
+    """Arguments do not fit the task's signature (raised at enqueue time)."""
+
+
+class PayloadEncodingError(StemError, ValueError):
+    """A payload encoder could not encode or decode (unknown encoder id, bad key, corrupt data)."""
+
+
+class WaitTimeoutError(StemError, TimeoutError):
+    """``wait()`` gave up before the task reached a terminal state."""
+
+
+class SoftTimeLimitExceeded(StemError):
+    """Raised inside a task when its soft time limit passes, so the handler can clean up."""
+
+
+class TimeLimitExceeded(StemError, TimeoutError):
+    """The task ran past its hard time limit and was stopped."""
+
+
+class WorkerLostError(StemError):
+    """The process running the task died (crash, ``os._exit``, signal) before it finished."""
+
+
+class TaskRevokedError(StemError):
+    """The task was revoked before or while it ran."""

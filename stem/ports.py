@@ -1,0 +1,176 @@
+"""The contracts between Stem's core and its adapters.
+
+Core code talks to brokers and stores only through these Protocols; every adapter
+(memory, sqlite, redis, postgres) implements them and passes the same conformance
+suite in ``tests/conformance/``. The broker API is batch-first: every call moves a
+list so an adapter can do it in one round-trip.
+
+Times are seconds (floats). ``now`` is wall-clock epoch seconds, because delayed
+delivery (``notBefore``) and leases must agree across processes and hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from stem.envelope import Envelope
+from stem.status import TaskStatus
+
+#: Lease length used when neither the envelope nor the task sets one.
+DEFAULT_VISIBILITY_TIMEOUT = 30.0
+#: How long results live when no TTL is given (one day, as in the Dart Stem).
+DEFAULT_RESULT_TTL = 86_400.0
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One leased message handed to a worker.
+
+    ``envelope`` is None when the stored bytes could not be decoded; then
+    ``decode_error`` says why and the worker dead-letters it (``raw`` keeps the
+    original bytes so nothing is lost). ``receipt`` is the adapter's handle for
+    ack/nack/extend; ``token`` is adapter-private bookkeeping (stream name, lease id).
+    """
+
+    envelope: Envelope | None
+    receipt: str
+    queue: str
+    raw: bytes
+    lease_expires_at: float | None = None
+    decode_error: str | None = None
+    token: Any = None
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Counts for one queue: ready now, delayed (``notBefore`` in the future), leased, dead."""
+
+    queue: str
+    pending: int = 0
+    delayed: int = 0
+    in_flight: int = 0
+    dead: int = 0
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A dead-lettered message: the original bytes, its envelope if decodable, and why."""
+
+    id: str
+    queue: str
+    raw: bytes
+    reason: str
+    dead_at: float
+    envelope: Envelope | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Moves envelopes from producers to workers with leases (at-least-once)."""
+
+    #: Lease length for envelopes that carry no ``visibility_timeout``.
+    default_visibility_timeout: float
+
+    async def ping(self) -> None:
+        """Check the backing store is reachable; raise ServiceUnavailableError saying what to fix."""
+        ...
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Store envelopes; ones with a future ``not_before`` become visible only then."""
+        ...
+
+    async def fetch(
+        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
+    ) -> list[Delivery]:
+        """Lease up to ``max_count`` ready envelopes from ``queues``.
+
+        Higher ``priority`` first within a queue; across queues, earlier queues are
+        preferred but no queue with ready work is starved forever. Each delivery is
+        leased for the envelope's ``visibility_timeout`` (else the default); an
+        unacked lease that expires makes the envelope visible again. Waits up to
+        ``block`` seconds when nothing is ready, returning early when work arrives.
+        """
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove delivered envelopes for good."""
+        ...
+
+    async def nack(self, deliveries: Sequence[Delivery]) -> None:
+        """Give leases back so the envelopes are visible again at once (unchanged)."""
+        ...
+
+    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Ack each delivery and publish its replacement envelope (atomically where possible)."""
+        ...
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """Move deliveries to their queue's dead-letter store with a reason."""
+        ...
+
+    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Push each delivery's lease deadline to ``now + seconds``."""
+        ...
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Queue depth, delayed, in-flight and dead-letter counts."""
+        ...
+
+    async def purge(self, queue: str) -> int:
+        """Drop every ready and delayed envelope of ``queue``; return how many."""
+        ...
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """List dead letters of ``queue``, oldest first."""
+        ...
+
+    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Re-publish dead letters of ``queue`` (attempt reset to 0); return how many."""
+        ...
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead letter of ``queue``; return how many."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@runtime_checkable
+class ResultBackend(Protocol):
+    """Stores one :class:`TaskStatus` per task id, each with a TTL."""
+
+    #: TTL applied when ``set_many`` gets ``None``.
+    default_ttl: float
+
+    async def ping(self) -> None:
+        """Check the backing store is reachable; raise ServiceUnavailableError saying what to fix."""
+        ...
+
+    async def set_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
+        """Write statuses, each with its TTL in seconds (None: ``default_ttl``)."""
+        ...
+
+    async def get(self, task_id: str) -> TaskStatus | None:
+        """The stored status, or None if unknown or expired."""
+        ...
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        """Statuses of the ids that exist (missing ids are left out)."""
+        ...
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
+        """Return once the status is terminal (or None when ``timeout`` passes first).
+
+        Adapters are notified of changes (pub/sub, LISTEN/NOTIFY, events) rather than
+        polling in a tight loop.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

