@@ -1,0 +1,53 @@
+"""The conformance suite runs every test in this folder once per adapter.
+
+An adapter joins by adding its name to ADAPTERS and a branch to ``adapter_url``;
+adapters are built through ``stem.adapters.broker_from_url`` / ``backend_from_url``,
+exactly as users build them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from stem.adapters import backend_from_url, broker_from_url
+from stem.ports import Broker, ResultBackend
+
+ADAPTERS = ["memory", "sqlite"]
+
+
+def adapter_url(name: str, namespace: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """URL of a fresh, isolated store of adapter ``name`` for one test."""
+    if name == "memory":
+        return f"memory://{namespace}"
+    if name == "sqlite":
+        return f"sqlite:///{tmp_path / 'stem.db'}"
+    raise AssertionError(f"no URL recipe for adapter {name!r}")
+
+
+@pytest.fixture(params=ADAPTERS)
+def store_url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path) -> str:
+    """One isolated store URL per adapter."""
+    return adapter_url(request.param, namespace, tmp_path, request)
+
+
+@pytest.fixture
+async def broker(store_url: str, namespace: str) -> AsyncIterator[Broker]:
+    """A broker on an isolated store."""
+    b = broker_from_url(store_url, namespace=namespace)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def backend(store_url: str, namespace: str) -> AsyncIterator[ResultBackend]:
+    """A result backend on an isolated store."""
+    b = backend_from_url(store_url, namespace=namespace)
+    try:
+        yield b
+    finally:
+        await b.close()
