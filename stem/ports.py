@@ -82,6 +82,10 @@ class Broker(Protocol):
         """Store envelopes; ones with a future ``not_before`` become visible only then."""
         ...
 
+    async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
+        """Store bytes as-is (interop with other producers; malformed input in tests)."""
+        ...
+
     async def fetch(
         self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
     ) -> list[Delivery]:
