@@ -1,1 +1,73 @@
-"""Stem for Python."""
+"""Stem for Python: an asyncio-native, Celery-style background task framework.
+
+Quick start::
+
+    import stem
+
+    app = stem.Stem("shop")              # SQLite default; or broker="redis://..."
+
+    @app.task(max_retries=3)
+    async def send_email(ctx: stem.TaskContext, to: str) -> str:
+        return f"sent to {to}"
+
+    task_id = await send_email.enqueue("a@example.com")
+    result = await send_email.wait(task_id, timeout=10)
+"""
+
+from stem.app import Stem
+from stem.config import StemConfig
+from stem.context import TaskContext
+from stem.encoding import JsonPayloadEncoder, TaskPayloadEncoder, TaskPayloadEncoderRegistry
+from stem.envelope import Envelope
+from stem.errors import (
+    ConfigurationError,
+    EnvelopeDecodeError,
+    PayloadEncodingError,
+    ServiceUnavailableError,
+    SoftTimeLimitExceeded,
+    StemError,
+    TaskArgumentError,
+    TaskRevokedError,
+    TimeLimitExceeded,
+    UnknownTaskError,
+    WaitTimeoutError,
+    WorkerLostError,
+)
+from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
+from stem.status import TaskError, TaskResult, TaskState, TaskStatus
+from stem.task import TaskCall, TaskDefinition, TaskOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "Envelope",
+    "EnvelopeDecodeError",
+    "ExponentialJitterRetryStrategy",
+    "JsonPayloadEncoder",
+    "PayloadEncodingError",
+    "Retry",
+    "RetryStrategy",
+    "ServiceUnavailableError",
+    "SoftTimeLimitExceeded",
+    "Stem",
+    "StemConfig",
+    "StemError",
+    "TaskArgumentError",
+    "TaskCall",
+    "TaskContext",
+    "TaskDefinition",
+    "TaskError",
+    "TaskOptions",
+    "TaskPayloadEncoder",
+    "TaskPayloadEncoderRegistry",
+    "TaskResult",
+    "TaskRevokedError",
+    "TaskState",
+    "TaskStatus",
+    "TimeLimitExceeded",
+    "UnknownTaskError",
+    "WaitTimeoutError",
+    "WorkerLostError",
+    "__version__",
+]

@@ -1,1 +1,5 @@
-"""The worker."""
+"""The worker: consumes queues, runs handlers, writes results, acks."""
+
+from stem.worker.worker import Worker
+
+__all__ = ["Worker"]

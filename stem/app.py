@@ -1,0 +1,415 @@
+"""The Stem app: task registry, configuration, adapters; enqueue and wait."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
+
+from stem._time import utcnow
+from stem.adapters import backend_from_url, broker_from_url
+from stem.config import StemConfig
+from stem.context import TaskContext
+from stem.encoding import (
+    ARGS_ENCODER_HEADER,
+    ARGS_ENCODER_META,
+    RESULT_ENCODER_META,
+    TaskPayloadEncoder,
+    TaskPayloadEncoderRegistry,
+)
+from stem.envelope import Envelope
+from stem.errors import ConfigurationError, WaitTimeoutError
+from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
+from stem.retry import RetryStrategy
+from stem.status import TaskResult, TaskStatus
+from stem.task import (
+    META_SOFT_TIME_LIMIT,
+    META_TIME_LIMIT,
+    Isolation,
+    TaskCall,
+    TaskDefinition,
+    TaskOptions,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TaskDecorator(Protocol):
+    """What ``@app.task(...)`` returns: turns a handler into a TaskDefinition."""
+
+    @overload
+    def __call__(
+        self, func: Callable[Concatenate[TaskContext, P], Awaitable[R]], /
+    ) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[Concatenate[TaskContext, P], R], /
+    ) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[R]], /) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
+
+
+class Stem:
+    """A Stem application: register tasks with ``@app.task``, enqueue them, wait for results.
+
+    ``broker`` and ``backend`` take URLs or adapter objects. With neither, the app
+    reads ``STEM_*`` environment variables and falls back to one SQLite file
+    (``sqlite:///.stem/stem.db``), so producer and worker need no server.
+    """
+
+    def __init__(
+        self,
+        name: str = "stem",
+        *,
+        broker: str | Broker | None = None,
+        backend: str | ResultBackend | None = None,
+        namespace: str | None = None,
+        encoders: TaskPayloadEncoderRegistry | None = None,
+        default_queue: str = "default",
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        config: StemConfig | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config or StemConfig.from_env()
+        self.namespace = namespace or self.config.namespace
+        self.encoders = encoders or TaskPayloadEncoderRegistry()
+        self.default_queue = default_queue
+        self.result_ttl = result_ttl
+        self.tasks: dict[str, TaskDefinition[Any, Any]] = {}
+        if isinstance(broker, str):
+            self.broker_url = broker
+            self._broker: Broker | None = None
+        else:
+            self.broker_url = self.config.broker_url if broker is None else "<object>"
+            self._broker = broker
+        if isinstance(backend, str):
+            self.backend_url = backend
+            self._backend: ResultBackend | None = None
+        elif backend is None:
+            # A URL-configured broker implies the same store for results unless told otherwise.
+            self.backend_url = (
+                self.config.backend_url
+                or (self.broker_url if self.broker_url != "<object>" else None)
+                or self.config.resolved_backend_url
+            )
+            self._backend = None
+        else:
+            self.backend_url = "<object>"
+            self._backend = backend
+        self._publishers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _CoalescingPublisher
+        ] = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"<Stem {self.name!r} broker={self.broker_url!r} tasks={len(self.tasks)}>"
+
+    @classmethod
+    def from_env(cls, name: str = "stem", **kwargs: Any) -> Stem:
+        """An app configured from ``STEM_*`` environment variables."""
+        return cls(name, config=StemConfig.from_env(), **kwargs)
+
+    # -- adapters -----------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        """The broker (built from its URL on first use; connects lazily)."""
+        if self._broker is None:
+            self._broker = broker_from_url(self.broker_url, namespace=self.namespace)
+        return self._broker
+
+    @property
+    def backend(self) -> ResultBackend:
+        """The result backend (built from its URL on first use; connects lazily)."""
+        if self._backend is None:
+            self._backend = backend_from_url(self.backend_url, namespace=self.namespace)
+        return self._backend
+
+    async def close(self) -> None:
+        """Close adapter connections."""
+        if self._broker is not None:
+            await self._broker.close()
+        if self._backend is not None and self._backend is not cast(object, self._broker):
+            await self._backend.close()
+
+    # -- registry -----------------------------------------------------------------------
+
+    @overload
+    def task(
+        self, func: Callable[Concatenate[TaskContext, P], Awaitable[R]], /
+    ) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def task(
+        self, func: Callable[Concatenate[TaskContext, P], R], /
+    ) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def task(self, func: Callable[P, Awaitable[R]], /) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def task(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        max_retries: int = 0,
+        priority: int = 0,
+        visibility_timeout: float | None = None,
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
+        isolation: Isolation | None = None,
+        rate_limit: str | None = None,
+        unique: bool = False,
+        unique_for: float | None = None,
+        result_ttl: float | None = None,
+        track_started: bool = True,
+        retry_strategy: RetryStrategy | None = None,
+        args_encoder: TaskPayloadEncoder | None = None,
+        result_encoder: TaskPayloadEncoder | None = None,
+        decode: Callable[[Any], Any] | None = None,
+    ) -> TaskDecorator: ...
+
+    def task(self, func: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
+        """Register a handler: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``.
+
+        The handler may be ``async def`` or ``def``; it gets the TaskContext as its
+        first argument only when that parameter is annotated ``TaskContext``. The
+        returned :class:`TaskDefinition` is typed by the handler's parameters (minus
+        the context) and return type.
+        """
+        name = kwargs.pop("name", None)
+        decode = kwargs.pop("decode", None)
+        if kwargs.get("queue") is None:
+            kwargs["queue"] = self.default_queue
+        options = TaskOptions(**kwargs)
+
+        def register(fn: Callable[..., Any]) -> TaskDefinition[Any, Any]:
+            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            definition: TaskDefinition[Any, Any] = TaskDefinition(
+                task_name, fn, options=options, app=self, decode=decode
+            )
+            return self.register(definition)
+
+        return register(func) if func is not None else register
+
+    def register(self, definition: TaskDefinition[P, R]) -> TaskDefinition[P, R]:
+        """Add a definition to the registry (and attach it to this app)."""
+        existing = self.tasks.get(definition.name)
+        if existing is not None and existing.func is not None and definition.func is not None \
+                and existing.func is not definition.func:
+            raise ConfigurationError(f"task {definition.name!r} is registered twice")
+        definition.app = self
+        self.tasks[definition.name] = definition
+        return definition
+
+    def definition(self, name: str, *, params: Sequence[str] | None = None,
+                   options: TaskOptions | None = None) -> TaskDefinition[..., Any]:
+        """The registered definition for ``name``, or a handler-less one for producers."""
+        found = self.tasks.get(name)
+        if found is not None:
+            return found
+        return TaskDefinition(name, options=options or TaskOptions(queue=self.default_queue),
+                              app=self, params=params)
+
+    # -- producing ----------------------------------------------------------------------
+
+    def build_envelope(self, call: TaskCall[Any]) -> Envelope:
+        """Turn a call into its wire envelope: encode args once, apply options."""
+        d = call.definition
+        opts = d.options
+        now = utcnow()
+        not_before: datetime | None = call.eta
+        if call.countdown is not None:
+            not_before = now + timedelta(seconds=call.countdown)
+        args_encoder = opts.args_encoder or self.encoders.default_args_encoder
+        headers = {**call.headers, ARGS_ENCODER_HEADER: args_encoder.id}
+        meta = {**call.meta, ARGS_ENCODER_META: args_encoder.id}
+        time_limit = call.time_limit if call.time_limit is not None else opts.time_limit
+        soft = call.soft_time_limit if call.soft_time_limit is not None else opts.soft_time_limit
+        if time_limit is not None:
+            meta[META_TIME_LIMIT] = time_limit
+        if soft is not None:
+            meta[META_SOFT_TIME_LIMIT] = soft
+        kwargs: dict[str, Any] = {}
+        if call.task_id is not None:
+            kwargs["id"] = call.task_id
+        return Envelope(
+            name=d.name,
+            args=self.encoders.encode_args(call.args, args_encoder),
+            headers=headers,
+            enqueued_at=now,
+            not_before=not_before,
+            priority=call.priority if call.priority is not None else opts.priority,
+            attempt=0,
+            max_retries=call.max_retries if call.max_retries is not None else opts.max_retries,
+            visibility_timeout=(
+                call.visibility_timeout
+                if call.visibility_timeout is not None
+                else opts.visibility_timeout
+            ),
+            queue=call.queue or opts.queue,
+            meta=meta,
+            **kwargs,
+        )
+
+    async def enqueue(
+        self,
+        task: str | TaskDefinition[..., Any],
+        *args: Any,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        headers: dict[str, str] | None = None,
+        meta: dict[str, Any] | None = None,
+        connection: Any = None,
+        **kwargs: Any,
+    ) -> str:
+        """Publish one task by name or definition; returns its id.
+
+        Positional arguments are bound to parameter names (a TaskArgumentError is
+        raised here, before anything is published, when they don't fit).
+        ``countdown``/``eta`` delay it; ``connection`` (Postgres only) publishes inside
+        the caller's transaction. For tasks with parameters named like these options,
+        use ``enqueue_call(task.call(...).with_options(...))``.
+        """
+        definition = self.definition(task) if isinstance(task, str) else task
+        call = definition.call(*args, **kwargs).with_options(
+            countdown=countdown, eta=eta, headers=headers, meta=meta
+        )
+        return await self.enqueue_call(call, connection=connection)
+
+    async def enqueue_call(self, call: TaskCall[Any], *, connection: Any = None) -> str:
+        """Publish a prepared :class:`TaskCall`; returns its task id."""
+        envelope = self.build_envelope(call)
+        if connection is not None:
+            await self._publish_with_connection(connection, [envelope])
+            return envelope.id
+        await self._publisher().publish(envelope)
+        return envelope.id
+
+    async def enqueue_many(
+        self, calls: Iterable[TaskCall[Any]], *, connection: Any = None
+    ) -> list[str]:
+        """Publish many calls in one broker round-trip; returns their ids in order."""
+        envelopes = [self.build_envelope(c) for c in calls]
+        if connection is not None:
+            await self._publish_with_connection(connection, envelopes)
+        elif envelopes:
+            await self.broker.publish(envelopes)
+        return [e.id for e in envelopes]
+
+    async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]) -> None:
+        publish = getattr(self.broker, "publish_with_connection", None)
+        if publish is None:
+            raise ConfigurationError(
+                "enqueue(..., connection=...) publishes inside your database transaction and "
+                f"needs the Postgres broker; this app's broker is {type(self.broker).__name__} "
+                f"({self.broker_url})"
+            )
+        await publish(connection, envelopes)
+
+    def _publisher(self) -> _CoalescingPublisher:
+        loop = asyncio.get_running_loop()
+        pub = self._publishers.get(loop)
+        if pub is None:
+            pub = self._publishers[loop] = _CoalescingPublisher(self)
+        return pub
+
+    # -- results ------------------------------------------------------------------------
+
+    def to_result(self, status: TaskStatus, decode: Callable[[Any], Any] | None = None
+                  ) -> TaskResult[Any]:
+        """Decode a stored status into a caller-facing :class:`TaskResult`."""
+        value: Any = None
+        if status.state.value == "succeeded":
+            value = self.encoders.decode_result(
+                status.payload, status.meta.get(RESULT_ENCODER_META)
+            )
+            if decode is not None:
+                value = decode(value)
+        return TaskResult(
+            id=status.id,
+            state=status.state,
+            value=value,
+            error=status.error,
+            attempt=status.attempt,
+            meta=status.meta,
+        )
+
+    async def get_result(self, task_id: str) -> TaskResult[Any] | None:
+        """The task's current result, or None if unknown (not started yet, or expired)."""
+        status = await self.backend.get(task_id)
+        return None if status is None else self.to_result(status)
+
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        decode: Callable[[Any], R] | None = None,
+    ) -> TaskResult[R]:
+        """Wait until ``task_id`` succeeds, fails or is cancelled; WaitTimeoutError if not in time."""
+        status = await self.backend.wait(task_id, timeout)
+        if status is None:
+            raise WaitTimeoutError(f"task {task_id} did not finish within {timeout} s")
+        return self.to_result(status, decode)
+
+
+class _CoalescingPublisher:
+    """Batches concurrent ``enqueue`` calls made in the same loop tick into one publish.
+
+    An idle producer publishes at once (one extra loop iteration); a busy one sends
+    everything queued since the last flush in one round-trip. Each caller gets its own
+    future, so a failed batch fails exactly the callers that were in it.
+    """
+
+    def __init__(self, app: Stem) -> None:
+        self._app = app
+        self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def publish(self, envelope: Envelope) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((envelope, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._scheduled = False
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
+        try:
+            await self._app.broker.publish([env for env, _ in batch])
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+__all__ = ["Stem", "TaskContext"]

@@ -1,0 +1,122 @@
+"""TaskContext: what a running handler knows about its task and can do about it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from stem.envelope import Envelope
+
+if TYPE_CHECKING:
+    from stem.task import TaskCall, TaskDefinition
+
+#: Headers linking child tasks to the task that enqueued them.
+PARENT_ID_HEADER = "stem-parent-id"
+ROOT_ID_HEADER = "stem-root-id"
+
+
+class ContextOps(Protocol):
+    """What the runtime (worker, process-pool child, eager runner) does for a context.
+
+    Methods may be called from the handler's thread; implementations hand the work
+    to their event loop safely.
+    """
+
+    def extend_lease(self, ctx: TaskContext, seconds: float | None) -> None:
+        """Push the delivery's lease out (None: by its visibility timeout)."""
+        ...
+
+    def progress(self, ctx: TaskContext, percent: float, data: Any) -> None:
+        """Record progress in the status and emit it as an event."""
+        ...
+
+    async def enqueue_call(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
+        """Publish a child task."""
+        ...
+
+    def enqueue_call_sync(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
+        """Publish a child task from a sync handler (blocks that thread, not the loop)."""
+        ...
+
+    def resolve(self, name: str) -> TaskDefinition[Any, Any]:
+        """The definition registered as ``name`` (or a name-only one)."""
+        ...
+
+
+class TaskContext:
+    """Metadata and controls for one attempt of one task.
+
+    ``attempt`` is 0-based. ``meta`` is writable and stored with the task's status.
+    ``heartbeat()``/``extend_lease()`` keep a long task's lease from expiring;
+    ``progress()`` is visible in the status while the task runs.
+    """
+
+    __slots__ = ("_ops", "envelope", "meta", "progress_state")
+
+    def __init__(self, envelope: Envelope, ops: ContextOps) -> None:
+        self.envelope = envelope
+        self.meta: dict[str, Any] = {}
+        self.progress_state: dict[str, Any] | None = None
+        self._ops = ops
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self.envelope.id
+
+    @property
+    def name(self) -> str:
+        """The task name."""
+        return self.envelope.name
+
+    @property
+    def attempt(self) -> int:
+        """The 0-based attempt number."""
+        return self.envelope.attempt
+
+    @property
+    def queue(self) -> str:
+        """The queue this delivery came from."""
+        return self.envelope.queue
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The envelope's headers."""
+        return self.envelope.headers
+
+    @property
+    def max_retries(self) -> int:
+        """Retries allowed after the first attempt."""
+        return self.envelope.max_retries
+
+    def heartbeat(self) -> None:
+        """Renew the lease by the task's visibility timeout."""
+        self._ops.extend_lease(self, None)
+
+    def extend_lease(self, seconds: float) -> None:
+        """Make the lease last at least ``seconds`` from now."""
+        self._ops.extend_lease(self, seconds)
+
+    def progress(self, percent: float, data: Any = None) -> None:
+        """Report progress (0-100) with optional JSON data."""
+        self.progress_state = {"percent": float(percent), "data": data}
+        self._ops.progress(self, float(percent), data)
+
+    def _child(self, task: str | TaskDefinition[Any, Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> TaskCall[Any]:
+        definition = self._ops.resolve(task) if isinstance(task, str) else task
+        root = self.envelope.headers.get(ROOT_ID_HEADER, self.id)
+        return definition.call(*args, **kwargs).with_options(
+            headers={PARENT_ID_HEADER: self.id, ROOT_ID_HEADER: root}
+        )
+
+    async def enqueue(self, task: str | TaskDefinition[Any, Any], *args: Any, **kwargs: Any) -> str:
+        """Enqueue a child task (by name or definition) from an async handler."""
+        return await self._ops.enqueue_call(self, self._child(task, args, kwargs))
+
+    def enqueue_sync(self, task: str | TaskDefinition[Any, Any], *args: Any, **kwargs: Any) -> str:
+        """Enqueue a child task from a sync (``def``) handler."""
+        return self._ops.enqueue_call_sync(self, self._child(task, args, kwargs))
+
+
+ProgressCallback = Callable[[TaskContext, float, Any], None]

@@ -1,0 +1,265 @@
+"""Task definitions: options, typed definitions (ParamSpec) and call builders."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+
+from stem.encoding import TaskPayloadEncoder
+from stem.envelope import DEFAULT_QUEUE
+from stem.errors import ConfigurationError, TaskArgumentError
+from stem.retry import RetryStrategy
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+    from stem.status import TaskResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Isolation = Literal["inline", "thread", "process"]
+
+#: Envelope meta keys for per-call limits (seconds), so workers apply what the caller asked.
+META_TIME_LIMIT = "timeLimit"
+META_SOFT_TIME_LIMIT = "softTimeLimit"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How a task is routed, retried, isolated and limited.
+
+    ``max_retries`` counts retries after the first attempt. ``priority`` is 0-9,
+    higher first. Times are seconds. ``isolation`` None means: inline for
+    ``async def``, thread for ``def`` (process when a sync task has a hard
+    ``time_limit``, because a thread cannot be killed).
+    """
+
+    queue: str = DEFAULT_QUEUE
+    max_retries: int = 0
+    priority: int = 0
+    visibility_timeout: float | None = None
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+    isolation: Isolation | None = None
+    rate_limit: str | None = None
+    unique: bool = False
+    unique_for: float | None = None
+    result_ttl: float | None = None
+    track_started: bool = True
+    retry_strategy: RetryStrategy | None = None
+    args_encoder: TaskPayloadEncoder | None = None
+    result_encoder: TaskPayloadEncoder | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.priority <= 9:
+            raise ConfigurationError(f"priority must be 0-9, got {self.priority}")
+        if self.max_retries < 0:
+            raise ConfigurationError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.isolation not in (None, "inline", "thread", "process"):
+            raise ConfigurationError(
+                f"isolation must be 'inline', 'thread' or 'process', got {self.isolation!r}"
+            )
+
+
+def _is_context_param(param: inspect.Parameter) -> bool:
+    ann = param.annotation
+    if isinstance(ann, str):
+        return ann.rsplit(".", 1)[-1] == "TaskContext"
+    return getattr(ann, "__name__", None) == "TaskContext"
+
+
+class TaskDefinition(Generic[P, R]):
+    """A named task: its handler (if this process has it), options and signature.
+
+    What ``@app.task`` returns. Producers that don't import the handler can build
+    one from a name alone (``TaskDefinition("email.send", params=("to", "subject"))``)
+    and still get typed ``enqueue``/``call``/``wait``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., Any] | None = None,
+        *,
+        options: TaskOptions | None = None,
+        app: Stem | None = None,
+        decode: Callable[[Any], R] | None = None,
+        params: Sequence[str] | None = None,
+    ) -> None:
+        if not name:
+            raise ConfigurationError("a task needs a non-empty name")
+        self.name = name
+        self.func = func
+        self.options = options or TaskOptions()
+        self.app = app
+        self.decode = decode
+        self.takes_context = False
+        self.is_async = False
+        self.signature: inspect.Signature | None = None
+        if func is not None:
+            self.is_async = inspect.iscoroutinefunction(func)
+            sig = inspect.signature(func)
+            ps = list(sig.parameters.values())
+            if ps and _is_context_param(ps[0]):
+                self.takes_context = True
+                ps = ps[1:]
+            self.signature = sig.replace(parameters=ps)
+        elif params is not None:
+            self.signature = inspect.Signature(
+                [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params]
+            )
+        self._var_positional: str | None = None
+        self._var_keyword: str | None = None
+        self._positional_only: list[str] = []
+        if self.signature is not None:
+            for p in self.signature.parameters.values():
+                if p.kind is p.VAR_POSITIONAL:
+                    self._var_positional = p.name
+                elif p.kind is p.VAR_KEYWORD:
+                    self._var_keyword = p.name
+                elif p.kind is p.POSITIONAL_ONLY:
+                    self._positional_only.append(p.name)
+
+    def __repr__(self) -> str:
+        return f"<TaskDefinition {self.name!r} queue={self.options.queue!r}>"
+
+    @property
+    def effective_isolation(self) -> Isolation:
+        """Where the handler runs when the options don't say (see TaskOptions)."""
+        if self.options.isolation is not None:
+            return self.options.isolation
+        if self.is_async:
+            return "inline"
+        return "process" if self.options.time_limit is not None else "thread"
+
+    # -- argument mapping ---------------------------------------------------------------
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Map call arguments to the wire's args object, checking them against the signature.
+
+        Positional arguments are bound to parameter names; defaults are not filled in
+        (the handler's own defaults apply when it runs). Raises TaskArgumentError.
+        """
+        if self.signature is None:
+            if args:
+                raise TaskArgumentError(
+                    f"task {self.name!r}: positional arguments need the task's signature; "
+                    "pass keyword arguments, register the handler, or give params=(...)"
+                )
+            return dict(kwargs)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TaskArgumentError(f"task {self.name!r}: {exc}") from None
+        out = dict(bound.arguments)
+        if self._var_positional and self._var_positional in out:
+            out[self._var_positional] = list(out[self._var_positional])
+        if self._var_keyword and self._var_keyword in out:
+            out.update(out.pop(self._var_keyword))
+        return out
+
+    def call_arguments(self, data: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Invert :meth:`bind` for the handler call; raises TaskArgumentError if they don't fit."""
+        kwargs = dict(data)
+        positional: list[Any] = [kwargs.pop(n) for n in self._positional_only if n in kwargs]
+        if self._var_positional and self._var_positional in kwargs:
+            extra = kwargs.pop(self._var_positional)
+            if not isinstance(extra, list):
+                raise TaskArgumentError(
+                    f"task {self.name!r}: *{self._var_positional} must be a list"
+                )
+            positional.extend(extra)
+        if self.signature is not None:
+            try:
+                self.signature.bind(*positional, **kwargs)
+            except TypeError as exc:
+                raise TaskArgumentError(f"task {self.name!r}: {exc}") from None
+        return positional, kwargs
+
+    # -- producer API -------------------------------------------------------------------
+
+    def _require_app(self) -> Stem:
+        if self.app is None:
+            raise ConfigurationError(
+                f"task {self.name!r} is not attached to an app; use app.enqueue_call(...) "
+                "or create it with @app.task / app.definition(...)"
+            )
+        return self.app
+
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> TaskCall[R]:
+        """A call with bound arguments; refine it with ``.with_options(...)``."""
+        return TaskCall(self, self.bind(args, kwargs))
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Publish one call and return its task id."""
+        return await self._require_app().enqueue_call(self.call(*args, **kwargs))
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
+        """Wait for ``task_id`` to finish and return its typed result."""
+        return await self._require_app().wait(task_id, timeout=timeout, decode=self.decode)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCall(Generic[R]):
+    """One invocation of a task, with per-call option overrides; immutable."""
+
+    definition: TaskDefinition[Any, R]
+    args: dict[str, Any]
+    queue: str | None = None
+    priority: int | None = None
+    countdown: float | None = None
+    eta: datetime | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    max_retries: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    visibility_timeout: float | None = None
+    task_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The task name."""
+        return self.definition.name
+
+    def with_options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        max_retries: int | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        visibility_timeout: float | None = None,
+        task_id: str | None = None,
+    ) -> TaskCall[R]:
+        """A copy with these options set (headers and meta are merged)."""
+        if priority is not None and not 0 <= priority <= 9:
+            raise ConfigurationError(f"priority must be 0-9, got {priority}")
+        changes: dict[str, Any] = {
+            k: v
+            for k, v in dict(
+                queue=queue,
+                priority=priority,
+                countdown=countdown,
+                eta=eta,
+                max_retries=max_retries,
+                time_limit=time_limit,
+                soft_time_limit=soft_time_limit,
+                visibility_timeout=visibility_timeout,
+                task_id=task_id,
+            ).items()
+            if v is not None
+        }
+        if headers:
+            changes["headers"] = {**self.headers, **headers}
+        if meta:
+            changes["meta"] = {**self.meta, **meta}
+        return replace(self, **changes)

@@ -1,0 +1,145 @@
+"""Envelope → outcome, touching no broker: validate, decode, run, classify.
+
+The delivery loop (worker.py) maps each outcome to broker and backend actions, so
+this half is testable on its own and shared by every execution mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from stem._time import to_epoch, utcnow
+from stem.encoding import ARGS_ENCODER_HEADER, ARGS_ENCODER_META
+from stem.envelope import Envelope
+from stem.errors import PayloadEncodingError, TaskArgumentError
+from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
+from stem.status import TaskError
+from stem.task import META_SOFT_TIME_LIMIT, META_TIME_LIMIT, TaskDefinition
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated envelope ready to run: its definition and decoded call arguments."""
+
+    envelope: Envelope
+    definition: TaskDefinition[Any, Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Rejected:
+    """Bad input (unknown task, undecodable or ill-fitting args): dead-letter it."""
+
+    reason: str
+    error_type: str
+
+
+@dataclass(slots=True)
+class Success:
+    """The handler returned; ``payload`` is the encoded result."""
+
+    payload: Any
+    encoder_id: str
+
+
+@dataclass(slots=True)
+class RetryLater:
+    """The attempt failed with budget left: publish ``next_envelope`` (attempt + 1)."""
+
+    next_envelope: Envelope
+    error: TaskError
+    delay: float
+
+
+@dataclass(slots=True)
+class Failure:
+    """The task failed for good."""
+
+    error: TaskError
+
+
+Outcome = Success | RetryLater | Failure | Rejected
+
+
+def effective_limits(envelope: Envelope, definition: TaskDefinition[Any, Any]
+                     ) -> tuple[float | None, float | None]:
+    """(soft, hard) time limits for this attempt: envelope meta wins over task options."""
+    meta = envelope.meta
+    hard = meta.get(META_TIME_LIMIT, definition.options.time_limit)
+    soft = meta.get(META_SOFT_TIME_LIMIT, definition.options.soft_time_limit)
+    return (None if soft is None else float(soft)), (None if hard is None else float(hard))
+
+
+class Processor:
+    """Turns envelopes into :class:`Prepared` work and exceptions into outcomes."""
+
+    def __init__(self, app: Stem, retry_strategy: RetryStrategy | None = None) -> None:
+        self.app = app
+        self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy()
+
+    def prepare(self, envelope: Envelope) -> Prepared | Rejected:
+        """Resolve the handler and decode + check arguments, or say why not."""
+        definition = self.app.tasks.get(envelope.name)
+        if definition is None or definition.func is None:
+            return Rejected(f"unknown task {envelope.name!r}: no handler registered in this "
+                            "worker's app", "UnknownTaskError")
+        encoder_id = envelope.headers.get(ARGS_ENCODER_HEADER) or envelope.meta.get(
+            ARGS_ENCODER_META
+        )
+        try:
+            data = self.app.encoders.decode_args(envelope.args, encoder_id)
+            args, kwargs = definition.call_arguments(data)
+        except PayloadEncodingError as exc:
+            return Rejected(str(exc), "PayloadEncodingError")
+        except TaskArgumentError as exc:
+            return Rejected(f"bad arguments: {exc}", "TaskArgumentError")
+        return Prepared(envelope, definition, args, kwargs)
+
+    def success(self, prepared: Prepared, value: Any) -> Success | Failure:
+        """Encode the handler's return value (once)."""
+        try:
+            payload, encoder_id = self.app.encoders.encode_result(
+                value, prepared.definition.options.result_encoder
+            )
+        except Exception as exc:
+            return Failure(TaskError.from_exception(exc))
+        return Success(payload, encoder_id)
+
+    def failure(self, prepared: Prepared, exc: BaseException) -> RetryLater | Failure:
+        """Classify an exception: retry with a delay while budget remains, else fail."""
+        env = prepared.envelope
+        budget = env.max_retries
+        delay: float | None = None
+        cause: BaseException = exc
+        next_meta = dict(env.meta)
+        if isinstance(exc, Retry):
+            if exc.max_retries is not None:
+                budget = exc.max_retries
+            if exc.eta is not None:
+                delay = max(0.0, to_epoch(exc.eta) - to_epoch(utcnow()))
+            elif exc.countdown is not None:
+                delay = max(0.0, exc.countdown)
+            if exc.time_limit is not None:
+                next_meta[META_TIME_LIMIT] = exc.time_limit
+            if exc.soft_time_limit is not None:
+                next_meta[META_SOFT_TIME_LIMIT] = exc.soft_time_limit
+            cause = exc.exc or exc
+        if env.attempt >= budget:
+            return Failure(TaskError.from_exception(cause, retryable=False))
+        if delay is None:
+            strategy = prepared.definition.options.retry_strategy or self.retry_strategy
+            delay = max(0.0, strategy.next_delay(env.attempt, cause))
+        now = utcnow()
+        next_env = env.copy(
+            attempt=env.attempt + 1,
+            not_before=now + timedelta(seconds=delay),
+            meta=next_meta,
+            max_retries=budget,
+        )
+        return RetryLater(next_env, TaskError.from_exception(cause, retryable=True), delay)

@@ -1,0 +1,471 @@
+"""The worker: fetch → dispatch → execute → complete, with leases and graceful shutdown.
+
+Pipeline (see DESIGN.md): one fetcher asks the broker for up to the number of free
+slots; each delivery runs as its own asyncio task; outcomes go to the completer,
+which flushes everything produced in one loop tick together — statuses first
+(results are written before the ack), then acks, retry re-publishes and dead
+letters. A lease keeper renews the leases of everything still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from stem.context import TaskContext
+from stem.encoding import RESULT_ENCODER_META
+from stem.envelope import Envelope, peek_task_id
+from stem.ports import Delivery
+from stem.retry import RetryStrategy
+from stem.status import TaskError, TaskState, TaskStatus
+from stem.worker.executor import Executor
+from stem.worker.processor import (
+    Failure,
+    Outcome,
+    Prepared,
+    Processor,
+    Rejected,
+    RetryLater,
+    Success,
+)
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+    from stem.task import TaskCall, TaskDefinition
+
+log = structlog.get_logger("stem.worker")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    delivery: Delivery
+    visibility_timeout: float
+    deadline: float  # monotonic time our lease runs out, as far as we know
+
+
+class Worker:
+    """Consumes queues and runs tasks of ``app``.
+
+    ``concurrency`` bounds tasks in flight (and the thread pool). ``queues``
+    defaults to every queue the app's tasks route to. ``shutdown_grace`` bounds how
+    long a graceful stop waits for running tasks before requeueing them.
+    """
+
+    def __init__(
+        self,
+        app: Stem,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 16,
+        retry_strategy: RetryStrategy | None = None,
+        block_time: float = 1.0,
+        shutdown_grace: float = 30.0,
+        consumer_name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.app = app
+        self.queues = list(queues) if queues else self._default_queues(app)
+        self.concurrency = concurrency
+        self.block_time = block_time
+        self.shutdown_grace = shutdown_grace
+        self.consumer_name = consumer_name or (
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.processor = Processor(app, retry_strategy)
+        self.executor = Executor(threads=concurrency)
+        self._active: dict[str, _InFlight] = {}  # receipt -> in flight (running or settling)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._completer: _Completer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.processed = 0
+        self._fetch_failing = False
+
+    @staticmethod
+    def _default_queues(app: Stem) -> list[str]:
+        queues = [app.default_queue]
+        for d in app.tasks.values():
+            if d.options.queue not in queues:
+                queues.append(d.options.queue)
+        return queues
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching and drain (safe to call from a signal handler on the loop)."""
+        self._stop.set()
+        self._slot_free.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; then drain in-flight work and return."""
+        self._loop = asyncio.get_running_loop()
+        broker, backend = self.app.broker, self.app.backend
+        await broker.ping()
+        await backend.ping()
+        self._completer = _Completer(self)
+        log.info("worker.started", consumer=self.consumer_name, queues=self.queues,
+                 concurrency=self.concurrency, tasks=len(self.app.tasks))
+        keeper = asyncio.create_task(self._lease_keeper())
+        try:
+            await self._fetch_loop()
+            await self._drain()
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            await self._completer.flush_all()
+            await self.executor.close()
+            log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed)
+
+    async def _drain(self) -> None:
+        running = [t for t in self._tasks if not t.done()]
+        if running:
+            log.info("worker.draining", in_flight=len(running), grace=self.shutdown_grace)
+            _, pending = await asyncio.wait(running, timeout=self.shutdown_grace)
+            if pending:
+                # Past the grace period: give the work back so another worker runs it now
+                # instead of after the visibility timeout.
+                requeue = [
+                    f.delivery for f in self._active.values()
+                    if f.delivery.receipt in self._running_receipts
+                ]
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                if requeue:
+                    await self.app.broker.nack(requeue)
+                    log.warning("worker.requeued", count=len(requeue))
+
+    # -- fetch + dispatch ---------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        broker = self.app.broker
+        backoff = 0.1
+        while not self._stop.is_set():
+            free = self.concurrency - len(self._active)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                deliveries = await broker.fetch(
+                    self.queues, free, block=self.block_time, consumer=self.consumer_name
+                )
+                if deliveries and not self._stop.is_set():
+                    await self._dispatch(deliveries)
+            except Exception as exc:  # an outage: log once, back off, keep going
+                if not self._fetch_failing:
+                    log.error("worker.fetch_failed", error=repr(exc))
+                    self._fetch_failing = True
+                try:
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if self._fetch_failing:
+                log.info("worker.fetch_recovered")
+                self._fetch_failing = False
+            backoff = 0.1
+            if deliveries and self._stop.is_set():
+                await broker.nack(deliveries)
+                break
+
+    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+        assert self._completer is not None
+        now = time.monotonic()
+        default_vt = self.app.broker.default_visibility_timeout
+        good: list[tuple[Delivery, Envelope]] = []
+        for d in deliveries:
+            env = d.envelope
+            if env is None:
+                reason = f"undecodable envelope: {d.decode_error}"
+                self._track(d, default_vt, now)
+                self._completer.reject(d, peek_task_id(d.raw), reason, "EnvelopeDecodeError", None)
+                continue
+            good.append((d, env))
+        if not good:
+            return
+        # A redelivery of a task that already finished (e.g. acked too late) must not run twice.
+        try:
+            done = await self.app.backend.get_many([env.id for _, env in good])
+        except Exception:
+            # Can't tell duplicates apart while the backend is down: hand the work back.
+            await self.app.broker.nack([d for d, _ in good])
+            raise
+        for d, env in good:
+            vt = env.visibility_timeout or default_vt
+            self._track(d, vt, now)
+            status = done.get(env.id)
+            if status is not None and status.state.is_terminal:
+                log.debug("task.duplicate_skipped", task_id=env.id, state=status.state.value)
+                self._completer.ack_only(d)
+                continue
+            prepared = self.processor.prepare(env)
+            if isinstance(prepared, Rejected):
+                self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
+                continue
+            task = asyncio.create_task(self._run(d, prepared))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _track(self, d: Delivery, vt: float, now: float) -> None:
+        self._active[d.receipt] = _InFlight(d, vt, now + vt)
+
+    def _settled(self, receipts: Sequence[str]) -> None:
+        for r in receipts:
+            self._active.pop(r, None)
+        self._slot_free.set()
+
+    @property
+    def _running_receipts(self) -> set[str]:
+        return {r for r, f in self._active.items() if r not in self._settling}
+
+    @property
+    def _settling(self) -> set[str]:
+        assert self._completer is not None
+        return self._completer.pending_receipts
+
+    # -- execution ----------------------------------------------------------------------
+
+    async def _run(self, d: Delivery, prepared: Prepared) -> None:
+        assert self._completer is not None
+        env = prepared.envelope
+        options = prepared.definition.options
+        ctx = TaskContext(env, _WorkerContextOps(self, d))
+        if options.track_started:
+            self._completer.status(
+                TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=dict(env.meta)),
+                options.result_ttl,
+            )
+        try:
+            value = await self.executor.execute(prepared, ctx)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            outcome: Outcome = self.processor.failure(prepared, exc)
+        else:
+            outcome = self.processor.success(prepared, value)
+        self.processed += 1
+        self._completer.outcome(d, prepared, ctx, outcome)
+
+    # -- leases -------------------------------------------------------------------------
+
+    async def _lease_keeper(self) -> None:
+        broker = self.app.broker
+        while True:
+            tick = max(0.05, min(
+                (f.visibility_timeout for f in self._active.values()),
+                default=broker.default_visibility_timeout,
+            ) / 4)
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            due: dict[float, list[_InFlight]] = {}
+            for f in list(self._active.values()):
+                if f.deadline - now <= 2 * tick:
+                    due.setdefault(f.visibility_timeout, []).append(f)
+            for vt, items in due.items():
+                try:
+                    await broker.extend_lease([f.delivery for f in items], vt)
+                except Exception as exc:
+                    log.warning("worker.lease_renew_failed", error=repr(exc), count=len(items))
+                    continue
+                deadline = time.monotonic() + vt
+                for f in items:
+                    f.deadline = deadline
+
+    async def extend_lease(self, d: Delivery, seconds: float) -> None:
+        """Extend one delivery's lease now (TaskContext.extend_lease / heartbeat)."""
+        await self.app.broker.extend_lease([d], seconds)
+        f = self._active.get(d.receipt)
+        if f is not None:
+            f.deadline = max(f.deadline, time.monotonic() + seconds)
+
+
+class _WorkerContextOps:
+    """TaskContext operations for tasks running in this worker (any thread)."""
+
+    def __init__(self, worker: Worker, delivery: Delivery) -> None:
+        self.worker = worker
+        self.delivery = delivery
+
+    def _on_loop(self, fn: Any, *args: Any) -> None:
+        loop = self.worker._loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.worker._tasks.add(task)
+        task.add_done_callback(self.worker._tasks.discard)
+
+    def extend_lease(self, ctx: TaskContext, seconds: float | None) -> None:
+        f = self.worker._active.get(self.delivery.receipt)
+        secs = seconds if seconds is not None else (
+            f.visibility_timeout if f else self.worker.app.broker.default_visibility_timeout
+        )
+        self._on_loop(lambda: self._spawn(self.worker.extend_lease(self.delivery, secs)))
+
+    def progress(self, ctx: TaskContext, percent: float, data: Any) -> None:
+        env = ctx.envelope
+        meta = {**env.meta, **ctx.meta, "progress": {"percent": percent, "data": data}}
+        status = TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=meta)
+        completer = self.worker._completer
+        assert completer is not None
+        self._on_loop(completer.status, status, None)
+
+    def resolve(self, name: str) -> TaskDefinition[Any, Any]:
+        return self.worker.app.definition(name)
+
+    async def enqueue_call(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
+        return await self.worker.app.enqueue_call(call)
+
+    def enqueue_call_sync(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
+        loop = self.worker._loop
+        assert loop is not None
+        fut = asyncio.run_coroutine_threadsafe(self.worker.app.enqueue_call(call), loop)
+        return fut.result()
+
+
+class _Completer:
+    """Collects outcomes and flushes them once per loop tick (see module docstring).
+
+    Flushes never overlap, so a later status for the same task always lands after an
+    earlier one. If the result backend is down, the batch is retried with backoff and
+    nothing is acked until its statuses are stored.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._statuses: dict[str, tuple[TaskStatus, float | None]] = {}
+        self._acks: list[Delivery] = []
+        self._retries: list[tuple[Delivery, Envelope]] = []
+        self._dead: list[tuple[Delivery, str]] = []
+        self.pending_receipts: set[str] = set()
+        self._scheduled = False
+        self._flushing: asyncio.Task[None] | None = None
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    def status(self, status: TaskStatus, ttl: float | None) -> None:
+        existing = self._statuses.get(status.id)
+        # Never let a late progress/running write overwrite a terminal one in the same batch.
+        if existing is not None and existing[0].state.is_terminal and not status.state.is_terminal:
+            return
+        self._statuses[status.id] = (status, ttl)
+        self._schedule()
+
+    def ack_only(self, d: Delivery) -> None:
+        self._acks.append(d)
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
+    def reject(self, d: Delivery, task_id: str | None, reason: str, error_type: str,
+               env: Envelope | None) -> None:
+        log.warning("task.dead_lettered", task_id=task_id, reason=reason, queue=d.queue,
+                    task=env.name if env else None)
+        if task_id is not None:
+            self.status(
+                TaskStatus(task_id, TaskState.FAILED,
+                           error=TaskError(type=error_type, message=reason),
+                           attempt=env.attempt if env else 0,
+                           meta={"deadLetterReason": reason}),
+                None,
+            )
+        self._dead.append((d, reason))
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
+    def outcome(self, d: Delivery, prepared: Prepared, ctx: TaskContext, outcome: Outcome) -> None:
+        env = prepared.envelope
+        ttl = prepared.definition.options.result_ttl
+        meta = {**env.meta, **ctx.meta}
+        if ctx.progress_state is not None:
+            meta["progress"] = ctx.progress_state
+        if isinstance(outcome, Success):
+            meta[RESULT_ENCODER_META] = outcome.encoder_id
+            self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,
+                                   meta=meta, attempt=env.attempt), ttl)
+            self._acks.append(d)
+        elif isinstance(outcome, RetryLater):
+            log.info("task.retry", task_id=env.id, task=env.name, attempt=env.attempt,
+                     delay=round(outcome.delay, 3), error=outcome.error.message)
+            self.status(TaskStatus(env.id, TaskState.RETRIED, error=outcome.error,
+                                   meta=meta, attempt=env.attempt), ttl)
+            self._retries.append((d, outcome.next_envelope))
+        elif isinstance(outcome, Failure):
+            log.warning("task.failed", task_id=env.id, task=env.name, attempt=env.attempt,
+                        error_type=outcome.error.type, error=outcome.error.message)
+            self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
+                                   meta=meta, attempt=env.attempt), ttl)
+            self._acks.append(d)
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
+    async def _flush_loop(self) -> None:
+        while self._statuses or self._acks or self._retries or self._dead:
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        statuses, self._statuses = self._statuses, {}
+        acks, self._acks = self._acks, []
+        retries, self._retries = self._retries, []
+        dead, self._dead = self._dead, []
+        app = self.worker.app
+        backoff = 0.05
+        while statuses:
+            try:
+                await app.backend.set_many(list(statuses.values()))
+                break
+            except Exception as exc:
+                log.error("worker.result_write_failed", error=repr(exc), count=len(statuses))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        broker = app.broker
+        ops = []
+        if acks:
+            ops.append(broker.ack(acks))
+        if retries:
+            ops.append(broker.retry(retries))
+        if dead:
+            ops.append(broker.dead_letter(dead))
+        results = await asyncio.gather(*ops, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                # The lease will expire and the task be redelivered; the terminal status
+                # already stored makes the redelivery a skipped duplicate.
+                log.error("worker.settle_failed", error=repr(r))
+        receipts = [d.receipt for d in acks] + [d.receipt for d, _ in retries] + [
+            d.receipt for d, _ in dead
+        ]
+        self.pending_receipts.difference_update(receipts)
+        self.worker._settled(receipts)
+
+    async def flush_all(self) -> None:
+        if self._flushing is not None and not self._flushing.done():
+            await self._flushing
+        await self._flush_loop()
