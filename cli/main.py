@@ -1,2 +1,131 @@
+"""The ``stem`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stem.app import Stem
+from stem.errors import StemError
+from stem.log import configure_logging
+from stem.worker import Worker
+from stem_cli._app import fail, load_app
+
+app = typer.Typer(help="Stem: asyncio-native background tasks.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+worker_app = typer.Typer(help="Run and control workers.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Inspect registered tasks.", no_args_is_help=True)
+app.add_typer(worker_app, name="worker")
+app.add_typer(tasks_app, name="tasks")
+
+AppOpt = Annotated[str, typer.Option("--app", "-A", help="Your app as module:attribute.")]
+
+
+@worker_app.command("start")
+def worker_start(
+    app_spec: AppOpt,
+    queue: Annotated[list[str] | None, typer.Option("--queue", "-Q",
+                     help="Queue to consume (repeatable). Default: all queues of the app's tasks.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
+                           help="Tasks in flight at once.")] = 16,
+    grace: Annotated[float, typer.Option("--grace",
+                     help="Seconds a graceful stop waits for running tasks.")] = 30.0,
+    block_time: Annotated[float, typer.Option("--block-time",
+                          help="Seconds one fetch blocks when idle.")] = 1.0,
+    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+) -> None:
+    """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0."""
+    configure_logging(log_level)
+    stem_app = load_app(app_spec)
+    worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
+                    block_time=block_time)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        main_task = asyncio.current_task()
+        signals_seen = 0
+
+        def on_signal() -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen == 1:
+                worker.request_stop()
+            elif main_task is not None:  # a second signal: stop now
+                main_task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await worker.run()
+        finally:
+            await stem_app.close()
+
+    try:
+        asyncio.run(main())
+    except StemError as exc:
+        raise fail(str(exc), 1) from None
+    except asyncio.CancelledError:
+        raise typer.Exit(1) from None
+
+
+@tasks_app.command("ls")
+def tasks_ls(app_spec: AppOpt) -> None:
+    """List the tasks registered on the app."""
+    stem_app = load_app(app_spec)
+    table = Table("name", "queue", "max_retries", "priority", "isolation", "handler")
+    for name in sorted(stem_app.tasks):
+        d = stem_app.tasks[name]
+        handler = f"{d.func.__module__}.{d.func.__qualname__}" if d.func else "-"
+        table.add_row(name, d.options.queue, str(d.options.max_retries), str(d.options.priority),
+                      d.effective_isolation, handler)
+    Console().print(table)
+
+
+@app.command("result")
+def result(
+    task_id: str,
+    app_spec: Annotated[str | None, typer.Option("--app", "-A",
+                        help="App whose backend/encoders to use (default: STEM_* env).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
+) -> None:
+    """Show a task's state, value, error, attempts and progress."""
+    stem_app = load_app(app_spec) if app_spec else Stem.from_env()
+
+    async def get() -> Any:
+        try:
+            status = await stem_app.backend.get(task_id)
+            return status, (stem_app.to_result(status) if status else None)
+        finally:
+            await stem_app.close()
+
+    try:
+        status, res = asyncio.run(get())
+    except StemError as exc:
+        raise fail(str(exc), 1) from None
+    if status is None:
+        raise fail(f"no result for task {task_id} (not started yet, unknown, or expired)", 1)
+    if json_out:
+        typer.echo(status.to_json().decode())
+        return
+    table = Table(show_header=False)
+    table.add_row("id", status.id)
+    table.add_row("state", status.state.value)
+    table.add_row("attempt", str(status.attempt))
+    if res.value is not None:
+        table.add_row("value", orjson.dumps(res.value, default=repr).decode())
+    if status.error is not None:
+        table.add_row("error", f"{status.error.type}: {status.error.message}")
+    if res.progress is not None:
+        table.add_row("progress", orjson.dumps(res.progress, default=repr).decode())
+    Console().print(table)
+
+
 def main() -> None:
-    """Entry point."""
+    """Console-script entry point."""
+    app()
