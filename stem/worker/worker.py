@@ -86,6 +86,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stop = asyncio.Event()
+        self._lease_changed = asyncio.Event()
         self._completer: _Completer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.processed = 0
@@ -220,6 +221,7 @@ class Worker:
 
     def _track(self, d: Delivery, vt: float, now: float) -> None:
         self._active[d.receipt] = _InFlight(d, vt, now + vt)
+        self._lease_changed.set()
 
     def _settled(self, receipts: Sequence[str]) -> None:
         for r in receipts:
@@ -261,23 +263,36 @@ class Worker:
     # -- leases -------------------------------------------------------------------------
 
     async def _lease_keeper(self) -> None:
+        """Renew each in-flight lease when half of it has run out, in one call per lease length.
+
+        Woken by ``_lease_changed`` when work is tracked, so a short lease fetched while
+        idle is still renewed in time.
+        """
         broker = self.app.broker
         while True:
-            tick = max(0.05, min(
-                (f.visibility_timeout for f in self._active.values()),
-                default=broker.default_visibility_timeout,
-            ) / 4)
-            await asyncio.sleep(tick)
+            now = time.monotonic()
+            next_due = min(
+                (f.deadline - f.visibility_timeout / 2 for f in self._active.values()),
+                default=now + 3600.0,
+            )
+            if next_due > now:
+                self._lease_changed.clear()
+                try:
+                    await asyncio.wait_for(self._lease_changed.wait(), next_due - now)
+                    continue
+                except TimeoutError:
+                    pass
             now = time.monotonic()
             due: dict[float, list[_InFlight]] = {}
             for f in list(self._active.values()):
-                if f.deadline - now <= 2 * tick:
+                if f.deadline - f.visibility_timeout / 2 <= now + 0.005:
                     due.setdefault(f.visibility_timeout, []).append(f)
             for vt, items in due.items():
                 try:
                     await broker.extend_lease([f.delivery for f in items], vt)
                 except Exception as exc:
                     log.warning("worker.lease_renew_failed", error=repr(exc), count=len(items))
+                    await asyncio.sleep(min(1.0, vt / 4))
                     continue
                 deadline = time.monotonic() + vt
                 for f in items:

@@ -1,0 +1,94 @@
+"""Task definitions: argument binding, options, retry strategy."""
+
+from __future__ import annotations
+
+import pytest
+
+import stem
+from stem import ConfigurationError, ExponentialJitterRetryStrategy, TaskArgumentError
+
+
+def make_app() -> stem.Stem:
+    return stem.Stem("t", broker="memory://unused", backend="memory://unused")
+
+
+def test_positional_args_bind_to_parameter_names_without_defaults() -> None:
+    app = make_app()
+
+    @app.task(name="send")
+    def send(ctx: stem.TaskContext, to: str, subject: str = "hi", *, cc: str | None = None) -> str:
+        return to
+
+    assert send.takes_context
+    assert send.bind(("a@b",), {"cc": "c"}) == {"to": "a@b", "cc": "c"}
+    assert send.call_arguments({"to": "a@b", "cc": "c"}) == ([], {"to": "a@b", "cc": "c"})
+
+
+@pytest.mark.parametrize("args,kwargs", [((), {}), (("a", "b", "c"), {}), ((), {"nope": 1})])
+def test_wrong_arguments_raise_at_bind_time(args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    app = make_app()
+
+    @app.task(name="send")
+    def send(to: str, subject: str = "hi") -> None: ...
+
+    with pytest.raises(TaskArgumentError, match="send"):
+        send.bind(args, kwargs)
+
+
+def test_var_positional_and_var_keyword_round_trip() -> None:
+    app = make_app()
+
+    @app.task(name="v")
+    def v(a: int, /, *rest: int, **extra: int) -> None: ...
+
+    data = v.bind((1, 2, 3), {"x": 4})
+    assert data == {"a": 1, "rest": [2, 3], "x": 4}
+    assert v.call_arguments(data) == ([1, 2, 3], {"x": 4})
+
+
+def test_default_isolation_and_names() -> None:
+    app = make_app()
+
+    @app.task
+    async def a() -> None: ...
+
+    @app.task
+    def b() -> None: ...
+
+    @app.task(time_limit=2)
+    def c() -> None: ...
+
+    assert a.name == f"{__name__}.test_default_isolation_and_names.<locals>.a"
+    assert (a.effective_isolation, b.effective_isolation, c.effective_isolation) == (
+        "inline", "thread", "process")
+
+
+def test_invalid_options_are_configuration_errors() -> None:
+    app = make_app()
+    with pytest.raises(ConfigurationError):
+        app.task(priority=10)
+    with pytest.raises(ConfigurationError):
+        app.task(isolation="fork")  # type: ignore[arg-type]
+
+
+def test_exponential_jitter_bounds() -> None:
+    s = ExponentialJitterRetryStrategy(base=2, max_delay=300)
+    for attempt in range(12):
+        for _ in range(50):
+            assert 0 <= s.next_delay(attempt, None) <= min(300, 2 * 2**attempt)
+    assert ExponentialJitterRetryStrategy(base=1, jitter=False).next_delay(3, None) == 8
+
+
+def test_call_builder_reaches_the_envelope() -> None:
+    app = make_app()
+
+    @app.task(name="send", queue="emails", priority=1, max_retries=2)
+    def send(to: str) -> None: ...
+
+    call = send.call("x").with_options(priority=9, queue="urgent", headers={"h": "1"},
+                                       meta={"m": 2}, time_limit=5, countdown=10, max_retries=4)
+    env = app.build_envelope(call)
+    assert (env.queue, env.priority, env.max_retries, env.args) == ("urgent", 9, 4, {"to": "x"})
+    assert env.headers["h"] == "1" and env.headers["stem-args-encoder"] == "json"
+    assert env.meta["m"] == 2 and env.meta["timeLimit"] == 5
+    assert env.not_before is not None and 9 < (env.not_before - env.enqueued_at).total_seconds() <= 10

@@ -1,0 +1,53 @@
+"""Test helpers: poll-with-deadline instead of sleeps, and an in-process worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from stem.app import Stem
+from stem.worker import Worker
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0,
+                     interval: float = 0.02) -> T:
+    """Await ``check()`` until it returns a truthy value or ``timeout`` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Sync twin of :func:`eventually`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+@asynccontextmanager
+async def running_worker(app: Stem, **kwargs: Any) -> AsyncIterator[Worker]:
+    """Run a Worker for ``app`` in this loop for the duration of the block."""
+    kwargs.setdefault("block_time", 0.1)
+    kwargs.setdefault("shutdown_grace", 5.0)
+    worker = Worker(app, **kwargs)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
