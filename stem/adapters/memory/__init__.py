@@ -1,1 +1,58 @@
-"""memory adapters (being built)."""
+"""In-process adapters: ``memory://NAME``.
+
+The same ``NAME`` (and namespace) gives the same instance everywhere in the process,
+so an app and an in-process worker built from the same URL share their queues and
+results. ``memory://`` alone is the instance ``"default"``. Data lives until the
+process ends or :func:`reset` is called; ``close()`` keeps it, because another
+component may still be using the shared instance.
+"""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import urlsplit
+
+from stem.errors import ConfigurationError
+
+from .backend import MemoryBackend
+from .broker import MemoryBroker
+
+__all__ = ["MemoryBackend", "MemoryBroker", "backend_from_url", "broker_from_url", "reset"]
+
+_lock = threading.Lock()
+_brokers: dict[tuple[str, str], MemoryBroker] = {}
+_backends: dict[tuple[str, str], MemoryBackend] = {}
+
+
+def _name(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "memory":
+        raise ConfigurationError(f"not a memory:// URL: {url!r}")
+    return parts.netloc or parts.path.strip("/") or "default"
+
+
+def broker_from_url(url: str, *, namespace: str = "stem") -> MemoryBroker:
+    """The process-wide :class:`MemoryBroker` named by ``url`` in ``namespace``."""
+    key = (namespace, _name(url))
+    with _lock:
+        broker = _brokers.get(key)
+        if broker is None:
+            broker = _brokers[key] = MemoryBroker(key[1])
+        return broker
+
+
+def backend_from_url(url: str, *, namespace: str = "stem") -> MemoryBackend:
+    """The process-wide :class:`MemoryBackend` named by ``url`` in ``namespace``."""
+    key = (namespace, _name(url))
+    with _lock:
+        backend = _backends.get(key)
+        if backend is None:
+            backend = _backends[key] = MemoryBackend(key[1])
+        return backend
+
+
+def reset() -> None:
+    """Forget every memory instance, so the next ``memory://`` URL starts empty (for tests)."""
+    with _lock:
+        _brokers.clear()
+        _backends.clear()

@@ -1,1 +1,25 @@
-"""sqlite adapters (being built)."""
+"""SQLite adapters: ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``.
+
+Several processes on one host share the file (WAL mode, ``BEGIN IMMEDIATE`` claims).
+The broker and the backend may use the same file: their tables have distinct names
+(``<namespace>_jobs``, ``<namespace>_dead_letters``, ``<namespace>_results``). Nothing
+is opened until first use; parent directories are created then.
+"""
+
+from __future__ import annotations
+
+from ._db import path_from_url
+from .backend import SqliteBackend
+from .broker import SqliteBroker
+
+__all__ = ["SqliteBackend", "SqliteBroker", "backend_from_url", "broker_from_url"]
+
+
+def broker_from_url(url: str, *, namespace: str = "stem") -> SqliteBroker:
+    """A :class:`SqliteBroker` on the file named by ``url``."""
+    return SqliteBroker(path_from_url(url), namespace=namespace)
+
+
+def backend_from_url(url: str, *, namespace: str = "stem") -> SqliteBackend:
+    """A :class:`SqliteBackend` on the file named by ``url``."""
+    return SqliteBackend(path_from_url(url), namespace=namespace)

@@ -1,0 +1,108 @@
+"""In-process result backend: a dict of encoded statuses with expiry times."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from stem._time import now_epoch
+from stem.ports import DEFAULT_RESULT_TTL
+from stem.status import TaskStatus
+
+from ._wake import Waiter
+
+#: How often (seconds) a write also sweeps expired entries out of memory.
+SWEEP_INTERVAL = 30.0
+
+
+class MemoryBackend:
+    """A :class:`stem.ports.ResultBackend` for one process.
+
+    Statuses are kept as their JSON bytes, so a caller gets a fresh object on every
+    read and a result that could not be stored by a real backend fails here too.
+    ``wait()`` is woken directly by ``set_many``; nothing polls. Thread-safe.
+    """
+
+    def __init__(self, name: str = "default", *, default_ttl: float = DEFAULT_RESULT_TTL) -> None:
+        self.name = name
+        self.default_ttl = default_ttl
+        self._lock = threading.Lock()
+        self._data: dict[str, tuple[bytes, float]] = {}
+        self._waiters: dict[str, set[Waiter]] = {}
+        self._next_sweep = now_epoch() + SWEEP_INTERVAL
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend({self.name!r})"
+
+    def _read(self, task_id: str, now: float) -> TaskStatus | None:
+        entry = self._data.get(task_id)
+        if entry is None or entry[1] <= now:
+            return None
+        return TaskStatus.from_json(entry[0])
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def set_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
+        """Store statuses; terminal ones wake their waiters."""
+        now = now_epoch()
+        rows = [
+            (
+                s.id,
+                s.to_json(),
+                now + (self.default_ttl if ttl is None else ttl),
+                s.state.is_terminal,
+            )
+            for s, ttl in items
+        ]
+        woken: list[Waiter] = []
+        with self._lock:
+            for task_id, raw, expires, terminal in rows:
+                self._data[task_id] = (raw, expires)
+                if terminal:
+                    woken.extend(self._waiters.get(task_id, ()))
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_INTERVAL
+                for key in [k for k, (_, exp) in self._data.items() if exp <= now]:
+                    del self._data[key]
+        for w in woken:
+            w.wake()
+
+    async def get(self, task_id: str) -> TaskStatus | None:
+        """The stored status, or None if unknown or expired."""
+        with self._lock:
+            return self._read(task_id, now_epoch())
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        """Statuses of the ids that exist and have not expired."""
+        now = now_epoch()
+        with self._lock:
+            found = [(i, self._data.get(i)) for i in task_ids]
+        return {i: TaskStatus.from_json(e[0]) for i, e in found if e is not None and e[1] > now}
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
+        """Return the terminal status as soon as ``set_many`` stores one, else None on timeout."""
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._lock:
+                status = self._read(task_id, now_epoch())
+                if status is not None and status.state.is_terminal:
+                    return status
+                waiter = Waiter()
+                self._waiters.setdefault(task_id, set()).add(waiter)
+            try:
+                remaining = None if give_up is None else give_up - loop.time()
+                if not await waiter.wait(remaining):
+                    return None
+            finally:
+                with self._lock:
+                    waiters = self._waiters.get(task_id)
+                    if waiters is not None:
+                        waiters.discard(waiter)
+                        if not waiters:
+                            del self._waiters[task_id]
+
+    async def close(self) -> None:
+        """Nothing to release: the data lives as long as the process (see ``memory://NAME``)."""

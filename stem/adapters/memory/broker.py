@@ -1,0 +1,436 @@
+"""In-process broker: heaps and dicts behind one lock, woken by futures.
+
+Lease semantics: every fetch gives the message a fresh lease number and the
+delivery's ``receipt`` is ``"<message id>:<lease>"``. ``ack``, ``nack``, ``retry``,
+``dead_letter`` and ``extend_lease`` act only while that lease is the message's
+current one; once a lease has expired *and* another consumer has leased the message
+again, the old receipt is stale and every call with it is silently ignored (so a slow
+worker cannot ack or dead-letter the delivery another worker now owns). A lease that
+expired but was not re-leased yet is still honoured.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from stem._time import now_epoch
+from stem.envelope import Envelope, peek_task_id
+from stem.errors import EnvelopeDecodeError
+from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
+
+from ._wake import Waiter
+
+#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
+#: queue delays the others but never starves them.
+FAIR_EVERY = 4
+
+
+@dataclass(slots=True, eq=False)
+class _Message:
+    mid: int
+    raw: bytes
+    priority: int
+    vt: float | None
+    lease: int = 0
+    deadline: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _DeadEntry:
+    mid: int
+    raw: bytes
+    priority: int
+    reason: str
+    dead_at: float
+
+
+@dataclass(slots=True, eq=False)
+class _Queue:
+    msgs: dict[int, _Message] = field(default_factory=dict)
+    # (-priority, message id): message ids grow with publish order, so FIFO per priority.
+    ready: list[tuple[int, int]] = field(default_factory=list)
+    # (due epoch, message id)
+    delayed: list[tuple[float, int]] = field(default_factory=list)
+    leased: dict[int, _Message] = field(default_factory=dict)
+    # (deadline, message id, lease); stale entries (extended or finished leases) are
+    # skipped when popped instead of being searched for and removed.
+    expiry: list[tuple[float, int, int]] = field(default_factory=list)
+    dead: deque[_DeadEntry] = field(default_factory=deque)
+    waiters: set[Waiter] = field(default_factory=set)
+
+
+def decode(raw: bytes) -> tuple[Envelope | None, str | None]:
+    """Decode stored bytes into a fresh envelope, or say why they can't be."""
+    try:
+        return Envelope.from_json(raw), None
+    except EnvelopeDecodeError as exc:
+        return None, str(exc)
+
+
+def _parse_receipt(receipt: str) -> tuple[int, int] | None:
+    mid, _, lease = receipt.partition(":")
+    try:
+        return int(mid), int(lease)
+    except ValueError:
+        return None
+
+
+class MemoryBroker:
+    """A :class:`stem.ports.Broker` for one process (tests, ``stem.testing``, demos).
+
+    Envelopes are stored as their JSON bytes, exactly as a real broker stores them,
+    so arguments that would not survive Redis or Postgres fail here too and every
+    delivery is a fresh object. Thread-safe; usable from several event loops.
+    """
+
+    def __init__(
+        self, name: str = "default", *, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
+    ) -> None:
+        self.name = name
+        self.default_visibility_timeout = visibility_timeout
+        self._lock = threading.Lock()
+        self._queues: dict[str, _Queue] = {}
+        self._ids = itertools.count(1)
+        self._leases = itertools.count(1)
+        self._turn = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker({self.name!r})"
+
+    # -- internals (call with the lock held) ------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue()
+        return q
+
+    def _put(
+        self, q: _Queue, raw: bytes, priority: int, due: float | None, vt: float | None, now: float
+    ) -> None:
+        mid = next(self._ids)
+        q.msgs[mid] = _Message(mid, raw, priority, vt)
+        if due is not None and due > now:
+            heapq.heappush(q.delayed, (due, mid))
+        else:
+            heapq.heappush(q.ready, (-priority, mid))
+
+    def _refresh(self, q: _Queue, now: float) -> None:
+        """Make due delayed messages and expired leases ready."""
+        while q.delayed and q.delayed[0][0] <= now:
+            _, mid = heapq.heappop(q.delayed)
+            heapq.heappush(q.ready, (-q.msgs[mid].priority, mid))
+        while q.expiry and q.expiry[0][0] <= now:
+            _, mid, lease = heapq.heappop(q.expiry)
+            m = q.leased.get(mid)
+            if m is None or m.lease != lease or m.deadline > now:
+                continue
+            del q.leased[mid]
+            m.lease = 0
+            heapq.heappush(q.ready, (-m.priority, mid))
+
+    def _holder(self, d: Delivery) -> tuple[_Queue, _Message] | None:
+        """The queue and message if ``d`` still holds the message's current lease."""
+        parsed = _parse_receipt(d.receipt)
+        q = self._queues.get(d.queue)
+        if parsed is None or q is None:
+            return None
+        m = q.leased.get(parsed[0])
+        if m is None or m.lease != parsed[1]:
+            return None
+        return q, m
+
+    def _release(self, q: _Queue, m: _Message) -> None:
+        del q.leased[m.mid]
+        m.lease = 0
+
+    def _finish(self, q: _Queue, m: _Message) -> None:
+        del q.leased[m.mid]
+        del q.msgs[m.mid]
+        m.lease = 0
+
+    def _order(self, queues: Sequence[str]) -> list[str]:
+        order = list(dict.fromkeys(queues))
+        if len(order) > 1:
+            self._turn += 1
+            if self._turn % FAIR_EVERY == 0:
+                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
+                order = order[start:] + order[:start]
+        return order
+
+    def _take(
+        self, queues: Sequence[str], max_count: int, consumer: str, now: float
+    ) -> list[tuple[str, _Message]]:
+        taken: list[tuple[str, _Message]] = []
+        for name in self._order(queues):
+            q = self._queues.get(name)
+            if q is None:
+                continue
+            self._refresh(q, now)
+            while q.ready and len(taken) < max_count:
+                _, mid = heapq.heappop(q.ready)
+                m = q.msgs[mid]
+                m.lease = next(self._leases)
+                m.deadline = now + (m.vt if m.vt is not None else self.default_visibility_timeout)
+                q.leased[mid] = m
+                heapq.heappush(q.expiry, (m.deadline, mid, m.lease))
+                taken.append((name, m))
+            if len(taken) >= max_count:
+                break
+        return taken
+
+    def _next_change(self, queues: Sequence[str]) -> float | None:
+        """Earliest time a delayed message or a lease in ``queues`` comes due."""
+        times = []
+        for name in queues:
+            q = self._queues.get(name)
+            if q is None:
+                continue
+            if q.delayed:
+                times.append(q.delayed[0][0])
+            if q.expiry:
+                times.append(q.expiry[0][0])
+        return min(times) if times else None
+
+    @staticmethod
+    def _wake(waiters: list[Waiter]) -> None:
+        for w in waiters:
+            w.wake()
+
+    # -- Broker -----------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Store envelopes (all or none: every one is encoded before any is stored)."""
+        encoded = [(e, e.to_json()) for e in envelopes]
+        now = now_epoch()
+        woken: list[Waiter] = []
+        with self._lock:
+            for env, raw in encoded:
+                q = self._queue(env.queue)
+                self._put(q, raw, env.priority, env.not_before_epoch, env.visibility_timeout, now)
+                woken.extend(q.waiters)
+                q.waiters.clear()
+        self._wake(woken)
+
+    async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
+        """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
+        env, _ = decode(raw)
+        now = now_epoch()
+        with self._lock:
+            q = self._queue(queue)
+            self._put(
+                q,
+                bytes(raw),
+                priority,
+                None if env is None else env.not_before_epoch,
+                None if env is None else env.visibility_timeout,
+                now,
+            )
+            woken = list(q.waiters)
+            q.waiters.clear()
+        self._wake(woken)
+
+    async def fetch(
+        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
+    ) -> list[Delivery]:
+        """Lease up to ``max_count`` ready messages; see :class:`stem.ports.Broker`."""
+        if max_count <= 0:
+            return []
+        give_up = now_epoch() + block
+        while True:
+            now = now_epoch()
+            with self._lock:
+                taken = self._take(queues, max_count, consumer, now)
+                if not taken:
+                    if now >= give_up:
+                        return []
+                    waiter = Waiter()
+                    for name in queues:
+                        self._queue(name).waiters.add(waiter)
+                    due = self._next_change(queues)
+            if taken:
+                return [self._delivery(name, m) for name, m in taken]
+            wake_at = give_up if due is None else min(give_up, due)
+            try:
+                await waiter.wait(max(0.0, wake_at - now_epoch()))
+            finally:
+                with self._lock:
+                    for name in queues:
+                        self._queue(name).waiters.discard(waiter)
+
+    @staticmethod
+    def _delivery(queue: str, m: _Message) -> Delivery:
+        env, error = decode(m.raw)
+        return Delivery(
+            envelope=env,
+            receipt=f"{m.mid}:{m.lease}",
+            queue=queue,
+            raw=m.raw,
+            lease_expires_at=m.deadline,
+            decode_error=error,
+        )
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove delivered messages whose lease the caller still holds."""
+        with self._lock:
+            for d in deliveries:
+                held = self._holder(d)
+                if held is not None:
+                    self._finish(*held)
+
+    async def nack(self, deliveries: Sequence[Delivery]) -> None:
+        """Make still-held messages ready again at once (they keep their place in line)."""
+        woken: list[Waiter] = []
+        with self._lock:
+            for d in deliveries:
+                held = self._holder(d)
+                if held is None:
+                    continue
+                q, m = held
+                self._release(q, m)
+                heapq.heappush(q.ready, (-m.priority, m.mid))
+                woken.extend(q.waiters)
+                q.waiters.clear()
+        self._wake(woken)
+
+    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Ack each still-held delivery and publish its replacement, atomically.
+
+        A delivery whose lease was lost gets no replacement: the consumer now holding
+        the message will produce its own outcome.
+        """
+        encoded = [(d, e, e.to_json()) for d, e in items]
+        now = now_epoch()
+        woken: list[Waiter] = []
+        with self._lock:
+            for d, env, raw in encoded:
+                held = self._holder(d)
+                if held is None:
+                    continue
+                self._finish(*held)
+                q = self._queue(env.queue)
+                self._put(q, raw, env.priority, env.not_before_epoch, env.visibility_timeout, now)
+                woken.extend(q.waiters)
+                q.waiters.clear()
+        self._wake(woken)
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """Move still-held deliveries to their queue's dead letters with ``reason``."""
+        now = now_epoch()
+        with self._lock:
+            for d, reason in items:
+                held = self._holder(d)
+                if held is None:
+                    continue
+                q, m = held
+                self._finish(q, m)
+                q.dead.append(_DeadEntry(m.mid, m.raw, m.priority, reason, now))
+
+    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Push still-held leases to ``now + seconds`` (and update ``lease_expires_at``)."""
+        now = now_epoch()
+        with self._lock:
+            for d in deliveries:
+                held = self._holder(d)
+                if held is None:
+                    continue
+                q, m = held
+                m.deadline = now + seconds
+                heapq.heappush(q.expiry, (m.deadline, m.mid, m.lease))
+                d.lease_expires_at = m.deadline
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Ready, delayed, leased and dead counts of ``queue``."""
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None:
+                return QueueStats(queue=queue)
+            self._refresh(q, now_epoch())
+            return QueueStats(
+                queue=queue,
+                pending=len(q.ready),
+                delayed=len(q.delayed),
+                in_flight=len(q.leased),
+                dead=len(q.dead),
+            )
+
+    async def purge(self, queue: str) -> int:
+        """Drop ready and delayed messages (expired leases count as ready); leased ones stay."""
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
+            self._refresh(q, now_epoch())
+            dropped = len(q.ready) + len(q.delayed)
+            q.msgs = dict(q.leased)
+            q.ready.clear()
+            q.delayed.clear()
+            return dropped
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first."""
+        with self._lock:
+            q = self._queues.get(queue)
+            entries = [] if q is None else list(itertools.islice(q.dead, max(0, limit)))
+        return [_dead_letter(queue, e) for e in entries]
+
+    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Re-publish decodable dead letters (attempt 0, due now), oldest first.
+
+        Undecodable ones stay in the dead-letter store: publishing the same bad bytes
+        again could only dead-letter them again.
+        """
+        now = now_epoch()
+        replayed = 0
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
+            kept: deque[_DeadEntry] = deque()
+            while q.dead and (limit is None or replayed < limit):
+                entry = q.dead.popleft()
+                env, _ = decode(entry.raw)
+                if env is None:
+                    kept.append(entry)
+                    continue
+                fresh = env.copy(attempt=0, not_before=None)
+                self._put(q, fresh.to_json(), fresh.priority, None, fresh.visibility_timeout, now)
+                replayed += 1
+            kept.extend(q.dead)
+            q.dead = kept
+            woken = list(q.waiters)
+            q.waiters.clear()
+        self._wake(woken)
+        return replayed
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead letter of ``queue``."""
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
+            n = len(q.dead)
+            q.dead.clear()
+            return n
+
+    async def close(self) -> None:
+        """Nothing to release: the data lives as long as the process (see ``memory://NAME``)."""
+
+
+def _dead_letter(queue: str, e: _DeadEntry) -> DeadLetter:
+    env, _ = decode(e.raw)
+    if env is not None:
+        dl_id = env.id
+    else:
+        dl_id = peek_task_id(e.raw) or f"dl-{e.mid}"
+    return DeadLetter(
+        id=dl_id, queue=queue, raw=e.raw, reason=e.reason, dead_at=e.dead_at, envelope=env
+    )

@@ -1,0 +1,186 @@
+"""SQLite result backend: one row per task id with an expiry time."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Sequence
+
+from stem._time import now_epoch
+from stem.ports import DEFAULT_RESULT_TTL
+from stem.status import TaskState, TaskStatus
+
+from ._db import (
+    WAIT_POLL_INTERVAL,
+    Database,
+    Waiter,
+    chunks,
+    ensure_schema,
+    hub_for,
+    immediate,
+    placeholders,
+    table_prefix,
+)
+
+SCHEMA_VERSION = 1
+
+#: How often (seconds) a write also deletes expired rows.
+PURGE_INTERVAL = 60.0
+
+_TERMINAL = tuple(s.value for s in TaskState if s.is_terminal)
+
+
+class SqliteBackend:
+    """A :class:`stem.ports.ResultBackend` on a SQLite file that several processes share.
+
+    Expired rows are never returned and are deleted by a write at most every
+    ``PURGE_INTERVAL`` seconds. ``wait()`` is woken at once by a write from the same
+    process; writes from other processes are found by one batched query every
+    ``WAIT_POLL_INTERVAL`` seconds for all the ids this process is waiting on.
+    """
+
+    def __init__(
+        self, path: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL
+    ) -> None:
+        self.path = path
+        self.default_ttl = default_ttl
+        prefix = table_prefix(namespace)
+        self._results = f"{prefix}_results"
+        self._db = Database(path, self._create)
+        self._hub = hub_for(path, prefix)
+        self._next_purge = 0.0
+
+    def __repr__(self) -> str:
+        return f"SqliteBackend({self.path!r})"
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        r = self._results
+        ensure_schema(
+            conn,
+            r,
+            SCHEMA_VERSION,
+            [
+                f"""CREATE TABLE IF NOT EXISTS {r} (
+                    id TEXT PRIMARY KEY,
+                    state TEXT NOT NULL,
+                    data BLOB NOT NULL,
+                    expires_at REAL NOT NULL
+                ) WITHOUT ROWID""",
+                f"CREATE INDEX IF NOT EXISTS {r}_expires ON {r} (expires_at)",
+            ],
+        )
+
+    async def ping(self) -> None:
+        """Open (creating if needed) the file and its table."""
+        await self._db.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def set_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
+        """Upsert statuses in one transaction; terminal ones wake local waiters."""
+        if not items:
+            return
+        rows = [
+            (s.id, s.state.value, s.to_json(), self.default_ttl if ttl is None else ttl)
+            for s, ttl in items
+        ]
+        table = self._results
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = now_epoch()
+            with immediate(conn):
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO {table} (id, state, data, expires_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(i, state, data, now + ttl) for i, state, data, ttl in rows],
+                )
+                if now >= self._next_purge:
+                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+            # Only after the commit: a failed write must not postpone the purge.
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_INTERVAL
+
+        await self._db.run(write)
+        self._hub.results_done([s.id for s, _ in items if s.state.is_terminal])
+
+    async def get(self, task_id: str) -> TaskStatus | None:
+        """The stored status, or None if unknown or expired."""
+        found = await self.get_many([task_id])
+        return found.get(task_id)
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        """Statuses of the ids that exist and have not expired."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return {}
+        table = self._results
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
+            now = now_epoch()
+            out: list[tuple[str, bytes]] = []
+            for part in chunks(ids):
+                out.extend(
+                    conn.execute(
+                        f"SELECT id, data FROM {table} "
+                        f"WHERE id IN ({placeholders(len(part))}) AND expires_at > ?",
+                        (*part, now),
+                    ).fetchall()
+                )
+            return out
+
+        return {i: TaskStatus.from_json(data) for i, data in await self._db.run(read)}
+
+    def _poll_watched(self, conn: sqlite3.Connection) -> None:
+        """Wake local waiters whose task another process finished (one query for all)."""
+        hub = self._hub
+        mono = time.monotonic()
+        with hub.lock:
+            # Many concurrent waits share one poll per interval instead of one each.
+            if mono - hub.last_result_poll < WAIT_POLL_INTERVAL / 2:
+                return
+            hub.last_result_poll = mono
+        ids = hub.watched_results()
+        now = now_epoch()
+        done: list[str] = []
+        for part in chunks(ids):
+            done.extend(
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM {self._results} WHERE id IN ({placeholders(len(part))}) "
+                    f"AND state IN ({placeholders(len(_TERMINAL))}) AND expires_at > ?",
+                    (*part, *_TERMINAL, now),
+                )
+            )
+        hub.results_done(done)
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
+        """Return the terminal status once stored, or None when ``timeout`` passes first."""
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        # Armed before the first read, so a write between the read and the wait wakes us.
+        waiter: Waiter = self._hub.watch_result(task_id)
+        try:
+            while True:
+                status = await self.get(task_id)
+                if status is not None and status.state.is_terminal:
+                    return status
+                while True:
+                    remaining = None if give_up is None else give_up - loop.time()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    interval = (
+                        WAIT_POLL_INTERVAL
+                        if remaining is None
+                        else min(WAIT_POLL_INTERVAL, remaining)
+                    )
+                    if await waiter.wait(interval):
+                        break
+                    await self._db.run(self._poll_watched)
+                    if await waiter.wait(0):
+                        break
+                waiter = self._hub.watch_result(task_id, waiter)
+        finally:
+            self._hub.unwatch_result(task_id, waiter)
+
+    async def close(self) -> None:
+        """Close the connection and its thread (the backend reopens them if used again)."""
+        await self._db.close()

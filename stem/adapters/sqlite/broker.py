@@ -1,0 +1,543 @@
+"""SQLite broker: one jobs table leased with ``BEGIN IMMEDIATE``, shared by processes.
+
+Lease semantics: a fetch claims rows by writing a fresh random lease token, the
+consumer name and ``locked_until`` in one write transaction, and the delivery's
+``receipt`` is ``"<row id>:<token>"``. ``ack``, ``nack``, ``retry``, ``dead_letter``
+and ``extend_lease`` only touch a row whose token still matches. An expired lease
+makes the row fetchable again; once another consumer has fetched it the token
+changed, so the first consumer's late ack/nack/retry/dead-letter/extend does nothing
+(it cannot remove or move work another worker now owns). A lease that expired but
+was not re-leased yet is still honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from collections.abc import Callable, Sequence
+
+from stem._time import now_epoch
+from stem.envelope import Envelope, peek_task_id
+from stem.errors import EnvelopeDecodeError
+from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
+
+from ._db import (
+    FETCH_POLL_INTERVAL,
+    Database,
+    chunks,
+    ensure_schema,
+    hub_for,
+    immediate,
+    placeholders,
+    table_prefix,
+)
+
+SCHEMA_VERSION = 1
+
+#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
+#: queue delays the others but never starves them.
+FAIR_EVERY = 4
+
+# (queue, priority, not_before or None, task id, visibility timeout, raw)
+_NewJob = tuple[str, int, float | None, str | None, float | None, bytes]
+# (row id, priority, not_before, raw, locked_until) as claimed
+_Claimed = tuple[int, int, float, bytes, float]
+# (lease token, [(queue, claimed row)])
+_ClaimResult = tuple[str, list[tuple[str, _Claimed]]]
+_Sql = Callable[[sqlite3.Connection], None]
+
+
+def _decode(raw: bytes) -> tuple[Envelope | None, str | None]:
+    try:
+        return Envelope.from_json(raw), None
+    except EnvelopeDecodeError as exc:
+        return None, str(exc)
+
+
+def _leases(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
+    """(row id, token) of each well-formed receipt."""
+    out = []
+    for d in deliveries:
+        row, _, token = d.receipt.partition(":")
+        if row.isdigit() and token:
+            out.append((int(row), token))
+    return out
+
+
+def _job(env: Envelope, queue: str | None = None) -> _NewJob:
+    return (
+        queue or env.queue,
+        env.priority,
+        env.not_before_epoch,
+        env.id,
+        env.visibility_timeout,
+        env.to_json(),
+    )
+
+
+class SqliteBroker:
+    """A :class:`stem.ports.Broker` on a SQLite file that several processes share.
+
+    All SQL runs on the adapter's own thread (see :class:`Database`). Idle blocking
+    fetches poll every ``FETCH_POLL_INTERVAL`` seconds with a read-only query and are
+    woken at once by a publish from the same process.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        namespace: str = "stem",
+        visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+    ) -> None:
+        self.path = path
+        self.default_visibility_timeout = visibility_timeout
+        prefix = table_prefix(namespace)
+        self._jobs = f"{prefix}_jobs"
+        self._dead = f"{prefix}_dead_letters"
+        self._db = Database(path, self._create)
+        self._hub = hub_for(path, prefix)
+        self._turn = 0
+
+    def __repr__(self) -> str:
+        return f"SqliteBroker({self.path!r})"
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        j, d = self._jobs, self._dead
+        ensure_schema(
+            conn,
+            j,
+            SCHEMA_VERSION,
+            [
+                # AUTOINCREMENT: row ids are never reused, so an old receipt can't
+                # name a newer job.
+                f"""CREATE TABLE IF NOT EXISTS {j} (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    queue TEXT NOT NULL,
+                    priority INTEGER NOT NULL DEFAULT 0,
+                    not_before REAL NOT NULL,
+                    task_id TEXT,
+                    vt REAL,
+                    raw BLOB NOT NULL,
+                    lease_owner TEXT,
+                    lease_token TEXT,
+                    locked_until REAL,
+                    deliveries INTEGER NOT NULL DEFAULT 0
+                )""",
+                f"CREATE INDEX IF NOT EXISTS {j}_ready ON {j} "
+                "(queue, priority DESC, not_before, id)",
+                f"""CREATE TABLE IF NOT EXISTS {d} (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    queue TEXT NOT NULL,
+                    task_id TEXT,
+                    priority INTEGER NOT NULL DEFAULT 0,
+                    raw BLOB NOT NULL,
+                    reason TEXT NOT NULL,
+                    dead_at REAL NOT NULL
+                )""",
+                f"CREATE INDEX IF NOT EXISTS {d}_queue ON {d} (queue, id)",
+            ],
+        )
+
+    # -- SQL run on the database thread ------------------------------------------
+
+    def _insert(self, conn: sqlite3.Connection, jobs: Sequence[_NewJob], now: float) -> None:
+        conn.executemany(
+            f"INSERT INTO {self._jobs} (queue, priority, not_before, task_id, vt, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(q, p, now if nb is None else nb, t, vt, raw) for q, p, nb, t, vt, raw in jobs],
+        )
+
+    def _claim(
+        self, order: Sequence[str], max_count: int, consumer: str, precheck: bool
+    ) -> Callable[[sqlite3.Connection], _ClaimResult]:
+        jobs = self._jobs
+
+        def claim(conn: sqlite3.Connection) -> _ClaimResult:
+            now = now_epoch()
+            token = secrets.token_hex(8)
+            if precheck:
+                # A read needs no write lock, so idle pollers don't queue up behind
+                # each other or behind producers.
+                ready = conn.execute(
+                    f"SELECT 1 FROM {jobs} WHERE queue IN ({placeholders(len(order))}) "
+                    "AND not_before <= ? AND (locked_until IS NULL OR locked_until <= ?) LIMIT 1",
+                    (*order, now, now),
+                ).fetchone()
+                if ready is None:
+                    return token, []
+            claimed: list[tuple[str, _Claimed]] = []
+            with immediate(conn):
+                for queue in order:
+                    need = max_count - len(claimed)
+                    if need <= 0:
+                        break
+                    rows: list[_Claimed] = conn.execute(
+                        f"UPDATE {jobs} SET lease_owner = ?, lease_token = ?, "
+                        "locked_until = ? + COALESCE(vt, ?), deliveries = deliveries + 1 "
+                        f"WHERE id IN (SELECT id FROM {jobs} WHERE queue = ? AND not_before <= ? "
+                        "AND (locked_until IS NULL OR locked_until <= ?) "
+                        "ORDER BY priority DESC, not_before, id LIMIT ?) "
+                        "RETURNING id, priority, not_before, raw, locked_until",
+                        (
+                            consumer,
+                            token,
+                            now,
+                            self.default_visibility_timeout,
+                            queue,
+                            now,
+                            now,
+                            need,
+                        ),
+                    ).fetchall()
+                    # RETURNING gives no order guarantee.
+                    rows.sort(key=lambda r: (-r[1], r[2], r[0]))
+                    claimed.extend((queue, r) for r in rows)
+            return token, claimed
+
+        return claim
+
+    def _unlease(self, leases: Sequence[tuple[int, str]]) -> _Sql:
+        jobs = self._jobs
+
+        def unlease(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                conn.executemany(
+                    f"UPDATE {jobs} SET lease_owner = NULL, lease_token = NULL, "
+                    "locked_until = NULL WHERE id = ? AND lease_token = ?",
+                    leases,
+                )
+
+        return unlease
+
+    # -- Broker -----------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Open (creating if needed) the file and its tables."""
+        await self._db.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Insert envelopes in one transaction (all encoded before anything is written)."""
+        if not envelopes:
+            return
+        jobs = [_job(e) for e in envelopes]
+
+        def publish(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                self._insert(conn, jobs, now_epoch())
+
+        await self._db.run(publish)
+        self._hub.queues_changed()
+
+    async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
+        """Insert bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
+        env, _ = _decode(raw)
+        job: _NewJob = (
+            queue,
+            priority,
+            None if env is None else env.not_before_epoch,
+            env.id if env is not None else peek_task_id(raw),
+            None if env is None else env.visibility_timeout,
+            bytes(raw),
+        )
+
+        def publish(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                self._insert(conn, [job], now_epoch())
+
+        await self._db.run(publish)
+        self._hub.queues_changed()
+
+    def _order(self, queues: Sequence[str]) -> list[str]:
+        order = list(dict.fromkeys(queues))
+        if len(order) > 1:
+            self._turn += 1
+            if self._turn % FAIR_EVERY == 0:
+                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
+                order = order[start:] + order[:start]
+        return order
+
+    async def fetch(
+        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
+    ) -> list[Delivery]:
+        """Lease up to ``max_count`` ready rows; see :class:`stem.ports.Broker`."""
+        if max_count <= 0 or not queues:
+            return []
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + block
+        order = self._order(queues)
+        precheck = False
+        while True:
+            # Armed before looking, so a publish between the look and the wait still wakes us.
+            waiter = self._hub.watch_queues()
+            try:
+                claimed = await self._claim_safely(order, max_count, consumer, precheck)
+                if claimed:
+                    return claimed
+                remaining = give_up - loop.time()
+                if remaining <= 0:
+                    return []
+                woken = await waiter.wait(min(FETCH_POLL_INTERVAL, remaining))
+                # Woken by a publish here: claim straight away. Timed out: someone in
+                # another process may have published, look (read-only) first.
+                precheck = not woken
+            finally:
+                self._hub.unwatch_queues(waiter)
+
+    async def _claim_safely(
+        self, order: Sequence[str], max_count: int, consumer: str, precheck: bool
+    ) -> list[Delivery]:
+        future = self._db.submit(self._claim(order, max_count, consumer, precheck))
+        try:
+            token, claimed = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The claim may commit after we stopped waiting (worker shutdown); give
+            # those rows back now rather than after their visibility timeout.
+            future.add_done_callback(self._give_back)
+            raise
+        return [
+            self._delivery(queue, row_id, token, raw, until)
+            for queue, (row_id, _, _, raw, until) in claimed
+        ]
+
+    def _give_back(self, future: asyncio.Future[_ClaimResult]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        token, claimed = future.result()
+        if claimed:
+            self._db.run_detached(self._unlease([(r[0], token) for _, r in claimed]))
+
+    @staticmethod
+    def _delivery(queue: str, row_id: int, token: str, raw: bytes, until: float) -> Delivery:
+        env, error = _decode(raw)
+        return Delivery(
+            envelope=env,
+            receipt=f"{row_id}:{token}",
+            queue=queue,
+            raw=raw,
+            lease_expires_at=until,
+            decode_error=error,
+        )
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete rows whose lease the caller still holds."""
+        leases = _leases(deliveries)
+        if not leases:
+            return
+        jobs = self._jobs
+
+        def ack(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                conn.executemany(f"DELETE FROM {jobs} WHERE id = ? AND lease_token = ?", leases)
+
+        await self._db.run(ack)
+
+    async def nack(self, deliveries: Sequence[Delivery]) -> None:
+        """Release still-held leases; the rows are fetchable at once, in their old place."""
+        leases = _leases(deliveries)
+        if not leases:
+            return
+        await self._db.run(self._unlease(leases))
+        self._hub.queues_changed()
+
+    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Delete each still-held row and insert its replacement, in one transaction.
+
+        A delivery whose lease was lost gets no replacement: the consumer now holding
+        the row will produce its own outcome.
+        """
+        work: list[tuple[tuple[int, str], _NewJob]] = []
+        for d, env in items:
+            lease = _leases([d])
+            if lease:
+                work.append((lease[0], _job(env)))
+        if not work:
+            return
+        jobs = self._jobs
+
+        def retry(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                replacements = [
+                    job
+                    for lease, job in work
+                    if conn.execute(
+                        f"DELETE FROM {jobs} WHERE id = ? AND lease_token = ?", lease
+                    ).rowcount
+                ]
+                self._insert(conn, replacements, now_epoch())
+
+        await self._db.run(retry)
+        self._hub.queues_changed()
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """Move still-held rows to the dead-letter table with ``reason``."""
+        work = [(*lease, reason) for d, reason in items for lease in _leases([d])]
+        if not work:
+            return
+        jobs, dead = self._jobs, self._dead
+
+        def dead_letter(conn: sqlite3.Connection) -> None:
+            now = now_epoch()
+            with immediate(conn):
+                for row_id, token, reason in work:
+                    row = conn.execute(
+                        f"DELETE FROM {jobs} WHERE id = ? AND lease_token = ? "
+                        "RETURNING queue, task_id, priority, raw",
+                        (row_id, token),
+                    ).fetchone()
+                    if row is not None:
+                        conn.execute(
+                            f"INSERT INTO {dead} (queue, task_id, priority, raw, reason, dead_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (*row, reason, now),
+                        )
+
+        await self._db.run(dead_letter)
+
+    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Push still-held leases to ``now + seconds`` (and update ``lease_expires_at``)."""
+        leases = [(d, lease) for d in deliveries for lease in _leases([d])]
+        if not leases:
+            return
+        jobs = self._jobs
+
+        def extend(conn: sqlite3.Connection) -> tuple[float, list[bool]]:
+            until = now_epoch() + seconds
+            with immediate(conn):
+                held = [
+                    conn.execute(
+                        f"UPDATE {jobs} SET locked_until = ? WHERE id = ? AND lease_token = ?",
+                        (until, *lease),
+                    ).rowcount
+                    == 1
+                    for _, lease in leases
+                ]
+            return until, held
+
+        until, held = await self._db.run(extend)
+        for (d, _), ok in zip(leases, held, strict=True):
+            if ok:
+                d.lease_expires_at = until
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Ready, delayed, leased and dead counts of ``queue`` (one consistent read)."""
+        jobs, dead = self._jobs, self._dead
+
+        def stats(conn: sqlite3.Connection) -> tuple[int, int, int, int]:
+            now = now_epoch()
+            row: tuple[int, int, int, int] = conn.execute(
+                # COALESCE(locked_until, 0) <= now: not leased, or the lease expired.
+                "SELECT "
+                "COALESCE(SUM(COALESCE(locked_until, 0) <= :now AND not_before <= :now), 0), "
+                "COALESCE(SUM(COALESCE(locked_until, 0) <= :now AND not_before > :now), 0), "
+                "COALESCE(SUM(locked_until > :now), 0), "
+                f"(SELECT COUNT(*) FROM {dead} WHERE queue = :queue) "
+                f"FROM {jobs} WHERE queue = :queue",
+                {"now": now, "queue": queue},
+            ).fetchone()
+            return row
+
+        pending, delayed, in_flight, n_dead = await self._db.run(stats)
+        return QueueStats(
+            queue=queue, pending=pending, delayed=delayed, in_flight=in_flight, dead=n_dead
+        )
+
+    async def purge(self, queue: str) -> int:
+        """Delete ready and delayed rows (expired leases count as ready); leased rows stay."""
+        jobs = self._jobs
+
+        def purge(conn: sqlite3.Connection) -> int:
+            now = now_epoch()
+            with immediate(conn):
+                n: int = conn.execute(
+                    f"DELETE FROM {jobs} WHERE queue = ? "
+                    "AND (locked_until IS NULL OR locked_until <= ?)",
+                    (queue, now),
+                ).rowcount
+            return n
+
+        return await self._db.run(purge)
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first."""
+        dead = self._dead
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, str | None, bytes, str, float]]:
+            rows: list[tuple[int, str | None, bytes, str, float]] = conn.execute(
+                f"SELECT id, task_id, raw, reason, dead_at FROM {dead} "
+                "WHERE queue = ? ORDER BY id LIMIT ?",
+                (queue, max(0, limit)),
+            ).fetchall()
+            return rows
+
+        out = []
+        for row_id, task_id, raw, reason, dead_at in await self._db.run(read):
+            env, _ = _decode(raw)
+            out.append(
+                DeadLetter(
+                    id=env.id if env is not None else task_id or f"dl-{row_id}",
+                    queue=queue,
+                    raw=raw,
+                    reason=reason,
+                    dead_at=dead_at,
+                    envelope=env,
+                )
+            )
+        return out
+
+    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Re-publish decodable dead letters (attempt 0, due now), oldest first.
+
+        Undecodable ones stay in the dead-letter table: publishing the same bad bytes
+        again could only dead-letter them again.
+        """
+        dead = self._dead
+
+        def replay(conn: sqlite3.Connection) -> int:
+            now = now_epoch()
+            with immediate(conn):
+                cursor = conn.execute(
+                    f"SELECT id, raw FROM {dead} WHERE queue = ? ORDER BY id", (queue,)
+                )
+                done: list[int] = []
+                jobs: list[_NewJob] = []
+                while limit is None or len(done) < limit:
+                    batch = cursor.fetchmany(500)
+                    if not batch:
+                        break
+                    for row_id, raw in batch:
+                        env, _ = _decode(raw)
+                        if env is None:
+                            continue
+                        jobs.append(_job(env.copy(attempt=0, not_before=None), queue))
+                        done.append(row_id)
+                        if limit is not None and len(done) >= limit:
+                            break
+                cursor.close()
+                self._insert(conn, jobs, now)
+                for part in chunks(done):
+                    conn.execute(
+                        f"DELETE FROM {dead} WHERE id IN ({placeholders(len(part))})", part
+                    )
+            return len(done)
+
+        n = await self._db.run(replay)
+        if n:
+            self._hub.queues_changed()
+        return n
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead letter of ``queue``."""
+        dead = self._dead
+
+        def purge(conn: sqlite3.Connection) -> int:
+            with immediate(conn):
+                n: int = conn.execute(f"DELETE FROM {dead} WHERE queue = ?", (queue,)).rowcount
+            return n
+
+        return await self._db.run(purge)
+
+    async def close(self) -> None:
+        """Close the connection and its thread (the broker reopens them if used again)."""
+        await self._db.close()
