@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from stem import signals
+
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, peek_task_id
@@ -91,6 +93,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.processed = 0
         self._fetch_failing = False
+        signals.worker_init.send(self)
 
     @staticmethod
     def _default_queues(app: Stem) -> list[str]:
@@ -117,6 +120,7 @@ class Worker:
         log.info("worker.started", consumer=self.consumer_name, queues=self.queues,
                  concurrency=self.concurrency, tasks=len(self.app.tasks))
         keeper = asyncio.create_task(self._lease_keeper())
+        signals.worker_ready.send(self)
         try:
             await self._fetch_loop()
             await self._drain()
@@ -125,6 +129,7 @@ class Worker:
             await asyncio.gather(keeper, return_exceptions=True)
             await self._completer.flush_all()
             await self.executor.close()
+            signals.worker_shutdown.send(self)
             log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed)
 
     async def _drain(self) -> None:
@@ -211,6 +216,8 @@ class Worker:
                 log.debug("task.duplicate_skipped", task_id=env.id, state=status.state.value)
                 self._completer.ack_only(d)
                 continue
+            if signals.task_received.has_receivers:
+                signals.task_received.send(self, envelope=env)
             prepared = self.processor.prepare(env)
             if isinstance(prepared, Rejected):
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
@@ -244,6 +251,8 @@ class Worker:
         env = prepared.envelope
         options = prepared.definition.options
         ctx = TaskContext(env, _WorkerContextOps(self, d))
+        if signals.task_prerun.has_receivers:
+            signals.task_prerun.send(self, envelope=env, context=ctx)
         if options.track_started:
             self._completer.status(
                 TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=dict(env.meta)),
@@ -259,6 +268,7 @@ class Worker:
             outcome = self.processor.success(prepared, value)
         self.processed += 1
         self._completer.outcome(d, prepared, ctx, outcome)
+        _emit_outcome(self, env, outcome)
 
     # -- leases -------------------------------------------------------------------------
 
@@ -306,6 +316,23 @@ class Worker:
             f.deadline = max(f.deadline, time.monotonic() + seconds)
 
 
+def _emit_outcome(worker: Worker, env: Envelope, outcome: Outcome) -> None:
+    if isinstance(outcome, Success):
+        if signals.task_success.has_receivers:
+            signals.task_success.send(worker, envelope=env, result=outcome.payload)
+        state = TaskState.SUCCEEDED
+    elif isinstance(outcome, RetryLater):
+        signals.task_retry.send(worker, envelope=env, error=outcome.error, delay=outcome.delay)
+        state = TaskState.RETRIED
+    elif isinstance(outcome, Failure):
+        signals.task_failure.send(worker, envelope=env, error=outcome.error)
+        state = TaskState.FAILED
+    else:
+        return
+    if signals.task_postrun.has_receivers:
+        signals.task_postrun.send(worker, envelope=env, state=state)
+
+
 class _WorkerContextOps:
     """TaskContext operations for tasks running in this worker (any thread)."""
 
@@ -343,7 +370,13 @@ class _WorkerContextOps:
         status = TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=meta)
         completer = self.worker._completer
         assert completer is not None
-        self._on_loop(completer.status, status, None)
+
+        def record() -> None:
+            completer.status(status, None)
+            if signals.task_progress.has_receivers:
+                signals.task_progress.send(self.worker, envelope=env, percent=percent, data=data)
+
+        self._on_loop(record)
 
     def resolve(self, name: str) -> TaskDefinition[Any, Any]:
         return self.worker.app.definition(name)
@@ -403,6 +436,7 @@ class _Completer:
                env: Envelope | None) -> None:
         log.warning("task.dead_lettered", task_id=task_id, reason=reason, queue=d.queue,
                     task=env.name if env else None)
+        signals.task_rejected.send(self.worker, reason=reason, envelope=env, raw=d.raw)
         if task_id is not None:
             self.status(
                 TaskStatus(task_id, TaskState.FAILED,

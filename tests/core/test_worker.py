@@ -239,3 +239,41 @@ async def test_graceful_stop_drains_in_flight(app: stem.Stem) -> None:
         worker.request_stop()
     status = await app.backend.get(tid)
     assert status is not None and status.state is TaskState.SUCCEEDED
+
+
+async def test_lifecycle_signals_fire(app: stem.Stem) -> None:
+    from stem import signals
+
+    seen: list[tuple[str, object]] = []
+
+    def on_retry(sender: object, *, envelope: Envelope, delay: float, **_: object) -> None:
+        seen.append(("retry", envelope.attempt))
+
+    async def on_success(sender: object, *, envelope: Envelope, **_: object) -> None:
+        seen.append(("success", envelope.attempt))
+
+    def broken(sender: object, **_: object) -> None:
+        raise RuntimeError("observers never break processing")
+
+    @app.task(name="sig", max_retries=1)
+    async def sig(ctx: stem.TaskContext) -> None:
+        if ctx.attempt == 0:
+            raise stem.Retry(countdown=0)
+
+    signals.task_retry.connect(on_retry)
+    signals.task_success.connect(on_success)
+    signals.task_prerun.connect(broken)
+    try:
+        async with running_worker(app):
+            res = await app.wait(await app.enqueue("sig"), timeout=5)
+            await eventually(lambda: _has(seen, "success"))
+    finally:
+        signals.task_retry.disconnect(on_retry)
+        signals.task_success.disconnect(on_success)
+        signals.task_prerun.disconnect(broken)
+    assert res.state is TaskState.SUCCEEDED
+    assert seen == [("retry", 0), ("success", 1)]
+
+
+async def _has(seen: list[tuple[str, object]], kind: str) -> bool:
+    return any(k == kind for k, _ in seen)
