@@ -18,7 +18,7 @@ from examples.hello.app import app, flaky, greet, report  # noqa: E402
 async def main() -> int:
     print(f"broker: {app.broker_url} (the SQLite default; no server needed)")
     await app.broker.purge("default")
-    worker = subprocess.Popen(
+    worker = subprocess.Popen(  # noqa: ASYNC220 - a child we signal and wait for by hand
         [sys.executable, "-m", "stem_cli", "worker", "start", "--app", "examples.hello.app:app",
          "--block-time", "0.2", "--log-level", "WARNING"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from stem import signals
-
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, peek_task_id
