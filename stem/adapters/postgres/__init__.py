@@ -1,1 +1,54 @@
-"""postgres adapters (being built)."""
+"""Postgres adapters (asyncpg): a ``SKIP LOCKED`` broker with LISTEN/NOTIFY wake-ups
+and a result backend, in one schema that is created and migrated on first connect.
+
+URLs are ``postgres://`` or ``postgresql://``; Stem reads and removes these query
+parameters before the rest goes to asyncpg:
+
+- ``schema`` — the schema holding Stem's tables (default ``stem``);
+- ``pool_size`` — most connections in each adapter's pool (default 10);
+- ``connect_timeout`` — seconds to wait for a connection (default 5).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from stem.adapters.postgres import migrations
+from stem.adapters.postgres._pool import parse_url, unavailable
+from stem.adapters.postgres.backend import PostgresResultBackend
+from stem.adapters.postgres.broker import PostgresBroker
+
+__all__ = [
+    "PostgresBroker",
+    "PostgresResultBackend",
+    "backend_from_url",
+    "broker_from_url",
+    "migrate",
+]
+
+
+def broker_from_url(url: str, *, namespace: str = "stem") -> PostgresBroker:
+    """Build (without connecting) the broker for a ``postgres://`` URL."""
+    return PostgresBroker(url, namespace=namespace)
+
+
+def backend_from_url(url: str, *, namespace: str = "stem") -> PostgresResultBackend:
+    """Build (without connecting) the result backend for a ``postgres://`` URL."""
+    return PostgresResultBackend(url, namespace=namespace)
+
+
+async def migrate(url: str) -> list[int]:
+    """Create or upgrade Stem's tables in the URL's schema (what ``stem migrate`` runs).
+
+    Returns the migration versions applied now (empty when already current). Safe to
+    run while workers are running and from several processes at once.
+    """
+    settings = parse_url(url)
+    try:
+        conn = await asyncpg.connect(settings.dsn, timeout=settings.connect_timeout)
+    except Exception as exc:
+        raise unavailable(settings, exc, "database") from exc
+    try:
+        return await migrations.apply(conn, settings.quoted_schema)
+    finally:
+        await conn.close()

@@ -1,0 +1,369 @@
+"""Connections for the Postgres adapters: URL parsing, a lazy asyncpg pool, retries
+across outages, and a self-healing LISTEN connection.
+
+Nothing here does I/O at construction: the pool is created (and the schema migrated)
+by the first operation, so building an app never needs a reachable server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from stem.adapters.postgres import migrations
+from stem.errors import ConfigurationError, ServiceUnavailableError
+
+log = structlog.get_logger("stem.postgres")
+
+T = TypeVar("T")
+
+#: Schema used when the URL has no ``?schema=``.
+DEFAULT_SCHEMA = "stem"
+#: Query parameters Stem reads itself; asyncpg would send unknown ones to the server
+#: as settings (and the server rejects them), so they are removed from the DSN.
+STEM_PARAMS = frozenset({"schema", "pool_size", "connect_timeout"})
+
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+#: Postgres identifiers (channel names too) are cut at 63 bytes.
+_MAX_IDENT = 63
+
+
+@dataclass(frozen=True, slots=True)
+class PgSettings:
+    """A parsed ``postgres://`` URL: the DSN asyncpg gets plus Stem's own options."""
+
+    dsn: str
+    schema: str
+    pool_size: int
+    connect_timeout: float
+    #: ``host:port/db (user u)`` for messages; never contains the password.
+    display: str
+
+    @property
+    def quoted_schema(self) -> str:
+        """The schema as a quoted SQL identifier (validated, so quoting is enough)."""
+        return f'"{self.schema}"'
+
+    def channel(self, kind: str) -> str:
+        """A NOTIFY channel name unique to this schema and ``kind``, within 63 bytes."""
+        name = f"stem_{kind}_{self.schema}"
+        if len(name) > _MAX_IDENT:
+            name = f"stem_{kind}_" + hashlib.md5(self.schema.encode()).hexdigest()
+        return name
+
+
+def parse_url(url: str) -> PgSettings:
+    """Split a ``postgres://`` / ``postgresql://`` URL into asyncpg's DSN and Stem options."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigurationError(f"not a Postgres URL: scheme {parts.scheme!r}")
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in params if k in STEM_PARAMS}
+    rest = [(k, v) for k, v in params if k not in STEM_PARAMS]
+    schema = ours.get("schema") or DEFAULT_SCHEMA
+    if not _SCHEMA_RE.fullmatch(schema):
+        raise ConfigurationError(
+            f"Postgres URL ?schema={schema!r} is not a plain identifier; use letters, "
+            "digits and underscores (at most 63, not starting with a digit)"
+        )
+    try:
+        pool_size = int(ours.get("pool_size") or 10)
+        connect_timeout = float(ours.get("connect_timeout") or 5.0)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"Postgres URL has a bad pool_size/connect_timeout: {exc}"
+        ) from exc
+    if pool_size < 1 or connect_timeout <= 0:
+        raise ConfigurationError("Postgres URL needs pool_size >= 1 and connect_timeout > 0")
+    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), parts.fragment))
+    user, _, hostport = parts.netloc.rpartition("@")
+    user = user.partition(":")[0]
+    host = hostport or dict(rest).get("host") or "localhost"
+    db = parts.path.lstrip("/") or dict(rest).get("dbname") or user or "(default)"
+    display = f"{host}/{db}" + (f" (user {user})" if user else "")
+    return PgSettings(dsn, schema, pool_size, connect_timeout, display)
+
+
+#: Errors that mean "the connection or server went away", worth reconnecting for.
+#: Query cancellations, constraint violations and the like are not in this list.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+#: Errors at login that retrying will not fix (bad credentials, unknown database).
+_LOGIN_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` says the connection is gone rather than the query is wrong."""
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    # asyncpg raises a bare InterfaceError when a pooled connection died between uses.
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+
+
+def unavailable(settings: PgSettings, exc: BaseException, role: str) -> ServiceUnavailableError:
+    """A ServiceUnavailableError naming the server (no password) and what to check."""
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        hint = "the server rejected the login; check the user and password in the URL"
+    elif isinstance(exc, asyncpg.InvalidCatalogNameError):
+        hint = "the database does not exist; create it or fix the database name in the URL"
+    elif isinstance(exc, asyncpg.TooManyConnectionsError):
+        hint = "the server has no free connections; lower ?pool_size= or raise max_connections"
+    elif isinstance(exc, TimeoutError):
+        hint = (
+            "no answer within the connect timeout; check the host/port, firewalls, and "
+            "that the server is up (?connect_timeout= sets the limit)"
+        )
+    else:
+        hint = (
+            "check that the server is running and accepts TCP connections at that "
+            "host and port, and that the URL is right"
+        )
+    detail = str(exc) or type(exc).__name__
+    return ServiceUnavailableError(
+        f"Postgres {role} at {settings.display} is unreachable: {detail}; {hint}"
+    )
+
+
+def _backoff(attempt: int) -> float:
+    # Full jitter so many workers reconnecting after a restart don't arrive in lockstep.
+    return random.uniform(0.0, min(2.0, 0.05 * (2**attempt))) + 0.01
+
+
+class Connector:
+    """A lazily created asyncpg pool with migrations on first connect and retries.
+
+    ``run(op)`` acquires a connection and runs ``op`` on it. When the connection or
+    server goes away after Stem has been connected once, the operation is retried with
+    backoff for up to ``reconnect_window`` seconds (an outage is logged once, and its
+    end once). Before the first successful connect, errors are raised at once as
+    :class:`ServiceUnavailableError`: that is almost always a wrong URL, and the user
+    should hear about it immediately.
+    """
+
+    #: Seconds an operation keeps retrying through an outage before giving up.
+    reconnect_window: float = 15.0
+
+    def __init__(self, settings: PgSettings, role: str) -> None:
+        self.settings = settings
+        self.role = role
+        self._pool: Any = None
+        self._lock: asyncio.Lock | None = None
+        self._ever_connected = False
+        self._outage_since: float | None = None
+
+    async def _get_pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._pool is None:
+                try:
+                    pool = await asyncpg.create_pool(
+                        self.settings.dsn,
+                        min_size=1,
+                        max_size=self.settings.pool_size,
+                        timeout=self.settings.connect_timeout,
+                        server_settings=_server_settings(self.settings.dsn),
+                    )
+                except _LOGIN_ERRORS as exc:
+                    # Not an outage but a wrong URL: retrying cannot help.
+                    raise unavailable(self.settings, exc, self.role) from exc
+                try:
+                    async with pool.acquire() as conn:
+                        await migrations.apply(conn, self.settings.quoted_schema)
+                except BaseException:
+                    await pool.close()
+                    raise
+                self._pool = pool
+        return self._pool
+
+    async def run(self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
+        """Run ``op(connection)`` on a pooled connection, reconnecting through outages."""
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            try:
+                pool = await self._get_pool()
+                async with pool.acquire() as conn:
+                    result = await op(conn)
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                give_up = (
+                    not retry
+                    or not self._ever_connected
+                    or time.monotonic() - started > self.reconnect_window
+                )
+                self._note_outage(exc)
+                if give_up:
+                    raise unavailable(self.settings, exc, self.role) from exc
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+                continue
+            self._note_ok()
+            return result
+
+    def _note_outage(self, exc: BaseException) -> None:
+        if self._outage_since is None and self._ever_connected:
+            self._outage_since = time.monotonic()
+            log.warning(
+                "postgres connection lost; reconnecting",
+                role=self.role,
+                server=self.settings.display,
+                error=str(exc) or type(exc).__name__,
+            )
+
+    def _note_ok(self) -> None:
+        self._ever_connected = True
+        if self._outage_since is not None:
+            log.info(
+                "postgres connection restored",
+                role=self.role,
+                server=self.settings.display,
+                outage_seconds=round(time.monotonic() - self._outage_since, 3),
+            )
+            self._outage_since = None
+
+    async def ready(self) -> None:
+        """Connect and migrate now (normally the first operation does it)."""
+        await self.run(lambda c: c.fetchval("SELECT 1"))
+
+    async def connect_dedicated(self) -> Any:
+        """A new connection outside the pool (for LISTEN), after migrations ran."""
+        await self._get_pool()
+        return await asyncpg.connect(
+            self.settings.dsn,
+            timeout=self.settings.connect_timeout,
+            server_settings=_server_settings(self.settings.dsn),
+        )
+
+    async def close(self) -> None:
+        """Close the pool; a later operation would open a new one."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+
+def _server_settings(dsn: str) -> dict[str, str]:
+    # Queue statements are tiny; JIT compilation only ever adds latency to them.
+    # Both are defaults the URL may override (asyncpg passes unknown params as settings).
+    given = {k for k, _ in parse_qsl(urlsplit(dsn).query)}
+    out = {"application_name": "stem", "jit": "off"}
+    return {k: v for k, v in out.items() if k not in given}
+
+
+class Listener:
+    """One dedicated connection LISTENing on one channel, re-established after it drops.
+
+    ``on_notify(payload)`` runs for each notification; ``on_reset()`` runs whenever
+    the connection is lost or re-established, because notifications may have been
+    missed meanwhile and waiters must look at the database again.
+    """
+
+    def __init__(
+        self,
+        connector: Connector,
+        channel: str,
+        on_notify: Callable[[str], None],
+        on_reset: Callable[[], None],
+    ) -> None:
+        self._connector = connector
+        self._channel = channel
+        self._on_notify = on_notify
+        self._on_reset = on_reset
+        self._conn: Any = None
+        self._lock: asyncio.Lock | None = None
+        self._closing = False
+        self._failures = 0
+        self._retry_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        """True while the LISTEN connection is up."""
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def ensure(self) -> bool:
+        """Make sure LISTEN is active; return False (never raise) when it can't be now.
+
+        Callers fall back to a short poll while this returns False; reconnect attempts
+        are spaced with backoff so a down server is not hammered.
+        """
+        if self.active:
+            return True
+        if self._closing or time.monotonic() < self._retry_at:
+            return False
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.active:
+                return True
+            try:
+                conn = await self._connector.connect_dedicated()
+                try:
+                    await conn.add_listener(self._channel, self._dispatch)
+                except BaseException:
+                    await conn.close()
+                    raise
+            except Exception as exc:
+                if not is_connection_error(exc) and not isinstance(exc, ServiceUnavailableError):
+                    raise
+                self._retry_at = time.monotonic() + _backoff(self._failures)
+                self._failures += 1
+                if self._failures == 1:
+                    log.warning(
+                        "postgres LISTEN connection unavailable; polling until it is back",
+                        channel=self._channel,
+                        server=self._connector.settings.display,
+                        error=str(exc) or type(exc).__name__,
+                    )
+                return False
+            conn.add_termination_listener(self._terminated)
+            self._conn = conn
+            if self._failures:
+                log.info("postgres LISTEN connection restored", channel=self._channel)
+            self._failures = 0
+        # Anything published while we were not listening must be looked for now.
+        self._on_reset()
+        return True
+
+    def _dispatch(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._on_notify(payload)
+
+    def _terminated(self, conn: Any) -> None:
+        if conn is self._conn:
+            self._conn = None
+        if not self._closing:
+            self._on_reset()
+
+    async def close(self) -> None:
+        """Stop listening and close the connection."""
+        self._closing = True
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2.0)
+            except Exception:
+                conn.terminate()

@@ -1,0 +1,239 @@
+"""Every query the Postgres adapters run, rendered once per schema.
+
+The table layout lives in :mod:`stem.adapters.postgres.migrations`; this module holds
+the statements that use it, so the broker, the result backend and the combined
+ack-with-results path share one text of each query.
+
+Conventions: batches travel as parallel arrays through ``unnest`` (one statement, one
+round-trip, any batch size); times go in as epoch seconds (float8) and come back
+through ``date_part('epoch', ...)`` (float8, cheaper to decode than timestamps or
+numerics); NOTIFY is sent by the same statement that changes the rows, so it is
+delivered exactly when (and only if) that transaction commits.
+"""
+
+from __future__ import annotations
+
+#: Result states a waiter is woken for (TaskState.is_terminal).
+TERMINAL_STATES = "('succeeded', 'failed', 'cancelled')"
+
+# A job is available when it is due and its lease is absent or expired. Expired
+# leases need no reclaim step: the fetch query itself picks them up again.
+_AVAILABLE = "not_before <= now() AND (locked_until IS NULL OR locked_until < now())"
+
+# One row per queue named in the batch: pg_notify(channel, queue).
+_NOTIFY_QUEUES = "SELECT count(pg_notify({chan}, q)) FROM (SELECT DISTINCT queue AS q FROM {src}) n"
+
+# Terminal results notify with comma-joined task ids, several per notification but
+# under the 8000-byte payload limit.
+_NOTIFY_RESULTS = f"""
+SELECT count(pg_notify({{chan}}, ids)) FROM (
+    SELECT string_agg(task_id, ',') AS ids FROM (
+        SELECT task_id,
+               sum(octet_length(task_id) + 1) OVER (ORDER BY task_id) / 7000 AS grp
+        FROM up WHERE state IN {TERMINAL_STATES}
+    ) x GROUP BY grp
+) y"""
+
+_UPSERT_RESULTS = """
+up AS (
+    INSERT INTO {s}.stem_results AS r (task_id, state, status, expires_at, updated_at)
+    SELECT t.task_id, t.state, t.status, now() + t.ttl * interval '1 second', now()
+    FROM unnest({a}::text[], {b}::text[], {c}::bytea[], {d}::float8[])
+         AS t(task_id, state, status, ttl)
+    ON CONFLICT (task_id) DO UPDATE
+       SET state = excluded.state, status = excluded.status,
+           expires_at = excluded.expires_at, updated_at = excluded.updated_at
+    RETURNING r.task_id, r.state
+)"""
+
+_JOB_COLUMNS = "task_id, queue, priority, not_before, visibility, attempt, envelope"
+# Column values from an unnest alias ``t`` carrying the publish arrays.
+_JOB_VALUES = (
+    "t.task_id, t.queue, t.priority, coalesce(to_timestamp(t.nb), now()), t.vis, t.attempt, t.env"
+)
+
+
+def _publish_unnest(first: int) -> str:
+    n = [f"${first + i}" for i in range(7)]
+    return (
+        f"unnest({n[0]}::text[], {n[1]}::text[], {n[2]}::int2[], {n[3]}::float8[], "
+        f"{n[4]}::float8[], {n[5]}::int4[], {n[6]}::bytea[]) "
+        "AS t(task_id, queue, priority, nb, vis, attempt, env)"
+    )
+
+
+class Statements:
+    """The SQL for one schema (``schema`` is an already quoted identifier)."""
+
+    def __init__(self, schema: str) -> None:
+        s = schema
+        jobs = f"{s}.stem_jobs"
+        dead = f"{s}.stem_dead_letters"
+
+        # -- publishing -------------------------------------------------------
+        # $1..$7 parallel arrays (task_id, queue, priority, not_before epoch or NULL,
+        # visibility seconds or NULL, attempt, envelope bytes); $8 channel.
+        self.publish = f"""
+            WITH ins AS (
+                INSERT INTO {jobs} ({_JOB_COLUMNS})
+                SELECT {_JOB_VALUES} FROM {_publish_unnest(1)}
+                RETURNING queue
+            ) {_NOTIFY_QUEUES.format(chan="$8", src="ins")}"""
+        # The common single-envelope case without array encoding; same parameters as
+        # scalars.
+        self.publish_one = f"""
+            WITH ins AS (
+                INSERT INTO {jobs} ({_JOB_COLUMNS})
+                VALUES ($1, $2, $3, coalesce(to_timestamp($4::float8), now()), $5, $6, $7)
+                RETURNING queue
+            ) SELECT pg_notify($8, queue) FROM ins"""
+
+        # -- fetching ---------------------------------------------------------
+        # $1 queue, $2 limit, $3 default visibility seconds, $4 owner, $5 lease token.
+        lease_update = f"""
+            upd AS (
+                UPDATE {jobs} j
+                SET locked_until = now() + coalesce(j.visibility, $3) * interval '1 second',
+                    owner = $4, lease = $5
+                FROM picked WHERE j.id = picked.id
+                RETURNING j.id, j.queue, j.priority, j.not_before, j.envelope, j.locked_until
+            )"""
+        self.fetch_one_queue = f"""
+            WITH picked AS (
+                SELECT id FROM {jobs}
+                WHERE queue = $1 AND {_AVAILABLE}
+                ORDER BY priority DESC, not_before, id
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ), {lease_update}
+            SELECT id, queue, envelope, date_part('epoch', locked_until) AS until
+            FROM upd ORDER BY priority DESC, not_before, id"""
+        # Same with $1 a text[] of queues in the order to prefer them. Each queue's
+        # best rows come from the index (a LATERAL probe per queue, so the index order
+        # is used instead of sorting every ready row); the merge takes priority first,
+        # then the queue's rank, then age.
+        self.fetch_many_queues = f"""
+            WITH cand AS (
+                SELECT c.id, c.priority, c.not_before, q.rank
+                FROM unnest($1::text[]) WITH ORDINALITY AS q(name, rank)
+                CROSS JOIN LATERAL (
+                    SELECT id, priority, not_before FROM {jobs}
+                    WHERE queue = q.name AND {_AVAILABLE}
+                    ORDER BY priority DESC, not_before, id
+                    LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                ) c
+            ), picked AS (
+                SELECT id FROM cand ORDER BY priority DESC, rank, not_before, id LIMIT $2
+            ), {lease_update}
+            SELECT id, queue, envelope, date_part('epoch', locked_until) AS until
+            FROM upd ORDER BY priority DESC, array_position($1::text[], queue), not_before, id"""
+        # Seconds until the earliest not-yet-available job of $1 (text[]) becomes
+        # available — a delayed job coming due or a lease expiring; NULL when none.
+        self.next_due = f"""
+            SELECT date_part('epoch', least(
+                (SELECT min(not_before) FROM {jobs}
+                 WHERE queue = ANY($1::text[]) AND locked_until IS NULL),
+                (SELECT min(greatest(locked_until, not_before)) FROM {jobs}
+                 WHERE queue = ANY($1::text[]) AND locked_until IS NOT NULL)
+            ) - clock_timestamp())"""
+
+        # -- settling deliveries ($1 ids, $2 lease tokens) ----------------------
+        self.ack = f"""
+            DELETE FROM {jobs} j USING unnest($1::int8[], $2::uuid[]) AS t(id, lease)
+            WHERE j.id = t.id AND j.lease = t.lease"""
+        self.nack = f"""
+            WITH upd AS (
+                UPDATE {jobs} j SET locked_until = NULL, owner = NULL, lease = NULL
+                FROM unnest($1::int8[], $2::uuid[]) AS t(id, lease)
+                WHERE j.id = t.id AND j.lease = t.lease
+                RETURNING j.queue
+            ) {_NOTIFY_QUEUES.format(chan="$3", src="upd")}"""
+        # $3 seconds from now.
+        self.extend = f"""
+            UPDATE {jobs} j SET locked_until = now() + $3::float8 * interval '1 second'
+            FROM unnest($1::int8[], $2::uuid[]) AS t(id, lease)
+            WHERE j.id = t.id AND j.lease = t.lease
+            RETURNING j.id, date_part('epoch', j.locked_until)"""
+        # Replace each still-leased job by its new envelope: the insert only happens
+        # for rows the delete removed, so a stale lease holder adds nothing.
+        # $1 ids, $2 leases, $3..$9 publish arrays, $10 channel.
+        self.retry = f"""
+            WITH t AS (
+                SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::text[],
+                                     $5::int2[], $6::float8[], $7::float8[], $8::int4[],
+                                     $9::bytea[])
+                    AS t(old_id, lease, task_id, queue, priority, nb, vis, attempt, env)
+            ), d AS (
+                DELETE FROM {jobs} j USING t WHERE j.id = t.old_id AND j.lease = t.lease
+                RETURNING j.id
+            ), ins AS (
+                INSERT INTO {jobs} ({_JOB_COLUMNS})
+                SELECT {_JOB_VALUES} FROM t JOIN d ON d.id = t.old_id ORDER BY t.old_id
+                RETURNING queue
+            ) {_NOTIFY_QUEUES.format(chan="$10", src="ins")}"""
+        # $1 ids, $2 leases, $3 reasons.
+        self.dead_letter = f"""
+            WITH t AS (
+                SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[]) AS t(id, lease, reason)
+            ), d AS (
+                DELETE FROM {jobs} j USING t WHERE j.id = t.id AND j.lease = t.lease
+                RETURNING j.id, j.task_id, j.queue, j.attempt, j.owner, j.envelope
+            )
+            INSERT INTO {dead} (task_id, queue, reason, attempt, owner, envelope)
+            SELECT d.task_id, d.queue, t.reason, d.attempt, d.owner, d.envelope
+            FROM d JOIN t ON t.id = d.id ORDER BY d.id"""
+
+        # -- inspection and maintenance ($1 queue) ------------------------------
+        self.stats = f"""
+            SELECT count(*) FILTER (WHERE {_AVAILABLE}) AS pending,
+                   count(*) FILTER (WHERE not_before > now()
+                                    AND (locked_until IS NULL OR locked_until < now())) AS delayed,
+                   count(*) FILTER (WHERE locked_until >= now()) AS in_flight,
+                   (SELECT count(*) FROM {dead} WHERE queue = $1) AS dead
+            FROM {jobs} WHERE queue = $1"""
+        self.purge = f"""
+            DELETE FROM {jobs} WHERE queue = $1 AND (locked_until IS NULL OR locked_until < now())"""
+        # $2 limit.
+        self.dead_letters = f"""
+            SELECT id, queue, envelope, reason, date_part('epoch', dead_at) AS dead_at,
+                   attempt, owner, task_id
+            FROM {dead} WHERE queue = $1 ORDER BY id LIMIT $2"""
+        # $2 limit or NULL for all; the caller re-publishes the returned envelopes in
+        # the same transaction.
+        self.take_dead_letters = f"""
+            DELETE FROM {dead} WHERE id IN (
+                SELECT id FROM {dead} WHERE queue = $1 ORDER BY id LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ) RETURNING id, queue, envelope"""
+        self.purge_dead_letters = f"DELETE FROM {dead} WHERE queue = $1"
+
+        # -- results -----------------------------------------------------------
+        # $1 task ids, $2 states, $3 status JSON bytes, $4 TTL seconds; $5 channel.
+        self.set_results = (
+            "WITH "
+            + _UPSERT_RESULTS.format(s=s, a="$1", b="$2", c="$3", d="$4")
+            + _NOTIFY_RESULTS.format(chan="$5")
+        )
+        self.get_result = (
+            f"SELECT status FROM {s}.stem_results WHERE task_id = $1 AND expires_at > now()"
+        )
+        self.get_results = f"""
+            SELECT status FROM {s}.stem_results
+            WHERE task_id = ANY($1::text[]) AND expires_at > now()"""
+        # One bounded batch so purging never holds many row locks or runs long.
+        self.purge_expired_results = f"""
+            DELETE FROM {s}.stem_results WHERE task_id IN (
+                SELECT task_id FROM {s}.stem_results WHERE expires_at <= now() LIMIT 1000
+            ) AND expires_at <= now()"""
+        # Ack ($6 ids, $7 leases) and result upsert in one statement, hence one
+        # transaction: the status can't be written without the ack or the other way.
+        self.ack_with_results = (
+            "WITH "
+            + _UPSERT_RESULTS.format(s=s, a="$1", b="$2", c="$3", d="$4")
+            + f""", acked AS (
+                DELETE FROM {jobs} j USING unnest($6::int8[], $7::uuid[]) AS t(id, lease)
+                WHERE j.id = t.id AND j.lease = t.lease
+            )"""
+            + _NOTIFY_RESULTS.format(chan="$5")
+        )

@@ -1,0 +1,192 @@
+"""The Postgres result backend: one row per task id with an expiry time.
+
+Writes are batched upserts (one statement for any number of statuses); the same
+statement NOTIFYs the ids of tasks that reached a terminal state, so ``wait()``
+sleeps on LISTEN instead of polling. Expired rows are invisible to reads at once
+and deleted in small batches in the background every so many writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from stem.adapters.postgres._pool import Connector, Listener, PgSettings, parse_url
+from stem.adapters.postgres._sql import Statements
+from stem.ports import DEFAULT_RESULT_TTL
+from stem.status import TaskStatus
+
+log = structlog.get_logger("stem.postgres")
+
+#: Longest ``wait()`` sleeps between looks at the row while LISTEN is down.
+FALLBACK_POLL = 1.0
+#: Rows one purge statement deletes at most (keeps locks and WAL bursts small).
+PURGE_BATCH = 1000
+
+
+def results_channel(settings: PgSettings) -> str:
+    """The NOTIFY channel terminal results are announced on, for this schema."""
+    return settings.channel("results")
+
+
+def status_arrays(
+    items: Sequence[tuple[TaskStatus, float | None]], default_ttl: float
+) -> tuple[list[str], list[str], list[bytes], list[float]]:
+    """Parallel arrays (ids, states, JSON bytes, TTLs) for the results upsert.
+
+    The last status of a task id in the batch wins: one INSERT ... ON CONFLICT may not
+    update the same row twice.
+    """
+    latest: dict[str, tuple[TaskStatus, float | None]] = {}
+    for status, ttl in items:
+        latest[status.id] = (status, ttl)
+    return (
+        list(latest),
+        [s.state.value for s, _ in latest.values()],
+        [s.to_json() for s, _ in latest.values()],
+        [default_ttl if ttl is None else float(ttl) for _, ttl in latest.values()],
+    )
+
+
+class PostgresResultBackend:
+    """:class:`stem.ports.ResultBackend` on a Postgres schema (see the module docstring)."""
+
+    #: Rows written between two background purges of expired rows.
+    purge_every: int = 10_000
+    #: Seconds between purges when writes are fewer than ``purge_every``.
+    purge_interval: float = 300.0
+
+    def __init__(
+        self, url: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL
+    ) -> None:
+        self.settings = parse_url(url)
+        self.namespace = namespace
+        self.default_ttl = default_ttl
+        self._db = Connector(self.settings, "result backend")
+        self._sql = Statements(self.settings.quoted_schema)
+        self._channel = results_channel(self.settings)
+        self._listener = Listener(self._db, self._channel, self._on_notify, self._wake_all)
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._written = 0
+        self._last_purge = time.monotonic()
+        self._purge_task: asyncio.Task[int] | None = None
+
+    async def ping(self) -> None:
+        """Connect (migrating on first use) and run a trivial query; fail fast."""
+        await self._db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+
+    async def set_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
+        """Upsert statuses in one statement; terminal ones wake their waiters."""
+        if not items:
+            return
+        arrays = status_arrays(items, self.default_ttl)
+        await self._db.run(lambda c: c.execute(self._sql.set_results, *arrays, self._channel))
+        self._written += len(arrays[0])
+        self._maybe_purge()
+
+    async def get(self, task_id: str) -> TaskStatus | None:
+        """The stored status, or None when unknown or expired."""
+        raw = await self._db.run(lambda c: c.fetchval(self._sql.get_result, task_id))
+        return None if raw is None else TaskStatus.from_json(raw)
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        """Statuses of the ids that exist and have not expired."""
+        if not task_ids:
+            return {}
+        ids = list(task_ids)
+        rows = await self._db.run(lambda c: c.fetch(self._sql.get_results, ids))
+        out: dict[str, TaskStatus] = {}
+        for r in rows:
+            status = TaskStatus.from_json(r[0])
+            out[status.id] = status
+        return out
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
+        """Wait on LISTEN for ``task_id`` to reach a terminal state.
+
+        The waiter is registered before the row is read, so a notification sent
+        between the read and the sleep wakes it instead of being missed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(task_id, set()).add(waiter)
+            try:
+                listening = await self._listener.ensure()
+                status = await self.get(task_id)
+                if status is not None and status.state.is_terminal:
+                    return status
+                pause = None if deadline is None else deadline - time.monotonic()
+                if pause is not None and pause <= 0:
+                    return None
+                if not listening:
+                    pause = FALLBACK_POLL if pause is None else min(pause, FALLBACK_POLL)
+                try:
+                    await asyncio.wait_for(waiter, pause)
+                except TimeoutError:
+                    pass
+            finally:
+                self._forget(task_id, waiter)
+
+    def _forget(self, task_id: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(task_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[task_id]
+
+    def _on_notify(self, payload: str) -> None:
+        if not self._waiters:
+            return
+        for task_id in payload.split(","):
+            for fut in self._waiters.get(task_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _maybe_purge(self) -> None:
+        if self._purge_task is not None and not self._purge_task.done():
+            return
+        if self._written < self.purge_every and (
+            time.monotonic() - self._last_purge < self.purge_interval
+        ):
+            return
+        self._written = 0
+        self._last_purge = time.monotonic()
+        self._purge_task = asyncio.create_task(self._purge_quietly())
+
+    async def _purge_quietly(self) -> int:
+        try:
+            return await self.purge_expired()
+        except Exception as exc:
+            # Housekeeping must never fail a write; the next round tries again.
+            log.warning("purging expired results failed", error=str(exc))
+            return 0
+
+    async def purge_expired(self, max_batches: int = 10) -> int:
+        """Delete expired rows, ``PURGE_BATCH`` per statement; return how many."""
+        total = 0
+        for _ in range(max_batches):
+            status = await self._db.run(lambda c: c.execute(self._sql.purge_expired_results))
+            deleted = int(status.rsplit(" ", 1)[-1])
+            total += deleted
+            if deleted < PURGE_BATCH:
+                break
+        return total
+
+    async def close(self) -> None:
+        """Stop listening, finish housekeeping and close the pool."""
+        self._wake_all()
+        if self._purge_task is not None:
+            await asyncio.gather(self._purge_task, return_exceptions=True)
+        await self._listener.close()
+        await self._db.close()

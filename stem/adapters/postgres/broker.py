@@ -1,0 +1,475 @@
+"""The Postgres broker: a jobs table leased with ``FOR UPDATE SKIP LOCKED``.
+
+A job row is *available* when its ``not_before`` has passed and it has no lease or
+an expired one; ``fetch`` leases available rows by stamping ``locked_until``,
+``owner`` and a fresh ``lease`` token in one ``UPDATE ... WHERE id IN (SELECT ...
+FOR UPDATE SKIP LOCKED LIMIT n) RETURNING``. Every later action on a delivery (ack,
+nack, retry, dead-letter, extend) matches on ``(id, lease)``, so a worker whose lease
+expired and was handed to someone else cannot touch the new holder's job. Expired
+leases need no sweeper: the fetch query's WHERE clause treats them as available.
+
+Idle fetchers wait on ``LISTEN`` (one dedicated connection per broker); publish, nack
+and retry NOTIFY the queue name in the same statement that writes the rows, so the
+wake-up is sent exactly when the rows become visible. A timer covers what nobody
+announces: the next delayed job coming due and the next lease expiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from stem.adapters.postgres._pool import Connector, Listener, parse_url
+from stem.adapters.postgres._sql import Statements
+from stem.adapters.postgres.backend import PostgresResultBackend, results_channel, status_arrays
+from stem.envelope import Envelope, peek_task_id
+from stem.errors import EnvelopeDecodeError
+from stem.ports import (
+    DEFAULT_RESULT_TTL,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    DeadLetter,
+    Delivery,
+    QueueStats,
+)
+from stem.status import TaskStatus
+
+#: Longest an idle fetch sleeps without LISTEN (while its connection is being
+#: re-established) before looking at the table again.
+FALLBACK_POLL = 1.0
+#: Pause before re-querying when a due job exists but was locked by another fetcher.
+_CONTENDED_RETRY = 0.05
+
+# Parallel arrays for the publish statements, in their parameter order.
+_PublishArrays = tuple[
+    list[str | None],
+    list[str],
+    list[int],
+    list[float | None],
+    list[float | None],
+    list[int],
+    list[bytes],
+]
+
+
+def _publish_arrays(items: Sequence[tuple[Envelope, bytes, str]]) -> _PublishArrays:
+    """Arrays for (envelope, encoded bytes, queue) triples."""
+    return (
+        [e.id for e, _, _ in items],
+        [q for _, _, q in items],
+        [e.priority for e, _, _ in items],
+        [e.not_before_epoch for e, _, _ in items],
+        [e.visibility_timeout for e, _, _ in items],
+        [e.attempt for e, _, _ in items],
+        [raw for _, raw, _ in items],
+    )
+
+
+def _lease_key(delivery: Delivery) -> tuple[int, uuid.UUID]:
+    token = delivery.token
+    if not (isinstance(token, tuple) and len(token) == 2 and isinstance(token[1], uuid.UUID)):
+        raise ValueError(f"delivery {delivery.receipt!r} was not fetched from a Postgres broker")
+    return int(token[0]), token[1]
+
+
+def _keys(deliveries: Sequence[Delivery]) -> tuple[list[int], list[uuid.UUID]]:
+    ids: list[int] = []
+    leases: list[uuid.UUID] = []
+    for d in deliveries:
+        job_id, lease = _lease_key(d)
+        ids.append(job_id)
+        leases.append(lease)
+    return ids, leases
+
+
+def _row_count(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "DELETE 12".
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresBroker:
+    """:class:`stem.ports.Broker` on a Postgres schema (see the module docstring).
+
+    Multiple queues: within one fetch, higher priority wins, then earlier queues in
+    the list, then older jobs. The list's starting point rotates by one after every
+    fetch that returned work, as kombu does, so a busy queue listed first cannot
+    starve the others: every queue with ready work is served at least once every
+    ``len(queues)`` fetches.
+
+    Beyond the port: :meth:`publish_with_connection` (transactional enqueue through
+    the caller's connection) and :meth:`ack_with_results` (ack plus result write in
+    one statement, when the result backend lives in the same schema).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "stem",
+        default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+    ) -> None:
+        self.settings = parse_url(url)
+        self.namespace = namespace
+        self.default_visibility_timeout = default_visibility_timeout
+        self._db = Connector(self.settings, "broker")
+        self._sql = Statements(self.settings.quoted_schema)
+        self._channel = self.settings.channel("jobs")
+        self._listener = Listener(self._db, self._channel, self._on_notify, self._wake_all)
+        # Queues some fetch has asked for; notifications for other queues are ignored
+        # so a busy unrelated queue does not make idle fetchers re-query.
+        self._watched: set[str] = set()
+        # Bumped by every relevant notification; fetch compares it before and after
+        # looking at the table, so a NOTIFY that lands while the worker is busy (not
+        # waiting) is not lost: the next fetch sees the bump and queries again.
+        self._generation = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._rotation: dict[tuple[str, ...], int] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- notifications --------------------------------------------------------
+
+    def _on_notify(self, queue: str) -> None:
+        if queue in self._watched:
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._generation += 1
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    # -- port -----------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Connect (migrating on first use) and run a trivial query; fail fast."""
+        await self._db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Insert envelopes in one statement that also NOTIFYs their queues."""
+        if not envelopes:
+            return
+        items = [(e, e.to_json(), e.queue) for e in envelopes]
+        await self._db.run(lambda c: self._insert(c, items))
+
+    async def publish_with_connection(self, connection: Any, envelopes: Sequence[Envelope]) -> None:
+        """Insert envelopes through the caller's asyncpg ``connection``.
+
+        Inside the caller's transaction the jobs exist only if it commits (and the
+        wake-up NOTIFY is delivered at that commit); on rollback nothing was enqueued.
+        The connection must reach the same database as this broker's URL. The schema
+        is migrated beforehand over the broker's own pool, never inside the caller's
+        transaction.
+        """
+        if not isinstance(connection, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
+            raise TypeError(
+                "publish_with_connection needs an asyncpg connection (asyncpg.Connection "
+                f"or a pool connection), got {type(connection).__name__}"
+            )
+        if not envelopes:
+            return
+        items = [(e, e.to_json(), e.queue) for e in envelopes]
+        await self._db.ready()
+        await self._insert(connection, items)
+
+    async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
+        """Insert bytes as they are (they are decoded, or found undecodable, at fetch)."""
+        args = (peek_task_id(raw), queue, priority, None, None, 0, raw, self._channel)
+        await self._db.run(lambda c: c.execute(self._sql.publish_one, *args))
+
+    async def _insert(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
+        arrays = _publish_arrays(items)
+        if len(items) == 1:
+            # Scalars encode faster than one-element arrays: the one-by-one enqueue path.
+            await conn.execute(self._sql.publish_one, *(a[0] for a in arrays), self._channel)
+        else:
+            await conn.execute(self._sql.publish, *arrays, self._channel)
+
+    async def fetch(
+        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
+    ) -> list[Delivery]:
+        """Lease up to ``max_count`` available jobs, waiting up to ``block`` seconds.
+
+        While nothing is available the fetch sleeps until a NOTIFY for one of
+        ``queues``, the next delayed job's due time or the next lease expiry,
+        whichever is first, then looks again.
+        """
+        if max_count <= 0 or not queues:
+            return []
+        names = list(dict.fromkeys(queues))
+        self._watched.update(names)
+        deadline = time.monotonic() + max(block, 0.0)
+        # LISTEN must be active before the first look at the table, or a job
+        # published between that look and LISTEN would go unnoticed until the timer.
+        listening = block > 0 and await self._listener.ensure()
+        loop = asyncio.get_running_loop()
+        while True:
+            generation = self._generation
+            deliveries = await self._lease_shielded(names, max_count, consumer)
+            if deliveries:
+                return deliveries
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            due = await self._db.run(lambda c: c.fetchval(self._sql.next_due, names))
+            timeout = remaining
+            if due is not None:
+                timeout = min(timeout, due if due > 0 else _CONTENDED_RETRY)
+            if not listening:
+                timeout = min(timeout, FALLBACK_POLL)
+            if generation == self._generation:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.add(waiter)
+                try:
+                    await asyncio.wait_for(waiter, timeout)
+                except TimeoutError:
+                    pass
+                finally:
+                    self._waiters.discard(waiter)
+            listening = await self._listener.ensure()
+
+    async def _lease_shielded(
+        self, names: list[str], max_count: int, consumer: str
+    ) -> list[Delivery]:
+        # If the caller is cancelled (shutdown) while the UPDATE runs, its rows may
+        # already be leased; give them back at once instead of after the timeout.
+        task = asyncio.ensure_future(self._lease(names, max_count, consumer))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_orphans)
+            raise
+
+    def _release_orphans(self, task: asyncio.Task[list[Delivery]]) -> None:
+        if task.cancelled() or task.exception() is not None or not task.result():
+            return
+        nack = asyncio.ensure_future(self.nack(task.result()))
+        self._background.add(nack)
+        nack.add_done_callback(self._background.discard)
+
+    async def _lease(self, names: list[str], max_count: int, consumer: str) -> list[Delivery]:
+        lease = uuid.uuid4()
+        if len(names) == 1:
+            sql, first = self._sql.fetch_one_queue, names[0]
+            order: Any = first
+        else:
+            key = tuple(names)
+            shift = self._rotation.get(key, 0) % len(names)
+            order = names[shift:] + names[:shift]
+            sql = self._sql.fetch_many_queues
+        rows = await self._db.run(
+            lambda c: c.fetch(
+                sql, order, max_count, self.default_visibility_timeout, consumer, lease
+            )
+        )
+        if rows and len(names) > 1:
+            key = tuple(names)
+            self._rotation[key] = self._rotation.get(key, 0) + 1
+        return [self._delivery(r, lease) for r in rows]
+
+    @staticmethod
+    def _delivery(row: Any, lease: uuid.UUID) -> Delivery:
+        job_id, queue, raw, until = row
+        raw = bytes(raw)
+        try:
+            envelope: Envelope | None = Envelope.from_json(raw)
+            error = None
+        except EnvelopeDecodeError as exc:
+            envelope, error = None, str(exc)
+        return Delivery(
+            envelope=envelope,
+            receipt=str(job_id),
+            queue=queue,
+            raw=raw,
+            lease_expires_at=until,
+            decode_error=error,
+            token=(job_id, lease),
+        )
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete the jobs whose lease the deliveries still hold, in one statement."""
+        if not deliveries:
+            return
+        ids, leases = _keys(deliveries)
+        await self._db.run(lambda c: c.execute(self._sql.ack, ids, leases))
+
+    async def nack(self, deliveries: Sequence[Delivery]) -> None:
+        """Clear the leases (jobs keep their place in line) and wake idle fetchers."""
+        if not deliveries:
+            return
+        ids, leases = _keys(deliveries)
+        await self._db.run(lambda c: c.execute(self._sql.nack, ids, leases, self._channel))
+
+    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Swap each leased job for its replacement envelope atomically.
+
+        A delivery whose lease is no longer held gets no replacement: the job is
+        somebody else's now, and publishing anyway would run it twice.
+        """
+        if not items:
+            return
+        ids, leases = _keys([d for d, _ in items])
+        arrays = _publish_arrays([(e, e.to_json(), e.queue) for _, e in items])
+        await self._db.run(
+            lambda c: c.execute(self._sql.retry, ids, leases, *arrays, self._channel)
+        )
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """Move still-leased jobs to the dead-letter table with their reasons."""
+        if not items:
+            return
+        ids, leases = _keys([d for d, _ in items])
+        reasons = [r for _, r in items]
+        await self._db.run(lambda c: c.execute(self._sql.dead_letter, ids, leases, reasons))
+
+    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Move ``locked_until`` to now + ``seconds`` for leases still held.
+
+        Each delivery's ``lease_expires_at`` is updated; it is left alone for a lease
+        that was lost (expired and taken by another worker).
+        """
+        if not deliveries:
+            return
+        ids, leases = _keys(deliveries)
+        rows = await self._db.run(lambda c: c.fetch(self._sql.extend, ids, leases, float(seconds)))
+        until = {r[0]: r[1] for r in rows}
+        for d, job_id in zip(deliveries, ids, strict=True):
+            if job_id in until:
+                d.lease_expires_at = until[job_id]
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Counts of ready, delayed, leased and dead-lettered jobs of ``queue``."""
+        row = await self._db.run(lambda c: c.fetchrow(self._sql.stats, queue))
+        return QueueStats(
+            queue=queue,
+            pending=row["pending"],
+            delayed=row["delayed"],
+            in_flight=row["in_flight"],
+            dead=row["dead"],
+        )
+
+    async def purge(self, queue: str) -> int:
+        """Delete the ready and delayed jobs of ``queue`` (leased ones stay)."""
+        status = await self._db.run(lambda c: c.execute(self._sql.purge, queue))
+        return _row_count(status)
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first."""
+        rows = await self._db.run(lambda c: c.fetch(self._sql.dead_letters, queue, limit))
+        out = []
+        for r in rows:
+            raw = bytes(r["envelope"])
+            try:
+                envelope: Envelope | None = Envelope.from_json(raw)
+            except EnvelopeDecodeError:
+                envelope = None
+            meta: dict[str, Any] = {"attempt": r["attempt"]}
+            if r["owner"] is not None:
+                meta["consumer"] = r["owner"]
+            out.append(
+                DeadLetter(
+                    id=str(r["id"]),
+                    queue=r["queue"],
+                    raw=raw,
+                    reason=r["reason"],
+                    dead_at=r["dead_at"],
+                    envelope=envelope,
+                    meta=meta,
+                )
+            )
+        return out
+
+    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Move dead letters back to their queue with ``attempt`` reset to 0.
+
+        Undecodable ones go back byte for byte (nothing is dropped). Taking them out
+        of the dead-letter table and publishing happen in one transaction.
+        """
+
+        async def replay(conn: Any) -> int:
+            async with conn.transaction():
+                rows = await conn.fetch(self._sql.take_dead_letters, queue, limit)
+                if not rows:
+                    return 0
+                items = []
+                raws: list[tuple[bytes, str]] = []
+                for r in rows:
+                    raw = bytes(r["envelope"])
+                    try:
+                        env = Envelope.from_json(raw).copy(attempt=0)
+                    except EnvelopeDecodeError:
+                        raws.append((raw, r["queue"]))
+                        continue
+                    items.append((env, env.to_json(), r["queue"]))
+                if items:
+                    await conn.execute(self._sql.publish, *_publish_arrays(items), self._channel)
+                for raw, q in raws:
+                    await conn.execute(
+                        self._sql.publish_one,
+                        peek_task_id(raw),
+                        q,
+                        0,
+                        None,
+                        None,
+                        0,
+                        raw,
+                        self._channel,
+                    )
+                return len(rows)
+
+        return await self._db.run(replay)
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead letter of ``queue``."""
+        status = await self._db.run(lambda c: c.execute(self._sql.purge_dead_letters, queue))
+        return _row_count(status)
+
+    async def close(self) -> None:
+        """Stop listening and close the pool."""
+        for fut in list(self._waiters):
+            if not fut.done():
+                fut.set_result(None)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._listener.close()
+        await self._db.close()
+
+    # -- beyond the port --------------------------------------------------------
+
+    def shares_store_with(self, backend: object) -> bool:
+        """True when ``backend`` is a Postgres result backend on this broker's schema,
+        i.e. when :meth:`ack_with_results` may replace ``set_many`` + ``ack``."""
+        return (
+            isinstance(backend, PostgresResultBackend)
+            and backend.settings.dsn == self.settings.dsn
+            and backend.settings.schema == self.settings.schema
+        )
+
+    async def ack_with_results(
+        self,
+        deliveries: Sequence[Delivery],
+        statuses: Sequence[tuple[TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> None:
+        """Write ``statuses`` (as ``ResultBackend.set_many`` would) and ack
+        ``deliveries``, in one statement and so one transaction.
+
+        For the worker's completer when :meth:`shares_store_with` says the result
+        backend is in the same schema: a result and its ack can't be split by a crash,
+        and it saves a round-trip per batch. Waiters are notified as by the backend.
+        """
+        if not deliveries and not statuses:
+            return
+        ids, leases = _keys(deliveries)
+        ids_, states, blobs, ttls = status_arrays(statuses, default_ttl)
+        channel = results_channel(self.settings)
+        await self._db.run(
+            lambda c: c.execute(
+                self._sql.ack_with_results, ids_, states, blobs, ttls, channel, ids, leases
+            )
+        )

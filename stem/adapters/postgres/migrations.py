@@ -1,0 +1,116 @@
+"""Versioned schema migrations for the Postgres adapters.
+
+Each migration is applied once per schema and recorded in ``stem_migrations``. They
+run automatically on first connect and explicitly through :func:`migrate` (what
+``stem migrate`` calls). Concurrent starters serialise on a transaction-scoped
+advisory lock keyed by the schema name, so ten workers starting at once migrate
+exactly once and none of them fails on a half-created schema.
+
+Append new migrations to :data:`MIGRATIONS`; never edit one that has shipped.
+``{s}`` in the SQL is the quoted schema name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+#: (version, name, sql). Versions are consecutive integers from 1.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "jobs, dead letters and results",
+        """
+        -- fillfactor leaves room on each page so lease updates (which touch no
+        -- indexed column) are HOT updates and never write index entries.
+        CREATE TABLE {s}.stem_jobs (
+            id           bigserial PRIMARY KEY,
+            task_id      text,
+            queue        text NOT NULL,
+            priority     smallint NOT NULL DEFAULT 0,
+            not_before   timestamptz NOT NULL DEFAULT now(),
+            visibility   float8,
+            attempt      integer NOT NULL DEFAULT 0,
+            owner        text,
+            lease        uuid,
+            locked_until timestamptz,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            envelope     bytea NOT NULL
+        ) WITH (fillfactor = 70);
+        -- Serves the fetch query's WHERE queue = .. ORDER BY priority DESC, not_before, id.
+        CREATE INDEX stem_jobs_fetch ON {s}.stem_jobs (queue, priority DESC, not_before, id);
+
+        CREATE TABLE {s}.stem_dead_letters (
+            id        bigserial PRIMARY KEY,
+            task_id   text,
+            queue     text NOT NULL,
+            reason    text NOT NULL,
+            attempt   integer NOT NULL DEFAULT 0,
+            owner     text,
+            dead_at   timestamptz NOT NULL DEFAULT now(),
+            envelope  bytea NOT NULL
+        );
+        CREATE INDEX stem_dead_letters_queue ON {s}.stem_dead_letters (queue, id);
+
+        CREATE TABLE {s}.stem_results (
+            task_id    text PRIMARY KEY,
+            state      text NOT NULL,
+            status     bytea NOT NULL,
+            expires_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX stem_results_expires ON {s}.stem_results (expires_at);
+        """,
+    ),
+]
+
+#: Latest schema version this code knows.
+LATEST = MIGRATIONS[-1][0]
+
+# Two-int advisory lock key: a constant class id ("STEM") and the schema's hash.
+_LOCK_CLASS = 0x5354454D
+
+
+async def current_version(conn: Any, schema: str) -> int:
+    """Applied version of ``schema`` (quoted), 0 when Stem's tables don't exist yet."""
+    try:
+        version = await conn.fetchval(f"SELECT max(version) FROM {schema}.stem_migrations")
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        return 0
+    return int(version or 0)
+
+
+async def apply(conn: Any, schema: str) -> list[int]:
+    """Bring ``schema`` (quoted identifier) up to date on ``conn``; return versions applied.
+
+    The common case (already current) is one cheap query and takes no lock.
+    """
+    if await current_version(conn, schema) >= LATEST:
+        return []
+    applied: list[int] = []
+    async with conn.transaction():
+        # CREATE SCHEMA IF NOT EXISTS is not safe against a concurrent twin (unique
+        # violation on pg_namespace), so take the lock first and check again under it.
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_CLASS, schema)
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS {schema}.stem_migrations (
+                    version    integer PRIMARY KEY,
+                    name       text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now(),
+                    applied_by integer NOT NULL DEFAULT pg_backend_pid()
+                )"""
+        )
+        done = await current_version(conn, schema)
+        for version, name, sql in MIGRATIONS:
+            if version <= done:
+                continue
+            await conn.execute(sql.replace("{s}", schema))
+            await conn.execute(
+                f"INSERT INTO {schema}.stem_migrations (version, name) VALUES ($1, $2)",
+                version,
+                name,
+            )
+            applied.append(version)
+    return applied
