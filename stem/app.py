@@ -25,6 +25,7 @@ from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskStatus
 from stem.task import (
+    META_MAX_RETRIES,
     META_SOFT_TIME_LIMIT,
     META_TIME_LIMIT,
     Isolation,
@@ -243,6 +244,8 @@ class Stem:
             meta[META_TIME_LIMIT] = time_limit
         if soft is not None:
             meta[META_SOFT_TIME_LIMIT] = soft
+        if call.max_retries is not None:
+            meta[META_MAX_RETRIES] = call.max_retries
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id

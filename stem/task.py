@@ -25,6 +25,9 @@ Isolation = Literal["inline", "thread", "process"]
 #: Envelope meta keys for per-call limits (seconds), so workers apply what the caller asked.
 META_TIME_LIMIT = "timeLimit"
 META_SOFT_TIME_LIMIT = "softTimeLimit"
+#: Set when a call overrides ``max_retries`` explicitly; otherwise the worker's own task
+#: options count too (a producer enqueueing by name does not know them).
+META_MAX_RETRIES = "__stemMaxRetries"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from stem.envelope import Envelope
 from stem.errors import PayloadEncodingError, TaskArgumentError
 from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
 from stem.status import TaskError
-from stem.task import META_SOFT_TIME_LIMIT, META_TIME_LIMIT, TaskDefinition
+from stem.task import META_MAX_RETRIES, META_SOFT_TIME_LIMIT, META_TIME_LIMIT, TaskDefinition
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -114,7 +114,12 @@ class Processor:
     def failure(self, prepared: Prepared, exc: BaseException) -> RetryLater | Failure:
         """Classify an exception: retry with a delay while budget remains, else fail."""
         env = prepared.envelope
-        budget = env.max_retries
+        explicit = env.meta.get(META_MAX_RETRIES)
+        budget = (
+            int(explicit)
+            if explicit is not None
+            else max(env.max_retries, prepared.definition.options.max_retries)
+        )
         delay: float | None = None
         cause: BaseException = exc
         next_meta = dict(env.meta)

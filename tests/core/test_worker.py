@@ -277,3 +277,22 @@ async def test_lifecycle_signals_fire(app: stem.Stem) -> None:
 
 async def _has(seen: list[tuple[str, object]], kind: str) -> bool:
     return any(k == kind for k, _ in seen)
+
+
+async def test_retry_budget_by_name_uses_handler_options_unless_call_overrides(
+        app: stem.Stem) -> None:
+    runs: list[int] = []
+
+    @app.task(name="budget", max_retries=2,
+              retry_strategy=ExponentialJitterRetryStrategy(base=0.01, jitter=False))
+    async def budget(ctx: stem.TaskContext) -> None:
+        runs.append(ctx.attempt)
+        raise RuntimeError("no")
+
+    producer = stem.Stem("p", broker=app.broker, backend=app.backend)  # knows no tasks
+    async with running_worker(app):
+        by_name = await app.wait(await producer.enqueue("budget"), timeout=5)
+        call = app.definition("budget").call().with_options(max_retries=0)
+        explicit = await app.wait(await producer.enqueue_call(call), timeout=5)
+    assert by_name.attempt == 2 and explicit.attempt == 0
+    assert runs == [0, 1, 2, 0]

@@ -12,6 +12,7 @@ import pytest
 
 import stem
 from stem import TaskState
+from tests.e2e import e2e_app
 from tests.e2e.conftest import read_marks
 from tests.helpers import eventually, wait_until
 
@@ -56,7 +57,8 @@ async def test_sigkill_mid_task_another_worker_finishes_it(start_worker: Start,
                                                            producer: stem.Stem,
                                                            marks: Path) -> None:
     first = start_worker()
-    tid = await producer.enqueue("e2e.slow", seconds=2.0)
+    # Through the definition, so the envelope carries the task's 1.5 s visibility timeout.
+    tid = await producer.enqueue_call(e2e_app.slow.call(seconds=2.0))
     wait_until(lambda: read_marks(marks, "slow", tid), timeout=20)
     first.send_signal(signal.SIGKILL)
     assert first.wait(10) == -signal.SIGKILL
