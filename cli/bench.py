@@ -1,0 +1,235 @@
+"""``stem bench``: workloads W1-W4 against a broker, next to the raw floor in the same run.
+
+W1 enqueue N one-by-one and with enqueue_many; W2 drain an N-task backlog with one
+worker process; W3 enqueue→start latency on an idle worker (300 sequential trips);
+W4 2,000 tasks of ``asyncio.sleep(0.05)`` at concurrency 200 (ideal ≈ 0.5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import stem
+from stem_cli import bench_app
+
+PEERS = {  # shared/bench/peers.md: best peer per figure on this kind of machine
+    "redis": {"drain": 3436, "enqueue_one": 8986, "enqueue_bulk": 9261, "p50": 0.25, "p99": 0.73},
+    "postgres": {"drain": 894, "enqueue_one": 1403, "enqueue_bulk": 21634, "p50": 2.85,
+                 "p99": 7.03},
+}
+
+
+@dataclass
+class Figures:
+    """What one run measured."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    floor: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _kind(url: str) -> str:
+    scheme = url.split(":", 1)[0]
+    return {"postgresql": "postgres", "rediss": "redis"}.get(scheme, scheme)
+
+
+def run_floor(kind: str, url: str, floor_dir: Path, n: int) -> dict[str, float]:
+    """Run shared/bench/floor_<kind>.py against the same server and parse its line."""
+    script = floor_dir / f"floor_{kind}.py"
+    if not script.exists():
+        return {}
+    env = {**os.environ, "N": str(n)}
+    if kind == "redis":
+        base = url.rsplit("/", 1)[0] if re.search(r"/\d+$", url) else url.rstrip("/")
+        env["URL"] = base + "/15"
+    else:
+        env["DSN"] = url.split("?", 1)[0]
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    nums = {k: float(v.replace(",", "")) for k, v in re.findall(
+        r"(pipelined|one-by-one|drain[^0-9]*|COPY|executemany) ([\d,]+)/s", out.stdout)}
+    res: dict[str, float] = {}
+    for k, v in nums.items():
+        if k.startswith("drain"):
+            res["drain"] = v
+        elif k in ("pipelined", "executemany"):
+            res["enqueue_bulk"] = v
+        elif k == "one-by-one":
+            res["enqueue_one"] = v
+        elif k == "COPY":
+            res["copy"] = v
+    return res
+
+
+class Bench:
+    """One benchmark run against ``url`` (broker and result backend on the same store)."""
+
+    def __init__(self, url: str, *, n: int, redis_counter_url: str | None,
+                 concurrency: int = 100) -> None:
+        self.url = url
+        self.n = n
+        self.namespace = "bench" + uuid.uuid4().hex[:8]
+        self.redis_counter_url = redis_counter_url
+        self.concurrency = concurrency
+        self.app = stem.Stem("bench-producer", broker=url, backend=url, namespace=self.namespace)
+        for d in bench_app.app.tasks.values():
+            self.app.register(stem.TaskDefinition(d.name, d.func, options=d.options))
+
+    def _worker(self, concurrency: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "STEM_BROKER_URL": self.url, "STEM_NAMESPACE": self.namespace,
+               "BENCH_COUNTER": f"{self.namespace}:counter"}
+        env.pop("STEM_RESULT_BACKEND_URL", None)
+        if self.redis_counter_url:
+            env["BENCH_REDIS_URL"] = self.redis_counter_url
+        return subprocess.Popen(
+            [sys.executable, "-m", "stem_cli", "worker", "start", "--app",
+             "stem_cli.bench_app:app", "-c", str(concurrency), "--log-level", "WARNING",
+             "--block-time", "1"], env=env)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    async def _drained(self, ids: list[str], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = await self.app.broker.stats("default")
+            if stats.pending == 0 and stats.in_flight == 0 and stats.delayed == 0:
+                break
+            await asyncio.sleep(0.2)
+        out: dict[str, Any] = {}
+        for s in range(0, len(ids), 1000):
+            got = await self.app.backend.get_many(ids[s:s + 1000])
+            out.update({k: v.payload for k, v in got.items() if v.state.value == "succeeded"})
+        return out
+
+    async def w1(self, fig: Figures) -> None:
+        call = self.app.definition("bench.noop").call()
+        n1 = min(self.n, 5000)
+        t = time.perf_counter()
+        for _ in range(n1):
+            await self.app.enqueue_call(call)
+        fig.values["enqueue_one"] = n1 / (time.perf_counter() - t)
+        calls = [call] * self.n
+        t = time.perf_counter()
+        for s in range(0, self.n, 500):
+            await self.app.enqueue_many(calls[s:s + 500])
+        fig.values["enqueue_bulk"] = self.n / (time.perf_counter() - t)
+        await self.app.broker.purge("default")
+
+    async def w2(self, fig: Figures) -> None:
+        call = self.app.definition("bench.noop").call()
+        ids: list[str] = []
+        for s in range(0, self.n, 1000):
+            ids += await self.app.enqueue_many([call] * min(1000, self.n - s))
+        proc = self._worker(self.concurrency)
+        try:
+            done = await self._drained(ids, timeout=300)
+        finally:
+            self._stop(proc)
+        if len(done) < len(ids):
+            fig.notes.append(f"W2: only {len(done)}/{len(ids)} finished")
+        ts = sorted(float(v) for v in done.values())
+        fig.values["drain"] = (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 else 0.0
+
+    async def w3(self, fig: Figures, trips: int = 300) -> None:
+        proc = self._worker(self.concurrency)
+        try:
+            definition = self.app.definition("bench.start")
+            await self.app.wait(await definition.enqueue(), timeout=60)  # worker is up
+            lat: list[float] = []
+            for _ in range(trips):
+                t0 = time.time()
+                tid = await definition.enqueue()
+                res = await self.app.wait(tid, timeout=30)
+                lat.append((float(res.value) - t0) * 1000)
+        finally:
+            self._stop(proc)
+        lat.sort()
+        fig.values["p50"] = statistics.median(lat)
+        fig.values["p95"] = lat[int(0.95 * len(lat)) - 1]
+        fig.values["p99"] = lat[int(0.99 * len(lat)) - 1]
+        fig.values["max"] = lat[-1]
+
+    async def w4(self, fig: Figures, n: int = 2000) -> None:
+        call = self.app.definition("bench.sleep").call(seconds=0.05)
+        ids = await self.app.enqueue_many([call] * n)
+        proc = self._worker(200)
+        try:
+            done = await self._drained(ids, timeout=120)
+        finally:
+            self._stop(proc)
+        spans = list(done.values())
+        fig.values["w4_seconds"] = max(e for _, e in spans) - min(s for s, _ in spans)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.0%}" if a and b else "-"
+
+
+def report(kind: str, fig: Figures, console: Console) -> None:
+    """Print our figures next to the floor and the best peer."""
+    peer = PEERS.get(kind, {})
+    t = Table("figure", "stem", "floor (same run)", "stem / floor", "best peer", "stem / peer",
+              title=f"stem bench — {kind}")
+    rows = [("W1 enqueue one-by-one /s", "enqueue_one"), ("W1 enqueue_many /s", "enqueue_bulk"),
+            ("W2 drain /s", "drain")]
+    for label, key in rows:
+        v = fig.values.get(key)
+        f = fig.floor.get(key)
+        p = peer.get(key)
+        t.add_row(label, f"{v:,.0f}" if v else "-", f"{f:,.0f}" if f else "-", _ratio(v, f),
+                  f"{p:,.0f}" if p else "-", f"{v / p:.1f}x" if v and p else "-")
+    for key in ("p50", "p95", "p99", "max"):
+        v = fig.values.get(key)
+        p = peer.get(key)
+        t.add_row(f"W3 latency {key} ms", f"{v:.2f}" if v is not None else "-", "-", "-",
+                  f"{p}" if p else "-", "-")
+    w4 = fig.values.get("w4_seconds")
+    t.add_row("W4 2000x sleep(0.05) @200 s", f"{w4:.3f}" if w4 else "-", "ideal 0.500",
+              f"{w4 / 0.5 - 1:+.0%} vs ideal" if w4 else "-", "-", "-")
+    console.print(t)
+    for note in fig.notes:
+        console.print(f"[yellow]{note}[/yellow]")
+
+
+async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
+              redis_counter_url: str | None, concurrency: int) -> Figures:
+    """Run the selected workloads (and the floor) and return the figures."""
+    fig = Figures()
+    kind = _kind(url)
+    if floor_dir is not None and kind in ("redis", "postgres"):
+        fig.floor = run_floor(kind, url, floor_dir, max(n, 20000))
+    bench = Bench(url, n=n, redis_counter_url=redis_counter_url, concurrency=concurrency)
+    try:
+        await bench.app.broker.purge("default")
+        if "W1" in workloads:
+            await bench.w1(fig)
+        if "W2" in workloads:
+            await bench.w2(fig)
+        if "W3" in workloads:
+            await bench.w3(fig)
+        if "W4" in workloads:
+            await bench.w4(fig)
+    finally:
+        await bench.app.broker.purge("default")
+        await bench.app.close()
+    return fig

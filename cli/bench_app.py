@@ -1,0 +1,55 @@
+"""Tasks the benchmark's worker process runs (``--app stem_cli.bench_app:app``).
+
+Each task does one Redis INCR when ``BENCH_REDIS_URL`` is set, the same extra work
+the peer measurements in shared/bench/peers.md carry, and returns timestamps so the
+harness computes rates from first to last completion across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import stem
+
+app = stem.Stem("bench")
+_redis: Any = None
+_COUNTER = os.environ.get("BENCH_COUNTER", "stem-bench:counter")
+
+
+async def _incr() -> None:
+    global _redis
+    url = os.environ.get("BENCH_REDIS_URL")
+    if not url:
+        return
+    if _redis is None:
+        import redis.asyncio as redis
+
+        _redis = redis.from_url(url)
+    await _redis.incr(_COUNTER)
+
+
+@app.task(name="bench.noop", track_started=False)
+async def noop() -> float:
+    """W2: one INCR; returns its completion time."""
+    await _incr()
+    return time.time()
+
+
+@app.task(name="bench.start", track_started=False)
+async def start() -> float:
+    """W3: returns the time the handler started."""
+    t = time.time()
+    await _incr()
+    return t
+
+
+@app.task(name="bench.sleep", track_started=False)
+async def sleep(seconds: float) -> list[float]:
+    """W4: sleeps; returns [start, end]."""
+    t = time.time()
+    await asyncio.sleep(seconds)
+    await _incr()
+    return [t, time.time()]
