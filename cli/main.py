@@ -10,12 +10,12 @@ import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
-from stem_cli._app import fail, load_app
 
 from stem.app import Stem
 from stem.errors import StemError
 from stem.log import configure_logging
 from stem.worker import Worker
+from stem_cli._app import fail, load_app
 
 app = typer.Typer(help="Stem: asyncio-native background tasks.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
