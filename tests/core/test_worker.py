@@ -296,3 +296,29 @@ async def test_retry_budget_by_name_uses_handler_options_unless_call_overrides(
         explicit = await app.wait(await producer.enqueue_call(call), timeout=5)
     assert by_name.attempt == 2 and explicit.attempt == 0
     assert runs == [0, 1, 2, 0]
+
+
+async def test_extend_lease_and_heartbeat_reach_the_broker(app: stem.Stem) -> None:
+    extended: list[tuple[str, float]] = []
+    original = app.broker.extend_lease
+
+    async def spy(deliveries: list[object], seconds: float) -> None:
+        extended.extend((d.envelope.id, seconds) for d in deliveries)  # type: ignore[attr-defined]
+        await original(deliveries, seconds)  # type: ignore[arg-type]
+
+    app.broker.extend_lease = spy  # type: ignore[method-assign]
+
+    @app.task(name="lease", visibility_timeout=60)
+    def lease(ctx: stem.TaskContext) -> None:
+        ctx.extend_lease(120)
+        ctx.heartbeat()
+
+    async with running_worker(app):
+        tid = await app.enqueue("lease")
+        await app.wait(tid, timeout=5)
+        await eventually(lambda: _count(extended, 2))
+    assert (tid, 120) in extended and (tid, 60) in extended
+
+
+async def _count(items: list[object], n: int) -> bool:
+    return len(items) >= n

@@ -1,0 +1,53 @@
+"""The `stem` command line: tasks ls, result, misconfiguration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import orjson
+
+import stem
+from tests.e2e.conftest import ROOT
+
+
+def run_stem(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stem_cli", *args], cwd=ROOT,
+                          env={**os.environ, **(env or {}), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_tasks_ls_lists_registered_tasks() -> None:
+    out = run_stem("tasks", "ls", "--app", "tests.e2e.e2e_app:app")
+    assert out.returncode == 0, out.stderr
+    for name in ("e2e.add", "e2e.flaky", "e2e.slow"):
+        assert name in out.stdout
+    assert "thread" in out.stdout and "inline" in out.stdout
+
+
+async def test_result_shows_state_value_attempt_and_progress(
+        sqlite_url: str, start_worker: Callable[..., subprocess.Popen[bytes]]) -> None:
+    producer = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    start_worker()
+    tid = await producer.enqueue("e2e.add", x=2, y=40)
+    await producer.wait(tid, timeout=20)
+    await producer.close()
+    env = {"STEM_BROKER_URL": sqlite_url}
+    out = run_stem("result", tid, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "succeeded" in out.stdout and "42" in out.stdout
+    raw = run_stem("result", tid, "--json", env=env)
+    data = orjson.loads(raw.stdout)
+    assert (data["id"], data["state"], data["payload"], data["attempt"]) == (tid, "succeeded", 42, 0)
+    missing = run_stem("result", "no-such-id", env=env)
+    assert missing.returncode == 1 and "no result for task no-such-id" in missing.stderr
+
+
+def test_bad_broker_url_fails_fast_with_a_fix() -> None:
+    out = run_stem("worker", "start", "--app", "tests.e2e.e2e_app:app",
+                   env={"STEM_BROKER_URL": "amqp://localhost"})
+    assert out.returncode != 0
+    assert "unsupported scheme 'amqp'" in out.stderr
+    assert out.stderr.count("\n") <= 2
