@@ -41,6 +41,7 @@ class Delivery:
     lease_expires_at: float | None = None
     decode_error: str | None = None
     token: Any = None
+    redelivered: bool = True
 
 
 @dataclass(slots=True)

@@ -117,7 +117,12 @@ class TaskDefinition(Generic[P, R]):
         self._var_positional: str | None = None
         self._var_keyword: str | None = None
         self._positional_only: list[str] = []
+        # For the worker's hot path: a call with only named, known arguments that
+        # covers every required one fits the signature without Signature.bind.
+        self._names: frozenset[str] = frozenset()
+        self._required: frozenset[str] = frozenset()
         if self.signature is not None:
+            names, required = set(), set()
             for p in self.signature.parameters.values():
                 if p.kind is p.VAR_POSITIONAL:
                     self._var_positional = p.name
@@ -125,6 +130,17 @@ class TaskDefinition(Generic[P, R]):
                     self._var_keyword = p.name
                 elif p.kind is p.POSITIONAL_ONLY:
                     self._positional_only.append(p.name)
+                else:
+                    names.add(p.name)
+                    if p.default is p.empty:
+                        required.add(p.name)
+            self._names, self._required = frozenset(names), frozenset(required)
+        self._simple = (
+            self.signature is not None
+            and not self._positional_only
+            and self._var_positional is None
+            and self._var_keyword is None
+        )
 
     def __repr__(self) -> str:
         return f"<TaskDefinition {self.name!r} queue={self.options.queue!r}>"
@@ -166,6 +182,10 @@ class TaskDefinition(Generic[P, R]):
 
     def call_arguments(self, data: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Invert :meth:`bind` for the handler call; raises TaskArgumentError if they don't fit."""
+        if self._simple:
+            keys = data.keys()
+            if keys <= self._names and self._required <= keys:
+                return [], dict(data)
         kwargs = dict(data)
         positional: list[Any] = [kwargs.pop(n) for n in self._positional_only if n in kwargs]
         if self._var_positional and self._var_positional in kwargs:

@@ -201,8 +201,9 @@ class Worker:
         if not good:
             return
         # A redelivery of a task that already finished (e.g. acked too late) must not run twice.
+        check = [env.id for d, env in good if d.redelivered]
         try:
-            done = await self.app.backend.get_many([env.id for _, env in good])
+            done = await self.app.backend.get_many(check) if check else {}
         except Exception:
             # Can't tell duplicates apart while the backend is down: hand the work back.
             await self.app.broker.nack([d for d, _ in good])
