@@ -8,6 +8,7 @@ by the first operation, so building an app never needs a reachable server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -104,6 +105,9 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
+    # Raised when a pooled connection is used in the instant between the server's
+    # termination message and the socket closing (the protocol is mid-error).
+    asyncpg.InternalClientError,
 )
 
 
@@ -208,7 +212,16 @@ class Connector:
             try:
                 pool = await self._get_pool()
                 async with pool.acquire() as conn:
-                    result = await op(conn)
+                    try:
+                        result = await op(conn)
+                    except Exception as exc:
+                        if is_connection_error(exc):
+                            # Never hand a half-dead connection back to the pool: the
+                            # next acquire then opens a fresh one. (A connection that
+                            # already closed has detached itself; nothing to do then.)
+                            with contextlib.suppress(asyncpg.InterfaceError):
+                                conn.terminate()
+                        raise
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise

@@ -1,0 +1,622 @@
+"""Postgres adapter behaviour beyond the conformance suite: migrations under
+concurrency, LISTEN/NOTIFY wake-ups, lease tokens, transactional enqueue, recovery
+from killed connections, and failing fast when the server is unreachable.
+
+Every test works in its own schema (the ``namespace``), dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlencode
+
+import asyncpg
+import pytest
+
+from stem._time import utcnow
+from stem.adapters import backend_from_url, broker_from_url
+from stem.adapters.postgres import PostgresBroker, PostgresResultBackend, migrate, migrations
+from stem.adapters.postgres._pool import parse_url
+from stem.envelope import Envelope
+from stem.errors import ConfigurationError, ServiceUnavailableError
+from stem.status import TaskState, TaskStatus
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.postgres
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def with_params(url: str, **params: str) -> str:
+    """``url`` with query parameters added."""
+    return url + ("&" if "?" in url else "?") + urlencode(params)
+
+
+async def drop_schema(postgres_url: str, schema: str) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def app_name(namespace: str) -> str:
+    """application_name of this test's connections, to find (and kill) them."""
+    return f"stem-{namespace}"
+
+
+@pytest.fixture
+async def pg_url(postgres_url: str, namespace: str, app_name: str) -> AsyncIterator[str]:
+    """A URL whose schema is this test's namespace; the schema is dropped afterwards."""
+    yield with_params(postgres_url, schema=namespace, application_name=app_name)
+    await drop_schema(postgres_url, namespace)
+
+
+@pytest.fixture
+async def broker(pg_url: str) -> AsyncIterator[PostgresBroker]:
+    b = broker_from_url(pg_url)
+    assert isinstance(b, PostgresBroker)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def producer(pg_url: str) -> AsyncIterator[PostgresBroker]:
+    """A second broker (own pool and connections), as another process would have."""
+    b = PostgresBroker(pg_url)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def backend(pg_url: str) -> AsyncIterator[PostgresResultBackend]:
+    b = backend_from_url(pg_url)
+    assert isinstance(b, PostgresResultBackend)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def raw_conn(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def env(queue: str = "q", **kw: object) -> Envelope:
+    return Envelope(name="t", queue=queue, **kw)  # type: ignore[arg-type]
+
+
+async def idle(broker: PostgresBroker) -> bool:
+    """True once a fetch of ``broker`` is asleep waiting for a wake-up."""
+    return bool(broker._waiters)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- URLs and construction ------------------------------------------------------
+
+
+def test_url_options_are_removed_from_the_dsn() -> None:
+    s = parse_url(
+        "postgres://u:secret@db.example:6543/app?schema=jobs&pool_size=3"
+        "&connect_timeout=2.5&sslmode=disable"
+    )
+    assert s.schema == "jobs"
+    assert s.pool_size == 3
+    assert s.connect_timeout == 2.5
+    assert s.dsn == "postgresql://u:secret@db.example:6543/app?sslmode=disable"
+    assert "secret" not in s.display
+    assert s.display == "db.example:6543/app (user u)"
+
+
+def test_default_schema_and_bad_schema() -> None:
+    assert parse_url("postgresql://localhost/db").schema == "stem"
+    with pytest.raises(ConfigurationError, match="schema"):
+        parse_url('postgresql://localhost/db?schema=x";drop')
+
+
+def test_channel_names_fit_postgres_identifiers() -> None:
+    long_schema = "s" * 63
+    s = parse_url(f"postgresql://localhost/db?schema={long_schema}")
+    assert len(s.channel("results")) <= 63
+    assert s.channel("jobs") != s.channel("results")
+
+
+async def test_unreachable_server_fails_fast_with_a_useful_message() -> None:
+    port = free_port()
+    broker = broker_from_url(f"postgresql://stem:hunter2@127.0.0.1:{port}/shop")
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError) as info:
+        await broker.ping()
+    assert time.monotonic() - started < 3.0
+    message = str(info.value)
+    assert f"127.0.0.1:{port}/shop" in message
+    assert "hunter2" not in message
+    assert "check" in message
+    # Other operations fail the same way (no retry loop before a first connect).
+    with pytest.raises(ServiceUnavailableError):
+        await broker.publish([env()])
+    await broker.close()
+
+
+async def test_unknown_database_says_so(postgres_url: str) -> None:
+    base = postgres_url.rsplit("/", 1)[0]
+    broker = broker_from_url(f"{base}/stem_no_such_db_xyz")
+    with pytest.raises(ServiceUnavailableError, match="does not exist"):
+        await broker.ping()
+    await broker.close()
+
+
+# -- migrations -----------------------------------------------------------------
+
+_CHILD = """
+import asyncio, json, sys, time
+from stem.adapters.postgres import broker_from_url, migrate
+url, start, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+time.sleep(max(0.0, start - time.time()))  # line the processes up
+async def main():
+    applied = []
+    if mode == "migrate":
+        applied = await migrate(url)
+    b = broker_from_url(url)
+    await b.ping()
+    await b.close()
+    print(json.dumps(applied))
+asyncio.run(main())
+"""
+
+
+async def test_ten_processes_starting_at_once_migrate_exactly_once(
+    pg_url: str, raw_conn: asyncpg.Connection, namespace: str
+) -> None:
+    start = time.time() + 2.0
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD, pg_url, str(start),
+            "migrate" if i % 2 else "ping",
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        for i in range(10)
+    ]
+    results = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 60)
+    for proc, (_out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err.decode()
+    reported = [v for out, _ in results for v in json.loads(out)]
+    assert len(reported) == len(set(reported))  # no version applied twice
+    rows = await raw_conn.fetch(
+        f'SELECT version, applied_by FROM "{namespace}".stem_migrations ORDER BY version'
+    )
+    assert [r["version"] for r in rows] == [m[0] for m in migrations.MIGRATIONS]
+    # Running again is a no-op.
+    assert await migrate(pg_url) == []
+
+
+async def test_migrate_creates_the_schema(pg_url: str, raw_conn: asyncpg.Connection,
+                                          namespace: str) -> None:
+    assert await migrate(pg_url) == [m[0] for m in migrations.MIGRATIONS]
+    tables = await raw_conn.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", namespace
+    )
+    assert {"stem_jobs", "stem_dead_letters", "stem_results", "stem_migrations"} <= {
+        t["table_name"] for t in tables
+    }
+
+
+# -- LISTEN/NOTIFY wake-ups -----------------------------------------------------
+
+
+async def test_idle_fetch_wakes_within_milliseconds_of_a_publish(
+    broker: PostgresBroker, producer: PostgresBroker
+) -> None:
+    await producer.ping()
+    latencies = []
+    for _ in range(5):
+        fetch = asyncio.create_task(broker.fetch(["q"], 10, block=5, consumer="w"))
+        await eventually(lambda: idle(broker), timeout=5)
+        await producer.publish([env()])
+        published = time.perf_counter()
+        got = await asyncio.wait_for(fetch, 5)
+        latencies.append(time.perf_counter() - published)
+        assert len(got) == 1
+        await broker.ack(got)
+    latencies.sort()
+    assert latencies[2] < 0.05, latencies  # median
+    assert latencies[-1] < 0.25, latencies
+
+
+async def test_published_before_fetch_returns_at_once(
+    broker: PostgresBroker, producer: PostgresBroker
+) -> None:
+    await broker.fetch(["q"], 1, block=0.01, consumer="w")  # listener up, queue watched
+    await producer.publish([env()])
+    started = time.monotonic()
+    got = await broker.fetch(["q"], 1, block=5, consumer="w")
+    assert len(got) == 1
+    assert time.monotonic() - started < 0.5
+
+
+async def test_notify_landing_between_look_and_sleep_is_not_lost(
+    broker: PostgresBroker, producer: PostgresBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Take the timer out of the picture so only the NOTIFY can end the wait early.
+    monkeypatch.setattr(broker._sql, "next_due", "SELECT NULL::float8 WHERE $1::text[] IS NULL")
+    await producer.ping()
+    real_lease = broker._lease_shielded
+    calls = 0
+
+    async def lease_then_publish(*args: object) -> list[object]:
+        nonlocal calls
+        calls += 1
+        got = await real_lease(*args)  # type: ignore[arg-type]
+        if calls == 1:
+            # The table looked empty; now a job arrives before fetch goes to sleep.
+            assert got == []
+            generation = broker._generation
+            await producer.publish([env()])
+
+            async def notified() -> bool:
+                return broker._generation != generation
+
+            await eventually(notified, timeout=5)
+        return got
+
+    monkeypatch.setattr(broker, "_lease_shielded", lease_then_publish)
+    started = time.monotonic()
+    got = await broker.fetch(["q"], 1, block=5, consumer="w")
+    assert len(got) == 1
+    assert time.monotonic() - started < 1.0
+
+
+async def test_notifications_for_other_queues_do_not_wake_a_fetch(
+    broker: PostgresBroker, producer: PostgresBroker
+) -> None:
+    fetch = asyncio.create_task(broker.fetch(["mine"], 1, block=0.6, consumer="w"))
+    await eventually(lambda: idle(broker), timeout=5)
+    generation = broker._generation
+    await producer.publish([env("other") for _ in range(3)])
+    assert await asyncio.wait_for(fetch, 5) == []
+    assert broker._generation == generation
+
+
+async def test_delayed_job_wakes_an_idle_fetch_when_due(
+    broker: PostgresBroker, producer: PostgresBroker
+) -> None:
+    await producer.publish([env(not_before=utcnow() + timedelta(seconds=0.6))])
+    due = time.monotonic() + 0.6
+    got = await broker.fetch(["q"], 1, block=5, consumer="w")
+    woke = time.monotonic()
+    assert len(got) == 1
+    assert due - 0.05 <= woke < due + 0.3
+
+
+async def test_delayed_job_published_while_idle_moves_the_timer(
+    broker: PostgresBroker, producer: PostgresBroker
+) -> None:
+    await producer.publish([env(not_before=utcnow() + timedelta(seconds=30))])
+    fetch = asyncio.create_task(broker.fetch(["q"], 1, block=5, consumer="w"))
+    await eventually(lambda: idle(broker), timeout=5)
+    await producer.publish([env(not_before=utcnow() + timedelta(seconds=0.4))])
+    due = time.monotonic() + 0.4
+    got = await asyncio.wait_for(fetch, 5)
+    assert len(got) == 1
+    assert time.monotonic() < due + 0.3
+
+
+# -- leases -----------------------------------------------------------------------
+
+
+async def test_expired_lease_is_refetched_and_the_stale_holder_cannot_settle_it(
+    broker: PostgresBroker, producer: PostgresBroker
+) -> None:
+    await producer.publish([env(visibility_timeout=0.4)])
+    [first] = await broker.fetch(["q"], 1, block=0, consumer="a")
+    assert first.lease_expires_at is not None
+    # Nobody announces an expiring lease: the idle fetch's timer must catch it.
+    started = time.monotonic()
+    [second] = await producer.fetch(["q"], 1, block=5, consumer="b")
+    assert 0.3 < time.monotonic() - started < 1.0
+    assert second.receipt == first.receipt
+    assert second.token != first.token
+
+    # The stale holder's settlement calls are no-ops.
+    await broker.ack([first])
+    await broker.nack([first])
+    await broker.extend_lease([first], 60)
+    await broker.retry([(first, first.envelope.copy(attempt=1))])  # type: ignore[union-attr]
+    await broker.dead_letter([(first, "stale")])
+    stats = await broker.stats("q")
+    assert (stats.pending, stats.delayed, stats.in_flight, stats.dead) == (0, 0, 1, 0)
+
+    # The current holder's still work.
+    await producer.extend_lease([second], 60)
+    assert second.lease_expires_at is not None and second.lease_expires_at > time.time() + 50
+    await producer.ack([second])
+    stats = await broker.stats("q")
+    assert (stats.pending, stats.in_flight) == (0, 0)
+
+
+async def test_extend_lease_keeps_the_job_hidden(broker: PostgresBroker) -> None:
+    await broker.publish([env(visibility_timeout=0.3)])
+    [d] = await broker.fetch(["q"], 1, block=0, consumer="a")
+    await broker.extend_lease([d], 5)
+    assert await broker.fetch(["q"], 1, block=0.6, consumer="b") == []
+
+
+async def test_cancelled_fetch_gives_its_leases_back(broker: PostgresBroker) -> None:
+    await broker.publish([env() for _ in range(3)])
+    release = asyncio.Event()
+    real_lease = broker._lease
+
+    async def slow_lease(*args: object) -> list[object]:
+        got = await real_lease(*args)  # type: ignore[arg-type]
+        await release.wait()  # cancelled caller, lease already taken
+        return got
+
+    broker._lease = slow_lease  # type: ignore[method-assign]
+    fetch = asyncio.create_task(broker.fetch(["q"], 3, block=0, consumer="w"))
+
+    async def leased() -> bool:
+        return (await broker.stats("q")).in_flight == 3
+
+    await eventually(leased, timeout=5)
+    fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    release.set()
+
+    async def released() -> bool:
+        return (await broker.stats("q")).pending == 3
+
+    await eventually(released, timeout=5)
+
+
+# -- publishing -------------------------------------------------------------------
+
+
+async def test_bulk_publish_and_priority_order(broker: PostgresBroker) -> None:
+    await broker.publish([env(args={"i": i}, priority=i % 3) for i in range(300)])
+    assert (await broker.stats("q")).pending == 300
+    got = await broker.fetch(["q"], 300, block=0, consumer="w")
+    priorities = [d.envelope.priority for d in got]  # type: ignore[union-attr]
+    assert priorities == sorted(priorities, reverse=True)
+    # FIFO within a priority.
+    twos = [d.envelope.args["i"] for d in got if d.envelope.priority == 2]  # type: ignore[union-attr]
+    assert twos == sorted(twos)
+    await broker.ack(got)
+    assert (await broker.stats("q")).pending == 0
+
+
+async def test_several_queues_no_queue_starves(broker: PostgresBroker) -> None:
+    await broker.publish([env("busy") for _ in range(20)])
+    await broker.publish([env("quiet")])
+    seen = []
+    for _ in range(3):
+        got = await broker.fetch(["busy", "quiet"], 1, block=0, consumer="w")
+        seen.append(got[0].queue)
+        await broker.ack(got)
+    assert seen[0] == "busy"  # earlier queue first
+    assert "quiet" in seen
+
+
+async def test_undecodable_bytes_are_delivered_for_dead_lettering(
+    broker: PostgresBroker,
+) -> None:
+    await broker.publish_raw("q", b"\xff not json")
+    [d] = await broker.fetch(["q"], 1, block=0, consumer="w")
+    assert d.envelope is None and d.decode_error
+    assert d.raw == b"\xff not json"
+    await broker.dead_letter([(d, d.decode_error)])
+    [dead] = await broker.dead_letters("q")
+    assert dead.raw == b"\xff not json" and dead.envelope is None
+    assert await broker.replay_dead_letters("q") == 1
+    assert (await broker.stats("q")).pending == 1
+
+
+async def test_transactional_enqueue_commits_or_rolls_back_with_the_caller(
+    broker: PostgresBroker, pg_url: str
+) -> None:
+    conn = await asyncpg.connect(parse_url(pg_url).dsn)
+    try:
+        committed, rolled_back = env(args={"n": 1}), env(args={"n": 2})
+        async with conn.transaction():
+            await broker.publish_with_connection(conn, [committed])
+            # Not visible to anyone before the commit.
+            assert await broker.fetch(["q"], 10, block=0, consumer="w") == []
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                await broker.publish_with_connection(conn, [rolled_back, env()])
+                raise RuntimeError("caller's transaction fails")
+    finally:
+        await conn.close()
+    got = await broker.fetch(["q"], 10, block=0, consumer="w")
+    assert [d.envelope.id for d in got] == [committed.id]  # type: ignore[union-attr]
+
+
+async def test_transactional_enqueue_wakes_idle_fetch_at_commit(
+    broker: PostgresBroker, producer: PostgresBroker, pg_url: str
+) -> None:
+    conn = await asyncpg.connect(parse_url(pg_url).dsn)
+    try:
+        await producer.ping()
+        fetch = asyncio.create_task(broker.fetch(["q"], 1, block=5, consumer="w"))
+        await eventually(lambda: idle(broker), timeout=5)
+        async with conn.transaction():
+            await producer.publish_with_connection(conn, [env()])
+        committed = time.perf_counter()
+        got = await asyncio.wait_for(fetch, 5)
+        assert len(got) == 1
+        assert time.perf_counter() - committed < 0.25
+    finally:
+        await conn.close()
+
+
+async def test_publish_with_connection_rejects_other_objects(broker: PostgresBroker) -> None:
+    with pytest.raises(TypeError, match="asyncpg"):
+        await broker.publish_with_connection(object(), [env()])
+
+
+# -- recovery -------------------------------------------------------------------------
+
+
+async def kill_connections(raw_conn: asyncpg.Connection, app_name: str) -> int:
+    killed = await raw_conn.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        app_name,
+    )
+    return int(killed)
+
+
+async def test_recovers_after_its_connections_are_terminated(
+    broker: PostgresBroker,
+    producer: PostgresBroker,
+    raw_conn: asyncpg.Connection,
+    app_name: str,
+) -> None:
+    await broker.fetch(["q"], 1, block=0.01, consumer="w")  # pool + LISTEN connection
+    await producer.ping()
+    assert await kill_connections(raw_conn, app_name) >= 3
+
+    # Pooled connections come back by themselves.
+    await broker.publish([env()])
+    assert len(await broker.fetch(["q"], 1, block=0, consumer="w")) == 1
+
+    # So does LISTEN: an idle fetch is woken by NOTIFY again, not by a fallback poll.
+    fetch = asyncio.create_task(broker.fetch(["q"], 5, block=5, consumer="w"))
+    await eventually(lambda: idle(broker), timeout=5)
+    await eventually(lambda: _listening(broker), timeout=5)
+    await producer.publish([env()])
+    published = time.perf_counter()
+    assert len(await asyncio.wait_for(fetch, 5)) == 1
+    assert time.perf_counter() - published < 0.25
+
+
+async def test_idle_fetch_survives_its_listener_being_killed(
+    broker: PostgresBroker,
+    producer: PostgresBroker,
+    raw_conn: asyncpg.Connection,
+    app_name: str,
+) -> None:
+    await producer.ping()
+    fetch = asyncio.create_task(broker.fetch(["q"], 5, block=8, consumer="w"))
+    await eventually(lambda: idle(broker), timeout=5)
+    await kill_connections(raw_conn, app_name)
+    # The fetch re-establishes LISTEN and goes back to sleep.
+    await eventually(lambda: _listening(broker), timeout=5)
+    await eventually(lambda: idle(broker), timeout=5)
+    await producer.publish([env()])
+    published = time.perf_counter()
+    assert len(await asyncio.wait_for(fetch, 8)) == 1
+    assert time.perf_counter() - published < 0.25
+
+
+async def _listening(broker: PostgresBroker) -> bool:
+    return broker._listener.active
+
+
+# -- result backend ------------------------------------------------------------------
+
+
+async def test_wait_is_woken_by_the_terminal_write(
+    backend: PostgresResultBackend, pg_url: str
+) -> None:
+    writer = PostgresResultBackend(pg_url)
+    try:
+        await writer.set_many([(TaskStatus(id="t1", state=TaskState.RUNNING), None)])
+        waiting = asyncio.create_task(backend.wait("t1", 5))
+        await eventually(lambda: _has_waiter(backend, "t1"), timeout=5)
+        await writer.set_many([(TaskStatus(id="t1", state=TaskState.SUCCEEDED, payload=7), None)])
+        written = time.perf_counter()
+        status = await asyncio.wait_for(waiting, 5)
+        assert status is not None and status.payload == 7
+        assert time.perf_counter() - written < 0.25
+    finally:
+        await writer.close()
+
+
+async def _has_waiter(backend: PostgresResultBackend, task_id: str) -> bool:
+    return bool(backend._waiters.get(task_id))
+
+
+async def test_wait_times_out_with_none(backend: PostgresResultBackend) -> None:
+    started = time.monotonic()
+    assert await backend.wait("missing", 0.3) is None
+    assert 0.25 < time.monotonic() - started < 1.0
+
+
+async def test_last_status_in_a_batch_wins(backend: PostgresResultBackend) -> None:
+    await backend.set_many(
+        [
+            (TaskStatus(id="a", state=TaskState.RUNNING), None),
+            (TaskStatus(id="a", state=TaskState.SUCCEEDED, payload=1), None),
+            (TaskStatus(id="b", state=TaskState.FAILED), None),
+        ]
+    )
+    got = await backend.get_many(["a", "b", "c"])
+    assert got["a"].state is TaskState.SUCCEEDED and got["b"].state is TaskState.FAILED
+    assert "c" not in got
+
+
+async def test_expired_results_are_hidden_then_purged(
+    backend: PostgresResultBackend, raw_conn: asyncpg.Connection, namespace: str
+) -> None:
+    await backend.set_many(
+        [
+            (TaskStatus(id="short", state=TaskState.SUCCEEDED), 0.2),
+            (TaskStatus(id="long", state=TaskState.SUCCEEDED), 60),
+        ]
+    )
+
+    async def expired() -> bool:
+        return await backend.get("short") is None
+
+    await eventually(expired, timeout=5)
+    assert set(await backend.get_many(["short", "long"])) == {"long"}
+    assert await backend.purge_expired() == 1
+    assert await raw_conn.fetchval(f'SELECT count(*) FROM "{namespace}".stem_results') == 1
+
+
+async def test_ack_with_results_writes_and_acks_in_one_go(
+    broker: PostgresBroker, backend: PostgresResultBackend
+) -> None:
+    assert broker.shares_store_with(backend)
+    await broker.publish([env(), env()])
+    deliveries = await broker.fetch(["q"], 2, block=0, consumer="w")
+    statuses = [
+        (TaskStatus(id=d.envelope.id, state=TaskState.SUCCEEDED, payload=i), None)  # type: ignore[union-attr]
+        for i, d in enumerate(deliveries)
+    ]
+    waiting = asyncio.create_task(backend.wait(statuses[0][0].id, 5))
+    await broker.ack_with_results(deliveries, statuses)
+    assert (await broker.stats("q")).in_flight == 0
+    assert (await asyncio.wait_for(waiting, 5)) is not None
+    assert len(await backend.get_many([s.id for s, _ in statuses])) == 2
+
+
+async def test_shares_store_only_with_the_same_schema(
+    broker: PostgresBroker, postgres_url: str
+) -> None:
+    other = PostgresResultBackend(with_params(postgres_url, schema="elsewhere"))
+    assert not broker.shares_store_with(other)
+    assert not broker.shares_store_with(object())
