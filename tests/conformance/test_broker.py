@@ -1,0 +1,349 @@
+"""The Broker contract (stem.ports.Broker), run on every adapter in ADAPTERS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+from stem._time import now_epoch, utcnow
+from stem.envelope import Envelope
+from stem.ports import Broker, Delivery, QueueStats
+from tests.helpers import eventually
+
+Q = "conf"
+
+
+def env(i: int = 0, **kw: object) -> Envelope:
+    kw.setdefault("queue", Q)
+    return Envelope(name="conf.task", args={"i": i}, **kw)  # type: ignore[arg-type]
+
+
+async def fetch_now(broker: Broker, n: int = 100, queues: Sequence[str] = (Q,)) -> list[Delivery]:
+    return await broker.fetch(list(queues), n, block=0, consumer="c1")
+
+
+async def fetch_within(
+    broker: Broker, timeout: float = 5.0, queues: Sequence[str] = (Q,), consumer: str = "c1"
+) -> list[Delivery]:
+    """Poll until something is delivered (fails after ``timeout``)."""
+    return await eventually(
+        lambda: broker.fetch(list(queues), 1, block=0.05, consumer=consumer), timeout=timeout
+    )
+
+
+def stats_tuple(s: QueueStats) -> tuple[int, int, int, int]:
+    return (s.pending, s.delayed, s.in_flight, s.dead)
+
+
+async def test_publish_fetch_ack(broker: Broker) -> None:
+    e = env(7, priority=3, meta={"k": "v"}, headers={"h": "1"})
+    await broker.publish([e])
+    [d] = await fetch_now(broker)
+    assert d.envelope is not None and d.decode_error is None
+    assert (d.envelope.id, d.envelope.name, d.envelope.args) == (e.id, e.name, {"i": 7})
+    assert (d.envelope.meta, d.envelope.headers, d.envelope.priority) == ({"k": "v"}, {"h": "1"}, 3)
+    assert d.queue == Q and d.raw
+    assert d.lease_expires_at is not None and d.lease_expires_at > now_epoch()
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 1, 0)
+    await broker.ack([d])
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+    assert await fetch_now(broker) == []
+
+
+async def test_queues_are_separate(broker: Broker) -> None:
+    await broker.publish([env(1, queue="a")])
+    assert await fetch_now(broker, queues=["b"]) == []
+    [d] = await fetch_now(broker, queues=["a"])
+    assert d.queue == "a"
+
+
+async def test_batch_publish_fetch_and_ack_many(broker: Broker) -> None:
+    envelopes = [env(i) for i in range(300)]
+    await broker.publish(envelopes)
+    assert (await broker.stats(Q)).pending == 300
+    got: list[Delivery] = []
+    while batch := await fetch_now(broker, 64):
+        assert len(batch) <= 64
+        got.extend(batch)
+    ids = [d.envelope.id for d in got if d.envelope]
+    assert sorted(ids) == sorted(e.id for e in envelopes)
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 300, 0)
+    await broker.ack(got)
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_fetch_respects_max_count(broker: Broker) -> None:
+    await broker.publish([env(i) for i in range(10)])
+    assert len(await fetch_now(broker, 3)) == 3
+    assert len(await broker.fetch([Q], 1, block=0, consumer="c")) == 1
+    s = await broker.stats(Q)
+    assert (s.pending, s.in_flight) == (6, 4)
+
+
+async def test_expired_lease_is_redelivered(broker: Broker) -> None:
+    e = env(visibility_timeout=0.3)
+    await broker.publish([e])
+    [first] = await fetch_now(broker)
+    fetched_at = time.monotonic()
+    assert await fetch_now(broker) == []  # leased, so invisible
+    [again] = await fetch_within(broker, consumer="c2")
+    assert time.monotonic() - fetched_at >= 0.25
+    assert again.envelope is not None and again.envelope.id == e.id
+    assert again.envelope.attempt == e.attempt  # redelivery is not a retry
+    assert again.receipt != first.receipt
+
+
+async def test_stale_lease_holder_cannot_touch_the_new_lease(broker: Broker) -> None:
+    await broker.publish([env(visibility_timeout=0.3)])
+    [stale] = await fetch_now(broker)
+    [current] = await fetch_within(broker, consumer="c2")
+    await broker.ack([stale])
+    await broker.nack([stale])
+    await broker.dead_letter([(stale, "stale")])
+    await broker.retry([(stale, env(attempt=1))])
+    await broker.extend_lease([stale], 60)
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 1, 0)
+    await broker.ack([current])
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_extend_lease_prevents_redelivery(broker: Broker) -> None:
+    await broker.publish([env(visibility_timeout=0.3)])
+    [d] = await fetch_now(broker)
+    await broker.extend_lease([d], 30)
+    # Well past the original 0.3 s lease: still leased, so nothing comes back.
+    assert await broker.fetch([Q], 1, block=0.8, consumer="c2") == []
+    assert (await broker.stats(Q)).in_flight == 1
+    await broker.ack([d])
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_nack_makes_envelope_visible_at_once(broker: Broker) -> None:
+    e = env(visibility_timeout=60)
+    await broker.publish([e])
+    [d] = await fetch_now(broker)
+    await broker.nack([d])
+    assert stats_tuple(await broker.stats(Q)) == (1, 0, 0, 0)
+    [again] = await fetch_now(broker)
+    assert again.envelope is not None
+    assert again.envelope.to_dict() == e.to_dict()
+
+
+async def test_retry_acks_and_publishes_replacement(broker: Broker) -> None:
+    e = env(max_retries=3)
+    await broker.publish([e])
+    [d] = await fetch_now(broker)
+    due = utcnow() + timedelta(seconds=0.5)
+    await broker.retry([(d, e.copy(attempt=1, not_before=due))])
+    assert stats_tuple(await broker.stats(Q)) == (0, 1, 0, 0)
+    assert await fetch_now(broker) == []
+    [again] = await fetch_within(broker)
+    assert now_epoch() >= due.timestamp() - 0.01
+    assert again.envelope is not None
+    assert (again.envelope.id, again.envelope.attempt) == (e.id, 1)
+    await broker.ack([again])
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_delayed_envelope_waits_for_not_before(broker: Broker) -> None:
+    due = utcnow() + timedelta(seconds=0.5)
+    late = env(1, not_before=due)
+    await broker.publish([late, env(2)])
+    assert stats_tuple(await broker.stats(Q)) == (1, 1, 0, 0)
+    [now_ready] = await fetch_now(broker)
+    assert now_ready.envelope is not None and now_ready.envelope.args == {"i": 2}
+    assert await fetch_now(broker) == []
+    [d] = await fetch_within(broker)
+    assert now_epoch() >= due.timestamp() - 0.01
+    assert d.envelope is not None and d.envelope.id == late.id
+
+
+async def test_past_not_before_is_ready_now(broker: Broker) -> None:
+    await broker.publish([env(not_before=utcnow() - timedelta(seconds=5))])
+    assert len(await fetch_now(broker)) == 1
+
+
+async def test_higher_priority_first_then_publish_order(broker: Broker) -> None:
+    prios = [0, 5, 9, 1, 5, 9, 0]
+    await broker.publish([env(i, priority=p) for i, p in enumerate(prios)])
+    order = []
+    for _ in prios:
+        [d] = await broker.fetch([Q], 1, block=0, consumer="c")
+        assert d.envelope is not None
+        order.append(d.envelope.args["i"])
+    assert order == [2, 5, 1, 4, 3, 0, 6]
+
+
+async def test_earlier_queue_is_preferred(broker: Broker) -> None:
+    await broker.publish([env(1, queue="low"), env(2, queue="high")])
+    [d] = await broker.fetch(["high", "low"], 1, block=0, consumer="c")
+    assert d.queue == "high"
+
+
+async def test_busy_first_queue_does_not_starve_the_others(broker: Broker) -> None:
+    await broker.publish([env(i, queue="busy") for i in range(30)])
+    await broker.publish([env(99, queue="quiet")])
+    served = []
+    for _ in range(30):
+        [d] = await broker.fetch(["busy", "quiet"], 1, block=0, consumer="c")
+        served.append(d.queue)
+        await broker.ack([d])
+    assert served[0] == "busy"
+    assert "quiet" in served  # served while "busy" still had work
+
+
+async def test_multi_queue_fetch_fills_from_several_queues(broker: Broker) -> None:
+    await broker.publish(
+        [env(i, queue="a") for i in range(2)] + [env(i, queue="b") for i in range(3)]
+    )
+    got = await broker.fetch(["a", "b"], 10, block=0, consumer="c")
+    assert sorted(d.queue for d in got) == ["a", "a", "b", "b", "b"]
+
+
+async def test_blocking_fetch_returns_early_on_publish(broker: Broker) -> None:
+    published_at: list[float] = []
+
+    async def publish_later() -> None:
+        await asyncio.sleep(0.2)  # the fetch must be blocked by then: that's the case under test
+        published_at.append(time.monotonic())
+        await broker.publish([env(1)])
+
+    start = time.monotonic()
+    publisher = asyncio.create_task(publish_later())
+    got = await broker.fetch([Q], 1, block=5, consumer="c")
+    returned = time.monotonic()
+    await publisher
+    assert len(got) == 1
+    assert returned - published_at[0] < 0.5
+    assert returned - start < 1.5
+
+
+async def test_blocking_fetch_gives_up_after_block(broker: Broker) -> None:
+    start = time.monotonic()
+    assert await broker.fetch([Q], 1, block=0.3, consumer="c") == []
+    assert 0.25 <= time.monotonic() - start < 2.0
+
+
+async def test_blocking_fetch_returns_when_delayed_envelope_comes_due(broker: Broker) -> None:
+    await broker.publish([env(not_before=utcnow() + timedelta(seconds=0.3))])
+    start = time.monotonic()
+    got = await broker.fetch([Q], 1, block=5, consumer="c")
+    assert len(got) == 1
+    assert 0.2 <= time.monotonic() - start < 1.5
+
+
+async def test_dead_letter_list_replay_purge(broker: Broker) -> None:
+    e = env(1, attempt=2, max_retries=5)
+    await broker.publish([e])
+    [d] = await fetch_now(broker)
+    before = now_epoch()
+    await broker.dead_letter([(d, "unknown task 'conf.task'")])
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 1)
+    assert await fetch_now(broker) == []
+
+    [dl] = await broker.dead_letters(Q)
+    assert dl.queue == Q and dl.reason == "unknown task 'conf.task'"
+    assert dl.raw == d.raw
+    assert dl.envelope is not None and dl.envelope.id == e.id and dl.envelope.attempt == 2
+    assert before - 1 <= dl.dead_at <= now_epoch() + 1
+
+    assert await broker.replay_dead_letters(Q) == 1
+    assert stats_tuple(await broker.stats(Q)) == (1, 0, 0, 0)
+    [again] = await fetch_now(broker)
+    assert again.envelope is not None
+    assert (again.envelope.id, again.envelope.attempt, again.envelope.args) == (e.id, 0, {"i": 1})
+
+    await broker.dead_letter([(again, "second time")])
+    assert await broker.purge_dead_letters(Q) == 1
+    assert await broker.dead_letters(Q) == []
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_dead_letters_oldest_first_with_limits(broker: Broker) -> None:
+    envelopes = [env(i) for i in range(3)]
+    await broker.publish(envelopes)
+    for i in range(3):
+        [d] = await broker.fetch([Q], 1, block=0, consumer="c")
+        await broker.dead_letter([(d, f"reason {i}")])
+    assert [dl.reason for dl in await broker.dead_letters(Q)] == [
+        "reason 0",
+        "reason 1",
+        "reason 2",
+    ]
+    assert [dl.reason for dl in await broker.dead_letters(Q, limit=2)] == ["reason 0", "reason 1"]
+    assert await broker.dead_letters("elsewhere") == []
+    assert await broker.replay_dead_letters(Q, limit=2) == 2
+    assert [dl.reason for dl in await broker.dead_letters(Q)] == ["reason 2"]
+    assert stats_tuple(await broker.stats(Q)) == (2, 0, 0, 1)
+
+
+async def test_malformed_bytes_are_delivered_with_decode_error(broker: Broker) -> None:
+    raw = b'{"not": "an envelope"'
+    await broker.publish_raw(Q, raw)
+    [d] = await fetch_now(broker)
+    assert d.envelope is None
+    assert isinstance(d.decode_error, str) and d.decode_error
+    assert d.raw == raw
+    await broker.dead_letter([(d, f"undecodable: {d.decode_error}")])
+    [dl] = await broker.dead_letters(Q)
+    assert dl.envelope is None and dl.raw == raw and dl.reason.startswith("undecodable")
+
+
+async def test_valid_object_missing_fields_is_a_decode_error(broker: Broker) -> None:
+    await broker.publish_raw(Q, b'{"id": "abc", "args": {}}')
+    [d] = await fetch_now(broker)
+    assert d.envelope is None and d.decode_error
+
+
+async def test_publish_raw_of_a_foreign_envelope_decodes(broker: Broker) -> None:
+    e = env(5, priority=4)
+    await broker.publish_raw(Q, e.to_json(), priority=4)
+    [d] = await fetch_now(broker)
+    assert d.envelope is not None and d.envelope.to_dict() == e.to_dict()
+
+
+async def test_stats_counts_every_state(broker: Broker) -> None:
+    later = utcnow() + timedelta(seconds=60)
+    await broker.publish([env(1), env(2), env(3), env(4, not_before=later)])
+    [leased] = await broker.fetch([Q], 1, block=0, consumer="c")
+    [dead] = await broker.fetch([Q], 1, block=0, consumer="c")
+    await broker.dead_letter([(dead, "x")])
+    assert await broker.stats(Q) == QueueStats(queue=Q, pending=1, delayed=1, in_flight=1, dead=1)
+    assert await broker.stats("never-used") == QueueStats(queue="never-used")
+    await broker.ack([leased])
+
+
+async def test_purge_drops_ready_and_delayed_but_not_leased(broker: Broker) -> None:
+    later = utcnow() + timedelta(seconds=60)
+    await broker.publish([env(i) for i in range(4)] + [env(9, not_before=later)])
+    [leased] = await broker.fetch([Q], 1, block=0, consumer="c")
+    await broker.publish([env(1, queue="other")])
+    assert await broker.purge(Q) == 4
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 1, 0)
+    assert (await broker.stats("other")).pending == 1
+    assert await broker.purge(Q) == 0
+    await broker.ack([leased])
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_concurrent_consumers_never_share_a_lease(broker: Broker) -> None:
+    envelopes = [env(i) for i in range(200)]
+    await broker.publish(envelopes)
+
+    async def consume(name: str) -> list[str]:
+        ids = []
+        while batch := await broker.fetch([Q], 7, block=0.05, consumer=name):
+            ids.extend(d.envelope.id for d in batch if d.envelope)
+        return ids
+
+    results = await asyncio.gather(*(consume(f"c{i}") for i in range(4)))
+    flat = [i for ids in results for i in ids]
+    assert len(flat) == len(set(flat)) == 200
+    assert set(flat) == {e.id for e in envelopes}
+
+
+async def test_ping_and_close(broker: Broker) -> None:
+    await broker.ping()
+    assert broker.default_visibility_timeout > 0
