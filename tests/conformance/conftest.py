@@ -7,6 +7,7 @@ exactly as users build them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from stem.adapters import backend_from_url, broker_from_url
 from stem.ports import Broker, ResultBackend
 
-ADAPTERS = ["memory", "sqlite"]
+ADAPTERS = ["memory", "sqlite", "postgres"]
 
 
 def adapter_url(name: str, namespace: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -24,7 +25,22 @@ def adapter_url(name: str, namespace: str, tmp_path: Path, request: pytest.Fixtu
         return f"memory://{namespace}"
     if name == "sqlite":
         return f"sqlite:///{tmp_path / 'stem.db'}"
+    if name == "postgres":
+        # A schema per test, dropped once the adapters built on it are closed.
+        base = request.getfixturevalue("postgres_url")
+        request.addfinalizer(lambda: asyncio.run(_drop_pg_schema(base, namespace)))
+        return f"{base}{'&' if '?' in base else '?'}schema={namespace}"
     raise AssertionError(f"no URL recipe for adapter {name!r}")
+
+
+async def _drop_pg_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(params=ADAPTERS)

@@ -94,9 +94,10 @@ class Statements:
             upd AS (
                 UPDATE {jobs} j
                 SET locked_until = now() + coalesce(j.visibility, $3) * interval '1 second',
-                    owner = $4, lease = $5
+                    owner = $4, lease = $5, deliveries = j.deliveries + 1
                 FROM picked WHERE j.id = picked.id
-                RETURNING j.id, j.queue, j.priority, j.not_before, j.envelope, j.locked_until
+                RETURNING j.id, j.queue, j.priority, j.not_before, j.envelope, j.locked_until,
+                          j.deliveries
             )"""
         self.fetch_one_queue = f"""
             WITH picked AS (
@@ -106,7 +107,7 @@ class Statements:
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
             ), {lease_update}
-            SELECT id, queue, envelope, date_part('epoch', locked_until) AS until
+            SELECT id, queue, envelope, date_part('epoch', locked_until) AS until, deliveries
             FROM upd ORDER BY priority DESC, not_before, id"""
         # Same with $1 a text[] of queues in the order to prefer them. Each queue's
         # best rows come from the index (a LATERAL probe per queue, so the index order
@@ -126,7 +127,7 @@ class Statements:
             ), picked AS (
                 SELECT id FROM cand ORDER BY priority DESC, rank, not_before, id LIMIT $2
             ), {lease_update}
-            SELECT id, queue, envelope, date_part('epoch', locked_until) AS until
+            SELECT id, queue, envelope, date_part('epoch', locked_until) AS until, deliveries
             FROM upd ORDER BY priority DESC, array_position($1::text[], queue), not_before, id"""
         # Seconds until the earliest not-yet-available job of $1 (text[]) becomes
         # available — a delayed job coming due or a lease expiring; NULL when none.

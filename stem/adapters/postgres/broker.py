@@ -273,7 +273,7 @@ class PostgresBroker:
 
     @staticmethod
     def _delivery(row: Any, lease: uuid.UUID) -> Delivery:
-        job_id, queue, raw, until = row
+        job_id, queue, raw, until, deliveries = row
         raw = bytes(raw)
         try:
             envelope: Envelope | None = Envelope.from_json(raw)
@@ -282,12 +282,14 @@ class PostgresBroker:
             envelope, error = None, str(exc)
         return Delivery(
             envelope=envelope,
-            receipt=str(job_id),
+            # Unique per lease, not per job: a redelivery is a different receipt.
+            receipt=f"{job_id}:{lease}",
             queue=queue,
             raw=raw,
             lease_expires_at=until,
             decode_error=error,
             token=(job_id, lease),
+            redelivered=deliveries > 1,
         )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:

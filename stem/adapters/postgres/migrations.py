@@ -63,6 +63,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX stem_results_expires ON {s}.stem_results (expires_at);
         """,
     ),
+    (
+        2,
+        "delivery count, so first deliveries skip the worker's duplicate check",
+        """
+        ALTER TABLE {s}.stem_jobs ADD COLUMN deliveries integer NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 #: Latest schema version this code knows.
