@@ -95,6 +95,26 @@ async def test_expired_lease_is_redelivered(broker: Broker) -> None:
     assert again.receipt != first.receipt
 
 
+async def test_redelivered_flag(broker: Broker) -> None:
+    """False only when the stored message was certainly never delivered before."""
+    e = env(visibility_timeout=0.3)
+    await broker.publish([e])
+    [first] = await fetch_now(broker)
+    assert first.redelivered is False
+    [expired] = await fetch_within(broker, consumer="c2")
+    assert expired.redelivered is True
+    await broker.nack([expired])
+    [nacked] = await fetch_now(broker)
+    assert nacked.redelivered is True
+    await broker.retry([(nacked, e.copy(attempt=1))])
+    [replacement] = await fetch_now(broker)
+    assert replacement.redelivered is False
+    await broker.dead_letter([(replacement, "x")])
+    await broker.replay_dead_letters(Q)
+    [replayed] = await fetch_now(broker)
+    assert replayed.redelivered is False
+
+
 async def test_stale_lease_holder_cannot_touch_the_new_lease(broker: Broker) -> None:
     await broker.publish([env(visibility_timeout=0.3)])
     [stale] = await fetch_now(broker)

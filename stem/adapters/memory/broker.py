@@ -38,6 +38,7 @@ class _Message:
     vt: float | None
     lease: int = 0
     deadline: float = 0.0
+    deliveries: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -176,6 +177,7 @@ class MemoryBroker:
                 _, mid = heapq.heappop(q.ready)
                 m = q.msgs[mid]
                 m.lease = next(self._leases)
+                m.deliveries += 1
                 m.deadline = now + (m.vt if m.vt is not None else self.default_visibility_timeout)
                 q.leased[mid] = m
                 heapq.heappush(q.expiry, (m.deadline, mid, m.lease))
@@ -276,6 +278,7 @@ class MemoryBroker:
             raw=m.raw,
             lease_expires_at=m.deadline,
             decode_error=error,
+            redelivered=m.deliveries > 1,
         )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:

@@ -41,8 +41,8 @@ FAIR_EVERY = 4
 
 # (queue, priority, not_before or None, task id, visibility timeout, raw)
 _NewJob = tuple[str, int, float | None, str | None, float | None, bytes]
-# (row id, priority, not_before, raw, locked_until) as claimed
-_Claimed = tuple[int, int, float, bytes, float]
+# (row id, priority, not_before, raw, locked_until, deliveries) as claimed
+_Claimed = tuple[int, int, float, bytes, float, int]
 # (lease token, [(queue, claimed row)])
 _ClaimResult = tuple[str, list[tuple[str, _Claimed]]]
 _Sql = Callable[[sqlite3.Connection], None]
@@ -179,7 +179,7 @@ class SqliteBroker:
                         f"WHERE id IN (SELECT id FROM {jobs} WHERE queue = ? AND not_before <= ? "
                         "AND (locked_until IS NULL OR locked_until <= ?) "
                         "ORDER BY priority DESC, not_before, id LIMIT ?) "
-                        "RETURNING id, priority, not_before, raw, locked_until",
+                        "RETURNING id, priority, not_before, raw, locked_until, deliveries",
                         (
                             consumer,
                             token,
@@ -296,10 +296,7 @@ class SqliteBroker:
             # those rows back now rather than after their visibility timeout.
             future.add_done_callback(self._give_back)
             raise
-        return [
-            self._delivery(queue, row_id, token, raw, until)
-            for queue, (row_id, _, _, raw, until) in claimed
-        ]
+        return [self._delivery(queue, token, row) for queue, row in claimed]
 
     def _give_back(self, future: asyncio.Future[_ClaimResult]) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -309,7 +306,8 @@ class SqliteBroker:
             self._db.run_detached(self._unlease([(r[0], token) for _, r in claimed]))
 
     @staticmethod
-    def _delivery(queue: str, row_id: int, token: str, raw: bytes, until: float) -> Delivery:
+    def _delivery(queue: str, token: str, row: _Claimed) -> Delivery:
+        row_id, _, _, raw, until, deliveries = row
         env, error = _decode(raw)
         return Delivery(
             envelope=env,
@@ -318,6 +316,7 @@ class SqliteBroker:
             raw=raw,
             lease_expires_at=until,
             decode_error=error,
+            redelivered=deliveries > 1,
         )
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
