@@ -1,0 +1,333 @@
+"""Redis URLs, clients and the connections blocking reads use.
+
+Nothing here does I/O until a command runs: :class:`RedisConnector` builds its client
+on first use, so constructing a broker or backend is free and ``ping()`` is where a
+wrong URL or a stopped server shows up, as a :class:`ServiceUnavailableError` that
+names the URL (never the password) and what to check.
+
+URL forms (Stem's own tunables are query parameters and are stripped before the
+rest of the query goes to redis-py, which understands e.g. ``socket_timeout`` and
+the ``ssl_*`` options):
+
+- ``redis://[[user]:password@]host[:port][/db]``
+- ``rediss://...`` the same over TLS
+- ``redis://host:port?cluster=1`` Redis Cluster (``host:port`` is any node)
+- ``redis+sentinel://[[user]:password@]host:port[,host2:port2]/service_name[/db]``
+  (``?ssl=1`` for TLS, ``?sentinel_password=...`` when the sentinels need one)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import (
+    AbstractConnection,
+    ConnectionPool,
+    SSLConnection,
+    parse_url,
+)
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+
+from stem.errors import ConfigurationError, ServiceUnavailableError
+
+Mode = Literal["standalone", "cluster", "sentinel"]
+Client = aioredis.Redis | RedisCluster
+
+#: Errors that mean "the server could not be reached or answered nothing".
+#: (redis-py's AuthenticationError and sentinel's MasterNotFoundError are
+#: ConnectionErrors; a cluster with no reachable node raises RedisClusterException.)
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.ClusterDownError,
+    rexc.RedisClusterException,
+    OSError,
+)
+
+#: Query parameters that configure Stem (never passed to redis-py).
+STEM_OPTIONS = frozenset(
+    {
+        "cluster",
+        "block_time",
+        "claim_interval",
+        "default_visibility_timeout",
+        "result_ttl",
+        "sentinel_password",
+        "sentinel_username",
+    }
+)
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+#: Fail a connection attempt to an unreachable host within this many seconds
+#: (overridable with ``?socket_connect_timeout=``).
+DEFAULT_CONNECT_TIMEOUT = 2.0
+
+
+def safe_url(url: str) -> str:
+    """``url`` with the password replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """A parsed Stem Redis URL: how to connect plus Stem's own options."""
+
+    url: str
+    mode: Mode
+    #: redis-py keyword arguments for connections (host/port only for standalone).
+    connection_kwargs: dict[str, Any]
+    #: (host, port) of each sentinel, or of the cluster's startup node.
+    nodes: tuple[tuple[str, int], ...] = ()
+    service_name: str | None = None
+    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password."""
+        return safe_url(self.url)
+
+    def seconds(self, name: str, default: float) -> float:
+        """A positive duration option from the query string (``?claim_interval=0.2``)."""
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            raise ConfigurationError(
+                f"Redis URL {self.safe_url!r}: {name}={raw!r} must be a positive number of seconds"
+            )
+        return value
+
+
+def parse_redis_url(url: str) -> RedisSettings:
+    """Parse a ``redis://``, ``rediss://`` or ``redis+sentinel://`` URL (no I/O)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "redis+sentinel"):
+        raise ConfigurationError(
+            f"not a Redis URL: {safe_url(url)!r}; use redis://host:6379/0, rediss://... "
+            "or redis+sentinel://host:26379/service_name"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = {k: v for k, v in query if k in STEM_OPTIONS}
+    rest = urlencode([(k, v) for k, v in query if k not in STEM_OPTIONS])
+    if parts.scheme == "redis+sentinel":
+        return _parse_sentinel(url, parts.netloc, parts.path, rest, options)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {safe_url(url)!r}: {exc}") from exc
+    if not parts.hostname:
+        raise ConfigurationError(f"Redis URL {safe_url(url)!r} has no host")
+    clean = urlunsplit(parts._replace(query=rest, fragment=""))
+    kwargs = _redis_py_kwargs(clean, url)
+    if kwargs.pop("ssl", False):  # redis://...?ssl=1 means the same as rediss://
+        kwargs["connection_class"] = SSLConnection
+    if options.get("cluster", "").lower() in _TRUE:
+        kwargs.pop("db", None)  # a cluster has only db 0
+        host = str(kwargs.pop("host"))
+        return RedisSettings(url, "cluster", kwargs, nodes=((host, port or 6379),), options=options)
+    return RedisSettings(url, "standalone", kwargs, options=options)
+
+
+def _parse_sentinel(
+    url: str, netloc: str, path: str, rest: str, options: dict[str, str]
+) -> RedisSettings:
+    userinfo, _, hosts = netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        host = host.strip("[]")
+        if not host:
+            raise ConfigurationError(f"sentinel URL {safe_url(url)!r}: empty host in {hosts!r}")
+        try:
+            nodes.append((unquote(host), int(port) if port else 26379))
+        except ValueError as exc:
+            raise ConfigurationError(f"sentinel URL {safe_url(url)!r}: bad port {port!r}") from exc
+    segments = [unquote(s) for s in path.split("/") if s]
+    if not segments:
+        raise ConfigurationError(
+            f"sentinel URL {safe_url(url)!r} names no service: use "
+            "redis+sentinel://host:26379[,host2:26379]/service_name[/db]"
+        )
+    service, db = segments[0], segments[1] if len(segments) > 1 else "0"
+    if not db.isdigit() or len(segments) > 2:
+        raise ConfigurationError(f"sentinel URL {safe_url(url)!r}: bad database {path!r}")
+    auth = f"{userinfo}@" if userinfo else ""
+    kwargs = _redis_py_kwargs(f"redis://{auth}sentinel/{db}?{rest}", url)
+    kwargs.pop("host", None)
+    sentinel_kwargs: dict[str, Any] = {
+        k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout", "ssl") if k in kwargs
+    }
+    if "sentinel_password" in options:
+        sentinel_kwargs["password"] = options["sentinel_password"]
+    if "sentinel_username" in options:
+        sentinel_kwargs["username"] = options["sentinel_username"]
+    return RedisSettings(
+        url,
+        "sentinel",
+        kwargs,
+        nodes=tuple(nodes),
+        service_name=service,
+        sentinel_kwargs=sentinel_kwargs,
+        options=options,
+    )
+
+
+def _redis_py_kwargs(clean_url: str, original: str) -> dict[str, Any]:
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(clean_url))
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {safe_url(original)!r}: {exc}") from exc
+    if "ssl" in kwargs:
+        kwargs["ssl"] = str(kwargs["ssl"]).lower() in _TRUE
+    # Stem parses replies itself on the hot paths, in the RESP2 shapes.
+    kwargs["protocol"] = 2
+    kwargs.setdefault("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    # One quick retry covers a pooled connection the server closed while idle; more
+    # would re-send non-idempotent writes and hide outages from the caller, who has
+    # its own backoff (the fetch loop, the worker).
+    kwargs.setdefault("retry", Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
+    return kwargs
+
+
+def build_client(settings: RedisSettings) -> Client:
+    """A client for ``settings`` (no connection is opened here)."""
+    kwargs = dict(settings.connection_kwargs)
+    if settings.mode == "cluster":
+        host, port = settings.nodes[0]
+        if kwargs.pop("connection_class", None) is not None:
+            kwargs["ssl"] = True
+        return RedisCluster(host=host, port=port, **kwargs)
+    if settings.mode == "sentinel":
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(settings.nodes), sentinel_kwargs=settings.sentinel_kwargs, **kwargs
+        )
+        assert settings.service_name is not None
+        client: aioredis.Redis = sentinel.master_for(settings.service_name)
+        return client
+    return aioredis.Redis(connection_pool=ConnectionPool(**kwargs))
+
+
+def unavailable(settings: RedisSettings, exc: BaseException, what: str) -> ServiceUnavailableError:
+    """A ServiceUnavailableError for ``exc`` that names the URL and what to check."""
+    if isinstance(exc, ServiceUnavailableError):
+        return exc
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
+        hint = "check the user name and password in the URL"
+    elif settings.mode == "sentinel":
+        hint = "check the sentinels are running and know the service name, and the master is up"
+    elif settings.mode == "cluster":
+        hint = "check the cluster nodes are running and cluster_state is ok"
+    else:
+        hint = (
+            "check the server is running and the host, port, database and TLS (rediss://) settings"
+        )
+    detail = str(exc) or type(exc).__name__
+    return ServiceUnavailableError(
+        f"{what}: Redis at {settings.safe_url} is not reachable ({detail}); {hint}"
+    )
+
+
+@dataclass(slots=True)
+class BlockingConn:
+    """A connection taken out of the pool for one blocking command.
+
+    Blocking reads go on their own connection (never one shared with other commands)
+    and learn their ``CLIENT ID`` in the same round trip, so another task can end the
+    wait early with ``CLIENT UNBLOCK`` instead of closing the socket.
+    """
+
+    conn: AbstractConnection
+    release: Callable[[], Awaitable[None]]
+    node: ClusterNode | None = None
+
+
+class RedisConnector:
+    """The lazily built client of one broker or backend, plus connection helpers."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        self.settings = settings
+        self._client: Client | None = None
+        self._cluster_ready = False
+
+    @property
+    def is_cluster(self) -> bool:
+        """True for Redis Cluster URLs (scripts and multi-key commands stay in one slot)."""
+        return self.settings.mode == "cluster"
+
+    @property
+    def client(self) -> Client:
+        """The client, built on first use."""
+        if self._client is None:
+            self._client = build_client(self.settings)
+        return self._client
+
+    def unavailable(self, exc: BaseException, what: str) -> ServiceUnavailableError:
+        """Wrap a connection error with the URL and a hint."""
+        return unavailable(self.settings, exc, what)
+
+    async def ping(self, what: str) -> None:
+        """PING the server; raise ServiceUnavailableError saying what to fix."""
+        try:
+            await self.client.ping()
+        except CONNECTION_ERRORS as exc:
+            raise self.unavailable(exc, what) from exc
+        except rexc.ResponseError as exc:  # e.g. NOAUTH, or a wrong database index
+            raise self.unavailable(exc, what) from exc
+
+    async def blocking_conn(self, key: str) -> BlockingConn:
+        """A dedicated connection to the node holding ``key``."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            if not self._cluster_ready:
+                await client.initialize()
+                self._cluster_ready = True
+            node = client.get_node_from_key(key)
+            if node is None:
+                raise rexc.ClusterDownError(f"no cluster node serves the slot of {key!r}")
+            conn = node.acquire_connection()
+
+            async def release_node() -> None:
+                node.release(conn)
+
+            return BlockingConn(conn, release_node, node)
+        pool = client.connection_pool
+        pconn = await pool.get_connection()  # type: ignore[no-untyped-call]
+
+        async def release_pool() -> None:
+            await pool.release(pconn)
+
+        return BlockingConn(pconn, release_pool)
+
+    async def unblock(self, blocking: BlockingConn, client_id: int) -> None:
+        """End another connection's blocking command now (it replies as if timed out)."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            await client.execute_command("CLIENT", "UNBLOCK", client_id, target_nodes=blocking.node)
+        else:
+            await client.execute_command("CLIENT", "UNBLOCK", client_id)  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        """Close the client and its connections."""
+        client, self._client = self._client, None
+        self._cluster_ready = False
+        if client is not None:
+            await client.aclose()

@@ -1,0 +1,331 @@
+"""Redis result backend: one JSON string per task with a TTL, pub/sub for ``wait()``.
+
+Keys are ``<namespace>:result:<task id>`` (no hash tag: results spread over a
+cluster). Writing a terminal status also PUBLISHes it on the channel of the same
+name, so ``wait()`` is woken by the write itself; a waiter subscribes *before* it
+reads the key, so a status written in between is never missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+
+from stem.errors import ServiceUnavailableError
+from stem.ports import DEFAULT_RESULT_TTL
+from stem.status import TaskStatus
+
+from ._connection import CONNECTION_ERRORS, RedisConnector, RedisSettings
+
+log = structlog.get_logger("stem.redis")
+
+#: A waiter re-reads its key this often even without a notification: pub/sub is
+#: fire-and-forget, so a message sent while the subscriber was reconnecting is lost.
+RECHECK_INTERVAL = 5.0
+
+
+class _Waiter:
+    """One wait() call's mailbox: the reader puts the published status here."""
+
+    __slots__ = ("data", "event")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.data: bytes | None = None
+
+    def wake(self, data: bytes | None) -> None:
+        if data is not None:
+            self.data = data
+        self.event.set()
+
+
+class _Notifier:
+    """One pub/sub connection shared by every ``wait()`` of a backend.
+
+    Channels are subscribed while at least one waiter wants them. Each SUBSCRIBE
+    queues a confirmation future resolved by the server's ``subscribe`` reply (they
+    arrive in order), so a waiter knows it is subscribed before it reads the key.
+    """
+
+    def __init__(self, connector: RedisConnector) -> None:
+        self._connector = connector
+        self._client: aioredis.Redis | None = None
+        self._ps: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[bytes, set[_Waiter]] = {}
+        self._confirms: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._subscribed: dict[bytes, asyncio.Future[None]] = {}
+        self._lock = asyncio.Lock()
+
+    async def _pubsub(self) -> PubSub:
+        if self._ps is None:
+            client = self._connector.client
+            if isinstance(client, RedisCluster):
+                # Plain PUBLISH reaches every node of a cluster, so any node will do.
+                await client.initialize()
+                node = client.get_default_node()
+                kwargs = dict(self._connector.settings.connection_kwargs)
+                if kwargs.pop("connection_class", None) is not None:
+                    kwargs["ssl"] = True
+                self._client = aioredis.Redis(host=node.host, port=int(node.port), **kwargs)
+                self._ps = self._client.pubsub()
+            else:
+                self._ps = client.pubsub()
+        return self._ps
+
+    async def add(self, channel: bytes) -> _Waiter:
+        """Register a waiter on ``channel``; returns once the subscription is active."""
+        waiter = _Waiter()
+        waiters = self._waiters.get(channel)
+        if waiters is not None:
+            waiters.add(waiter)
+            confirmed = self._subscribed[channel]
+        else:
+            self._waiters[channel] = {waiter}
+            confirmed = asyncio.get_running_loop().create_future()
+            self._subscribed[channel] = confirmed
+            try:
+                async with self._lock:
+                    ps = await self._pubsub()
+                    self._confirms.setdefault(channel, deque()).append(confirmed)
+                    await ps.subscribe(channel)
+            except BaseException:
+                await self.remove(channel, waiter)
+                raise
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.get_running_loop().create_task(self._read())
+        try:
+            await asyncio.shield(confirmed)
+        except BaseException:
+            await self.remove(channel, waiter)
+            raise
+        return waiter
+
+    async def remove(self, channel: bytes, waiter: _Waiter) -> None:
+        """Drop a waiter; unsubscribe when it was the channel's last."""
+        waiters = self._waiters.get(channel)
+        if waiters is None:
+            return
+        waiters.discard(waiter)
+        if waiters:
+            return
+        del self._waiters[channel]
+        confirmed = self._subscribed.pop(channel, None)
+        if confirmed is not None and not confirmed.done():
+            confirmed.cancel()
+        if self._ps is not None:
+            try:
+                async with self._lock:
+                    await self._ps.unsubscribe(channel)
+            except CONNECTION_ERRORS:
+                pass  # the connection is gone; the resubscribe on reconnect skips it
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for w in waiters:
+                w.wake(None)
+
+    async def _read(self) -> None:
+        ps = self._ps
+        assert ps is not None
+        outage: float | None = None
+        backoff = 0.05
+        while True:
+            try:
+                if outage is not None:
+                    conn = ps.connection
+                    if conn is not None and not conn.is_connected:
+                        await conn.connect()  # re-subscribes every channel
+                    log.info(
+                        "redis.backend.pubsub_reconnected",
+                        after=round(time.monotonic() - outage, 3),
+                    )
+                    outage, backoff = None, 0.05
+                    self._wake_all()  # re-read: notifications during the outage are lost
+                msg = await ps.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except CONNECTION_ERRORS as exc:
+                if outage is None:
+                    outage = time.monotonic()
+                    log.warning(
+                        "redis.backend.pubsub_unavailable",
+                        error=str(self._connector.unavailable(exc, "Stem result backend wait")),
+                    )
+                    self._wake_all()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if msg is None:
+                continue
+            kind = msg["type"]
+            channel = msg["channel"]
+            if kind == "message":
+                for w in self._waiters.get(channel, ()):
+                    w.wake(msg["data"])
+            elif kind == "subscribe":
+                pending = self._confirms.get(channel)
+                if pending:
+                    fut = pending.popleft()
+                    if not pending:
+                        del self._confirms[channel]
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            try:
+                await reader
+            except BaseException:  # it was cancelled on purpose
+                pass
+        if self._ps is not None:
+            await self._ps.aclose()  # type: ignore[no-untyped-call]
+            self._ps = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        for fut in self._subscribed.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+        self._confirms.clear()
+        self._subscribed.clear()
+
+
+class RedisBackend:
+    """A :class:`stem.ports.ResultBackend` on Redis strings with TTLs."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        *,
+        namespace: str = "stem",
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> None:
+        self.namespace = namespace
+        self.default_ttl = default_ttl
+        self._conn = RedisConnector(settings)
+        self._prefix = f"{namespace}:result:"
+        self._notifier: _Notifier | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self._conn.settings.safe_url!r}, namespace={self.namespace!r})"
+
+    def key(self, task_id: str) -> str:
+        """The key (and pub/sub channel) of ``task_id``'s status."""
+        return self._prefix + task_id
+
+    async def ping(self) -> None:
+        """PING the server; raise ServiceUnavailableError naming the URL and what to check."""
+        await self._conn.ping("Stem result backend")
+
+    async def set_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
+        """SET each status with its TTL; terminal ones are also PUBLISHed (one round trip)."""
+        if not items:
+            return
+        commands: list[tuple[Any, ...]] = []
+        default_ttl = self.default_ttl
+        for status, ttl in items:
+            raw = status.to_json()
+            key = self._prefix + status.id
+            ms = max(1, round((default_ttl if ttl is None else ttl) * 1000))
+            commands.append(("SET", key, raw, "PX", ms))
+            if status.state.is_terminal:
+                commands.append(("PUBLISH", key, raw))
+        client = self._conn.client
+        try:
+            if len(commands) == 1:
+                await client.execute_command(*commands[0])
+                return
+            pipe = client.pipeline(transaction=False)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            await pipe.execute()
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend set") from exc
+
+    async def get(self, task_id: str) -> TaskStatus | None:
+        """The stored status, or None if unknown or expired."""
+        try:
+            raw = await self._conn.client.execute_command(
+                "GET", self._prefix + task_id
+            )
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend get") from exc
+        return None if raw is None else TaskStatus.from_json(raw)
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskStatus]:
+        """Statuses of the ids that exist: one MGET (a pipeline of GETs on a cluster)."""
+        if not task_ids:
+            return {}
+        ids = list(dict.fromkeys(task_ids))
+        keys = [self._prefix + i for i in ids]
+        client = self._conn.client
+        try:
+            if isinstance(client, RedisCluster):
+                # MGET would cross slots; the cluster pipeline sends one batch per node.
+                pipe = client.pipeline()
+                for k in keys:
+                    pipe.execute_command("GET", k)
+                values = await pipe.execute()
+            else:
+                values = await client.execute_command("MGET", *keys)  # type: ignore[no-untyped-call]
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend get_many") from exc
+        from_json = TaskStatus.from_json
+        return {i: from_json(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
+        """Return the terminal status as soon as it is written, else None on timeout."""
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        if self._notifier is None:
+            self._notifier = _Notifier(self._conn)
+        notifier = self._notifier
+        channel = (self._prefix + task_id).encode()
+        try:
+            waiter = await notifier.add(channel)
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend wait") from exc
+        try:
+            status = await self.get(task_id)
+            while True:
+                if status is not None and status.state.is_terminal:
+                    return status
+                remaining = None if give_up is None else give_up - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                step = RECHECK_INTERVAL if remaining is None else min(remaining, RECHECK_INTERVAL)
+                try:
+                    await asyncio.wait_for(waiter.event.wait(), step)
+                except TimeoutError:
+                    pass
+                waiter.event.clear()
+                data, waiter.data = waiter.data, None
+                if data is not None:
+                    status = TaskStatus.from_json(data)
+                    continue
+                try:
+                    status = await self.get(task_id)
+                except ServiceUnavailableError as exc:  # an outage: wait on until the deadline
+                    log.debug("redis.backend.wait_recheck_failed", error=repr(exc))
+                    status = None
+        finally:
+            await notifier.remove(channel, waiter)
+
+    async def close(self) -> None:
+        """Close the pub/sub connection and the client (a later call reconnects)."""
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await notifier.close()
+        await self._conn.close()

@@ -1,0 +1,740 @@
+"""Redis Streams broker.
+
+Layout: every queue has one stream per priority band (0..9) read by one consumer
+group, a delayed ZSET, a dead-letter stream and a little bookkeeping, all under the
+hash tag ``{<namespace>:<queue>}`` so each Lua script stays in one slot (see
+:mod:`stem.adapters.redis.scripts` for the keys and the lease/ownership rules).
+
+Round trips: ``publish`` and the settle calls (``ack``, ``retry``, ...) are one
+pipeline or one script per queue; ``fetch`` is one script per queue while work is
+ready, and a single ``XREADGROUP ... BLOCK`` across every band of every queue when
+it is not (per queue, concurrently, on Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.exceptions as rexc
+import structlog
+from redis.commands.core import AsyncScript
+
+from stem._time import now_epoch
+from stem.envelope import Envelope, peek_task_id
+from stem.errors import EnvelopeDecodeError, ServiceUnavailableError
+from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
+
+from . import scripts
+from ._connection import CONNECTION_ERRORS, BlockingConn, RedisConnector, RedisSettings
+
+log = structlog.get_logger("stem.redis")
+
+#: Consumer group name on every band stream (groups are per stream, hence per queue).
+GROUP = "stem"
+BANDS = 10
+#: Longest single XREADGROUP BLOCK, so cross-process delayed work and the claimer
+#: are looked at at least this often while idle.
+DEFAULT_BLOCK_TIME = 1.0
+#: How often a fetching worker reclaims expired leases of each queue it reads.
+DEFAULT_CLAIM_INTERVAL = 1.0
+#: Delayed entries moved per fetch script run (more are moved on the next run).
+MOVER_BATCH = 512
+#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
+#: queue is preferred but never starves the others.
+FAIR_EVERY = 4
+_MAX_BACKOFF = 2.0
+
+
+class QueueKeys:
+    """The Redis keys of one queue (all share the hash tag ``{ns:queue}``)."""
+
+    __slots__ = ("claim", "dead", "delayed", "keys", "leases", "queue", "released", "streams")
+
+    def __init__(self, namespace: str, queue: str) -> None:
+        tag = "{" + namespace + ":" + queue + "}"
+        self.queue = queue
+        self.streams = [f"{tag}:stream:{band}" for band in range(BANDS)]
+        self.delayed = f"{tag}:delayed"
+        self.leases = f"{tag}:leases"
+        self.released = f"{tag}:released"
+        self.dead = f"{tag}:dead"
+        self.claim = f"{tag}:claim"
+        #: KEYS of every script, in the order scripts.py documents.
+        self.keys = [
+            *self.streams,
+            self.delayed,
+            self.leases,
+            self.released,
+            self.dead,
+            self.claim,
+        ]
+
+
+def band_of(priority: int) -> int:
+    """Priority band (stream) of an envelope: its priority clamped to 0..9."""
+    return 0 if priority <= 0 else 9 if priority >= 9 else priority
+
+
+def _vt_ms(seconds: float | None) -> int | str:
+    return "" if seconds is None else max(0, round(seconds * 1000))
+
+
+@dataclass(slots=True, eq=False)
+class _Reader:
+    """A blocking XREADGROUP in progress (so a local publish can end it early)."""
+
+    blocking: BlockingConn
+    until: float  # epoch seconds the read would end by itself
+    client_id: int | None = None
+    unblocked: bool = False
+
+
+class RedisBroker:
+    """A :class:`stem.ports.Broker` on Redis Streams (standalone, Sentinel or Cluster).
+
+    ``default_visibility_timeout`` doubles as the *idle horizon* XAUTOCLAIM uses, so
+    every worker and producer of a namespace should use the same value; envelopes
+    with their own ``visibility_timeout`` and ``extend_lease`` work with any length.
+    """
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        *,
+        namespace: str = "stem",
+        block_time: float = DEFAULT_BLOCK_TIME,
+        claim_interval: float = DEFAULT_CLAIM_INTERVAL,
+        default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+    ) -> None:
+        self.namespace = namespace
+        self.block_time = block_time
+        self.claim_interval = claim_interval
+        self.default_visibility_timeout = default_visibility_timeout
+        self._conn = RedisConnector(settings)
+        self._keys: dict[str, QueueKeys] = {}
+        self._scripts: dict[str, AsyncScript] | None = None
+        self._ready_groups: set[str] = set()
+        self._next_claim: dict[str, float] = {}
+        self._turn = 0
+        self._readers: set[_Reader] = set()
+        # Earliest due time of delayed work this process published since the last
+        # fetch script run: a blocking read must not sleep past it.
+        self._due_hint: float | None = None
+        self._outage_since: float | None = None
+        self._backoff = 0.05
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self._conn.settings.safe_url!r}, namespace={self.namespace!r})"
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def keys(self, queue: str) -> QueueKeys:
+        """The keys of ``queue`` (cached)."""
+        k = self._keys.get(queue)
+        if k is None:
+            k = self._keys[queue] = QueueKeys(self.namespace, queue)
+        return k
+
+    @property
+    def _script(self) -> dict[str, AsyncScript]:
+        if self._scripts is None:
+            client = self._conn.client
+            # register_script only hashes the source; EVALSHA loads it on NOSCRIPT.
+            self._scripts = {name: client.register_script(src) for name, src in scripts.ALL.items()}
+        return self._scripts
+
+    @property
+    def _horizon_ms(self) -> int:
+        return round(self.default_visibility_timeout * 1000)
+
+    async def _ensure_groups(self, queues: Iterable[str]) -> None:
+        missing = [q for q in queues if q not in self._ready_groups]
+        if not missing:
+            return
+        ensure = self._script["ensure"]
+        await asyncio.gather(*(ensure(self.keys(q).keys, [GROUP]) for q in missing))
+        self._ready_groups.update(missing)
+
+    def _order(self, queues: Sequence[str]) -> list[str]:
+        order = list(dict.fromkeys(queues))
+        if len(order) > 1:
+            self._turn += 1
+            if self._turn % FAIR_EVERY == 0:
+                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
+                order = order[start:] + order[:start]
+        return order
+
+    def _outage(self, err: ServiceUnavailableError) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("redis.broker.unavailable", error=str(err))
+
+    def _recovered(self) -> None:
+        if self._outage_since is not None:
+            log.info(
+                "redis.broker.reconnected",
+                url=self._conn.settings.safe_url,
+                after=round(time.monotonic() - self._outage_since, 3),
+            )
+            self._outage_since = None
+        self._backoff = 0.05
+
+    # -- Broker: publishing --------------------------------------------------------
+
+    async def ping(self) -> None:
+        """PING the server; raise ServiceUnavailableError naming the URL and what to check."""
+        await self._conn.ping("Stem broker")
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """XADD ready envelopes / ZADD delayed ones, pipelined in one round trip."""
+        if not envelopes:
+            return
+        now = now_epoch()
+        commands: list[tuple[Any, ...]] = []
+        soonest: float | None = None
+        for env in envelopes:
+            raw = env.to_json()
+            k = self._keys.get(env.queue) or self.keys(env.queue)
+            band = band_of(env.priority)
+            vt = env.visibility_timeout
+            due = env.not_before_epoch
+            if due is not None and due > now:
+                member = b"%d:%s:%s" % (band, str(_vt_ms(vt)).encode(), raw)
+                commands.append(("ZADD", k.delayed, int(due * 1000), member))
+                soonest = due if soonest is None else min(soonest, due)
+            elif vt is None:
+                commands.append(("XADD", k.streams[band], "*", "p", raw))
+            else:
+                commands.append(("XADD", k.streams[band], "*", "p", raw, "v", _vt_ms(vt)))
+        await self._run(commands, "publish")
+        if soonest is not None:
+            await self._delayed_published(soonest)
+
+    async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
+        """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
+        try:
+            env: Envelope | None = Envelope.from_json(raw)
+        except EnvelopeDecodeError:
+            env = None
+        k = self.keys(queue)
+        band = band_of(priority)
+        vt = None if env is None else env.visibility_timeout
+        due = None if env is None else env.not_before_epoch
+        if due is not None and due > now_epoch():
+            member = b"%d:%s:%s" % (band, str(_vt_ms(vt)).encode(), bytes(raw))
+            await self._run([("ZADD", k.delayed, int(due * 1000), member)], "publish_raw")
+            await self._delayed_published(due)
+        elif vt is None:
+            await self._run([("XADD", k.streams[band], "*", "p", bytes(raw))], "publish_raw")
+        else:
+            await self._run(
+                [("XADD", k.streams[band], "*", "p", bytes(raw), "v", _vt_ms(vt))], "publish_raw"
+            )
+
+    async def _run(self, commands: list[tuple[Any, ...]], what: str) -> None:
+        client = self._conn.client
+        try:
+            if len(commands) == 1:
+                await client.execute_command(*commands[0])
+                return
+            pipe = client.pipeline(transaction=False)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            await pipe.execute()
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, f"Stem broker {what}") from exc
+
+    async def _delayed_published(self, due: float) -> None:
+        """Delayed work due at ``due`` was stored: wake blocked reads that would oversleep it."""
+        self._due_hint = due if self._due_hint is None else min(self._due_hint, due)
+        for reader in list(self._readers):
+            if reader.until > due + 0.002:
+                await self._unblock(reader)
+
+    async def _unblock(self, reader: _Reader) -> None:
+        if reader.client_id is None or reader.unblocked:
+            return
+        reader.unblocked = True
+        try:
+            await self._conn.unblock(reader.blocking, reader.client_id)
+        except (rexc.RedisError, OSError) as exc:
+            # The read then simply runs to its own (short) timeout.
+            log.debug("redis.broker.unblock_failed", error=repr(exc))
+
+    # -- Broker: fetching ----------------------------------------------------------
+
+    async def fetch(
+        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
+    ) -> list[Delivery]:
+        """Lease up to ``max_count`` envelopes; see :class:`stem.ports.Broker`.
+
+        While nothing is ready this blocks in XREADGROUP for at most ``block_time``
+        at a time (less when delayed work or a claim round comes due first), so
+        expired leases and due retries are picked up promptly. A connection failure
+        is retried with backoff until ``block`` runs out (logged once per outage),
+        then raised as ServiceUnavailableError.
+        """
+        if max_count <= 0 or not queues:
+            return []
+        give_up = time.monotonic() + max(0.0, block)
+        while True:
+            try:
+                out, next_due = await self._fetch_ready(self._order(queues), max_count, consumer)
+                if out:
+                    self._recovered()
+                    return out
+                now = time.monotonic()
+                wait = min(give_up - now, self.block_time)
+                if self._next_claim:
+                    wait = min(wait, min(self._next_claim[q] for q in queues) - now)
+                if self._due_hint is not None:
+                    next_due = self._due_hint if next_due is None else min(next_due, self._due_hint)
+                if next_due is not None:
+                    wait = min(wait, next_due - now_epoch())
+                if give_up - now <= 0:
+                    self._recovered()
+                    return []
+                if wait >= 0.001:
+                    out = await self._block(queues, max_count, consumer, wait)
+                    self._recovered()
+                    if out:
+                        return out
+            except CONNECTION_ERRORS as exc:
+                err = self._conn.unavailable(exc, "Stem broker fetch")
+                self._outage(err)
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    raise err from exc
+                await asyncio.sleep(min(self._backoff, remaining))
+                self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+            if time.monotonic() >= give_up:
+                return []
+
+    async def _fetch_ready(
+        self, order: list[str], max_count: int, consumer: str
+    ) -> tuple[list[Delivery], float | None]:
+        """Run the fetch script on each queue in turn until ``max_count`` are leased."""
+        await self._ensure_groups(order)
+        fetch = self._script["fetch"]
+        out: list[Delivery] = []
+        next_due: float | None = None
+        horizon = self._horizon_ms
+        self._due_hint = None
+        for queue in order:
+            want = max_count - len(out)
+            if want <= 0:
+                break
+            now = time.monotonic()
+            claim = self._next_claim.get(queue, 0.0) <= now
+            if claim:
+                self._next_claim[queue] = now + self.claim_interval
+            now_ms = int(now_epoch() * 1000)
+            args: list[Any] = [GROUP, consumer, want, now_ms, int(claim), horizon, MOVER_BATCH]
+            try:
+                reply = await fetch(self.keys(queue).keys, args)
+            except rexc.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Someone deleted the stream (and its group): recreate and retry once.
+                self._ready_groups.discard(queue)
+                await self._ensure_groups([queue])
+                reply = await fetch(self.keys(queue).keys, args)
+            if reply[0] is not None:
+                due = int(reply[0]) / 1000.0
+                next_due = due if next_due is None else min(next_due, due)
+            if len(reply) > 1:
+                self._deliveries(queue, reply, consumer, out)
+        return out, next_due
+
+    def _deliveries(self, queue: str, reply: list[Any], consumer: str, out: list[Delivery]) -> None:
+        """Turn a fetch script reply into Deliveries (decoding each envelope once)."""
+        now = now_epoch()
+        default_vt = self.default_visibility_timeout
+        from_json = Envelope.from_json
+        for i in range(1, len(reply), 4):
+            band = reply[i]
+            eid = reply[i + 1]
+            raw = reply[i + 2]
+            count = reply[i + 3]
+            try:
+                env: Envelope | None = from_json(raw)
+                error = None
+                vt = env.visibility_timeout  # type: ignore[union-attr]
+            except EnvelopeDecodeError as exc:
+                env, error, vt = None, str(exc), None
+            out.append(
+                Delivery(
+                    env,
+                    f"{queue}:{band}:{eid.decode()}:{count}",
+                    queue,
+                    raw,
+                    now + (default_vt if vt is None else vt),
+                    error,
+                    (band, eid, consumer, count),
+                    count > 1,
+                )
+            )
+
+    async def _block(
+        self, queues: Sequence[str], max_count: int, consumer: str, wait: float
+    ) -> list[Delivery]:
+        """Wait up to ``wait`` s for new entries in any band of any queue."""
+        order = list(dict.fromkeys(queues))
+        if not self._conn.is_cluster or len(order) == 1:
+            got = await self._block_read(order, max_count, consumer, wait)
+        else:
+            # Streams of different queues live in different slots: one read per queue,
+            # and the first to return data ends the others with CLIENT UNBLOCK.
+            readers: list[_Reader] = []
+            tasks = [
+                asyncio.ensure_future(self._block_read([q], max_count, consumer, wait, readers))
+                for q in order
+            ]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for reader in readers:
+                    await self._unblock(reader)
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                raise
+            got = []
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+                got.extend(r)
+        if len(got) > max_count:
+            # Only possible when entries landed in several streams between the fetch
+            # script and the read: hand the surplus back at once, in place.
+            await self.nack(got[max_count:])
+            del got[max_count:]
+        return got
+
+    async def _block_read(
+        self,
+        queues: list[str],
+        max_count: int,
+        consumer: str,
+        wait: float,
+        readers: list[_Reader] | None = None,
+    ) -> list[Delivery]:
+        streams: list[str] = []
+        owner: dict[bytes, tuple[str, int]] = {}
+        for q in queues:
+            k = self.keys(q)
+            for band in range(BANDS - 1, -1, -1):
+                streams.append(k.streams[band])
+                owner[k.streams[band].encode()] = (q, band)
+        block_ms = max(1, int(wait * 1000))
+        blocking = await self._conn.blocking_conn(streams[0])
+        reader = _Reader(blocking, now_epoch() + wait)
+        if readers is not None:
+            readers.append(reader)
+        conn = blocking.conn
+        try:
+            await conn.send_packed_command(
+                conn.pack_commands(
+                    [
+                        ("CLIENT", "ID"),
+                        (
+                            "XREADGROUP",
+                            "GROUP",
+                            GROUP,
+                            consumer,
+                            "COUNT",
+                            max_count,
+                            "BLOCK",
+                            block_ms,
+                            "STREAMS",
+                            *streams,
+                            *([">"] * len(streams)),
+                        ),
+                    ]
+                )
+            )
+            try:
+                reader.client_id = int(await conn.read_response())
+            except rexc.ResponseError:
+                reader.client_id = None  # CLIENT not allowed (ACL): no early wake-up
+            self._readers.add(reader)
+            hint = self._due_hint
+            if hint is not None and reader.until > hint + 0.002:
+                await self._unblock(reader)  # published while this read was being set up
+            reply = await conn.read_response(timeout=wait + 10.0)
+        finally:
+            self._readers.discard(reader)
+            await blocking.release()
+        if not reply:
+            return []
+        return await self._block_deliveries(reply, owner, consumer)
+
+    async def _block_deliveries(
+        self, reply: list[Any], owner: dict[bytes, tuple[str, int]], consumer: str
+    ) -> list[Delivery]:
+        now = now_epoch()
+        default_vt = self.default_visibility_timeout
+        per_stream: list[tuple[int, int, list[Delivery]]] = []
+        own_lease: dict[float, list[Delivery]] = {}
+        queue_rank = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in owner.values()))}
+        for stream, entries in reply:
+            queue, band = owner[bytes(stream)]
+            batch: list[Delivery] = []
+            for eid, fields in entries:
+                raw = fields[1] if fields and fields[0] == b"p" else b""
+                try:
+                    env: Envelope | None = Envelope.from_json(raw)
+                    error = None
+                    vt = env.visibility_timeout  # type: ignore[union-attr]
+                except EnvelopeDecodeError as exc:
+                    env, error, vt = None, str(exc), None
+                d = Delivery(
+                    env,
+                    f"{queue}:{band}:{eid.decode()}:1",
+                    queue,
+                    raw,
+                    now + (default_vt if vt is None else vt),
+                    error,
+                    (band, eid, consumer, 1),
+                    False,
+                )
+                batch.append(d)
+                if vt is not None and vt != default_vt:
+                    own_lease.setdefault(vt, []).append(d)
+            per_stream.append((queue_rank[queue], -band, batch))
+        per_stream.sort(key=lambda t: (t[0], t[1]))
+        # The fetch script sets per-envelope leases itself; entries read here need it
+        # done now (one more round trip, only for envelopes with their own timeout).
+        for vt, ds in own_lease.items():
+            await self.extend_lease(ds, vt)
+        return [d for _, _, batch in per_stream for d in batch]
+
+    # -- Broker: settling ----------------------------------------------------------
+
+    @staticmethod
+    def _by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[Delivery]]:
+        groups: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            if isinstance(d.token, tuple):
+                groups.setdefault(d.queue, []).append(d)
+        return groups
+
+    async def _settle(self, name: str, calls: list[tuple[str, list[Any]]], what: str) -> list[Any]:
+        """Run script ``name`` once per (queue, args), concurrently."""
+        script: Any = self._script[name]
+        try:
+            if len(calls) == 1:
+                q, args = calls[0]
+                return [await script(self.keys(q).keys, args)]
+            return list(await asyncio.gather(*(script(self.keys(q).keys, a) for q, a in calls)))
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, f"Stem broker {what}") from exc
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """XACK + XDEL each delivery still held by its consumer (one script per queue)."""
+        calls: list[tuple[str, list[Any]]] = []
+        for queue, ds in self._by_queue(deliveries).items():
+            args: list[Any] = [GROUP]
+            for d in ds:
+                args.extend(d.token)
+            calls.append((queue, args))
+        if calls:
+            await self._settle("ack", calls, "ack")
+
+    async def nack(self, deliveries: Sequence[Delivery]) -> None:
+        """Give leases back: the entries are fetched again at once, keeping their place."""
+        calls: list[tuple[str, list[Any]]] = []
+        for queue, ds in self._by_queue(deliveries).items():
+            args: list[Any] = [GROUP]
+            for d in ds:
+                args.extend(d.token)
+            calls.append((queue, args))
+        if calls:
+            await self._settle("nack", calls, "nack")
+
+    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Ack each held delivery and add its replacement in the same script.
+
+        A delivery whose lease was lost gets no replacement (the consumer now holding
+        it produces its own outcome). A replacement for another queue is published
+        after its delivery is acked (two steps: the queues live in different slots).
+        """
+        now = now_epoch()
+        same: dict[str, list[Any]] = {}
+        other: dict[str, list[tuple[Delivery, Envelope]]] = {}
+        soonest: float | None = None
+        for d, env in items:
+            if not isinstance(d.token, tuple):
+                continue
+            if env.queue != d.queue:
+                other.setdefault(d.queue, []).append((d, env))
+                continue
+            due = env.not_before_epoch
+            if due is not None and due > now:
+                due_arg: int | str = int(due * 1000)
+                soonest = due if soonest is None else min(soonest, due)
+            else:
+                due_arg = ""
+            args = same.get(d.queue)
+            if args is None:
+                args = same[d.queue] = [GROUP]
+            args.extend(d.token)
+            args.extend(
+                (band_of(env.priority), due_arg, _vt_ms(env.visibility_timeout), env.to_json())
+            )
+        if same:
+            await self._settle("retry", list(same.items()), "retry")
+            if soonest is not None:
+                await self._delayed_published(soonest)
+        if other:
+            names = list(other)
+            calls = [(q, [GROUP, *(x for d, _ in other[q] for x in d.token)]) for q in names]
+            flags = await self._settle("ack", calls, "retry")
+            held = [
+                env
+                for q, f in zip(names, flags, strict=True)
+                for (_, env), ok in zip(other[q], f, strict=True)
+                if ok == ord("1")
+            ]
+            if held:
+                await self.publish(held)
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        """Move held deliveries to their queue's dead-letter stream with ``reason``."""
+        now_ms = int(now_epoch() * 1000)
+        calls: dict[str, list[Any]] = {}
+        for d, reason in items:
+            if not isinstance(d.token, tuple):
+                continue
+            args = calls.get(d.queue)
+            if args is None:
+                args = calls[d.queue] = [GROUP, now_ms]
+            args.extend(d.token)
+            args.append(reason)
+        if calls:
+            await self._settle("dead", list(calls.items()), "dead_letter")
+
+    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Set each held delivery's lease to ``now + seconds`` (and its ``lease_expires_at``)."""
+        now = now_epoch()
+        groups = self._by_queue(deliveries)
+        if not groups:
+            return
+        lease_ms = max(0, round(seconds * 1000))
+        calls: list[tuple[str, list[Any]]] = []
+        for queue, ds in groups.items():
+            args: list[Any] = [GROUP, int(now * 1000), self._horizon_ms, lease_ms]
+            for d in ds:
+                args.extend(d.token)
+            calls.append((queue, args))
+        flags = await self._settle("extend", calls, "extend_lease")
+        for (_, ds), f in zip(groups.items(), flags, strict=True):
+            for d, ok in zip(ds, f, strict=True):
+                if ok == ord("1"):
+                    d.lease_expires_at = now + seconds
+
+    # -- Broker: inspection and maintenance ------------------------------------------
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Ready (incl. nacked), delayed, leased and dead counts of ``queue``."""
+        (reply,) = await self._settle("stats", [(queue, [GROUP])], "stats")
+        ready, in_flight, delayed, dead = (int(x) for x in reply)
+        return QueueStats(queue, pending=ready, delayed=delayed, in_flight=in_flight, dead=dead)
+
+    async def purge(self, queue: str) -> int:
+        """Drop every ready and delayed envelope of ``queue`` (leased ones stay)."""
+        total = 0
+        while True:
+            ((removed, more),) = await self._settle("purge", [(queue, [GROUP, 5000])], "purge")
+            total += int(removed)
+            if not int(more):
+                return total
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first."""
+        if limit <= 0:
+            return []
+        entries = await self._dead_range(queue, "-", limit)
+        return [self._dead_letter(queue, eid, fields) for eid, fields in entries]
+
+    async def _dead_range(self, queue: str, start: str, count: int) -> list[Any]:
+        try:
+            reply = await self._conn.client.execute_command(
+                "XRANGE", self.keys(queue).dead, start, "+", "COUNT", count
+            )
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker dead letters") from exc
+        return list(reply or [])
+
+    @staticmethod
+    def _dead_letter(queue: str, eid: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+        raw = fields.get(b"p", b"")
+        try:
+            env: Envelope | None = Envelope.from_json(raw)
+        except EnvelopeDecodeError:
+            env = None
+        sid = eid.decode()
+        dl_id = env.id if env is not None else (peek_task_id(raw) or sid)
+        return DeadLetter(
+            id=dl_id,
+            queue=queue,
+            raw=raw,
+            reason=fields.get(b"r", b"").decode("utf-8", "replace"),
+            dead_at=int(fields.get(b"t", b"0")) / 1000.0,
+            envelope=env,
+            meta={"entry_id": sid},
+        )
+
+    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Re-publish decodable dead letters (attempt 0, due now), oldest first.
+
+        Undecodable ones stay: publishing the same bad bytes could only dead-letter
+        them again.
+        """
+        replayed = 0
+        start = "-"
+        while limit is None or replayed < limit:
+            chunk = 500 if limit is None else min(500, limit - replayed)
+            entries = await self._dead_range(queue, start, chunk)
+            if not entries:
+                break
+            start = "(" + entries[-1][0].decode()
+            args: list[Any] = [GROUP]
+            for eid, fields in entries:
+                try:
+                    env = Envelope.from_json(fields.get(b"p", b""))
+                except EnvelopeDecodeError:
+                    continue
+                fresh = env.copy(attempt=0, not_before=None)
+                args.extend(
+                    (
+                        eid,
+                        band_of(fresh.priority),
+                        _vt_ms(fresh.visibility_timeout),
+                        fresh.to_json(),
+                    )
+                )
+            if len(args) > 1:
+                (n,) = await self._settle("replay", [(queue, args)], "replay")
+                replayed += int(n)
+            if len(entries) < chunk:
+                break
+        return replayed
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead letter of ``queue``."""
+        try:
+            n = await self._conn.client.execute_command("XTRIM", self.keys(queue).dead, "MAXLEN", 0)
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker purge_dead_letters") from exc
+        return int(n)
+
+    async def close(self) -> None:
+        """Close connections (a later call reconnects)."""
+        self._scripts = None
+        self._ready_groups.clear()
+        await self._conn.close()

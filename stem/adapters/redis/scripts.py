@@ -1,0 +1,444 @@
+"""The broker's Lua scripts, in one place.
+
+Every script touches the keys of ONE queue only, all passed in ``KEYS`` and all
+sharing the queue's hash tag, so each runs in one slot (Redis Cluster-safe). KEYS
+layout, always the same 15 keys (see ``broker.QueueKeys``):
+
+====== ===================================================================
+KEYS   key
+====== ===================================================================
+1..10  ``{ns:queue}:stream:<band>`` one stream per priority band 0..9
+11     ``{ns:queue}:delayed``  ZSET, score = due (epoch ms), member
+       ``"<band>:<visibility ms or empty>:<envelope JSON>"``
+12     ``{ns:queue}:leases``   ZSET of leases longer than the idle horizon:
+       member ``"<band>|<entry id>"``, score = deadline (epoch ms)
+13     ``{ns:queue}:released`` ZSET of nacked entries waiting to be re-taken:
+       member ``"<band>|<entry id>"``, score = band
+14     ``{ns:queue}:dead``     dead-letter stream (fields p, r, t)
+15     ``{ns:queue}:claim``    HASH band -> XAUTOCLAIM cursor
+====== ===================================================================
+
+Stream entries carry field ``p`` (the envelope bytes) and, when the envelope has
+its own visibility timeout, ``v`` (milliseconds).
+
+Leases. A delivery's deadline is its last delivery time + the *idle horizon* H
+(the broker's ``default_visibility_timeout``), so expiry is exactly what XAUTOCLAIM
+with min-idle H finds. A shorter lease L is set by back-dating the delivery
+(``XCLAIM ... IDLE H-L JUSTID``); a longer one is recorded in ``leases`` and the
+claimer keeps such entries' idle time at 0 until their deadline, then claims them.
+
+Ownership. Every call that settles a delivery (ack, nack, retry, dead-letter,
+extend) first checks, with XPENDING, that the entry is still pending for the same
+consumer with the same delivery count it was fetched with. A reclaim (XAUTOCLAIM,
+XCLAIM) bumps the count, so a stale holder's late ack/retry is a no-op instead of
+removing the new holder's delivery or forking the task into two lineages.
+"""
+
+from __future__ import annotations
+
+#: Consumer name that owns nacked entries until a fetch takes them again.
+RELEASED = "stem:released"
+
+# Helpers shared by the scripts. ARGV[1] is always the consumer group.
+_PRELUDE = """
+local G = ARGV[1]
+local RELEASED = '__RELEASED__'
+
+local function pending(band, id)
+  return redis.call('XPENDING', KEYS[band + 1], G, id, id, 1)[1]
+end
+
+local function split(m)
+  local bar = string.find(m, '|', 1, true)
+  return tonumber(string.sub(m, 1, bar - 1)), string.sub(m, bar + 1)
+end
+
+-- variadic calls in chunks: Lua's unpack() has a stack limit
+local function each_chunk(list, fn)
+  for i = 1, #list, 1000 do
+    fn(unpack(list, i, math.min(i + 999, #list)))
+  end
+end
+
+-- Iterate items of `stride` ARGV slots from `first`; call fn(i, band, id) for the
+-- ones still held by the consumer/delivery count at ARGV[i+2]/ARGV[i+3].
+-- Returns a string of '1'/'0' flags, one per item.
+local function for_owned(first, stride, fn)
+  local flags = {}
+  for i = first, #ARGV, stride do
+    local band = tonumber(ARGV[i])
+    local id = ARGV[i + 1]
+    local p = pending(band, id)
+    if p and p[2] == ARGV[i + 2] and p[4] == tonumber(ARGV[i + 3]) then
+      fn(i, band, id)
+      flags[#flags + 1] = '1'
+    else
+      flags[#flags + 1] = '0'
+    end
+  end
+  return table.concat(flags)
+end
+
+-- XACK + XDEL (acked entries are deleted so streams don't grow) + forget long leases.
+local function finish(by_band)
+  local longs = redis.call('EXISTS', KEYS[12]) == 1
+  for band, ids in pairs(by_band) do
+    local s = KEYS[band + 1]
+    each_chunk(ids, function(...) redis.call('XACK', s, G, ...) end)
+    each_chunk(ids, function(...) redis.call('XDEL', s, ...) end)
+    if longs then
+      local members = {}
+      for j = 1, #ids do members[j] = band .. '|' .. ids[j] end
+      each_chunk(members, function(...) redis.call('ZREM', KEYS[12], ...) end)
+    end
+  end
+end
+
+local function add_to(by_band, band, id)
+  local t = by_band[band]
+  if not t then t = {}; by_band[band] = t end
+  t[#t + 1] = id
+end
+
+local function enqueue(band, vt, raw)
+  if vt == '' then
+    redis.call('XADD', KEYS[band + 1], '*', 'p', raw)
+  else
+    redis.call('XADD', KEYS[band + 1], '*', 'p', raw, 'v', vt)
+  end
+end
+""".replace("__RELEASED__", RELEASED)
+
+#: Create the consumer group on every band stream (MKSTREAM), ignoring BUSYGROUP.
+ENSURE = (
+    _PRELUDE
+    + """
+for band = 0, 9 do
+  local r = redis.pcall('XGROUP', 'CREATE', KEYS[band + 1], G, '0', 'MKSTREAM')
+  if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then
+    return redis.error_reply(r.err)
+  end
+end
+return 1
+"""
+)
+
+#: Lease up to ARGV[3] entries for consumer ARGV[2].
+#: ARGV: group, consumer, want, now_ms, claim (0/1), horizon_ms, mover_batch.
+#: Returns {next_due_ms or false, band, id, raw, delivery_count, band, id, ...}.
+#: Order: (1) due delayed entries are moved into their streams; (2) when claim=1,
+#: long leases are kept alive or, expired, claimed, then XAUTOCLAIM takes entries
+#: idle past the horizon; (3) per band, highest first: nacked entries, then new
+#: entries (XREADGROUP). Entries with their own visibility get their lease set here.
+FETCH = (
+    _PRELUDE
+    + """
+local consumer = ARGV[2]
+local want = tonumber(ARGV[3])
+local now = ARGV[4]
+local claim = ARGV[5] == '1'
+local H = tonumber(ARGV[6])
+local out = {false}
+local got = 0
+
+local function lease(band, id, f)
+  if f[3] == 'v' then
+    local vt = tonumber(f[4])
+    if vt and vt < H then
+      redis.call('XCLAIM', KEYS[band + 1], G, consumer, 0, id, 'IDLE', H - vt, 'JUSTID')
+    elseif vt and vt > H then
+      redis.call('ZADD', KEYS[12], tonumber(now) + vt, band .. '|' .. id)
+    end
+  end
+end
+
+local function push(band, e, count)
+  local f = e[2]
+  local raw = ''
+  if f and f[1] == 'p' then raw = f[2] end
+  out[#out + 1] = band
+  out[#out + 1] = e[1]
+  out[#out + 1] = raw
+  out[#out + 1] = count
+  got = got + 1
+  if f then lease(band, e[1], f) end
+end
+
+-- claim one entry `p` (its XPENDING row) for this consumer
+local function take(band, p)
+  local c = redis.call('XCLAIM', KEYS[band + 1], G, consumer, 0, p[1])
+  if c[1] then push(band, c[1], p[4] + 1) end
+end
+
+-- (1) delayed -> streams
+local due = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', now, 'LIMIT', 0, ARGV[7])
+if #due > 0 then
+  for i = 1, #due do
+    local m = due[i]
+    local band = string.byte(m, 1) - 48
+    local sep = string.find(m, ':', 3, true)
+    if band >= 0 and band <= 9 and sep and string.sub(m, 2, 2) == ':' then
+      enqueue(band, string.sub(m, 3, sep - 1), string.sub(m, sep + 1))
+    else
+      -- not written by Stem: deliver the bytes so the worker dead-letters them
+      enqueue(0, '', m)
+    end
+  end
+  each_chunk(due, function(...) redis.call('ZREM', KEYS[11], ...) end)
+end
+
+-- (2) reclaim expired leases
+if claim and want > 0 then
+  local longs = redis.call('ZRANGE', KEYS[12], 0, -1, 'WITHSCORES')
+  for i = 1, #longs, 2 do
+    local band, id = split(longs[i])
+    local p = pending(band, id)
+    if not p then
+      redis.call('ZREM', KEYS[12], longs[i])
+    elseif tonumber(longs[i + 1]) > tonumber(now) then
+      -- still leased: keep it out of XAUTOCLAIM's reach (owner and count unchanged)
+      redis.call('XCLAIM', KEYS[band + 1], G, p[2], 0, id, 'IDLE', 0, 'JUSTID')
+    elseif got < want then
+      redis.call('ZREM', KEYS[12], longs[i])
+      take(band, p)
+    end
+  end
+  for band = 9, 0, -1 do
+    if got >= want then break end
+    local cursor = redis.call('HGET', KEYS[15], band) or '0-0'
+    local r = redis.call('XAUTOCLAIM', KEYS[band + 1], G, consumer, H, cursor, 'COUNT', want - got)
+    if r[1] ~= cursor then redis.call('HSET', KEYS[15], band, r[1]) end
+    for _, e in ipairs(r[2]) do
+      if e then  -- Redis 6.2 returns nil for entries deleted from the stream
+        local p = pending(band, e[1])
+        redis.call('ZREM', KEYS[13], band .. '|' .. e[1])
+        push(band, e, p and p[4] or 1)
+      end
+    end
+  end
+end
+
+-- (3) nacked, then new entries, highest band first
+local released = redis.call('EXISTS', KEYS[13]) == 1
+for band = 9, 0, -1 do
+  if got >= want then break end
+  if released then
+    local ms = redis.call('ZRANGEBYSCORE', KEYS[13], band, band, 'LIMIT', 0, want - got)
+    for _, m in ipairs(ms) do
+      redis.call('ZREM', KEYS[13], m)
+      local _, id = split(m)
+      local p = pending(band, id)
+      if p and p[2] == RELEASED then take(band, p) end
+    end
+  end
+  if got < want then
+    local r = redis.call('XREADGROUP', 'GROUP', G, consumer, 'COUNT', want - got,
+                        'STREAMS', KEYS[band + 1], '>')
+    if r then
+      for _, e in ipairs(r[1][2]) do push(band, e, 1) end
+    end
+  end
+end
+
+local nd = redis.call('ZRANGE', KEYS[11], 0, 0, 'WITHSCORES')
+if nd[2] then out[1] = nd[2] end
+return out
+"""
+)
+
+#: ARGV: group, then per delivery: band, id, consumer, count. Returns flags.
+ACK = (
+    _PRELUDE
+    + """
+local by_band = {}
+local flags = for_owned(2, 4, function(i, band, id) add_to(by_band, band, id) end)
+finish(by_band)
+return flags
+"""
+)
+
+#: ARGV: group, then per delivery: band, id, consumer, count. Returns flags.
+#: The entry stays where it is (its id, hence its place in line) and is handed to
+#: the RELEASED pseudo-consumer, so the old holder's receipt stops working; the next
+#: fetch takes it from ``released`` before newer entries of its band.
+NACK = (
+    _PRELUDE
+    + """
+local longs = redis.call('EXISTS', KEYS[12]) == 1
+return for_owned(2, 4, function(i, band, id)
+  redis.call('XCLAIM', KEYS[band + 1], G, RELEASED, 0, id, 'JUSTID')
+  redis.call('ZADD', KEYS[13], band, band .. '|' .. id)
+  if longs then redis.call('ZREM', KEYS[12], band .. '|' .. id) end
+end)
+"""
+)
+
+#: ARGV: group, then per item: band, id, consumer, count, new band, due ms ('' =
+#: now), visibility ms (''), envelope bytes. Acks each held delivery and adds its
+#: replacement in the same step; a lost lease gets no replacement. Returns flags.
+RETRY = (
+    _PRELUDE
+    + """
+local by_band = {}
+local flags = for_owned(2, 8, function(i, band, id)
+  add_to(by_band, band, id)
+  local nband, due, vt, raw = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  if due == '' then
+    enqueue(nband, vt, raw)
+  else
+    redis.call('ZADD', KEYS[11], due, nband .. ':' .. vt .. ':' .. raw)
+  end
+end)
+finish(by_band)
+return flags
+"""
+)
+
+#: ARGV: group, now_ms, then per delivery: band, id, consumer, count, reason.
+#: Copies the stored bytes to the dead-letter stream, then acks. Returns flags.
+DEAD = (
+    _PRELUDE
+    + """
+local by_band = {}
+local flags = for_owned(3, 5, function(i, band, id)
+  local e = redis.call('XRANGE', KEYS[band + 1], id, id)[1]
+  local raw = ''
+  if e and e[2][1] == 'p' then raw = e[2][2] end
+  redis.call('XADD', KEYS[14], '*', 'p', raw, 'r', ARGV[i + 4], 't', ARGV[2])
+  add_to(by_band, band, id)
+end)
+finish(by_band)
+return flags
+"""
+)
+
+#: ARGV: group, now_ms, horizon_ms, lease_ms, then per delivery: band, id,
+#: consumer, count. Sets each held lease to now + lease_ms. Returns flags.
+EXTEND = (
+    _PRELUDE
+    + """
+local now, H, L = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local longs = redis.call('EXISTS', KEYS[12]) == 1
+return for_owned(5, 4, function(i, band, id)
+  local member = band .. '|' .. id
+  if L <= H then
+    redis.call('XCLAIM', KEYS[band + 1], G, ARGV[i + 2], 0, id, 'IDLE', H - L, 'JUSTID')
+    if longs then redis.call('ZREM', KEYS[12], member) end
+  else
+    redis.call('XCLAIM', KEYS[band + 1], G, ARGV[i + 2], 0, id, 'IDLE', 0, 'JUSTID')
+    redis.call('ZADD', KEYS[12], now + L, member)
+  end
+end)
+"""
+)
+
+#: ARGV: group. Returns {ready, in_flight, delayed, dead}.
+STATS = (
+    _PRELUDE
+    + """
+local ready, inflight = 0, 0
+for band = 0, 9 do
+  local s = KEYS[band + 1]
+  local len = redis.call('XLEN', s)
+  local total, released = 0, 0
+  if redis.call('EXISTS', s) == 1 then
+    local p = redis.pcall('XPENDING', s, G)
+    if type(p) == 'table' and not p.err then
+      total = tonumber(p[1])
+      if p[4] then
+        for _, c in ipairs(p[4]) do
+          if c[1] == RELEASED then released = tonumber(c[2]) end
+        end
+      end
+    end
+  end
+  inflight = inflight + total - released
+  ready = ready + math.max(0, len - total) + released
+end
+return {ready, inflight, redis.call('ZCARD', KEYS[11]), redis.call('XLEN', KEYS[14])}
+"""
+)
+
+#: ARGV: group, budget. Drops ready (incl. nacked) and delayed entries, leaving
+#: leased ones alone. Returns {removed, more (1 when the budget ran out)}.
+PURGE = (
+    _PRELUDE
+    + """
+local budget = tonumber(ARGV[2])
+local removed = redis.call('ZCARD', KEYS[11])
+redis.call('DEL', KEYS[11])
+local by_band = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[13], 0, -1)) do
+  local band, id = split(m)
+  local p = pending(band, id)
+  if p and p[2] == RELEASED then
+    add_to(by_band, band, id)
+    removed = removed + 1
+  end
+end
+redis.call('DEL', KEYS[13])
+finish(by_band)
+for band = 0, 9 do
+  local s = KEYS[band + 1]
+  if redis.call('EXISTS', s) == 1 then
+    local last = nil
+    local groups = redis.pcall('XINFO', 'GROUPS', s)
+    if type(groups) == 'table' and not groups.err then
+      for _, g in ipairs(groups) do
+        local info = {}
+        for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+        if info['name'] == G then last = info['last-delivered-id'] end
+      end
+    end
+    if not last then
+      -- nobody has read this stream yet: every entry is ready
+      removed = removed + redis.call('XLEN', s)
+      redis.call('XTRIM', s, 'MAXLEN', 0)
+    else
+      while true do
+        local r = redis.call('XRANGE', s, '(' .. last, '+', 'COUNT', 500)
+        if #r == 0 then break end
+        local ids = {}
+        for j = 1, #r do ids[j] = r[j][1] end
+        each_chunk(ids, function(...) redis.call('XDEL', s, ...) end)
+        removed = removed + #r
+        budget = budget - #r
+        last = ids[#ids]
+        if budget <= 0 then return {removed, 1} end
+      end
+    end
+  end
+end
+return {removed, 0}
+"""
+)
+
+#: ARGV: group, then per dead letter: dead entry id, band, visibility ms, bytes.
+#: Moves each dead letter that still exists back to its band stream (a concurrent
+#: replay or purge cannot make it run twice). Returns how many moved.
+REPLAY = (
+    _PRELUDE
+    + """
+local n = 0
+for i = 2, #ARGV, 4 do
+  if redis.call('XDEL', KEYS[14], ARGV[i]) == 1 then
+    enqueue(tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3])
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+ALL = {
+    "ensure": ENSURE,
+    "fetch": FETCH,
+    "ack": ACK,
+    "nack": NACK,
+    "retry": RETRY,
+    "dead": DEAD,
+    "extend": EXTEND,
+    "stats": STATS,
+    "purge": PURGE,
+    "replay": REPLAY,
+}
