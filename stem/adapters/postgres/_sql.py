@@ -95,7 +95,7 @@ class Statements:
                 UPDATE {jobs} j
                 SET locked_until = now() + coalesce(j.visibility, $3) * interval '1 second',
                     owner = $4, lease = $5, deliveries = j.deliveries + 1
-                FROM picked WHERE j.id = picked.id
+                WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
                 RETURNING j.id, j.queue, j.priority, j.not_before, j.envelope, j.locked_until,
                           j.deliveries
             )"""
@@ -140,21 +140,23 @@ class Statements:
             ) - clock_timestamp())"""
 
         # -- settling deliveries ($1 ids, $2 lease tokens) ----------------------
+        # ``j.id = ANY($1)`` looks redundant next to the join, but it lets the planner
+        # find the rows through the primary key instead of hashing the whole table.
         self.ack = f"""
             DELETE FROM {jobs} j USING unnest($1::int8[], $2::uuid[]) AS t(id, lease)
-            WHERE j.id = t.id AND j.lease = t.lease"""
+            WHERE j.id = ANY($1::int8[]) AND j.id = t.id AND j.lease = t.lease"""
         self.nack = f"""
             WITH upd AS (
                 UPDATE {jobs} j SET locked_until = NULL, owner = NULL, lease = NULL
                 FROM unnest($1::int8[], $2::uuid[]) AS t(id, lease)
-                WHERE j.id = t.id AND j.lease = t.lease
+                WHERE j.id = ANY($1::int8[]) AND j.id = t.id AND j.lease = t.lease
                 RETURNING j.queue
             ) {_NOTIFY_QUEUES.format(chan="$3", src="upd")}"""
         # $3 seconds from now.
         self.extend = f"""
             UPDATE {jobs} j SET locked_until = now() + $3::float8 * interval '1 second'
             FROM unnest($1::int8[], $2::uuid[]) AS t(id, lease)
-            WHERE j.id = t.id AND j.lease = t.lease
+            WHERE j.id = ANY($1::int8[]) AND j.id = t.id AND j.lease = t.lease
             RETURNING j.id, date_part('epoch', j.locked_until)"""
         # Replace each still-leased job by its new envelope: the insert only happens
         # for rows the delete removed, so a stale lease holder adds nothing.
@@ -166,7 +168,7 @@ class Statements:
                                      $9::bytea[])
                     AS t(old_id, lease, task_id, queue, priority, nb, vis, attempt, env)
             ), d AS (
-                DELETE FROM {jobs} j USING t WHERE j.id = t.old_id AND j.lease = t.lease
+                DELETE FROM {jobs} j USING t WHERE j.id = ANY($1::int8[]) AND j.id = t.old_id AND j.lease = t.lease
                 RETURNING j.id
             ), ins AS (
                 INSERT INTO {jobs} ({_JOB_COLUMNS})
@@ -178,7 +180,7 @@ class Statements:
             WITH t AS (
                 SELECT * FROM unnest($1::int8[], $2::uuid[], $3::text[]) AS t(id, lease, reason)
             ), d AS (
-                DELETE FROM {jobs} j USING t WHERE j.id = t.id AND j.lease = t.lease
+                DELETE FROM {jobs} j USING t WHERE j.id = ANY($1::int8[]) AND j.id = t.id AND j.lease = t.lease
                 RETURNING j.id, j.task_id, j.queue, j.attempt, j.owner, j.envelope
             )
             INSERT INTO {dead} (task_id, queue, reason, attempt, owner, envelope)
@@ -234,7 +236,7 @@ class Statements:
             + _UPSERT_RESULTS.format(s=s, a="$1", b="$2", c="$3", d="$4")
             + f""", acked AS (
                 DELETE FROM {jobs} j USING unnest($6::int8[], $7::uuid[]) AS t(id, lease)
-                WHERE j.id = t.id AND j.lease = t.lease
+                WHERE j.id = ANY($6::int8[]) AND j.id = t.id AND j.lease = t.lease
             )"""
             + _NOTIFY_RESULTS.format(chan="$5")
         )
