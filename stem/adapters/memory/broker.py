@@ -65,7 +65,7 @@ class _Queue:
     waiters: set[Waiter] = field(default_factory=set)
 
 
-def decode(raw: bytes) -> tuple[Envelope | None, str | None]:
+def _decode(raw: bytes) -> tuple[Envelope | None, str | None]:
     """Decode stored bytes into a fresh envelope, or say why they can't be."""
     try:
         return Envelope.from_json(raw), None
@@ -224,7 +224,7 @@ class MemoryBroker:
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
         """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
-        env, _ = decode(raw)
+        env, _ = _decode(raw)
         now = now_epoch()
         with self._lock:
             q = self._queue(queue)
@@ -270,7 +270,7 @@ class MemoryBroker:
 
     @staticmethod
     def _delivery(queue: str, m: _Message) -> Delivery:
-        env, error = decode(m.raw)
+        env, error = _decode(m.raw)
         return Delivery(
             envelope=env,
             receipt=f"{m.mid}:{m.lease}",
@@ -400,7 +400,7 @@ class MemoryBroker:
             kept: deque[_DeadEntry] = deque()
             while q.dead and (limit is None or replayed < limit):
                 entry = q.dead.popleft()
-                env, _ = decode(entry.raw)
+                env, _ = _decode(entry.raw)
                 if env is None:
                     kept.append(entry)
                     continue
@@ -429,7 +429,7 @@ class MemoryBroker:
 
 
 def _dead_letter(queue: str, e: _DeadEntry) -> DeadLetter:
-    env, _ = decode(e.raw)
+    env, _ = _decode(e.raw)
     if env is not None:
         dl_id = env.id
     else:
