@@ -17,7 +17,13 @@ Quick start::
 from stem.app import Stem
 from stem.config import StemConfig
 from stem.context import TaskContext
-from stem.encoding import JsonPayloadEncoder, TaskPayloadEncoder, TaskPayloadEncoderRegistry
+from stem.encoding import (
+    AesGcmPayloadEncoder,
+    GzipJsonPayloadEncoder,
+    JsonPayloadEncoder,
+    TaskPayloadEncoder,
+    TaskPayloadEncoderRegistry,
+)
 from stem.envelope import Envelope
 from stem.errors import (
     ConfigurationError,
@@ -40,10 +46,12 @@ from stem.task import TaskCall, TaskDefinition, TaskOptions
 __version__ = "0.1.0"
 
 __all__ = [
+    "AesGcmPayloadEncoder",
     "ConfigurationError",
     "Envelope",
     "EnvelopeDecodeError",
     "ExponentialJitterRetryStrategy",
+    "GzipJsonPayloadEncoder",
     "JsonPayloadEncoder",
     "PayloadEncodingError",
     "Retry",

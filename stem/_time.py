@@ -1,9 +1,44 @@
-"""Wire time helpers: ISO-8601 UTC with millisecond precision, as the Dart Stem writes."""
+"""Wire time helpers: ISO-8601 strings as the Dart Stem reads and writes them.
+
+Values we create are written as UTC with millisecond precision
+(``2025-01-02T03:04:05.678Z``). The Dart Stem writes ``DateTime.toIso8601String()``:
+milliseconds always, three more digits when the microseconds are not zero, and a
+``Z`` only for UTC values (releases before its UTC clock wrote local time with no
+offset). A time read from the wire remembers its text (:class:`WireTime`), so an
+envelope that passes through a Python worker unchanged is re-encoded exactly as
+it arrived.
+"""
 
 from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any, SupportsIndex
+
+
+class WireTime(datetime):
+    """An aware UTC datetime parsed from the wire that keeps the text it came from.
+
+    :func:`to_iso` writes :attr:`wire_text` back unchanged. Anything derived from
+    it (arithmetic, ``replace``, ``astimezone`` to another zone) is a new value
+    without the text and is formatted the usual way.
+    """
+
+    #: The exact string this value was parsed from (None on derived values).
+    wire_text: str | None = None
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        # datetime pickles subclasses through their constructor, which would drop
+        # the text; keep it so a value sent to a pool process re-encodes the same.
+        return (_rebuild_wire_time, (self.isoformat(), self.wire_text))
+
+
+def _rebuild_wire_time(exact: str, text: str | None) -> WireTime:
+    value = datetime.fromisoformat(exact)
+    out = WireTime(value.year, value.month, value.day, value.hour, value.minute,
+                   value.second, value.microsecond, tzinfo=UTC)
+    out.wire_text = text
+    return out
 
 
 def utcnow() -> datetime:
@@ -12,7 +47,13 @@ def utcnow() -> datetime:
 
 
 def to_iso(dt: datetime) -> str:
-    """Format ``dt`` as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (naive datetimes are taken as UTC)."""
+    """Format ``dt`` for the wire.
+
+    A :class:`WireTime` is written back as it was read; anything else as
+    ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (naive datetimes are taken as UTC).
+    """
+    if type(dt) is WireTime and dt.wire_text is not None:
+        return dt.wire_text
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     elif dt.utcoffset():
@@ -21,11 +62,18 @@ def to_iso(dt: datetime) -> str:
 
 
 def from_iso(value: str) -> datetime:
-    """Parse an ISO-8601 string; a value without an offset is taken as UTC."""
-    dt = datetime.fromisoformat(value)
-    if dt.tzinfo is None:
-        return dt.replace(tzinfo=UTC)
-    return dt
+    """Parse an ISO-8601 string into an aware UTC :class:`WireTime`.
+
+    A value without an offset is local time, as Dart's ``DateTime.parse`` reads it
+    (older Dart producers wrote ``DateTime.now()`` that way). Raises ValueError.
+    """
+    parsed = datetime.fromisoformat(value)
+    # A naive datetime's astimezone() interprets it in the local zone.
+    utc = parsed.astimezone(UTC)
+    out = WireTime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
+                   utc.microsecond, tzinfo=UTC)
+    out.wire_text = value
+    return out
 
 
 def to_epoch(dt: datetime) -> float:

@@ -214,7 +214,15 @@ class Stem:
             raise ConfigurationError(f"task {definition.name!r} is registered twice")
         definition.app = self
         self.tasks[definition.name] = definition
+        self._adopt_encoders(definition.options)
         return definition
+
+    def _adopt_encoders(self, options: TaskOptions) -> None:
+        # A task's own encoders join the registry so payloads naming their ids decode
+        # anywhere in this process (e.g. app.wait by id); only that task encodes with them.
+        for enc in (options.args_encoder, options.result_encoder):
+            if enc is not None:
+                self.encoders.register(enc)
 
     def definition(self, name: str, *, params: Sequence[str] | None = None,
                    options: TaskOptions | None = None) -> TaskDefinition[..., Any]:
@@ -235,6 +243,8 @@ class Stem:
         not_before: datetime | None = call.eta
         if call.countdown is not None:
             not_before = now + timedelta(seconds=call.countdown)
+        if opts.args_encoder is not None or opts.result_encoder is not None:
+            self._adopt_encoders(opts)  # definitions built without app.register
         args_encoder = opts.args_encoder or self.encoders.default_args_encoder
         headers = {**call.headers, ARGS_ENCODER_HEADER: args_encoder.id}
         meta = {**call.meta, ARGS_ENCODER_META: args_encoder.id}
@@ -349,6 +359,7 @@ class Stem:
             error=status.error,
             attempt=status.attempt,
             meta=status.meta,
+            raw_payload=status.payload,
         )
 
     async def get_result(self, task_id: str) -> TaskResult[Any] | None:

@@ -1,18 +1,28 @@
-"""Task states, stored statuses, errors and typed results."""
+"""Task states, stored statuses, errors and typed results.
+
+The JSON forms match the Dart Stem's ``TaskStatus.toJson`` / ``TaskError.toJson``;
+``createdAt``/``updatedAt`` are the timestamps its Redis backend stores next to a
+status. Keys this version does not know are kept in ``extra`` and written back.
+"""
 
 from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 import orjson
 
+from stem._time import from_iso, to_iso
+
 R = TypeVar("R")
 
-_STATUS_KEYS = frozenset({"id", "state", "payload", "error", "meta", "attempt"})
-_ERROR_KEYS = frozenset({"type", "message", "stack", "retryable"})
+_STATUS_KEYS = frozenset(
+    {"id", "state", "payload", "error", "meta", "attempt", "createdAt", "updatedAt"}
+)
+_ERROR_KEYS = frozenset({"type", "message", "stack", "retryable", "meta"})
 
 
 class TaskState(StrEnum):
@@ -36,12 +46,16 @@ _TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLE
 
 @dataclass(slots=True)
 class TaskError:
-    """Why an attempt failed: exception type, message, traceback, retryability."""
+    """Why an attempt failed: exception type, message, traceback, retryability.
+
+    ``meta`` is free-form detail (the Dart worker puts e.g. ``reason``/``keyId`` there).
+    """
 
     type: str
     message: str
     stack: str | None = None
     retryable: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -54,18 +68,24 @@ class TaskError:
         """Wire-format JSON object."""
         out = dict(self.extra) if self.extra else {}
         out.update(
-            type=self.type, message=self.message, stack=self.stack, retryable=self.retryable
+            type=self.type,
+            message=self.message,
+            stack=self.stack,
+            retryable=self.retryable,
+            meta=self.meta,
         )
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskError:
-        """Parse the wire-format JSON object."""
+        """Parse the wire-format JSON object (defaults as in the Dart Stem)."""
+        meta = data.get("meta")
         return cls(
-            type=str(data.get("type") or "Error"),
+            type=str(data.get("type") or "Unknown"),
             message=str(data.get("message") or ""),
             stack=data.get("stack"),
             retryable=bool(data.get("retryable", False)),
+            meta=dict(meta) if isinstance(meta, dict) else {},
             extra={k: v for k, v in data.items() if k not in _ERROR_KEYS},
         )
 
@@ -76,6 +96,8 @@ class TaskStatus:
 
     ``payload`` is the *encoded* result (see ``meta['__stemResultEncoder']``);
     ``meta`` also carries progress (``meta['progress']``) and handler-written metadata.
+    ``created_at``/``updated_at`` are set by backends that record them (the Dart
+    Redis backend does) and are written only when set.
     """
 
     id: str
@@ -84,7 +106,41 @@ class TaskStatus:
     error: TaskError | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     attempt: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # Read-only views of what the Dart worker records in ``meta`` (same key fallbacks).
+
+    @property
+    def task_name(self) -> str | None:
+        """Task name from ``meta['task']`` / ``meta['stem.task']``."""
+        return _meta_str(self.meta, "task", "stem.task")
+
+    @property
+    def queue_name(self) -> str | None:
+        """Queue from ``meta['queue']`` / ``meta['stem.queue']``."""
+        return _meta_str(self.meta, "queue", "stem.queue")
+
+    @property
+    def worker_id(self) -> str | None:
+        """Worker that reported this status, from ``meta['worker']``."""
+        return _meta_str(self.meta, "worker")
+
+    @property
+    def started_at(self) -> datetime | None:
+        """When the attempt started, from ``meta['startedAt']``."""
+        return _meta_time(self.meta, "startedAt")
+
+    @property
+    def completed_at(self) -> datetime | None:
+        """When the task succeeded, from ``meta['completedAt']``."""
+        return _meta_time(self.meta, "completedAt")
+
+    @property
+    def failed_at(self) -> datetime | None:
+        """When the task failed, from ``meta['failedAt']``."""
+        return _meta_time(self.meta, "failedAt")
 
     def to_dict(self) -> dict[str, Any]:
         """Wire-format JSON object."""
@@ -95,6 +151,10 @@ class TaskStatus:
         out["error"] = None if self.error is None else self.error.to_dict()
         out["meta"] = self.meta
         out["attempt"] = self.attempt
+        if self.created_at is not None:
+            out["createdAt"] = to_iso(self.created_at)
+        if self.updated_at is not None:
+            out["updatedAt"] = to_iso(self.updated_at)
         return out
 
     def to_json(self) -> bytes:
@@ -103,16 +163,27 @@ class TaskStatus:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskStatus:
-        """Parse the wire-format JSON object."""
+        """Parse the wire-format JSON object.
+
+        An unknown ``state`` reads as ``queued``, as in the Dart Stem, so a status
+        from a newer writer never makes a reader fail.
+        """
         err = data.get("error")
+        extra = {k: v for k, v in data.items() if k not in _STATUS_KEYS}
+        try:
+            state = TaskState(data["state"])
+        except ValueError:
+            state = TaskState.QUEUED
         return cls(
             id=str(data["id"]),
-            state=TaskState(data["state"]),
+            state=state,
             payload=data.get("payload"),
             error=TaskError.from_dict(err) if isinstance(err, dict) else None,
             meta=dict(data.get("meta") or {}),
             attempt=int(data.get("attempt") or 0),
-            extra={k: v for k, v in data.items() if k not in _STATUS_KEYS},
+            created_at=_wire_time(data, "createdAt", extra),
+            updated_at=_wire_time(data, "updatedAt", extra),
+            extra=extra,
         )
 
     @classmethod
@@ -121,9 +192,43 @@ class TaskStatus:
         return cls.from_dict(orjson.loads(raw))
 
 
+def _wire_time(data: dict[str, Any], key: str, extra: dict[str, Any]) -> datetime | None:
+    value = data.get(key)
+    if isinstance(value, str):
+        try:
+            return from_iso(value)
+        except ValueError:
+            pass
+    if value is not None:
+        extra[key] = value  # not a time we can read: keep it verbatim rather than drop it
+    return None
+
+
+def _meta_str(meta: dict[str, Any], *keys: str) -> str | None:
+    for key in keys:
+        value = meta.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def _meta_time(meta: dict[str, Any], key: str) -> datetime | None:
+    value = meta.get(key)
+    if not isinstance(value, str):
+        return None
+    try:
+        return from_iso(value)
+    except ValueError:
+        return None
+
+
 @dataclass(slots=True)
 class TaskResult(Generic[R]):
-    """A task's outcome as seen by a caller: decoded value, error, attempt, metadata."""
+    """A task's outcome as seen by a caller: decoded value, error, attempt, metadata.
+
+    ``raw_payload`` is the payload as stored, before the result encoder and any
+    ``decode`` callback ran.
+    """
 
     id: str
     state: TaskState
@@ -131,6 +236,7 @@ class TaskResult(Generic[R]):
     error: TaskError | None = None
     attempt: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    raw_payload: Any = None
 
     @property
     def succeeded(self) -> bool:

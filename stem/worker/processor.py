@@ -93,7 +93,9 @@ class Processor:
             ARGS_ENCODER_META
         )
         try:
-            data = self.app.encoders.decode_args(envelope.args, encoder_id)
+            data = self.app.encoders.decode_args(
+                envelope.args, encoder_id, definition.options.args_encoder
+            )
             args, kwargs = definition.call_arguments(data)
         except PayloadEncodingError as exc:
             return Rejected(str(exc), "PayloadEncodingError")

@@ -56,9 +56,12 @@ def test_unknown_keys_survive_a_round_trip() -> None:
     assert orjson.loads(env.to_json())["futureField"] == {"a": [1]}
 
 
-def test_dart_style_local_time_without_offset_is_read_as_utc() -> None:
+def test_dart_style_local_time_without_offset_is_read_as_local_time() -> None:
     env = Envelope.from_json(b'{"id":"x","name":"t","args":{},"enqueuedAt":"2025-01-02T03:04:05.123456"}')
-    assert env.enqueued_at == datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    # As Dart's DateTime.parse does; stored aware and in UTC, written back as read.
+    assert env.enqueued_at == datetime(2025, 1, 2, 3, 4, 5, 123456).astimezone(UTC)
+    assert env.enqueued_at.tzinfo is UTC
+    assert orjson.loads(env.to_json())["enqueuedAt"] == "2025-01-02T03:04:05.123456"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,6 @@ def test_status_round_trip_keeps_unknown_keys() -> None:
                      meta={"a": 1}, attempt=2, extra={"dartOnly": True})
     data = orjson.loads(st_.to_json())
     assert data["error"] == {"type": "ValueError", "message": "boom", "stack": "tb",
-                             "retryable": True, "code": 3}
+                             "retryable": True, "meta": {}, "code": 3}
     assert TaskStatus.from_json(st_.to_json()) == st_
     assert TaskState.SUCCEEDED.is_terminal and not TaskState.RETRIED.is_terminal

@@ -1,0 +1,1 @@
+"""Payload encoders, wire fixtures and the typed producer API."""
