@@ -57,7 +57,10 @@ class QueueStats:
 
 @dataclass(slots=True)
 class DeadLetter:
-    """A dead-lettered message: the original bytes, its envelope if decodable, and why."""
+    """A dead-lettered message: the original bytes, its envelope if decodable, and why.
+
+    ``id`` is the task id when the bytes are readable, else an adapter-chosen id.
+    """
 
     id: str
     queue: str
@@ -84,7 +87,10 @@ class Broker(Protocol):
         ...
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
-        """Store bytes as-is (interop with other producers; malformed input in tests)."""
+        """Store bytes as-is (interop with other producers; malformed input in tests).
+
+        A readable ``notBefore`` in the bytes is honoured like ``publish`` does.
+        """
         ...
 
     async def fetch(
@@ -101,7 +107,12 @@ class Broker(Protocol):
         ...
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Remove delivered envelopes for good."""
+        """Remove delivered envelopes for good.
+
+        Like every settle call (nack, retry, dead_letter, extend_lease), this acts only
+        while the delivery still holds its lease: once another consumer has leased the
+        message again, the stale receipt is ignored silently (at-least-once, never lost).
+        """
         ...
 
     async def nack(self, deliveries: Sequence[Delivery]) -> None:
@@ -117,7 +128,7 @@ class Broker(Protocol):
         ...
 
     async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
-        """Push each delivery's lease deadline to ``now + seconds``."""
+        """Set each delivery's lease deadline to ``now + seconds`` (and ``lease_expires_at``)."""
         ...
 
     async def stats(self, queue: str) -> QueueStats:
@@ -133,7 +144,10 @@ class Broker(Protocol):
         ...
 
     async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Re-publish dead letters of ``queue`` (attempt reset to 0); return how many."""
+        """Re-publish dead letters of ``queue`` (attempt reset to 0, due now); return how many.
+
+        Undecodable dead letters stay where they are; a replayed one is a first delivery.
+        """
         ...
 
     async def purge_dead_letters(self, queue: str) -> int:
