@@ -640,3 +640,34 @@ async def test_older_schema_is_upgraded_on_connect(
         await broker.close()
     versions = await raw_conn.fetch(f'SELECT version FROM "{namespace}".stem_migrations')
     assert sorted(v["version"] for v in versions) == [m[0] for m in migrations.MIGRATIONS]
+
+
+# -- through the app and a worker ------------------------------------------------------
+
+
+async def test_app_and_worker_on_postgres_with_transactional_enqueue(pg_url: str) -> None:
+    import stem
+    from tests.helpers import running_worker
+
+    app = stem.Stem("pg", broker=pg_url, backend=pg_url)
+
+    @app.task(name="pg.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    conn = await asyncpg.connect(parse_url(pg_url).dsn)
+    try:
+        async with running_worker(app):
+            ids = [await app.enqueue("pg.add", i, 1) for i in range(20)]
+            async with conn.transaction():
+                in_tx = await app.enqueue("pg.add", 100, 1, connection=conn)
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    dropped = await app.enqueue("pg.add", 200, 1, connection=conn)
+                    raise RuntimeError("rollback")
+            results = [await app.wait(i, timeout=10) for i in [*ids, in_tx]]
+            assert [r.value for r in results] == [*(i + 1 for i in range(20)), 101]
+            assert await app.get_result(dropped) is None
+    finally:
+        await conn.close()
+        await app.close()

@@ -253,9 +253,9 @@ class PostgresBroker:
 
     async def _lease(self, names: list[str], max_count: int, consumer: str) -> list[Delivery]:
         lease = uuid.uuid4()
+        order: str | list[str]
         if len(names) == 1:
-            sql, first = self._sql.fetch_one_queue, names[0]
-            order: Any = first
+            sql, order = self._sql.fetch_one_queue, names[0]
         else:
             key = tuple(names)
             shift = self._rotation.get(key, 0) % len(names)
