@@ -27,7 +27,10 @@ async def _incr() -> None:
     if _redis is None:
         import redis.asyncio as redis
 
-        _redis = redis.from_url(url)
+        # Blocking pool: 200 concurrent tasks wait for a connection instead of failing.
+        _redis = redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=32)
+        )
     await _redis.incr(_COUNTER)
 
 
