@@ -311,6 +311,7 @@ class RedisBroker:
                     raise err from exc
                 await asyncio.sleep(min(self._backoff, remaining))
                 self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+                continue  # one more attempt, even when that sleep used up the block
             if time.monotonic() >= give_up:
                 return []
 

@@ -1,0 +1,622 @@
+"""Redis adapter behaviour beyond the conformance suite: the key layout, leases
+(XAUTOCLAIM, per-envelope and extended leases, owner checks), the delayed-work
+mover waking a blocked fetch, NOSCRIPT reloads, dead letters, URL parsing and
+failing fast / reconnecting when the server goes away.
+
+Shared-server tests use the ``redis_url`` fixture with the ``namespace`` fixture
+as key prefix (their keys are deleted afterwards). Tests that flush scripts, kill
+connections or stop the server get a private redis-server of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from urllib.parse import urlencode
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.connection import SSLConnection
+from redis.crc import key_slot
+
+from stem._time import from_epoch, now_epoch, utcnow
+from stem.adapters import backend_from_url, broker_from_url
+from stem.adapters.redis import RedisBackend, RedisBroker, parse_redis_url
+from stem.adapters.redis._connection import safe_url
+from stem.envelope import Envelope
+from stem.errors import ConfigurationError, ServiceUnavailableError
+from stem.ports import Delivery
+from stem.status import TaskState, TaskStatus
+from tests import services
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.redis
+
+Q = "q"
+
+
+def with_params(url: str, **params: object) -> str:
+    """``url`` with query parameters added."""
+    return url + ("&" if "?" in url else "?") + urlencode({k: str(v) for k, v in params.items()})
+
+
+def env(i: int = 0, **kw: object) -> Envelope:
+    kw.setdefault("queue", Q)
+    return Envelope(name="t.task", args={"i": i}, **kw)  # type: ignore[arg-type]
+
+
+async def delete_namespace(url: str, namespace: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
+            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def raw(redis_url: str, namespace: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the test server; the namespace's keys are deleted afterwards."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+    await delete_namespace(redis_url, namespace)
+
+
+@pytest.fixture
+async def make_broker(
+    redis_url: str, namespace: str, raw: aioredis.Redis
+) -> AsyncIterator[object]:
+    """Factory for brokers on the test server, closed afterwards."""
+    made: list[RedisBroker] = []
+
+    def make(**params: object) -> RedisBroker:
+        params.setdefault("claim_interval", 0.05)
+        b = broker_from_url(with_params(redis_url, **params), namespace=namespace)
+        assert isinstance(b, RedisBroker)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        await b.close()
+
+
+@pytest.fixture
+async def broker(make_broker: object) -> RedisBroker:
+    return make_broker()  # type: ignore[operator, no-any-return]
+
+
+async def fetch_within(
+    broker: RedisBroker, consumer: str = "c2", timeout: float = 5.0, queues: list[str] | None = None
+) -> list[Delivery]:
+    return await eventually(
+        lambda: broker.fetch(queues or [Q], 1, block=0.05, consumer=consumer), timeout=timeout
+    )
+
+
+async def pending_row(raw: aioredis.Redis, broker: RedisBroker, d: Delivery) -> tuple[str, int]:
+    """(consumer, delivery count) of a delivery's entry in the group's pending list."""
+    band, eid = d.token[0], d.token[1]
+    [row] = await raw.xpending_range(broker.keys(d.queue).streams[band], "stem", eid, eid, 1)
+    return row["consumer"].decode(), row["times_delivered"]
+
+
+# -- key layout -------------------------------------------------------------------------
+
+
+async def test_every_key_of_a_queue_shares_one_hash_tag(
+    broker: RedisBroker, raw: aioredis.Redis, namespace: str
+) -> None:
+    """Exercise every structure: bands, delayed, long lease, nacked, dead letters."""
+    await broker.publish(
+        [env(i, priority=i) for i in range(10)]
+        + [env(99, not_before=utcnow() + timedelta(seconds=60)), env(50, visibility_timeout=120)]
+    )
+    got = await broker.fetch([Q], 20, block=0, consumer="c1")
+    assert len(got) == 11
+    await broker.nack(got[:1])
+    await broker.dead_letter([(got[1], "x")])
+    await broker.extend_lease(got[2:3], 300)
+    keys = sorted([k.decode() async for k in raw.scan_iter(match=f"*{namespace}*", count=1000)])
+    tag = "{" + f"{namespace}:{Q}" + "}"
+    assert keys and all(k.startswith(tag + ":") for k in keys), keys
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(tag.encode())}
+    suffixes = {k[len(tag) + 1 :] for k in keys}
+    assert {"delayed", "leases", "released", "dead"} <= suffixes
+    assert {f"stream:{b}" for b in range(10)} <= suffixes
+
+
+async def test_acked_entries_are_deleted_from_the_stream(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    await broker.publish([env(i) for i in range(50)])
+    got = await broker.fetch([Q], 50, block=0, consumer="c1")
+    assert await raw.xlen(broker.keys(Q).streams[0]) == 50
+    await broker.ack(got)
+    assert await raw.xlen(broker.keys(Q).streams[0]) == 0
+    assert (await broker.stats(Q)).in_flight == 0
+
+
+async def test_publish_raw_stores_the_bytes_unchanged(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    payload = b'{"id": "x",   "name": "t.task", "args": {}, "weird": [1, 2]}'
+    await broker.publish_raw(Q, payload, priority=7)
+    [(_, fields)] = await raw.xrange(broker.keys(Q).streams[7])
+    assert fields == {b"p": payload}
+    [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    assert d.raw == payload and d.envelope is not None and d.envelope.extra == {"weird": [1, 2]}
+
+
+# -- leases -----------------------------------------------------------------------------
+
+
+async def test_xautoclaim_reclaims_after_the_visibility_timeout(
+    make_broker: object, raw: aioredis.Redis
+) -> None:
+    broker: RedisBroker = make_broker(default_visibility_timeout=0.3)  # type: ignore[operator]
+    await broker.publish([env()])
+    [first] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    assert first.redelivered is False
+    fetched = time.monotonic()
+    assert await pending_row(raw, broker, first) == ("c1", 1)
+    [again] = await fetch_within(broker, "c2")
+    assert time.monotonic() - fetched >= 0.28
+    assert again.redelivered is True and again.receipt != first.receipt
+    assert await pending_row(raw, broker, again) == ("c2", 2)
+
+
+async def test_extend_lease_past_the_horizon_is_kept_until_its_deadline(
+    make_broker: object,
+) -> None:
+    """Horizon 0.3 s; a 1.2 s extension must hold although the claimer runs all along."""
+    broker: RedisBroker = make_broker(default_visibility_timeout=0.3)  # type: ignore[operator]
+    await broker.publish([env()])
+    [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    start = time.monotonic()
+    await broker.extend_lease([d], 1.2)
+    assert d.lease_expires_at is not None and d.lease_expires_at >= now_epoch() + 1.1
+    assert await broker.fetch([Q], 1, block=0.8, consumer="c2") == []
+    [again] = await fetch_within(broker, "c2")
+    assert time.monotonic() - start >= 1.15
+    assert again.envelope is not None and again.redelivered
+
+
+async def test_extend_lease_shorter_than_the_horizon(make_broker: object) -> None:
+    broker: RedisBroker = make_broker()  # type: ignore[operator]  # horizon: 30 s
+    await broker.publish([env()])
+    [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    await broker.extend_lease([d], 0.2)
+    start = time.monotonic()
+    [again] = await fetch_within(broker, "c2", timeout=3)
+    assert 0.15 <= time.monotonic() - start < 1.0
+    assert again.envelope is not None
+
+
+async def test_envelope_visibility_timeout_longer_than_the_horizon(make_broker: object) -> None:
+    broker: RedisBroker = make_broker(default_visibility_timeout=0.2)  # type: ignore[operator]
+    await broker.publish([env(visibility_timeout=1.0)])
+    [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    assert d.lease_expires_at is not None and d.lease_expires_at >= now_epoch() + 0.9
+    start = time.monotonic()
+    assert await broker.fetch([Q], 1, block=0.6, consumer="c2") == []
+    await fetch_within(broker, "c2")
+    assert time.monotonic() - start >= 0.85
+
+
+async def test_lease_of_an_envelope_read_by_the_blocking_path(make_broker: object) -> None:
+    """Entries that arrive while a fetch is blocked get their own lease too."""
+    broker: RedisBroker = make_broker(default_visibility_timeout=30)  # type: ignore[operator]
+    producer: RedisBroker = make_broker()  # type: ignore[operator]
+
+    async def publish_when_blocked() -> None:
+        await eventually(lambda: asyncio.sleep(0, bool(broker._readers)))
+        await producer.publish([env(visibility_timeout=0.3)])
+
+    task = asyncio.create_task(publish_when_blocked())
+    [d] = await broker.fetch([Q], 1, block=5, consumer="c1")
+    await task
+    assert d.lease_expires_at is not None and d.lease_expires_at < now_epoch() + 0.5
+    start = time.monotonic()
+    [again] = await fetch_within(broker, "c2", timeout=3)
+    assert time.monotonic() - start < 1.0
+    assert again.redelivered
+
+
+async def test_stale_ack_after_reclaim_leaves_the_new_delivery(
+    make_broker: object, raw: aioredis.Redis
+) -> None:
+    """Same consumer name both times: only the delivery count tells the leases apart."""
+    broker: RedisBroker = make_broker(default_visibility_timeout=0.2)  # type: ignore[operator]
+    await broker.publish([env()])
+    [stale] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    [current] = await fetch_within(broker, "c1")
+    assert stale.token[:3] == current.token[:3]  # same entry, same consumer
+    await broker.ack([stale])
+    await broker.retry([(stale, env(attempt=1))])
+    await broker.dead_letter([(stale, "stale")])
+    await broker.nack([stale])
+    s = await broker.stats(Q)
+    assert (s.pending, s.delayed, s.in_flight, s.dead) == (0, 0, 1, 0)
+    assert await pending_row(raw, broker, current) == ("c1", 2)
+    await broker.ack([current])
+    s = await broker.stats(Q)
+    assert (s.pending, s.in_flight) == (0, 0)
+
+
+async def test_nack_keeps_the_entry_and_its_place(broker: RedisBroker, raw: aioredis.Redis) -> None:
+    await broker.publish([env(i) for i in range(3)])
+    [a, b, c] = await broker.fetch([Q], 3, block=0, consumer="c1")
+    await broker.nack([b])
+    await broker.publish([env(3)])
+    got = await broker.fetch([Q], 5, block=0, consumer="c2")
+    assert [d.envelope.args["i"] for d in got if d.envelope] == [1, 3]
+    assert got[0].token[1] == b.token[1]  # the same stream entry, not a copy
+    await broker.ack([a, c, *got])
+    assert await raw.xlen(broker.keys(Q).streams[0]) == 0
+
+
+# -- delayed work -----------------------------------------------------------------------
+
+
+async def test_retry_delayed_200ms_wakes_a_blocked_fetch_in_time(broker: RedisBroker) -> None:
+    await broker.publish([env()])
+    [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+    assert d.envelope is not None
+    fetcher = asyncio.create_task(broker.fetch([Q], 1, block=5, consumer="c1"))
+    await eventually(lambda: asyncio.sleep(0, bool(broker._readers)))  # blocked in XREADGROUP
+    start = time.monotonic()
+    await broker.retry([(d, d.envelope.copy(attempt=1, not_before=from_epoch(now_epoch() + 0.2)))])
+    [again] = await fetcher
+    took = time.monotonic() - start
+    assert 0.18 <= took < 0.3, took
+    assert again.envelope is not None and again.envelope.attempt == 1
+
+
+async def test_delayed_envelope_from_another_process_is_moved_when_due(
+    make_broker: object, raw: aioredis.Redis
+) -> None:
+    consumer: RedisBroker = make_broker(block_time=0.1)  # type: ignore[operator]
+    producer: RedisBroker = make_broker()  # type: ignore[operator]
+    await producer.publish([env(not_before=utcnow() + timedelta(seconds=0.3))])
+    assert await raw.zcard(consumer.keys(Q).delayed) == 1
+    start = time.monotonic()
+    [d] = await consumer.fetch([Q], 1, block=3, consumer="c1")
+    assert 0.25 <= time.monotonic() - start < 0.6
+    assert await raw.zcard(consumer.keys(Q).delayed) == 0
+    assert d.envelope is not None and d.redelivered is False
+
+
+async def test_many_due_envelopes_are_moved_in_batches(broker: RedisBroker) -> None:
+    past = utcnow() + timedelta(milliseconds=50)
+    await broker.publish([env(i, not_before=past) for i in range(1200)])
+    await asyncio.sleep(0.06)  # let them come due (the wait itself is what's tested next)
+    got: list[Delivery] = []
+    while len(got) < 1200:
+        batch = await broker.fetch([Q], 500, block=1, consumer="c1")
+        assert batch
+        got.extend(batch)
+    assert sorted(d.envelope.args["i"] for d in got if d.envelope) == list(range(1200))
+
+
+# -- priorities and several queues ------------------------------------------------------
+
+
+async def test_bands_are_read_highest_first_across_a_batch(broker: RedisBroker) -> None:
+    await broker.publish([env(i, priority=i % 10) for i in range(40)])
+    got = await broker.fetch([Q], 40, block=0, consumer="c1")
+    prios = [d.envelope.priority for d in got if d.envelope]
+    assert prios == sorted(prios, reverse=True)
+
+
+async def test_blocking_fetch_on_several_queues_wakes_on_any(broker: RedisBroker) -> None:
+    producer_ready = asyncio.Event()
+
+    async def publish_when_blocked() -> None:
+        await eventually(lambda: asyncio.sleep(0, bool(broker._readers)))
+        producer_ready.set()
+        await broker.publish([env(1, queue="b", priority=4)])
+
+    task = asyncio.create_task(publish_when_blocked())
+    start = time.monotonic()
+    [d] = await broker.fetch(["a", "b", "c"], 5, block=5, consumer="c1")
+    await task
+    assert d.queue == "b" and time.monotonic() - start < 1.0
+
+
+async def test_multi_queue_fetch_prefers_earlier_queues_but_serves_all(
+    broker: RedisBroker,
+) -> None:
+    await broker.publish([env(i, queue="hi") for i in range(100)])
+    await broker.publish([env(i, queue="lo", priority=9) for i in range(5)])
+    served: list[str] = []
+    for _ in range(20):
+        batch = await broker.fetch(["hi", "lo"], 3, block=0, consumer="c1")
+        served.extend(d.queue for d in batch)
+        await broker.ack(batch)
+    assert served[:3] == ["hi"] * 3
+    assert served.count("lo") == 5
+
+
+# -- dead letters and stats -------------------------------------------------------------
+
+
+async def test_dead_letter_stream_keeps_bytes_reason_and_time(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    await broker.publish_raw(Q, b"not json")
+    await broker.publish([env(1)])
+    [bad, good] = await broker.fetch([Q], 2, block=0, consumer="c1")
+    assert bad.envelope is None and bad.decode_error
+    before = now_epoch()
+    await broker.dead_letter([(bad, "undecodable"), (good, "unknown task")])
+    [(eid, fields), _] = await raw.xrange(broker.keys(Q).dead)
+    assert fields[b"p"] == b"not json" and fields[b"r"] == b"undecodable"
+    assert before - 1 <= int(fields[b"t"]) / 1000 <= now_epoch() + 1
+    dls = await broker.dead_letters(Q)
+    assert [dl.reason for dl in dls] == ["undecodable", "unknown task"]
+    assert dls[0].meta == {"entry_id": eid.decode()} and dls[0].id == eid.decode()
+    assert dls[1].envelope is not None and dls[1].id == dls[1].envelope.id
+    # The undecodable one stays (it could only fail again); the other goes back.
+    assert await broker.replay_dead_letters(Q) == 1
+    assert [dl.reason for dl in await broker.dead_letters(Q)] == ["undecodable"]
+    assert await broker.purge_dead_letters(Q) == 1
+
+
+async def test_stats_count_nacked_as_ready(broker: RedisBroker) -> None:
+    await broker.publish([env(i, priority=i) for i in range(4)])
+    got = await broker.fetch([Q], 3, block=0, consumer="c1")
+    await broker.nack(got[:2])
+    s = await broker.stats(Q)
+    assert (s.pending, s.in_flight) == (3, 1)
+    assert await broker.purge(Q) == 3
+    s = await broker.stats(Q)
+    assert (s.pending, s.in_flight) == (0, 1)
+
+
+# -- URLs and connection failures -------------------------------------------------------
+
+
+def test_url_parsing_standalone_tls_cluster_and_options() -> None:
+    s = parse_redis_url("redis://:s3cret@db.example:6380/3?claim_interval=0.2&socket_timeout=5")
+    assert s.mode == "standalone"
+    kw = s.connection_kwargs
+    assert (kw["host"], kw["port"], kw["db"], kw["password"]) == ("db.example", 6380, 3, "s3cret")
+    assert kw["socket_timeout"] == 5.0 and "claim_interval" not in kw
+    assert s.seconds("claim_interval", 1.0) == 0.2 and s.seconds("block_time", 1.5) == 1.5
+    assert "s3cret" not in s.safe_url and "***" in s.safe_url
+
+    tls = parse_redis_url("rediss://user:pw@secure.example:6390/0?ssl_cert_reqs=none")
+    assert tls.connection_kwargs["connection_class"] is SSLConnection
+    assert tls.connection_kwargs["username"] == "user"
+
+    cl = parse_redis_url("redis://node1:7000?cluster=1")
+    assert cl.mode == "cluster" and cl.nodes == (("node1", 7000),)
+    assert "db" not in cl.connection_kwargs and "cluster" not in cl.connection_kwargs
+
+
+def test_url_parsing_sentinel() -> None:
+    s = parse_redis_url(
+        "redis+sentinel://:pw@s1:26379,s2:26380,s3/mymaster/2?sentinel_password=sp&ssl=1"
+    )
+    assert s.mode == "sentinel"
+    assert s.nodes == (("s1", 26379), ("s2", 26380), ("s3", 26379))
+    assert s.service_name == "mymaster"
+    assert s.connection_kwargs["db"] == 2 and s.connection_kwargs["password"] == "pw"
+    assert s.connection_kwargs["ssl"] is True
+    assert s.sentinel_kwargs["password"] == "sp" and s.sentinel_kwargs["ssl"] is True
+    # built without I/O
+    b = broker_from_url("redis+sentinel://s1:26379/mymaster")
+    assert isinstance(b, RedisBroker)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://s1:26379",  # no service name
+        "redis+sentinel://s1:26379/svc/notadb",
+        "redis://host:6379/0?claim_interval=-1",
+        "redis://host:6379/0?block_time=soon",
+        "redis://:6379/0",  # no host
+        "redis://host:notaport/0",
+    ],
+)
+def test_bad_urls_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        broker_from_url(url)
+
+
+def test_safe_url_hides_the_password() -> None:
+    assert safe_url("redis://u:p%40ss@h:1/0") == "redis://u:***@h:1/0"
+    assert safe_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_server_fails_fast_with_a_helpful_message() -> None:
+    url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
+    broker = broker_from_url(url)  # no I/O yet
+    backend = backend_from_url(url)
+    try:
+        for what, call in (
+            ("broker", broker.ping()),
+            ("result backend", backend.ping()),
+            ("broker", broker.fetch([Q], 1, block=0, consumer="c")),
+            ("broker", broker.publish([env()])),
+            ("result backend", backend.get("x")),
+        ):
+            start = time.monotonic()
+            with pytest.raises(ServiceUnavailableError) as info:
+                await call
+            assert time.monotonic() - start < 3
+            msg = str(info.value)
+            assert what in msg and "127.0.0.1" in msg and "hunter2" not in msg
+            assert "check the server is running" in msg
+    finally:
+        await broker.close()
+        await backend.close()
+
+
+async def test_fetch_retries_until_block_runs_out_then_raises() -> None:
+    broker = broker_from_url(f"redis://127.0.0.1:{closed_port()}/0")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            start = time.monotonic()
+            with pytest.raises(ServiceUnavailableError):
+                await broker.fetch([Q], 1, block=0.5, consumer="c")
+            assert 0.45 <= time.monotonic() - start < 2.5
+        assert [e["event"] for e in logs] == ["redis.broker.unavailable"]
+    finally:
+        await broker.close()
+
+
+# -- private servers: NOSCRIPT, killed connections, restarts ----------------------------
+
+
+class PrivateRedis:
+    """A redis-server this test owns (can be stopped and started on the same port)."""
+
+    def __init__(self) -> None:
+        self.port = closed_port()
+        self.dir = tempfile.mkdtemp(prefix="stem-redis-test-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [services.redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("private redis-server did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_noscript_after_script_flush_is_reloaded(private_redis: PrivateRedis) -> None:
+    broker = broker_from_url(private_redis.url)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await broker.publish([env(1), env(2)])
+        [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+        await admin.script_flush()
+        assert await admin.script_exists(broker._script["ack"].sha) == [False]
+        await broker.ack([d])  # NOSCRIPT -> SCRIPT LOAD -> EVALSHA
+        [d2] = await broker.fetch([Q], 1, block=0, consumer="c1")
+        await broker.ack([d2])
+        assert (await broker.stats(Q)).in_flight == 0
+    finally:
+        await admin.aclose()
+        await broker.close()
+
+
+async def test_blocked_fetch_survives_a_killed_connection(private_redis: PrivateRedis) -> None:
+    broker = broker_from_url(private_redis.url)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        fetcher = asyncio.create_task(broker.fetch([Q], 1, block=5, consumer="c1"))
+        await eventually(lambda: asyncio.sleep(0, bool(broker._readers)))
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await broker.publish([env(7)])
+        [d] = await asyncio.wait_for(fetcher, 5)
+        assert d.envelope is not None and d.envelope.args == {"i": 7}
+    finally:
+        await admin.aclose()
+        await broker.close()
+
+
+async def test_fetch_recovers_after_a_server_restart(private_redis: PrivateRedis) -> None:
+    broker = broker_from_url(private_redis.url)
+    try:
+        await broker.publish([env(1)])
+        [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
+        await broker.ack([d])
+        private_redis.stop()
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(ServiceUnavailableError):
+                await broker.fetch([Q], 1, block=0.3, consumer="c1")
+            private_redis.start()  # empty again: no persistence
+            await broker.publish([env(2)])
+            [d] = await broker.fetch([Q], 1, block=2, consumer="c1")
+        assert d.envelope is not None and d.envelope.args == {"i": 2}
+        events = [e["event"] for e in logs]
+        assert events.count("redis.broker.unavailable") == 1
+        assert "redis.broker.reconnected" in events
+    finally:
+        await broker.close()
+
+
+async def test_wait_survives_a_killed_pubsub_connection(private_redis: PrivateRedis) -> None:
+    backend = backend_from_url(private_redis.url)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    assert isinstance(backend, RedisBackend)
+    try:
+        waiter = asyncio.create_task(backend.wait("t1", timeout=10))
+        async def subscribed() -> bool:
+            return bool((await admin.pubsub_numsub(backend.key("t1")))[0][1])
+
+        await eventually(subscribed)
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await eventually(subscribed)  # re-subscribed after reconnecting
+        await backend.set_many([(TaskStatus("t1", TaskState.SUCCEEDED, payload=1), None)])
+        got = await asyncio.wait_for(waiter, 5)
+        assert got is not None and got.payload == 1
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+# -- result backend ---------------------------------------------------------------------
+
+
+async def test_backend_ttl_and_layout(
+    redis_url: str, namespace: str, raw: aioredis.Redis
+) -> None:
+    backend = backend_from_url(with_params(redis_url, result_ttl=120), namespace=namespace)
+    try:
+        assert backend.default_ttl == 120
+        await backend.set_many(
+            [(TaskStatus("a", TaskState.RUNNING), None), (TaskStatus("b", TaskState.QUEUED), 0.5)]
+        )
+        assert 119_000 < await raw.pttl(f"{namespace}:result:a") <= 120_000
+        assert 0 < await raw.pttl(f"{namespace}:result:b") <= 500
+        assert set(await backend.get_many(["a", "b", "a", "zz"])) == {"a", "b"}
+    finally:
+        await backend.close()
