@@ -142,6 +142,7 @@ def parse_redis_url(url: str) -> RedisSettings:
         kwargs["connection_class"] = SSLConnection
     if options.get("cluster", "").lower() in _TRUE:
         kwargs.pop("db", None)  # a cluster has only db 0
+        kwargs.pop("port", None)
         host = str(kwargs.pop("host"))
         return RedisSettings(url, "cluster", kwargs, nodes=((host, port or 6379),), options=options)
     return RedisSettings(url, "standalone", kwargs, options=options)
