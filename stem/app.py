@@ -367,13 +367,23 @@ class Stem:
         status = await self.backend.get(task_id)
         return None if status is None else self.to_result(status)
 
+    # Two overloads so a plain ``await app.wait(id)`` is a TaskResult[Any] under mypy
+    # --strict instead of an uninferable TaskResult[R].
+    @overload
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult[Any]: ...
+
+    @overload
+    async def wait(
+        self, task_id: str, timeout: float | None = None, *, decode: Callable[[Any], R] | None
+    ) -> TaskResult[R]: ...
+
     async def wait(
         self,
         task_id: str,
         timeout: float | None = None,
         *,
-        decode: Callable[[Any], R] | None = None,
-    ) -> TaskResult[R]:
+        decode: Callable[[Any], Any] | None = None,
+    ) -> TaskResult[Any]:
         """Wait until ``task_id`` succeeds, fails or is cancelled; WaitTimeoutError if not in time."""
         status = await self.backend.wait(task_id, timeout)
         if status is None:

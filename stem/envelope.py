@@ -1,8 +1,13 @@
 """The task envelope (wire format v1) and its JSON codec.
 
 Field names and formats match the Dart Stem so both can share a broker: camelCase
-keys, ISO-8601 UTC times, ``visibilityTimeout`` in milliseconds. Keys this version
+keys, ISO-8601 times, ``visibilityTimeout`` in milliseconds. Keys this version
 does not know are kept in :attr:`Envelope.extra` and written back unchanged.
+
+Times we create are written as UTC with milliseconds; a time read from the wire is
+written back exactly as it was read (Dart writes microseconds, and older Dart
+releases local time without an offset; see :mod:`stem._time`), so an envelope that
+passes through a Python worker unchanged stays byte-compatible for Dart readers.
 """
 
 from __future__ import annotations

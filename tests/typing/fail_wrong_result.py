@@ -23,4 +23,5 @@ async def consume(task_id: str) -> None:
     wrong: stem.TaskResult[str] = await add.wait(task_id)  # E: Incompatible types in assignment (expression has type "TaskResult[int]", variable has type "TaskResult[str]")
     raw: bytes | None = (await charge.wait(task_id)).value
     count: int = raw  # E: Incompatible types in assignment (expression has type "bytes | None", variable has type "int")
-    del as_text, wrong, count
+    parsed: stem.TaskResult[int] = await app.wait(task_id, decode=bytes.fromhex)  # E: Argument "decode" to "wait" of "Stem" has incompatible type "Callable[[str], bytes]"
+    del as_text, wrong, count, parsed

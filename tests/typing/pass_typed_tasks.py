@@ -53,6 +53,11 @@ async def produce() -> None:
     text: str | None = (await greet.wait(await greet.enqueue("bob"))).value
     del text
 
+    anything = await app.wait(tid)  # by id alone: TaskResult[Any]
+    loose: str | None = anything.value
+    decoded: stem.TaskResult[Receipt] = await app.wait(tid, decode=Receipt.from_json)
+    del loose, decoded
+
     receipt_id = await charge.enqueue("o-1", 9.5)
     receipt = (await charge.wait(receipt_id)).value
     if receipt is not None:
