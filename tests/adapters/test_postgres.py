@@ -430,9 +430,16 @@ async def test_undecodable_bytes_are_delivered_for_dead_lettering(
     assert d.raw == b"\xff not json"
     await broker.dead_letter([(d, d.decode_error)])
     [dead] = await broker.dead_letters("q")
-    assert dead.raw == b"\xff not json" and dead.envelope is None
+    assert dead.raw == b"\xff not json" and dead.envelope is None and dead.id
+    # Replaying skips what can't be decoded; it stays dead-lettered.
+    good = env()
+    await broker.publish([good])
+    [d] = await broker.fetch(["q"], 1, block=0, consumer="w")
+    await broker.dead_letter([(d, "bad luck")])
     assert await broker.replay_dead_letters("q") == 1
-    assert (await broker.stats("q")).pending == 1
+    assert [dl.raw for dl in await broker.dead_letters("q")] == [b"\xff not json"]
+    [again] = await broker.fetch(["q"], 1, block=0, consumer="w")
+    assert again.envelope is not None and again.envelope.id == good.id
 
 
 async def test_transactional_enqueue_commits_or_rolls_back_with_the_caller(

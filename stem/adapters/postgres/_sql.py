@@ -202,13 +202,14 @@ class Statements:
             SELECT id, queue, envelope, reason, date_part('epoch', dead_at) AS dead_at,
                    attempt, owner, task_id
             FROM {dead} WHERE queue = $1 ORDER BY id LIMIT $2"""
-        # $2 limit or NULL for all; the caller re-publishes the returned envelopes in
-        # the same transaction.
-        self.take_dead_letters = f"""
-            DELETE FROM {dead} WHERE id IN (
-                SELECT id FROM {dead} WHERE queue = $1 ORDER BY id LIMIT $2
-                FOR UPDATE SKIP LOCKED
-            ) RETURNING id, queue, envelope"""
+        # Replay reads candidates in id order, page by page ($2 = last id seen, $3 page
+        # size), locking them; the caller decodes them, deletes the replayable ones
+        # ($1 ids) and re-publishes those, all in one transaction.
+        self.dead_letter_page = f"""
+            SELECT id, queue, envelope FROM {dead}
+            WHERE queue = $1 AND id > $2 ORDER BY id LIMIT $3
+            FOR UPDATE SKIP LOCKED"""
+        self.delete_dead_letters = f"DELETE FROM {dead} WHERE id = ANY($1::int8[])"
         self.purge_dead_letters = f"DELETE FROM {dead} WHERE queue = $1"
 
         # -- results -----------------------------------------------------------

@@ -41,6 +41,8 @@ from stem.status import TaskStatus
 #: Longest an idle fetch sleeps without LISTEN (while its connection is being
 #: re-established) before looking at the table again.
 FALLBACK_POLL = 1.0
+#: Dead letters read per page while replaying.
+_REPLAY_PAGE = 500
 #: Pause before re-querying when a due job exists but was locked by another fetcher.
 _CONTENDED_RETRY = 0.05
 
@@ -177,9 +179,18 @@ class PostgresBroker:
         await self._insert(connection, items)
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
-        """Insert bytes as they are (they are decoded, or found undecodable, at fetch)."""
-        args = (peek_task_id(raw), queue, priority, None, None, 0, raw, self._channel)
-        await self._db.run(lambda c: c.execute(self._sql.publish_one, *args))
+        """Insert bytes as they are; they are decoded (or found undecodable) at fetch.
+
+        When the bytes are a readable envelope its id, ``notBefore``, visibility
+        timeout and attempt are honoured as ``publish`` would.
+        """
+        try:
+            e = Envelope.from_json(raw)
+        except EnvelopeDecodeError:
+            args: tuple[Any, ...] = (peek_task_id(raw), queue, priority, None, None, 0, raw)
+        else:
+            args = (e.id, queue, priority, e.not_before_epoch, e.visibility_timeout, e.attempt, raw)
+        await self._db.run(lambda c: c.execute(self._sql.publish_one, *args, self._channel))
 
     async def _insert(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
         arrays = _publish_arrays(items)
@@ -374,7 +385,8 @@ class PostgresBroker:
                 meta["consumer"] = r["owner"]
             out.append(
                 DeadLetter(
-                    id=str(r["id"]),
+                    # The task id when readable (what users look tasks up by).
+                    id=r["task_id"] or f"dead-letter-{r['id']}",
                     queue=r["queue"],
                     raw=raw,
                     reason=r["reason"],
@@ -386,42 +398,37 @@ class PostgresBroker:
         return out
 
     async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Move dead letters back to their queue with ``attempt`` reset to 0.
+        """Move dead letters back to their queue, oldest first, due now, attempt 0.
 
-        Undecodable ones go back byte for byte (nothing is dropped). Taking them out
-        of the dead-letter table and publishing happen in one transaction.
+        Undecodable ones stay in the dead-letter table (replaying them could only
+        dead-letter them again). A replayed job is a new row, so it counts as a first
+        delivery. Taking them out and publishing happen in one transaction.
         """
 
         async def replay(conn: Any) -> int:
+            items: list[tuple[Envelope, bytes, str]] = []
+            taken: list[int] = []
+            last = 0
             async with conn.transaction():
-                rows = await conn.fetch(self._sql.take_dead_letters, queue, limit)
-                if not rows:
-                    return 0
-                items = []
-                raws: list[tuple[bytes, str]] = []
-                for r in rows:
-                    raw = bytes(r["envelope"])
-                    try:
-                        env = Envelope.from_json(raw).copy(attempt=0)
-                    except EnvelopeDecodeError:
-                        raws.append((raw, r["queue"]))
-                        continue
-                    items.append((env, env.to_json(), r["queue"]))
+                while limit is None or len(items) < limit:
+                    rows = await conn.fetch(self._sql.dead_letter_page, queue, last, _REPLAY_PAGE)
+                    for r in rows:
+                        try:
+                            env = Envelope.from_json(bytes(r["envelope"]))
+                        except EnvelopeDecodeError:
+                            continue
+                        env = env.copy(attempt=0, not_before=None)
+                        items.append((env, env.to_json(), r["queue"]))
+                        taken.append(r["id"])
+                        if limit is not None and len(items) >= limit:
+                            break
+                    if len(rows) < _REPLAY_PAGE:
+                        break
+                    last = rows[-1]["id"]
                 if items:
-                    await conn.execute(self._sql.publish, *_publish_arrays(items), self._channel)
-                for raw, q in raws:
-                    await conn.execute(
-                        self._sql.publish_one,
-                        peek_task_id(raw),
-                        q,
-                        0,
-                        None,
-                        None,
-                        0,
-                        raw,
-                        self._channel,
-                    )
-                return len(rows)
+                    await conn.execute(self._sql.delete_dead_letters, taken)
+                    await self._insert(conn, items)
+            return len(items)
 
         return await self._db.run(replay)
 
