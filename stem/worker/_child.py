@@ -1,0 +1,323 @@
+"""One process-pool child (started by :mod:`stem.worker.pool`; argv[1] is its socket fd).
+
+Three threads: the main thread runs tasks one at a time (so signals, which Python
+delivers to the main thread, interrupt the task); a reader thread splits incoming
+frames into the task inbox and replies to ``enqueue`` requests, and exits the
+process when the worker's end closes (nobody is left to want our results); a
+writer thread sends frames. Writes never happen on the main thread, so a signal
+raised into a handler can never cut a frame in half, and the writer batches
+whatever results are ready into one ``sendall``.
+
+Signals: SIGINT is ignored (Ctrl-C reaches the whole process group; the worker
+decides what stops). SIGTERM — the worker's hard-limit kill — raises SystemExit so
+``finally`` blocks run before the worker's SIGKILL. SIGALRM is the soft limit:
+``setitimer`` is armed for each task that has one and raises SoftTimeLimitExceeded
+in the handler (handlers that use SIGALRM themselves should not set soft limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from stem._time import to_iso
+from stem.app import Stem
+from stem.context import TaskContext
+from stem.envelope import Envelope
+from stem.errors import SoftTimeLimitExceeded, StemError, TaskArgumentError
+from stem.retry import Retry
+from stem.status import TaskError
+from stem.worker._ipc import FrameReader, call_to_wire, frame
+from stem.worker.executor import run_coroutine, soft_limit_message
+from stem.worker.processor import Prepared, Processor, Rejected, Success
+
+if TYPE_CHECKING:
+    from stem.task import TaskCall
+
+
+class _Terminated(SystemExit):
+    """The worker asked this child to die (SIGTERM at a hard limit)."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(128 + signum)
+
+
+class _Channel:
+    """The socket to the worker: a reader thread, a writer thread, replies by request id."""
+
+    def __init__(self, sock: socket.socket) -> None:
+
+        self._sock = sock
+        self.inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._replied = threading.Condition()
+        threading.Thread(target=self._read_loop, name="stem-child-reader", daemon=True).start()
+        self._writer = threading.Thread(target=self._write_loop, name="stem-child-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue one message (TypeError when it is not JSON-serialisable)."""
+        self._out.put(frame(msg))
+
+    def wait_reply(self, rid: int) -> dict[str, Any]:
+        """Block until the worker answers request ``rid``."""
+        with self._replied:
+            while rid not in self._replies:
+                self._replied.wait()
+            return self._replies.pop(rid)
+
+    def close(self) -> None:
+        """Flush what is queued and stop the writer."""
+        self._out.put(None)
+        self._writer.join(10)
+
+    def _read_loop(self) -> None:
+
+        reader = FrameReader()
+        while True:
+            try:
+                data = self._sock.recv(1 << 18)
+            except OSError:
+                data = b""
+            if not data:
+                os._exit(0)  # the worker is gone or closed us: finish nothing
+            for msg in reader.feed(data):
+                if msg.get("t") == "reply":
+                    with self._replied:
+                        self._replies[msg["rid"]] = msg
+                        self._replied.notify_all()
+                else:
+                    self.inbox.put(msg)
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._out.get()]
+            while True:
+                try:
+                    batch.append(self._out.get_nowait())
+                except queue.Empty:
+                    break
+            data = b"".join(b for b in batch if b is not None)
+            if data:
+                try:
+                    self._sock.sendall(data)
+                except OSError:
+                    os._exit(0)
+            if None in batch:
+                return
+
+
+_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
+
+
+def rss_kib() -> int:
+    """This process's resident memory in KiB (current on Linux; peak elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_KIB
+    except (OSError, ValueError, IndexError):
+        import resource  # no /proc here: fall back to the peak
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return peak // 1024 if sys.platform == "darwin" else peak
+
+
+class _ChildOps:
+    """TaskContext operations in a child: forwarded to the worker, which owns the broker."""
+
+    def __init__(self, runner: _Runner, seq: int) -> None:
+        self._runner = runner
+        self._seq = seq
+
+    def extend_lease(self, ctx: TaskContext, seconds: float | None) -> None:
+        self._runner.chan.send({"t": "lease", "seq": self._seq, "s": seconds})
+
+    def progress(self, ctx: TaskContext, percent: float, data: Any) -> None:
+        msg: dict[str, Any] = {"t": "progress", "seq": self._seq, "pct": percent, "data": data}
+        if ctx.meta:
+            msg["meta"] = ctx.meta
+        self._runner.chan.send(msg)
+
+    def resolve(self, name: str) -> Any:
+        return self._runner.app.definition(name)
+
+    async def enqueue_call(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
+        # In a thread, so the child's loop (and a soft limit on it) keeps running.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.enqueue_call_sync, ctx, call)
+
+    def enqueue_call_sync(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
+
+        rid = next(self._runner.rids)
+        try:
+            self._runner.chan.send({"t": "enqueue", "seq": self._seq, "rid": rid,
+                                    "call": call_to_wire(call)})
+        except TypeError as exc:
+            raise TaskArgumentError(
+                f"task {call.name!r}: a task enqueued from a process-pool task needs "
+                f"JSON-serialisable arguments ({exc})") from None
+        reply = self._runner.chan.wait_reply(rid)
+        if "err" in reply:
+            raise StemError(f"enqueueing {call.name!r} failed in the worker: {reply['err']}")
+        return str(reply["id"])
+
+
+class _Runner:
+    """Runs ``run`` messages: prepare, call under the soft limit, encode, reply."""
+
+    def __init__(self, app: Stem, chan: _Channel, report_rss: bool) -> None:
+
+        self.app = app
+        self.chan = chan
+        self.report_rss = report_rss
+        self.processor = Processor(app)
+        self.rids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._alarm_seq = 0
+        self._alarm_message: str | None = None
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+
+        message = self._alarm_message
+        if message is None:  # the task already returned
+            return
+        self._alarm_message = None
+        self.chan.send({"t": "soft", "seq": self._alarm_seq})
+        raise SoftTimeLimitExceeded(message)
+
+    def run(self, msg: dict[str, Any]) -> None:
+
+        seq = msg["seq"]
+        ctx: TaskContext | None = None
+        reply: dict[str, Any]
+        name = "?"
+        try:
+            env = Envelope.from_dict(msg["env"])
+            name = env.name
+            prepared = self.processor.prepare(env)
+            if isinstance(prepared, Rejected):
+                reply = {"t": "done", "seq": seq,
+                         "err": TaskError(prepared.error_type, prepared.reason).to_dict()}
+            else:
+                ctx = TaskContext(env, _ChildOps(self, seq))
+                value = self._call(prepared, ctx, seq, msg.get("soft"))
+                outcome = self.processor.success(prepared, value)
+                if isinstance(outcome, Success):
+                    reply = {"t": "done", "seq": seq, "ok": outcome.payload,
+                             "enc": outcome.encoder_id}
+                else:
+                    reply = {"t": "done", "seq": seq, "err": outcome.error.to_dict()}
+        except _Terminated:
+            raise
+        except BaseException as exc:  # SystemExit from a task is a failed task, not our exit
+            reply = _error_reply(seq, exc)
+        if ctx is not None and ctx.meta:
+            reply["meta"] = ctx.meta
+        if self.report_rss:
+            reply["rss"] = rss_kib()
+        try:
+            self.chan.send(reply)
+        except TypeError as exc:
+            self.chan.send({"t": "done", "seq": seq, "err": TaskError(
+                "PayloadEncodingError",
+                f"task {name}: its result or meta is not JSON-serialisable ({exc}); return "
+                "JSON values or give the task a result_encoder").to_dict()})
+
+    def _call(self, prepared: Prepared, ctx: TaskContext, seq: int, soft: float | None) -> Any:
+
+        definition = prepared.definition
+        func = definition.func
+        assert func is not None
+        args = [ctx, *prepared.args] if definition.takes_context else prepared.args
+        if definition.is_async:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self._loop)
+            coro = func(*args, **prepared.kwargs)
+            if soft is None:
+                return self._loop.run_until_complete(coro)
+
+            def on_timeout(limit: float, hard: bool) -> None:
+                self.chan.send({"t": "soft", "seq": seq})
+
+            return self._loop.run_until_complete(run_coroutine(
+                coro, prepared.envelope, soft=soft, hard=None, on_timeout=on_timeout))
+        if soft is None:
+            return func(*args, **prepared.kwargs)
+        self._alarm_seq = seq
+        self._alarm_message = soft_limit_message(prepared.envelope, soft)
+        signal.setitimer(signal.ITIMER_REAL, soft)
+        try:
+            return func(*args, **prepared.kwargs)
+        finally:
+            self._alarm_message = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _error_reply(seq: int, exc: BaseException) -> dict[str, Any]:
+    cause = exc
+    reply: dict[str, Any] = {"t": "done", "seq": seq}
+    if isinstance(exc, Retry):
+        cause = exc.exc if exc.exc is not None else exc
+        reply["retry"] = {
+            "message": str(exc), "countdown": exc.countdown,
+            "eta": to_iso(exc.eta) if exc.eta is not None else None,
+            "max_retries": exc.max_retries, "time_limit": exc.time_limit,
+            "soft_time_limit": exc.soft_time_limit,
+        }
+    reply["err"] = TaskError.from_exception(cause).to_dict()
+    return reply
+
+
+def _load_app(spec: str) -> Stem:
+    module_name, _, attr = spec.partition(":")
+    obj = getattr(importlib.import_module(module_name), attr or "app")
+    if not isinstance(obj, Stem):
+        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a stem.Stem app")
+    return obj
+
+
+def main() -> int:
+    """Serve the worker on the socket whose fd is ``sys.argv[1]``; returns the exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    fd = int(sys.argv[1])
+    os.set_inheritable(fd, False)  # tasks' own subprocesses must not hold our socket open
+    chan = _Channel(socket.socket(fileno=fd))
+    init = chan.inbox.get()
+    spec = str(init.get("app"))
+    try:
+        sys.path[:] = [p for p in init.get("path", []) if p not in sys.path[:1]] + sys.path[:1]
+        app = _load_app(spec)
+        runner = _Runner(app, chan, bool(init.get("rss")))
+    except BaseException as exc:
+        chan.send({"t": "fatal",
+                   "error": f"importing app {spec!r} failed: {type(exc).__name__}: {exc}"})
+        chan.close()
+        return 1
+    chan.send({"t": "ready", "pid": os.getpid()})
+    while True:
+        msg = chan.inbox.get()
+        if msg.get("t") == "stop":
+            break
+        if msg.get("t") == "run":
+            runner.run(msg)
+    chan.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,683 @@
+"""The process pool: long-lived child processes that can be killed at a hard time limit.
+
+Each child is a fresh interpreter (``subprocess`` fork+exec, like multiprocessing's
+``spawn`` — never a bare ``fork`` of the worker, whose event loop and threads would
+be copied half-alive). It imports the app once from its spec (``module:attribute``,
+what ``--app`` names) and then runs tasks one at a time, in the order it gets them,
+until it is told to stop. The worker and its children talk over one socketpair per
+child with length-prefixed orjson frames (:mod:`stem.worker._ipc`): envelopes go
+with their already-encoded args, results come back encoded by the task's payload
+encoder, exceptions as TaskError objects. Nothing is pickled.
+
+Throughput: the parent keeps a small queue *in* each child (up to ``max_batch``
+tasks, fewer when there is little work, and none behind a task that has already
+run for :data:`LONG_TASK` — so a long task does not hold short ones back) and writes everything dispatched in one loop tick to a child in one write; the
+child streams results back from a writer thread, which batches whatever is ready.
+So thousands of short tasks do not pay a round-trip each.
+
+Limits: a child runs tasks in order, so the parent knows which one is running (the
+oldest unanswered) and when it started (when it was sent to an idle child, or when
+the previous result arrived). The soft limit is armed by the child itself at the
+start of each task (``setitimer`` → SIGALRM → SoftTimeLimitExceeded raised in its
+main thread; for ``async def`` handlers, the inline cancellation mechanism of
+:mod:`stem.worker.executor`) and reported back once so the worker sends the
+``task_timeout`` signal. Doing it in the child means the signal can never hit the
+*next* task. At the hard limit the parent fails the attempt with TimeLimitExceeded
+at once, sends the child SIGTERM (which raises SystemExit in it, so ``finally``
+blocks run), SIGKILLs it after ``kill_grace`` seconds, starts a replacement, and
+re-dispatches the tasks that were queued behind the killed one (they never started).
+
+Crashes: a child that exits unexpectedly (``os._exit``, SIGSEGV, OOM kill) fails
+the task it was running with WorkerLostError ("child pid N exited with ..."); the
+tasks queued behind it are re-dispatched and a replacement is started. A child that
+cannot import the app fails the tasks waiting for it with that error and is
+retried with backoff.
+
+Recycling: after ``max_tasks_per_child`` tasks, or when its resident memory after a
+task exceeds ``max_memory_per_child`` KiB (read from ``/proc/self/statm``), a child
+gets no more work, a replacement starts at once, and the old child exits when its
+queue is empty — no task is dropped.
+
+Exceptions from a child arrive as :class:`~stem.worker.processor.RemoteError`
+(type name, message and stack preserved) or a :class:`~stem.retry.Retry` wrapping
+one; a custom RetryStrategy sees the RemoteError, not the original class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import socket
+import sys
+from collections import deque
+from contextlib import suppress
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from stem._time import from_iso
+from stem.context import TaskContext
+from stem.envelope import Envelope
+from stem.errors import ConfigurationError, TimeLimitExceeded, WorkerLostError
+from stem.retry import Retry
+from stem.status import TaskError
+from stem.worker._ipc import FrameReader, call_from_wire, frame
+from stem.worker.executor import TimeoutCallback, hard_limit_message
+from stem.worker.processor import EncodedResult, Prepared, RemoteError
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+log = structlog.get_logger("stem.worker.pool")
+
+#: A child whose current task has run this long is probably busy with a long one:
+#: queue nothing more behind it, so short tasks go to a child that will run them now.
+LONG_TASK = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Process pool settings.
+
+    ``size`` children; ``app_spec`` (``module:attribute``) is how children import the
+    app (None: found by looking the app object up in the imported modules).
+    ``max_tasks_per_child`` / ``max_memory_per_child`` (KiB of resident memory, as
+    Celery counts it) recycle children. ``kill_grace`` is the SIGTERM→SIGKILL delay
+    at a hard limit; ``max_batch`` bounds the tasks queued inside one child.
+    """
+
+    size: int
+    app_spec: str | None = None
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None
+    kill_grace: float = 1.0
+    max_batch: int = 32
+    start_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigurationError(f"pool size must be >= 1, got {self.size}")
+        if self.max_tasks_per_child is not None and self.max_tasks_per_child < 1:
+            raise ConfigurationError("max_tasks_per_child must be >= 1")
+        if self.max_memory_per_child is not None and self.max_memory_per_child < 1:
+            raise ConfigurationError("max_memory_per_child must be >= 1 (KiB)")
+
+
+def infer_app_spec(app: Stem) -> str:
+    """``module:attribute`` under which ``app`` can be imported in a fresh interpreter."""
+    preferred = {d.func.__module__ for d in app.tasks.values() if d.func is not None}
+    modules = sorted(sys.modules.items(), key=lambda kv: kv[0] not in preferred)
+    for name, module in modules:
+        if name in ("__main__", "__mp_main__") or module is None:
+            continue
+        try:
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            if value is app:
+                return f"{name}:{attr}"
+    raise ConfigurationError(
+        f"the process pool can't tell how to import app {app.name!r} in its children; "
+        "pass its spec (Worker(app_spec='module:attribute'), or run it with "
+        "`stem worker start --app module:attribute`) — an app defined in __main__ "
+        "can't be imported by name"
+    )
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'code 1' or 'signal SIGSEGV' for a child's exit status."""
+    if returncode is None:
+        return "an unknown status"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"code {returncode}"
+
+
+class _State(Enum):
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"  # no new work; stops when its queue is empty
+    STOPPING = "stopping"  # told to stop
+    KILLED = "killed"  # hard limit or shutdown: SIGTERM/SIGKILL under way
+    DEAD = "dead"
+
+
+class _Job:
+    __slots__ = ("child", "ctx", "envelope", "frame", "future", "hard", "on_timeout", "seq",
+                 "soft", "soft_fired", "started", "timer")
+
+    def __init__(self, seq: int, envelope: Envelope, ctx: TaskContext, soft: float | None,
+                 hard: float | None, future: asyncio.Future[Any],
+                 on_timeout: TimeoutCallback) -> None:
+        self.seq = seq
+        self.envelope = envelope
+        self.ctx = ctx
+        self.soft = soft
+        self.hard = hard
+        self.future = future
+        self.on_timeout = on_timeout
+        self.frame = frame({"t": "run", "seq": seq, "env": envelope.to_dict(), "soft": soft})
+        self.child: _Child | None = None
+        self.started: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.soft_fired = False
+
+    @property
+    def settled(self) -> bool:
+        return self.future.done()
+
+    def settle(self, value: Any = None, exc: BaseException | None = None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.future.done():
+            return
+        if exc is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(value)
+
+
+class _Child:
+    __slots__ = ("exited", "fatal", "outstanding", "pid", "proc", "ready", "sent", "socket_closed",
+                 "state", "task", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = _State.STARTING
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self.outstanding: deque[_Job] = deque()
+        self.sent = 0
+        self.fatal: str | None = None
+        self.ready: asyncio.Future[None] = loop.create_future()
+        # Retrieved here so a lazily started pool that nobody awaits logs no warning.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.socket_closed = asyncio.Event()
+        self.exited = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class _ChildProtocol(asyncio.Protocol):
+    def __init__(self, pool: ProcessPool, child: _Child) -> None:
+        self._pool = pool
+        self._child = child
+        self._reader = FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except Exception as exc:  # a corrupt stream: this child is no use any more
+            log.error("pool.bad_frame", pid=self._child.pid, error=repr(exc))
+            if self._child.outstanding:
+                self._child.outstanding[0].settle(exc=WorkerLostError(
+                    f"child pid {self._child.pid} sent a corrupt message: {exc!r}"))
+            self._pool._kill(self._child)
+            return
+        for msg in messages:
+            try:
+                self._pool._on_message(self._child, msg)
+            except Exception as exc:
+                log.error("pool.message_failed", pid=self._child.pid, type=msg.get("t"),
+                          error=repr(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._child.socket_closed.set()
+
+
+class ProcessPool:
+    """Runs prepared tasks in child processes; see the module docstring.
+
+    :meth:`run` returns an :class:`~stem.worker.processor.EncodedResult` or raises
+    TimeLimitExceeded, WorkerLostError, RemoteError or Retry. Use on one event loop.
+    """
+
+    def __init__(self, app: Stem, config: PoolConfig) -> None:
+        self.app = app
+        self.config = config
+        self._spec: str | None = config.app_spec
+        self._children: list[_Child] = []
+        self._pending: deque[_Job] = deque()
+        self._seq = itertools.count(1)
+        self._rid_tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closing = False
+        self._pump_scheduled = False
+        self._start_error: str | None = None
+        self._failures = 0
+        self._respawn: asyncio.TimerHandle | None = None
+        self.recycled = 0
+        self.lost = 0
+
+    # -- introspection (tests, stats) -----------------------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the children that take work (starting or ready)."""
+        return [c.pid for c in self._children
+                if c.state in (_State.STARTING, _State.READY) and c.pid is not None]
+
+    @property
+    def ready_count(self) -> int:
+        """Children ready for work."""
+        return sum(1 for c in self._children if c.state is _State.READY)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            if self._spec is None:
+                self._spec = infer_app_spec(self.app)
+            self._replenish()
+
+    async def start(self) -> None:
+        """Start the children and wait until they have imported the app.
+
+        Raises ConfigurationError when a child cannot start (bad app spec, import error).
+        """
+        self._ensure_started()
+        starting = [c.ready for c in self._children if not c.ready.done()]
+        if starting:
+            await asyncio.wait(starting, timeout=self.config.start_timeout)
+        if self.ready_count == 0:
+            raise ConfigurationError(
+                f"the process pool could not start: {self._start_error or 'timed out'}"
+            )
+        log.info("pool.started", size=self.config.size, pids=self.pids, app=self._spec)
+
+    def _replenish(self) -> None:
+        if self._closing or self._respawn is not None:
+            return
+        live = sum(1 for c in self._children if c.state in (_State.STARTING, _State.READY))
+        for _ in range(self.config.size - live):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        child = _Child(loop)
+        self._children.append(child)
+        child.task = loop.create_task(self._run_child(child))
+
+    def _child_command(self, fd: int) -> list[str]:
+        # The stem package's parent directory goes first so the child imports this
+        # very stem even when the worker's sys.path was set up by hand; the full
+        # sys.path follows in the init frame.
+        root = str(Path(__file__).resolve().parents[2])
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                "from stem.worker._child import main; sys.exit(main())")
+        return [sys.executable, "-c", code, str(fd)]
+
+    async def _run_child(self, child: _Child) -> None:
+        loop = asyncio.get_running_loop()
+        parent_sock, child_sock = socket.socketpair()
+        returncode: int | None = None
+        try:
+            try:
+                child.proc = await asyncio.create_subprocess_exec(
+                    *self._child_command(child_sock.fileno()),
+                    pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                )
+            finally:
+                child_sock.close()
+            child.pid = child.proc.pid
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: _ChildProtocol(self, child), parent_sock)
+            child.transport = transport
+            child.write(frame({
+                "t": "init", "app": self._spec, "path": list(sys.path),
+                "rss": self.config.max_memory_per_child is not None,
+            }))
+            if child.state is _State.KILLED:  # killed while we were starting it
+                await self._terminate(child)
+            returncode = await child.proc.wait()
+            # Everything the child wrote before exiting is read before we judge its exit.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(child.socket_closed.wait(), 1.0)
+        except asyncio.CancelledError:
+            if child.proc is not None and child.proc.returncode is None:
+                child.proc.kill()
+            raise
+        except Exception as exc:
+            child.fatal = child.fatal or f"could not start a child process: {exc!r}"
+        finally:
+            if child.transport is not None:
+                child.transport.close()
+            else:
+                parent_sock.close()
+            child.exited.set()
+        self._on_exit(child, returncode)
+
+    def _on_exit(self, child: _Child, returncode: int | None) -> None:
+        previous = child.state
+        child.state = _State.DEAD
+        with suppress(ValueError):
+            self._children.remove(child)
+        jobs = [j for j in child.outstanding if not j.settled]
+        child.outstanding.clear()
+        if previous is _State.STARTING:
+            self._startup_failed(
+                child, child.fatal or f"child pid {child.pid} exited with "
+                                      f"{describe_exit(returncode)} before it was ready")
+        elif self._closing:
+            for job in jobs:
+                job.settle(exc=WorkerLostError(
+                    f"child pid {child.pid} stopped with the worker while running task "
+                    f"{job.envelope.name} ({job.envelope.id})"))
+        elif previous is not _State.KILLED and (jobs or previous is not _State.STOPPING):
+            self.lost += 1
+            log.warning("pool.child_lost", pid=child.pid, exit=describe_exit(returncode),
+                        task_id=jobs[0].envelope.id if jobs else None)
+            if jobs:
+                head = jobs[0]
+                head.settle(exc=WorkerLostError(
+                    f"child pid {child.pid} exited with {describe_exit(returncode)} while "
+                    f"running task {head.envelope.name} ({head.envelope.id})"))
+                self._requeue(jobs[1:])
+        else:
+            self._requeue(jobs)
+        self._replenish()
+        self._schedule_pump()
+
+    def _startup_failed(self, child: _Child, message: str) -> None:
+        self._start_error = message
+        self._failures += 1
+        if not child.ready.done():
+            child.ready.set_exception(ConfigurationError(message))
+        if self._closing:
+            return
+        log.error("pool.child_start_failed", error=message, attempts=self._failures)
+        if self.ready_count == 0:
+            while self._pending:
+                self._pending.popleft().settle(
+                    exc=WorkerLostError(f"the process pool could not start a child: {message}"))
+        # Back off so an app that can't be imported does not turn into a fork loop.
+        delay = min(30.0, 0.5 * 2 ** min(self._failures, 6))
+        self._respawn = asyncio.get_running_loop().call_later(delay, self._respawn_now)
+
+    def _respawn_now(self) -> None:
+        self._respawn = None
+        self._replenish()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop every child: idle ones exit cleanly, busy ones are killed; fail what's left."""
+        self._closing = True
+        if self._respawn is not None:
+            self._respawn.cancel()
+            self._respawn = None
+        while self._pending:
+            self._pending.popleft().settle(exc=WorkerLostError("the process pool was closed"))
+        for child in list(self._children):
+            if any(not j.settled for j in child.outstanding) or child.transport is None:
+                self._kill(child)
+            elif child.state in (_State.STARTING, _State.READY, _State.RETIRING):
+                self._stop(child)
+        tasks = [c.task for c in self._children if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for child in self._children:
+            for job in child.outstanding:
+                job.settle(exc=WorkerLostError("the process pool was closed"))
+        for t in list(self._rid_tasks):
+            t.cancel()
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    async def run(self, prepared: Prepared, ctx: TaskContext, *, soft: float | None,
+                  hard: float | None, on_timeout: TimeoutCallback) -> Any:
+        """Run one attempt in a child; returns an EncodedResult (see the class docstring)."""
+        if self._closing:
+            raise WorkerLostError("the process pool is closed")
+        self._ensure_started()
+        if self._start_error is not None and self.ready_count == 0:
+            raise WorkerLostError(f"the process pool could not start a child: {self._start_error}")
+        loop = asyncio.get_running_loop()
+        job = _Job(next(self._seq), prepared.envelope, ctx, soft, hard, loop.create_future(),
+                   on_timeout)
+        self._pending.append(job)
+        self._schedule_pump()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            # The attempt was abandoned (worker shutdown); a child still running it is
+            # killed by close(). Not yet sent: forget it.
+            with suppress(ValueError):
+                self._pending.remove(job)
+            raise
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled and not self._closing:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        pending = self._pending
+        while pending and pending[0].settled:
+            pending.popleft()
+        now = asyncio.get_running_loop().time()
+        usable = [
+            c for c in self._children
+            if c.state is _State.READY and (
+                not c.outstanding or now - (c.outstanding[0].started or now) < LONG_TASK)
+        ]
+        if not pending or not usable:
+            return
+        # Spread the work: each child queues its share, at most max_batch, at least one.
+        total = len(pending) + sum(len(c.outstanding) for c in usable)
+        window = min(self.config.max_batch, max(1, -(-total // len(usable))))
+        out: dict[int, tuple[_Child, list[bytes]]] = {}
+        while pending and usable:
+            child = min(usable, key=lambda c: len(c.outstanding))
+            if len(child.outstanding) >= window:
+                break
+            job = pending.popleft()
+            if job.settled:
+                continue
+            self._assign(child, job)
+            out.setdefault(id(child), (child, []))[1].append(job.frame)
+            if child.state is not _State.READY:
+                usable.remove(child)
+        for child, frames in out.values():
+            child.write(b"".join(frames))
+
+    def _assign(self, child: _Child, job: _Job) -> None:
+        job.child = child
+        child.outstanding.append(job)
+        child.sent += 1
+        if len(child.outstanding) == 1:
+            self._started_now(job)
+        limit = self.config.max_tasks_per_child
+        if limit is not None and child.sent >= limit:
+            self._retire(child, "max_tasks_per_child")
+
+    def _started_now(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        job.started = loop.time()
+        if job.hard is not None and job.timer is None:
+            job.timer = loop.call_at(job.started + job.hard, self._hard_expired, job)
+
+    def _requeue(self, jobs: list[_Job]) -> None:
+        # They were queued in a child that is gone and never started: back to the front.
+        for job in reversed(jobs):
+            if not job.settled:
+                job.child, job.started = None, None
+                if job.timer is not None:
+                    job.timer.cancel()
+                    job.timer = None
+                self._pending.appendleft(job)
+
+    def _retire(self, child: _Child, reason: str) -> None:
+        if child.state is not _State.READY:
+            return
+        child.state = _State.RETIRING
+        self.recycled += 1
+        log.info("pool.child_recycled", pid=child.pid, reason=reason, tasks=child.sent)
+        self._replenish()
+        if not child.outstanding:
+            self._stop(child)
+
+    def _stop(self, child: _Child) -> None:
+        child.state = _State.STOPPING
+        child.write(frame({"t": "stop"}))
+
+    def _kill(self, child: _Child) -> None:
+        """Take ``child`` out of service now: requeue its unstarted work, terminate it."""
+        if child.state in (_State.KILLED, _State.DEAD):
+            return
+        child.state = _State.KILLED
+        jobs = [j for j in child.outstanding if not j.settled]
+        child.outstanding.clear()
+        if self._closing:
+            for job in jobs:
+                job.settle(exc=WorkerLostError("the process pool was closed"))
+        else:
+            # The head (if any) was already settled by whoever killed the child.
+            self._requeue(jobs)
+        if child.proc is not None:
+            task = asyncio.get_running_loop().create_task(self._terminate(child))
+            self._rid_tasks.add(task)
+            task.add_done_callback(self._rid_tasks.discard)
+        self._replenish()
+        self._schedule_pump()
+
+    async def _terminate(self, child: _Child) -> None:
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(child.exited.wait(), self.config.kill_grace)
+        except TimeoutError:
+            with suppress(ProcessLookupError):
+                proc.kill()
+
+    def _hard_expired(self, job: _Job) -> None:
+        job.timer = None
+        child = job.child
+        if job.settled or child is None or not child.outstanding or child.outstanding[0] is not job:
+            return
+        assert job.hard is not None
+        job.on_timeout(job.hard, True)
+        job.settle(exc=TimeLimitExceeded(
+            f"{hard_limit_message(job.envelope, job.hard)}; child pid {child.pid} was killed"))
+        self._kill(child)
+
+    # -- messages from children -----------------------------------------------------------
+
+    def _on_message(self, child: _Child, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "done":
+            self._on_done(child, msg)
+            return
+        if kind == "ready":
+            child.state = _State.READY
+            child.pid = msg.get("pid", child.pid)
+            self._start_error = None
+            self._failures = 0
+            if not child.ready.done():
+                child.ready.set_result(None)
+            self._schedule_pump()
+            return
+        if kind == "fatal":
+            child.fatal = str(msg.get("error"))
+            return
+        job = self._find(child, msg.get("seq"))
+        if kind == "enqueue":
+            self._enqueue(child, job, msg)
+            return
+        if job is None or job.settled:
+            return
+        if kind == "soft":
+            if not job.soft_fired and job.soft is not None:
+                job.soft_fired = True
+                job.on_timeout(job.soft, False)
+        elif kind == "progress":
+            if msg.get("meta"):
+                job.ctx.meta.update(msg["meta"])
+            job.ctx.progress(msg["pct"], msg.get("data"))
+        elif kind == "lease":
+            seconds = msg.get("s")
+            if seconds is None:
+                job.ctx.heartbeat()
+            else:
+                job.ctx.extend_lease(float(seconds))
+
+    @staticmethod
+    def _find(child: _Child, seq: Any) -> _Job | None:
+        for job in child.outstanding:
+            if job.seq == seq:
+                return job
+        return None
+
+    def _on_done(self, child: _Child, msg: dict[str, Any]) -> None:
+        job = self._find(child, msg.get("seq"))
+        if job is None:
+            return  # settled and forgotten already (killed at its hard limit)
+        was_head = child.outstanding[0] is job
+        child.outstanding.remove(job)
+        if was_head and child.outstanding:
+            self._started_now(child.outstanding[0])
+        if msg.get("meta"):
+            job.ctx.meta.update(msg["meta"])
+        if "err" in msg:
+            job.settle(exc=_remote_exception(msg))
+        else:
+            job.settle(EncodedResult(msg.get("ok"), msg.get("enc", "json")))
+        limit = self.config.max_memory_per_child
+        rss = msg.get("rss")
+        if limit is not None and rss is not None and rss > limit:
+            self._retire(child, f"max_memory_per_child ({rss} KiB > {limit} KiB)")
+        if child.state is _State.RETIRING and not child.outstanding:
+            self._stop(child)
+        self._schedule_pump()
+
+    def _enqueue(self, child: _Child, job: _Job | None, msg: dict[str, Any]) -> None:
+        rid = msg.get("rid")
+
+        async def publish() -> None:
+            try:
+                call = call_from_wire(self.app, msg["call"])
+                reply: dict[str, Any] = {"t": "reply", "rid": rid,
+                                         "id": await self.app.enqueue_call(call)}
+            except Exception as exc:
+                reply = {"t": "reply", "rid": rid, "err": f"{type(exc).__name__}: {exc}"}
+            child.write(frame(reply))
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._rid_tasks.add(task)
+        task.add_done_callback(self._rid_tasks.discard)
+
+
+def _remote_exception(msg: dict[str, Any]) -> BaseException:
+    error = RemoteError(TaskError.from_dict(msg["err"]))
+    retry = msg.get("retry")
+    if retry is None:
+        return error
+    eta = retry.get("eta")
+    return Retry(
+        retry.get("message"),
+        countdown=retry.get("countdown"),
+        eta=from_iso(eta) if eta else None,
+        exc=error,
+        max_retries=retry.get("max_retries"),
+        time_limit=retry.get("time_limit"),
+        soft_time_limit=retry.get("soft_time_limit"),
+    )
+
