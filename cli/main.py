@@ -38,13 +38,23 @@ def worker_start(
                      help="Seconds a graceful stop waits for running tasks.")] = 30.0,
     block_time: Annotated[float, typer.Option("--block-time",
                           help="Seconds one fetch blocks when idle.")] = 1.0,
+    pool: Annotated[int | None, typer.Option("--pool", min=1,
+                    help="Run def tasks in N child processes (killable at hard time "
+                         "limits). Default: only tasks that need it get a pool.")] = None,
+    max_tasks_per_child: Annotated[int | None, typer.Option("--max-tasks-per-child", min=1,
+                                   help="Replace a pool child after this many tasks.")] = None,
+    max_memory_per_child: Annotated[int | None, typer.Option("--max-memory-per-child", min=1,
+                                    help="Replace a pool child once its resident memory "
+                                         "exceeds this many KiB.")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0."""
     configure_logging(log_level)
     stem_app = load_app(app_spec)
     worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
-                    block_time=block_time)
+                    block_time=block_time, pool=pool, app_spec=app_spec,
+                    max_tasks_per_child=max_tasks_per_child,
+                    max_memory_per_child=max_memory_per_child)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

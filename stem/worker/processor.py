@@ -6,7 +6,7 @@ this half is testable on its own and shared by every execution mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,30 @@ class Failure:
 Outcome = Success | RetryLater | Failure | Rejected
 
 
+@dataclass(slots=True)
+class EncodedResult:
+    """A handler's return value already encoded elsewhere (a process-pool child).
+
+    :meth:`Processor.success` stores it as is, so results are encoded once, where
+    the handler ran.
+    """
+
+    payload: Any
+    encoder_id: str
+
+
+class RemoteError(Exception):
+    """An exception raised by a handler in another process, carried as its TaskError.
+
+    Exceptions never cross the process boundary as objects; the child sends the
+    type name, message and stack, and the stored error shows them unchanged.
+    """
+
+    def __init__(self, error: TaskError) -> None:
+        super().__init__(f"{error.type}: {error.message}")
+        self.error = error
+
+
 def effective_limits(envelope: Envelope, definition: TaskDefinition[Any, Any]
                      ) -> tuple[float | None, float | None]:
     """(soft, hard) time limits for this attempt: envelope meta wins over task options."""
@@ -105,6 +129,8 @@ class Processor:
 
     def success(self, prepared: Prepared, value: Any) -> Success | Failure:
         """Encode the handler's return value (once)."""
+        if isinstance(value, EncodedResult):  # already encoded where it ran (process pool)
+            return Success(value.payload, value.encoder_id)
         try:
             payload, encoder_id = self.app.encoders.encode_result(
                 value, prepared.definition.options.result_encoder
@@ -138,7 +164,7 @@ class Processor:
                 next_meta[META_SOFT_TIME_LIMIT] = exc.soft_time_limit
             cause = exc.exc or exc
         if env.attempt >= budget:
-            return Failure(TaskError.from_exception(cause, retryable=False))
+            return Failure(_task_error(cause, retryable=False))
         if delay is None:
             strategy = prepared.definition.options.retry_strategy or self.retry_strategy
             delay = max(0.0, strategy.next_delay(env.attempt, cause))
@@ -149,4 +175,10 @@ class Processor:
             meta=next_meta,
             max_retries=budget,
         )
-        return RetryLater(next_env, TaskError.from_exception(cause, retryable=True), delay)
+        return RetryLater(next_env, _task_error(cause, retryable=True), delay)
+
+
+def _task_error(exc: BaseException, *, retryable: bool) -> TaskError:
+    if isinstance(exc, RemoteError):  # keep the type, message and stack from the child
+        return replace(exc.error, retryable=retryable)
+    return TaskError.from_exception(exc, retryable=retryable)

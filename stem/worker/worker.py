@@ -28,6 +28,7 @@ from stem.ports import Delivery
 from stem.retry import RetryStrategy
 from stem.status import TaskError, TaskState, TaskStatus
 from stem.worker.executor import Executor
+from stem.worker.pool import PoolConfig
 from stem.worker.processor import (
     Failure,
     Outcome,
@@ -58,6 +59,14 @@ class Worker:
     ``concurrency`` bounds tasks in flight (and the thread pool). ``queues``
     defaults to every queue the app's tasks route to. ``shutdown_grace`` bounds how
     long a graceful stop waits for running tasks before requeueing them.
+
+    ``pool=N`` runs ``def`` handlers without explicit isolation in N child processes
+    (``--pool N``); without it, tasks that need the process pool (``isolation=
+    "process"``, or a ``def`` handler with a hard time limit) get one sized
+    ``min(cpu_count, concurrency)``. Children import the app as ``app_spec``
+    (``module:attribute``; found by itself when None and the app lives in an
+    importable module). ``max_tasks_per_child`` and ``max_memory_per_child`` (KiB)
+    recycle children. See :mod:`stem.worker.executor` and :mod:`stem.worker.pool`.
     """
 
     def __init__(
@@ -70,6 +79,10 @@ class Worker:
         block_time: float = 1.0,
         shutdown_grace: float = 30.0,
         consumer_name: str | None = None,
+        pool: int | None = None,
+        app_spec: str | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -82,7 +95,12 @@ class Worker:
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.processor = Processor(app, retry_strategy)
-        self.executor = Executor(threads=concurrency)
+        self.executor = Executor(
+            threads=concurrency, app=app, pool_default=pool is not None, sender=self,
+            pool=PoolConfig(size=pool or min(os.cpu_count() or 1, concurrency),
+                            app_spec=app_spec, max_tasks_per_child=max_tasks_per_child,
+                            max_memory_per_child=max_memory_per_child),
+        )
         self._active: dict[str, _InFlight] = {}  # receipt -> in flight (running or settling)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
@@ -115,6 +133,7 @@ class Worker:
         broker, backend = self.app.broker, self.app.backend
         await broker.ping()
         await backend.ping()
+        await self.executor.start()  # warm the process pool before taking work
         self._completer = _Completer(self)
         log.info("worker.started", consumer=self.consumer_name, queues=self.queues,
                  concurrency=self.concurrency, tasks=len(self.app.tasks))
