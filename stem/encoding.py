@@ -366,16 +366,25 @@ class TaskPayloadEncoderRegistry:
     def encode_result(
         self, value: Any, encoder: TaskPayloadEncoder | None = None
     ) -> tuple[Any, str]:
-        """Encode a handler's return value; returns ``(payload, encoder_id)``."""
+        """Encode a handler's return value; returns ``(payload, encoder_id)``.
+
+        The payload is plain JSON values (a dataclass becomes a dict, a datetime a
+        string), so every backend stores it and every reader gets the same thing; a
+        value that has no JSON form is a PayloadEncodingError here, where the task
+        can fail with it, rather than when the backend writes it.
+        """
         enc = encoder or self.default_result_encoder
         try:
-            return enc.encode(value), enc.id
+            payload = enc.encode(value)
         except PayloadEncodingError:
             raise
         except Exception as exc:
             raise PayloadEncodingError(
                 f"payload encoder {enc.id!r} could not encode the task result: {exc}"
             ) from exc
+        if type(enc) in _JSON_OUTPUT:
+            return payload, enc.id
+        return _plain_json(payload, enc.id), enc.id
 
     def decode_result(
         self, payload: Any, encoder_id: str | None, preferred: TaskPayloadEncoder | None = None
@@ -390,6 +399,20 @@ class TaskPayloadEncoderRegistry:
             raise PayloadEncodingError(
                 f"payload encoder {enc.id!r} could not decode the task result: {exc}"
             ) from exc
+
+
+#: Encoders whose output is already plain JSON (dicts of strings).
+_JSON_OUTPUT = frozenset({GzipJsonPayloadEncoder, AesGcmPayloadEncoder})
+
+
+def _plain_json(value: Any, encoder_id: str) -> Any:
+    # Scalars that are JSON as they are skip the round trip (the common small result).
+    kind = type(value)
+    if value is None or kind is str or kind is bool or kind is float:
+        return value
+    if kind is int and -(2**63) <= value < 2**64:  # orjson's integer range
+        return value
+    return _loads(_dumps(value, encoder_id), encoder_id)
 
 
 def _args_map(value: Any, encoder_id: str, verb: str) -> dict[str, Any]:
