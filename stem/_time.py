@@ -67,11 +67,12 @@ def from_iso(value: str) -> datetime:
     A value without an offset is local time, as Dart's ``DateTime.parse`` reads it
     (older Dart producers wrote ``DateTime.now()`` that way). Raises ValueError.
     """
-    parsed = datetime.fromisoformat(value)
-    # A naive datetime's astimezone() interprets it in the local zone.
-    utc = parsed.astimezone(UTC)
-    out = WireTime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
-                   utc.microsecond, tzinfo=UTC)
+    out = WireTime.fromisoformat(value)
+    if out.tzinfo is not UTC:  # the common 'Z' case needs no conversion
+        # A naive datetime's astimezone() interprets it in the local zone.
+        utc = out.astimezone(UTC)
+        out = WireTime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
+                       utc.microsecond, tzinfo=UTC)
     out.wire_text = value
     return out
 
