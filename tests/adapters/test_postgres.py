@@ -678,3 +678,99 @@ async def test_app_and_worker_on_postgres_with_transactional_enqueue(pg_url: str
     finally:
         await conn.close()
         await app.close()
+
+
+# -- outages: a proxy between the adapters and the server stands in for a restart ----------
+
+
+class FlakyProxy:
+    """TCP proxy to the test server that can drop every connection and refuse new ones
+    (what clients see while Postgres restarts), then come back on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for w in list(self._pipes):
+            w.transport.abort()
+        self._pipes.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._pipes.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_reconnects_after_an_outage_and_logs_it_once(
+    postgres_url: str, namespace: str
+) -> None:
+    from urllib.parse import urlsplit
+
+    import structlog
+
+    real = urlsplit(postgres_url)
+    proxy = FlakyProxy(real.hostname or "127.0.0.1", real.port or 5432)
+    await proxy.up()
+    via_proxy = with_params(
+        real._replace(netloc=f"{real.username or 'postgres'}@127.0.0.1:{proxy.port}").geturl(),
+        schema=namespace,
+    )
+    broker, producer = PostgresBroker(via_proxy), PostgresBroker(with_params(postgres_url,
+                                                                              schema=namespace))
+    try:
+        await broker.fetch(["q"], 1, block=0.01, consumer="w")  # pool + LISTEN up
+        with structlog.testing.capture_logs() as logs:
+            await proxy.down()
+            publishing = asyncio.create_task(broker.publish([env(args={"n": 1})]))
+
+            async def retrying() -> bool:
+                return any(e["event"].startswith("postgres connection lost") for e in logs)
+
+            await eventually(retrying, timeout=5)
+            assert not publishing.done()  # held back and retried, not failed
+            await asyncio.sleep(0.5)  # stay down for a while: backoff, not one retry
+            await proxy.up()
+            await asyncio.wait_for(publishing, 10)
+        events = [e["event"] for e in logs if e.get("role") == "broker"]
+        assert sum(e.startswith("postgres connection lost") for e in events) == 1
+        assert events.count("postgres connection restored") == 1
+
+        assert len(await broker.fetch(["q"], 1, block=0, consumer="w")) == 1
+        # LISTEN is back too: an idle fetch is woken by a publish from elsewhere.
+        fetch = asyncio.create_task(broker.fetch(["q"], 1, block=5, consumer="w"))
+        await eventually(lambda: idle(broker), timeout=5)
+        await eventually(lambda: _listening(broker), timeout=5)
+        await producer.publish([env()])
+        published = time.perf_counter()
+        assert len(await asyncio.wait_for(fetch, 5)) == 1
+        assert time.perf_counter() - published < 0.25
+    finally:
+        await broker.close()
+        await producer.close()
+        await proxy.down()
+        await drop_schema(postgres_url, namespace)

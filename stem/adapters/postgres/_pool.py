@@ -184,18 +184,16 @@ class Connector:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._pool is None:
-                try:
-                    pool = await asyncpg.create_pool(
-                        self.settings.dsn,
-                        min_size=1,
-                        max_size=self.settings.pool_size,
-                        timeout=self.settings.connect_timeout,
-                        server_settings=_server_settings(self.settings.dsn),
-                        reset=_keep_session,
-                    )
-                except _LOGIN_ERRORS as exc:
-                    # Not an outage but a wrong URL: retrying cannot help.
-                    raise unavailable(self.settings, exc, self.role) from exc
+                pool = await asyncpg.create_pool(
+                    self.settings.dsn,
+                    # No floor: asyncpg would keep reconnecting one in the background
+                    # during an outage, logging a traceback each time.
+                    min_size=0,
+                    max_size=self.settings.pool_size,
+                    timeout=self.settings.connect_timeout,
+                    server_settings=_server_settings(self.settings.dsn),
+                    reset=_keep_session,
+                )
                 try:
                     async with pool.acquire() as conn:
                         await migrations.apply(conn, self.settings.quoted_schema)
@@ -223,6 +221,9 @@ class Connector:
                             with contextlib.suppress(asyncpg.InterfaceError):
                                 conn.terminate()
                         raise
+            except _LOGIN_ERRORS as exc:
+                # Not an outage but a wrong URL: retrying cannot help.
+                raise unavailable(self.settings, exc, self.role) from exc
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
@@ -267,12 +268,15 @@ class Connector:
 
     async def connect_dedicated(self) -> Any:
         """A new connection outside the pool (for LISTEN), after migrations ran."""
-        await self._get_pool()
-        return await asyncpg.connect(
-            self.settings.dsn,
-            timeout=self.settings.connect_timeout,
-            server_settings=_server_settings(self.settings.dsn),
-        )
+        await self.ready()
+        try:
+            return await asyncpg.connect(
+                self.settings.dsn,
+                timeout=self.settings.connect_timeout,
+                server_settings=_server_settings(self.settings.dsn),
+            )
+        except _LOGIN_ERRORS as exc:
+            raise unavailable(self.settings, exc, self.role) from exc
 
     async def close(self) -> None:
         """Close the pool; a later operation would open a new one."""
