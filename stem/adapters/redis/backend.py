@@ -18,11 +18,13 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from stem.errors import ServiceUnavailableError
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
 
+from . import scripts
 from ._connection import CONNECTION_ERRORS, RedisConnector, RedisSettings
 
 log = structlog.get_logger("stem.redis")
@@ -217,6 +219,7 @@ class RedisBackend:
         self._conn = RedisConnector(settings)
         self._prefix = f"{namespace}:result:"
         self._notifier: _Notifier | None = None
+        self._set_script: AsyncScript | None = None
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._conn.settings.safe_url!r}, namespace={self.namespace!r})"
@@ -230,36 +233,46 @@ class RedisBackend:
         await self._conn.ping("Stem result backend")
 
     async def set_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
-        """SET each status with its TTL; terminal ones are also PUBLISHed (one round trip)."""
+        """SET each status with its TTL and PUBLISH terminal ones, in one round trip.
+
+        One script call per batch; on a cluster (keys in many slots) a pipeline.
+        """
         if not items:
             return
-        commands: list[tuple[Any, ...]] = []
+        keys: list[str] = []
+        raws: list[bytes] = []
+        ttls: list[bytes] = []
         default_ttl = self.default_ttl
+        prefix = self._prefix
         for status, ttl in items:
-            raw = status.to_json()
-            key = self._prefix + status.id
+            keys.append(prefix + status.id)
+            raws.append(status.to_json())
             ms = max(1, round((default_ttl if ttl is None else ttl) * 1000))
-            commands.append(("SET", key, raw, "PX", ms))
-            if status.state.is_terminal:
-                commands.append(("PUBLISH", key, raw))
+            ttls.append(b"%d:%d" % (ms, status.state.is_terminal))
         client = self._conn.client
         try:
-            if len(commands) == 1:
-                await client.execute_command(*commands[0])
-                return
-            pipe = client.pipeline(transaction=False)
-            for cmd in commands:
-                pipe.execute_command(*cmd)
-            await pipe.execute()
+            if len(keys) == 1 and ttls[0].endswith(b":0"):
+                await client.execute_command("SET", keys[0], raws[0], "PX", ttls[0][:-2])
+            elif isinstance(client, RedisCluster):
+                pipe = client.pipeline(transaction=False)
+                for key, raw, ttl_flag in zip(keys, raws, ttls, strict=True):
+                    ms_text, _, terminal = ttl_flag.partition(b":")
+                    pipe.execute_command("SET", key, raw, "PX", ms_text)
+                    if terminal == b"1":
+                        pipe.execute_command("PUBLISH", key, raw)
+                await pipe.execute()
+            else:
+                if self._set_script is None:
+                    self._set_script = client.register_script(scripts.SET_STATUSES)
+                script: Any = self._set_script
+                await script(keys, [b",".join(ttls), *raws])
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem result backend set") from exc
 
     async def get(self, task_id: str) -> TaskStatus | None:
         """The stored status, or None if unknown or expired."""
         try:
-            raw = await self._conn.client.execute_command(
-                "GET", self._prefix + task_id
-            )
+            raw = await self._conn.client.execute_command("GET", self._prefix + task_id)
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem result backend get") from exc
         return None if raw is None else TaskStatus.from_json(raw)
@@ -328,4 +341,5 @@ class RedisBackend:
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             await notifier.close()
+        self._set_script = None
         await self._conn.close()

@@ -190,27 +190,38 @@ class RedisBroker:
         await self._conn.ping("Stem broker")
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """XADD ready envelopes / ZADD delayed ones, pipelined in one round trip."""
+        """Store envelopes: one command for one envelope, else one script per queue.
+
+        Ready envelopes are XADDed to their band stream, future ones ZADDed to the
+        queue's delayed set. A batch goes as a single script call per queue (one
+        round trip, and two arguments per envelope for the client to encode).
+        """
         if not envelopes:
             return
+        if len(envelopes) == 1:
+            env = envelopes[0]
+            await self._store_one(
+                env.queue, env.to_json(), env.priority, env.visibility_timeout, env.not_before_epoch
+            )
+            return
         now = now_epoch()
-        commands: list[tuple[Any, ...]] = []
+        per_queue: dict[str, tuple[list[bytes], list[bytes]]] = {}
         soonest: float | None = None
         for env in envelopes:
-            raw = env.to_json()
-            k = self._keys.get(env.queue) or self.keys(env.queue)
-            band = band_of(env.priority)
+            spec_raws = per_queue.get(env.queue)
+            if spec_raws is None:
+                spec_raws = per_queue[env.queue] = ([], [])
             vt = env.visibility_timeout
+            vt_ms = b"" if vt is None else b"%d" % max(0, round(vt * 1000))
             due = env.not_before_epoch
             if due is not None and due > now:
-                member = b"%d:%s:%s" % (band, str(_vt_ms(vt)).encode(), raw)
-                commands.append(("ZADD", k.delayed, int(due * 1000), member))
+                spec_raws[0].append(b"%d:%s:%d" % (band_of(env.priority), vt_ms, int(due * 1000)))
                 soonest = due if soonest is None else min(soonest, due)
-            elif vt is None:
-                commands.append(("XADD", k.streams[band], "*", "p", raw))
             else:
-                commands.append(("XADD", k.streams[band], "*", "p", raw, "v", _vt_ms(vt)))
-        await self._run(commands, "publish")
+                spec_raws[0].append(b"%d:%s:" % (band_of(env.priority), vt_ms))
+            spec_raws[1].append(env.to_json())
+        calls = [(q, [GROUP, b",".join(specs), *raws]) for q, (specs, raws) in per_queue.items()]
+        await self._settle("publish", calls, "publish")
         if soonest is not None:
             await self._delayed_published(soonest)
 
@@ -220,33 +231,32 @@ class RedisBroker:
             env: Envelope | None = Envelope.from_json(raw)
         except EnvelopeDecodeError:
             env = None
-        k = self.keys(queue)
-        band = band_of(priority)
         vt = None if env is None else env.visibility_timeout
         due = None if env is None else env.not_before_epoch
-        if due is not None and due > now_epoch():
-            member = b"%d:%s:%s" % (band, str(_vt_ms(vt)).encode(), bytes(raw))
-            await self._run([("ZADD", k.delayed, int(due * 1000), member)], "publish_raw")
-            await self._delayed_published(due)
-        elif vt is None:
-            await self._run([("XADD", k.streams[band], "*", "p", bytes(raw))], "publish_raw")
-        else:
-            await self._run(
-                [("XADD", k.streams[band], "*", "p", bytes(raw), "v", _vt_ms(vt))], "publish_raw"
-            )
+        await self._store_one(queue, bytes(raw), priority, vt, due)
 
-    async def _run(self, commands: list[tuple[Any, ...]], what: str) -> None:
-        client = self._conn.client
+    async def _store_one(
+        self, queue: str, raw: bytes, priority: int, vt: float | None, due: float | None
+    ) -> None:
+        """One envelope, one plain command (cheaper than a script for a single XADD)."""
+        k = self._keys.get(queue) or self.keys(queue)
+        band = band_of(priority)
+        delayed = due is not None and due > now_epoch()
+        if delayed:
+            assert due is not None
+            member = b"%d:%s:%s" % (band, str(_vt_ms(vt)).encode(), raw)
+            cmd: tuple[Any, ...] = ("ZADD", k.delayed, int(due * 1000), member)
+        elif vt is None:
+            cmd = ("XADD", k.streams[band], "*", "p", raw)
+        else:
+            cmd = ("XADD", k.streams[band], "*", "p", raw, "v", _vt_ms(vt))
         try:
-            if len(commands) == 1:
-                await client.execute_command(*commands[0])
-                return
-            pipe = client.pipeline(transaction=False)
-            for cmd in commands:
-                pipe.execute_command(*cmd)
-            await pipe.execute()
+            await self._conn.client.execute_command(*cmd)
         except CONNECTION_ERRORS as exc:
-            raise self._conn.unavailable(exc, f"Stem broker {what}") from exc
+            raise self._conn.unavailable(exc, "Stem broker publish") from exc
+        if delayed:
+            assert due is not None
+            await self._delayed_published(due)
 
     async def _delayed_published(self, due: float) -> None:
         """Delayed work due at ``due`` was stored: wake blocked reads that would oversleep it."""
@@ -375,7 +385,7 @@ class RedisBroker:
                     raw,
                     now + (default_vt if vt is None else vt),
                     error,
-                    (band, eid, consumer, count),
+                    (band, eid, consumer, count, b"%d %s %d" % (band, eid, count)),
                     count > 1,
                 )
             )
@@ -500,7 +510,7 @@ class RedisBroker:
                     raw,
                     now + (default_vt if vt is None else vt),
                     error,
-                    (band, eid, consumer, 1),
+                    (band, eid, consumer, 1, b"%d %s 1" % (band, eid)),
                     False,
                 )
                 batch.append(d)
@@ -535,25 +545,32 @@ class RedisBroker:
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, f"Stem broker {what}") from exc
 
+    @staticmethod
+    def _held(ds: list[Delivery]) -> tuple[list[Any], list[Delivery]]:
+        """Script arguments naming ``ds`` — (consumer, "item;item;...") pairs — and
+        ``ds`` in the order of the flags the script returns."""
+        first = ds[0].token[2]
+        if all(d.token[2] == first for d in ds):
+            return [first, b";".join([d.token[4] for d in ds])], ds
+        by_consumer: dict[str, list[Delivery]] = {}
+        for d in ds:
+            by_consumer.setdefault(d.token[2], []).append(d)
+        args: list[Any] = []
+        ordered: list[Delivery] = []
+        for consumer, group in by_consumer.items():
+            args += (consumer, b";".join([d.token[4] for d in group]))
+            ordered += group
+        return args, ordered
+
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """XACK + XDEL each delivery still held by its consumer (one script per queue)."""
-        calls: list[tuple[str, list[Any]]] = []
-        for queue, ds in self._by_queue(deliveries).items():
-            args: list[Any] = [GROUP]
-            for d in ds:
-                args.extend(d.token)
-            calls.append((queue, args))
+        calls = [(q, [GROUP, *self._held(ds)[0]]) for q, ds in self._by_queue(deliveries).items()]
         if calls:
             await self._settle("ack", calls, "ack")
 
     async def nack(self, deliveries: Sequence[Delivery]) -> None:
         """Give leases back: the entries are fetched again at once, keeping their place."""
-        calls: list[tuple[str, list[Any]]] = []
-        for queue, ds in self._by_queue(deliveries).items():
-            args: list[Any] = [GROUP]
-            for d in ds:
-                args.extend(d.token)
-            calls.append((queue, args))
+        calls = [(q, [GROUP, *self._held(ds)[0]]) for q, ds in self._by_queue(deliveries).items()]
         if calls:
             await self._settle("nack", calls, "nack")
 
@@ -583,9 +600,13 @@ class RedisBroker:
             args = same.get(d.queue)
             if args is None:
                 args = same[d.queue] = [GROUP]
-            args.extend(d.token)
-            args.extend(
-                (band_of(env.priority), due_arg, _vt_ms(env.visibility_timeout), env.to_json())
+            args += (
+                d.token[4],
+                d.token[2],
+                band_of(env.priority),
+                due_arg,
+                _vt_ms(env.visibility_timeout),
+                env.to_json(),
             )
         if same:
             await self._settle("retry", list(same.items()), "retry")
@@ -593,12 +614,17 @@ class RedisBroker:
                 await self._delayed_published(soonest)
         if other:
             names = list(other)
-            calls = [(q, [GROUP, *(x for d, _ in other[q] for x in d.token)]) for q in names]
-            flags = await self._settle("ack", calls, "retry")
+            held_args = [self._held([d for d, _ in other[q]]) for q in names]
+            flags = await self._settle(
+                "ack",
+                [(q, [GROUP, *a]) for q, (a, _) in zip(names, held_args, strict=True)],
+                "retry",
+            )
+            replacements = {id(d): env for q in names for d, env in other[q]}
             held = [
-                env
-                for q, f in zip(names, flags, strict=True)
-                for (_, env), ok in zip(other[q], f, strict=True)
+                replacements[id(d)]
+                for (_, ordered), f in zip(held_args, flags, strict=True)
+                for d, ok in zip(ordered, f, strict=True)
                 if ok == ord("1")
             ]
             if held:
@@ -614,8 +640,7 @@ class RedisBroker:
             args = calls.get(d.queue)
             if args is None:
                 args = calls[d.queue] = [GROUP, now_ms]
-            args.extend(d.token)
-            args.append(reason)
+            args += (d.token[4], d.token[2], reason)
         if calls:
             await self._settle("dead", list(calls.items()), "dead_letter")
 
@@ -627,14 +652,14 @@ class RedisBroker:
             return
         lease_ms = max(0, round(seconds * 1000))
         calls: list[tuple[str, list[Any]]] = []
+        orders: list[list[Delivery]] = []
         for queue, ds in groups.items():
-            args: list[Any] = [GROUP, int(now * 1000), self._horizon_ms, lease_ms]
-            for d in ds:
-                args.extend(d.token)
-            calls.append((queue, args))
+            held_args, ordered = self._held(ds)
+            calls.append((queue, [GROUP, int(now * 1000), self._horizon_ms, lease_ms, *held_args]))
+            orders.append(ordered)
         flags = await self._settle("extend", calls, "extend_lease")
-        for (_, ds), f in zip(groups.items(), flags, strict=True):
-            for d, ok in zip(ds, f, strict=True):
+        for ordered, f in zip(orders, flags, strict=True):
+            for d, ok in zip(ordered, f, strict=True):
                 if ok == ord("1"):
                     d.lease_expires_at = now + seconds
 

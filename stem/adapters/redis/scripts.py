@@ -1,6 +1,6 @@
-"""The broker's Lua scripts, in one place.
+"""The Redis adapters' Lua scripts, in one place.
 
-Every script touches the keys of ONE queue only, all passed in ``KEYS`` and all
+Every broker script touches the keys of ONE queue only, all passed in ``KEYS`` and all
 sharing the queue's hash tag, so each runs in one slot (Redis Cluster-safe). KEYS
 layout, always the same 15 keys (see ``broker.QueueKeys``):
 
@@ -60,16 +60,41 @@ local function each_chunk(list, fn)
   end
 end
 
--- Iterate items of `stride` ARGV slots from `first`; call fn(i, band, id) for the
--- ones still held by the consumer/delivery count at ARGV[i+2]/ARGV[i+3].
--- Returns a string of '1'/'0' flags, one per item.
-local function for_owned(first, stride, fn)
+-- A delivery is named by an item "<band> <entry id> <delivery count>" plus its
+-- consumer. It is still held when the entry is pending for that consumer with
+-- that count (a reclaim bumps the count; a nack hands it to RELEASED).
+local function owned(band, id, consumer, count)
+  local p = pending(band, id)
+  return p and p[2] == consumer and p[4] == tonumber(count)
+end
+
+-- ARGV[first..] = consumer, "item;item;...", consumer, "item;..." ...
+-- Calls fn(band, id, consumer) for held deliveries; returns '1'/'0' flags in order.
+local function each_held(first, fn)
+  local flags = {}
+  for i = first, #ARGV, 2 do
+    local consumer = ARGV[i]
+    for band, id, count in string.gmatch(ARGV[i + 1], '(%d) ([^ ;]+) (%d+)') do
+      band = tonumber(band)
+      if owned(band, id, consumer, count) then
+        fn(band, id, consumer)
+        flags[#flags + 1] = '1'
+      else
+        flags[#flags + 1] = '0'
+      end
+    end
+  end
+  return table.concat(flags)
+end
+
+-- ARGV[first..] in groups of `stride`: item, consumer, then per-item arguments.
+-- Calls fn(i, band, id) for held deliveries; returns '1'/'0' flags in order.
+local function each_held_item(first, stride, fn)
   local flags = {}
   for i = first, #ARGV, stride do
-    local band = tonumber(ARGV[i])
-    local id = ARGV[i + 1]
-    local p = pending(band, id)
-    if p and p[2] == ARGV[i + 2] and p[4] == tonumber(ARGV[i + 3]) then
+    local band, id, count = string.match(ARGV[i], '^(%d) (%S+) (%d+)$')
+    band = tonumber(band)
+    if band and owned(band, id, ARGV[i + 1], count) then
       fn(i, band, id)
       flags[#flags + 1] = '1'
     else
@@ -120,6 +145,26 @@ for band = 0, 9 do
   end
 end
 return 1
+"""
+)
+
+#: ARGV: group, "<band>:<visibility ms or empty>:<due ms or empty>,...", then the
+#: envelope bytes in the same order. Empty due: XADD to the band stream; else ZADD
+#: to the delayed set. Returns how many were stored.
+PUBLISH = (
+    _PRELUDE
+    + """
+local i = 0
+for band, vt, due in string.gmatch(ARGV[2], '(%d):(%d*):(%d*)') do
+  i = i + 1
+  local raw = ARGV[i + 2]
+  if due == '' then
+    enqueue(tonumber(band), vt, raw)
+  else
+    redis.call('ZADD', KEYS[11], due, band .. ':' .. vt .. ':' .. raw)
+  end
+end
+return i
 """
 )
 
@@ -246,18 +291,18 @@ return out
 """
 )
 
-#: ARGV: group, then per delivery: band, id, consumer, count. Returns flags.
+#: ARGV: group, then (consumer, items) pairs. Returns flags.
 ACK = (
     _PRELUDE
     + """
 local by_band = {}
-local flags = for_owned(2, 4, function(i, band, id) add_to(by_band, band, id) end)
+local flags = each_held(2, function(band, id) add_to(by_band, band, id) end)
 finish(by_band)
 return flags
 """
 )
 
-#: ARGV: group, then per delivery: band, id, consumer, count. Returns flags.
+#: ARGV: group, then (consumer, items) pairs. Returns flags.
 #: The entry stays where it is (its id, hence its place in line) and is handed to
 #: the RELEASED pseudo-consumer, so the old holder's receipt stops working; the next
 #: fetch takes it from ``released`` before newer entries of its band.
@@ -265,7 +310,7 @@ NACK = (
     _PRELUDE
     + """
 local longs = redis.call('EXISTS', KEYS[12]) == 1
-return for_owned(2, 4, function(i, band, id)
+return each_held(2, function(band, id)
   redis.call('XCLAIM', KEYS[band + 1], G, RELEASED, 0, id, 'JUSTID')
   redis.call('ZADD', KEYS[13], band, band .. '|' .. id)
   if longs then redis.call('ZREM', KEYS[12], band .. '|' .. id) end
@@ -273,16 +318,16 @@ end)
 """
 )
 
-#: ARGV: group, then per item: band, id, consumer, count, new band, due ms ('' =
-#: now), visibility ms (''), envelope bytes. Acks each held delivery and adds its
+#: ARGV: group, then per delivery: item, consumer, new band, due ms ('' = now),
+#: visibility ms (''), envelope bytes. Acks each held delivery and adds its
 #: replacement in the same step; a lost lease gets no replacement. Returns flags.
 RETRY = (
     _PRELUDE
     + """
 local by_band = {}
-local flags = for_owned(2, 8, function(i, band, id)
+local flags = each_held_item(2, 6, function(i, band, id)
   add_to(by_band, band, id)
-  local nband, due, vt, raw = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local nband, due, vt, raw = tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   if due == '' then
     enqueue(nband, vt, raw)
   else
@@ -294,17 +339,17 @@ return flags
 """
 )
 
-#: ARGV: group, now_ms, then per delivery: band, id, consumer, count, reason.
+#: ARGV: group, now_ms, then per delivery: item, consumer, reason.
 #: Copies the stored bytes to the dead-letter stream, then acks. Returns flags.
 DEAD = (
     _PRELUDE
     + """
 local by_band = {}
-local flags = for_owned(3, 5, function(i, band, id)
+local flags = each_held_item(3, 3, function(i, band, id)
   local e = redis.call('XRANGE', KEYS[band + 1], id, id)[1]
   local raw = ''
   if e and e[2][1] == 'p' then raw = e[2][2] end
-  redis.call('XADD', KEYS[14], '*', 'p', raw, 'r', ARGV[i + 4], 't', ARGV[2])
+  redis.call('XADD', KEYS[14], '*', 'p', raw, 'r', ARGV[i + 2], 't', ARGV[2])
   add_to(by_band, band, id)
 end)
 finish(by_band)
@@ -312,20 +357,20 @@ return flags
 """
 )
 
-#: ARGV: group, now_ms, horizon_ms, lease_ms, then per delivery: band, id,
-#: consumer, count. Sets each held lease to now + lease_ms. Returns flags.
+#: ARGV: group, now_ms, horizon_ms, lease_ms, then (consumer, items) pairs.
+#: Sets each held lease to now + lease_ms. Returns flags.
 EXTEND = (
     _PRELUDE
     + """
 local now, H, L = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local longs = redis.call('EXISTS', KEYS[12]) == 1
-return for_owned(5, 4, function(i, band, id)
+return each_held(5, function(band, id, consumer)
   local member = band .. '|' .. id
   if L <= H then
-    redis.call('XCLAIM', KEYS[band + 1], G, ARGV[i + 2], 0, id, 'IDLE', H - L, 'JUSTID')
+    redis.call('XCLAIM', KEYS[band + 1], G, consumer, 0, id, 'IDLE', H - L, 'JUSTID')
     if longs then redis.call('ZREM', KEYS[12], member) end
   else
-    redis.call('XCLAIM', KEYS[band + 1], G, ARGV[i + 2], 0, id, 'IDLE', 0, 'JUSTID')
+    redis.call('XCLAIM', KEYS[band + 1], G, consumer, 0, id, 'IDLE', 0, 'JUSTID')
     redis.call('ZADD', KEYS[12], now + L, member)
   end
 end)
@@ -430,8 +475,25 @@ return n
 """
 )
 
+#: Result backend, outside Redis Cluster only (its keys span slots). ARGV[1] is
+#: "<ttl ms>:<terminal 0/1>,..." for KEYS in order, ARGV[2..] the status JSONs:
+#: SET each with PX and PUBLISH terminal ones on the key's channel. One command per
+#: batch instead of two per status, and few arguments for the client to encode.
+SET_STATUSES = """
+local i = 0
+for ms, terminal in string.gmatch(ARGV[1], '(%d+):(%d)') do
+  i = i + 1
+  local raw = ARGV[i + 1]
+  redis.call('SET', KEYS[i], raw, 'PX', ms)
+  if terminal == '1' then redis.call('PUBLISH', KEYS[i], raw) end
+end
+return i
+"""
+
+#: The broker's scripts by name.
 ALL = {
     "ensure": ENSURE,
+    "publish": PUBLISH,
     "fetch": FETCH,
     "ack": ACK,
     "nack": NACK,
