@@ -20,7 +20,7 @@ from stem.encoding import (
     TaskPayloadEncoderRegistry,
 )
 from stem.envelope import Envelope
-from stem.errors import ConfigurationError, WaitTimeoutError
+from stem.errors import ConfigurationError, EnvelopeDecodeError, WaitTimeoutError
 from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskStatus
@@ -424,16 +424,28 @@ class _CoalescingPublisher:
     async def _send(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
         try:
             await self._app.broker.publish([env for env, _ in batch])
+        except EnvelopeDecodeError as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            # One call's arguments could not be serialised: publish one by one so only
+            # that caller gets the error (rare path; the common one stays batched).
+            for item in batch:
+                await self._send([item])
         except BaseException as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            self._fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
         else:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Envelope, asyncio.Future[None]]], exc: BaseException) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
 
 
 __all__ = ["Stem", "TaskContext"]

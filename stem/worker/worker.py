@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from stem import signals
+from stem._time import to_iso, utcnow
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, peek_task_id
@@ -269,12 +270,16 @@ class Worker:
         assert self._completer is not None
         env = prepared.envelope
         options = prepared.definition.options
-        ctx = TaskContext(env, _WorkerContextOps(self, d))
+        # The keys the Dart worker writes into status meta, so tooling of either reads both.
+        base_meta = {**env.meta, "task": env.name, "queue": env.queue,
+                     "worker": self.consumer_name, "startedAt": to_iso(utcnow())}
+        ops = _WorkerContextOps(self, d, base_meta)
+        ctx = TaskContext(env, ops)
         if signals.task_prerun.has_receivers:
             signals.task_prerun.send(self, envelope=env, context=ctx)
         if options.track_started:
             self._completer.status(
-                TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=dict(env.meta)),
+                TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=dict(base_meta)),
                 options.result_ttl,
             )
         try:
@@ -286,7 +291,7 @@ class Worker:
         else:
             outcome = self.processor.success(prepared, value)
         self.processed += 1
-        self._completer.outcome(d, prepared, ctx, outcome)
+        self._completer.outcome(d, prepared, ctx, outcome, base_meta)
         _emit_outcome(self, env, outcome)
 
     # -- leases -------------------------------------------------------------------------
@@ -355,9 +360,10 @@ def _emit_outcome(worker: Worker, env: Envelope, outcome: Outcome) -> None:
 class _WorkerContextOps:
     """TaskContext operations for tasks running in this worker (any thread)."""
 
-    def __init__(self, worker: Worker, delivery: Delivery) -> None:
+    def __init__(self, worker: Worker, delivery: Delivery, base_meta: dict[str, Any]) -> None:
         self.worker = worker
         self.delivery = delivery
+        self.base_meta = base_meta
 
     def _on_loop(self, fn: Any, *args: Any) -> None:
         loop = self.worker._loop
@@ -385,7 +391,7 @@ class _WorkerContextOps:
 
     def progress(self, ctx: TaskContext, percent: float, data: Any) -> None:
         env = ctx.envelope
-        meta = {**env.meta, **ctx.meta, "progress": {"percent": percent, "data": data}}
+        meta = {**self.base_meta, **ctx.meta, "progress": {"percent": percent, "data": data}}
         status = TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=meta)
         completer = self.worker._completer
         assert completer is not None
@@ -468,26 +474,30 @@ class _Completer:
         self.pending_receipts.add(d.receipt)
         self._schedule()
 
-    def outcome(self, d: Delivery, prepared: Prepared, ctx: TaskContext, outcome: Outcome) -> None:
+    def outcome(self, d: Delivery, prepared: Prepared, ctx: TaskContext, outcome: Outcome,
+                base_meta: dict[str, Any]) -> None:
         env = prepared.envelope
         ttl = prepared.definition.options.result_ttl
-        meta = {**env.meta, **ctx.meta}
+        meta = {**base_meta, **ctx.meta}
         if ctx.progress_state is not None:
             meta["progress"] = ctx.progress_state
         if isinstance(outcome, Success):
             meta[RESULT_ENCODER_META] = outcome.encoder_id
+            meta["completedAt"] = to_iso(utcnow())
             self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,
                                    meta=meta, attempt=env.attempt), ttl)
             self._acks.append(d)
         elif isinstance(outcome, RetryLater):
             log.info("task.retry", task_id=env.id, task=env.name, attempt=env.attempt,
                      delay=round(outcome.delay, 3), error=outcome.error.message)
+            meta["retryDelayMs"] = round(outcome.delay * 1000)
             self.status(TaskStatus(env.id, TaskState.RETRIED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
             self._retries.append((d, outcome.next_envelope))
         elif isinstance(outcome, Failure):
             log.warning("task.failed", task_id=env.id, task=env.name, attempt=env.attempt,
                         error_type=outcome.error.type, error=outcome.error.message)
+            meta["failedAt"] = to_iso(utcnow())
             self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
             self._acks.append(d)

@@ -327,3 +327,26 @@ async def test_extend_lease_and_heartbeat_reach_the_broker(app: stem.Stem) -> No
 
 async def _count(items: list[object], n: int) -> bool:
     return len(items) >= n
+
+
+async def test_unserialisable_args_fail_only_their_own_caller(app: stem.Stem) -> None:
+    @app.task(name="j")
+    async def j(x: object) -> None: ...
+
+    results = await asyncio.gather(app.enqueue("j", 1), app.enqueue("j", {1, 2}),
+                                   app.enqueue("j", 3), return_exceptions=True)
+    assert isinstance(results[1], stem.EnvelopeDecodeError)
+    assert isinstance(results[0], str) and isinstance(results[2], str)
+    assert (await app.broker.stats("default")).pending == 2
+
+
+async def test_status_meta_carries_the_dart_worker_keys(app: stem.Stem) -> None:
+    @app.task(name="m", queue="default")
+    async def m() -> int:
+        return 1
+
+    async with running_worker(app, consumer_name="w1"):
+        res = await app.wait(await app.enqueue("m"), timeout=5)
+    assert res.meta["task"] == "m" and res.meta["queue"] == "default"
+    assert res.meta["worker"] == "w1"
+    assert res.meta["startedAt"] <= res.meta["completedAt"]
