@@ -620,3 +620,30 @@ async def test_backend_ttl_and_layout(
         assert set(await backend.get_many(["a", "b", "a", "zz"])) == {"a", "b"}
     finally:
         await backend.close()
+
+
+# -- closing ----------------------------------------------------------------------------
+
+
+async def test_close_ends_a_blocked_fetch_and_forgets_idle_consumers(
+    make_broker: object, raw: aioredis.Redis
+) -> None:
+    broker: RedisBroker = make_broker()  # type: ignore[operator]
+    other: RedisBroker = make_broker()  # type: ignore[operator]
+    await broker.publish([env(1), env(2)])
+    [held] = await other.fetch([Q], 1, block=0, consumer="busy")
+    [d] = await broker.fetch([Q], 1, block=0, consumer="done")
+    await broker.ack([d])
+    fetcher = asyncio.create_task(broker.fetch([Q], 1, block=10, consumer="done"))
+    await eventually(lambda: asyncio.sleep(0, bool(broker._readers)))
+    start = time.monotonic()
+    await broker.close()
+    assert await asyncio.wait_for(fetcher, 2) == []
+    assert time.monotonic() - start < 1.0
+    names = {
+        c["name"].decode()
+        for band in range(10)
+        for c in await raw.xinfo_consumers(broker.keys(Q).streams[band], "stem")
+    }
+    assert "done" not in names and "busy" in names  # "busy" still holds a delivery
+    await other.ack([held])

@@ -275,6 +275,11 @@ class RedisConnector:
         return self.settings.mode == "cluster"
 
     @property
+    def has_client(self) -> bool:
+        """True once the client exists (something has used the connection)."""
+        return self._client is not None
+
+    @property
     def client(self) -> Client:
         """The client, built on first use."""
         if self._client is None:

@@ -47,6 +47,9 @@ MOVER_BATCH = 512
 #: queue is preferred but never starves the others.
 FAIR_EVERY = 4
 _MAX_BACKOFF = 2.0
+#: On close, consumers idle this long with nothing pending are deleted too (workers
+#: that crashed and never closed): one day.
+FORGET_IDLE_MS = 86_400_000
 
 
 class QueueKeys:
@@ -119,6 +122,8 @@ class RedisBroker:
         self._scripts: dict[str, AsyncScript] | None = None
         self._ready_groups: set[str] = set()
         self._next_claim: dict[str, float] = {}
+        self._consumers: set[str] = set()
+        self._closing = False
         self._turn = 0
         self._readers: set[_Reader] = set()
         # Earliest due time of delayed work this process published since the last
@@ -290,8 +295,10 @@ class RedisBroker:
         """
         if max_count <= 0 or not queues:
             return []
+        self._closing = False
+        self._consumers.add(consumer)
         give_up = time.monotonic() + max(0.0, block)
-        while True:
+        while not self._closing:
             try:
                 out, next_due = await self._fetch_ready(self._order(queues), max_count, consumer)
                 if out:
@@ -299,8 +306,7 @@ class RedisBroker:
                     return out
                 now = time.monotonic()
                 wait = min(give_up - now, self.block_time)
-                if self._next_claim:
-                    wait = min(wait, min(self._next_claim[q] for q in queues) - now)
+                wait = min(wait, min(self._next_claim.get(q, now) for q in queues) - now)
                 if self._due_hint is not None:
                     next_due = self._due_hint if next_due is None else min(next_due, self._due_hint)
                 if next_due is not None:
@@ -324,6 +330,7 @@ class RedisBroker:
                 continue  # one more attempt, even when that sleep used up the block
             if time.monotonic() >= give_up:
                 return []
+        return []  # closed while waiting
 
     async def _fetch_ready(
         self, order: list[str], max_count: int, consumer: str
@@ -476,7 +483,14 @@ class RedisBroker:
             hint = self._due_hint
             if hint is not None and reader.until > hint + 0.002:
                 await self._unblock(reader)  # published while this read was being set up
-            reply = await conn.read_response(timeout=wait + 10.0)
+            try:
+                reply = await conn.read_response(timeout=wait + 10.0)
+            except rexc.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # A stream (and its group) was deleted meanwhile: recreate on the next pass.
+                self._ready_groups.difference_update(queues)
+                reply = None
         finally:
             self._readers.discard(reader)
             await blocking.release()
@@ -760,7 +774,22 @@ class RedisBroker:
         return int(n)
 
     async def close(self) -> None:
-        """Close connections (a later call reconnects)."""
+        """End blocked fetches, drop this broker's idle consumer names, close connections.
+
+        A later call reconnects.
+        """
+        self._closing = True
+        for reader in list(self._readers):
+            await self._unblock(reader)
+        if self._consumers and self._ready_groups and self._conn.has_client:
+            # Forget our consumers (and long-idle ones of crashed workers) when they hold
+            # nothing, so groups don't collect a consumer per worker ever started.
+            args = [GROUP, FORGET_IDLE_MS, *sorted(self._consumers)]
+            try:
+                await self._settle("forget", [(q, args) for q in self._ready_groups], "close")
+            except (rexc.RedisError, ServiceUnavailableError) as exc:
+                log.debug("redis.broker.forget_consumers_failed", error=repr(exc))
+        self._consumers.clear()
         self._scripts = None
         self._ready_groups.clear()
         await self._conn.close()

@@ -475,6 +475,34 @@ return n
 """
 )
 
+#: ARGV: group, idle_ms, consumer names. On every band, deletes the named consumers
+#: and any consumer idle longer than idle_ms -- only those with nothing pending
+#: (DELCONSUMER would drop their pending entries). Returns how many were deleted.
+FORGET = (
+    _PRELUDE
+    + """
+local names = {}
+for i = 3, #ARGV do names[ARGV[i]] = true end
+local idle_limit = tonumber(ARGV[2])
+local n = 0
+for band = 0, 9 do
+  local s = KEYS[band + 1]
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', s, G)
+  if type(consumers) == 'table' and not consumers.err then
+    for _, c in ipairs(consumers) do
+      local info = {}
+      for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+      if info['pending'] == 0 and (names[info['name']] or info['idle'] > idle_limit) then
+        redis.call('XGROUP', 'DELCONSUMER', s, G, info['name'])
+        n = n + 1
+      end
+    end
+  end
+end
+return n
+"""
+)
+
 #: Result backend, outside Redis Cluster only (its keys span slots). ARGV[1] is
 #: "<ttl ms>:<terminal 0/1>,..." for KEYS in order, ARGV[2..] the status JSONs:
 #: SET each with PX and PUBLISH terminal ones on the key's channel. One command per
@@ -503,4 +531,5 @@ ALL = {
     "stats": STATS,
     "purge": PURGE,
     "replay": REPLAY,
+    "forget": FORGET,
 }
