@@ -21,7 +21,7 @@ from stem.encoding import (
 )
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, EnvelopeDecodeError, WaitTimeoutError
-from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
+from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, TransactionalPublisher
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskStatus
 from stem.task import (
@@ -324,14 +324,14 @@ class Stem:
         return [e.id for e in envelopes]
 
     async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]) -> None:
-        publish = getattr(self.broker, "publish_with_connection", None)
-        if publish is None:
+        broker = self.broker
+        if not isinstance(broker, TransactionalPublisher):
             raise ConfigurationError(
                 "enqueue(..., connection=...) publishes inside your database transaction and "
                 f"needs the Postgres broker; this app's broker is {type(self.broker).__name__} "
                 f"({self.broker_url})"
             )
-        await publish(connection, envelopes)
+        await broker.publish_with_connection(connection, envelopes)
 
     def _publisher(self) -> _CoalescingPublisher:
         loop = asyncio.get_running_loop()

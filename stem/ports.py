@@ -193,3 +193,37 @@ class ResultBackend(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+@runtime_checkable
+class TransactionalPublisher(Protocol):
+    """A broker that can publish through the caller's own database connection.
+
+    ``app.enqueue(..., connection=conn)`` uses it so a task exists only if the
+    caller's transaction commits (the outbox pattern without an outbox).
+    """
+
+    async def publish_with_connection(self, connection: Any, envelopes: Sequence[Envelope]
+                                      ) -> None:
+        """Insert ``envelopes`` inside ``connection``'s current transaction."""
+        ...
+
+
+@runtime_checkable
+class ResultAwareBroker(Protocol):
+    """A broker that can store results and ack in one transaction when it shares the
+    result backend's store (the worker's completer then saves a round-trip per batch)."""
+
+    def shares_store_with(self, backend: object) -> bool:
+        """True when ``ack_with_results`` may replace ``backend.set_many`` + ``ack``."""
+        ...
+
+    async def ack_with_results(
+        self,
+        deliveries: Sequence[Delivery],
+        statuses: Sequence[tuple[TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> None:
+        """Write ``statuses`` and ack ``deliveries`` atomically."""
+        ...

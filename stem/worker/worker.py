@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -25,7 +25,7 @@ from stem._time import to_iso, utcnow
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, peek_task_id
-from stem.ports import Delivery
+from stem.ports import Delivery, ResultAwareBroker
 from stem.retry import RetryStrategy
 from stem.status import TaskError, TaskState, TaskStatus
 from stem.worker.executor import Executor
@@ -111,6 +111,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.processed = 0
         self._fetch_failing = False
+        self._combined_ack = False
         signals.worker_init.send(self)
 
     @staticmethod
@@ -136,6 +137,8 @@ class Worker:
         await backend.ping()
         await self.executor.start()  # warm the process pool before taking work
         self._completer = _Completer(self)
+        self._combined_ack = isinstance(broker, ResultAwareBroker) and broker.shares_store_with(
+            backend)
         log.info("worker.started", consumer=self.consumer_name, queues=self.queues,
                  concurrency=self.concurrency, tasks=len(self.app.tasks))
         keeper = asyncio.create_task(self._lease_keeper())
@@ -514,7 +517,20 @@ class _Completer:
         retries, self._retries = self._retries, []
         dead, self._dead = self._dead, []
         app = self.worker.app
+        broker = app.broker
         backoff = 0.05
+        if statuses and acks and self.worker._combined_ack:
+            # Same store: results and acks in one transaction, one round-trip.
+            try:
+                await cast(ResultAwareBroker, broker).ack_with_results(
+                    acks, list(statuses.values()), default_ttl=app.backend.default_ttl)
+                statuses, acks_done = {}, acks
+                acks = []
+            except Exception as exc:
+                log.error("worker.result_write_failed", error=repr(exc), count=len(statuses))
+                acks_done = []
+        else:
+            acks_done = []
         while statuses:
             try:
                 await app.backend.set_many(list(statuses.values()))
@@ -523,7 +539,6 @@ class _Completer:
                 log.error("worker.result_write_failed", error=repr(exc), count=len(statuses))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        broker = app.broker
         ops = []
         if acks:
             ops.append(broker.ack(acks))
@@ -537,7 +552,7 @@ class _Completer:
                 # The lease will expire and the task be redelivered; the terminal status
                 # already stored makes the redelivery a skipped duplicate.
                 log.error("worker.settle_failed", error=repr(r))
-        receipts = [d.receipt for d in acks] + [d.receipt for d, _ in retries] + [
+        receipts = [d.receipt for d in acks + acks_done] + [d.receipt for d, _ in retries] + [
             d.receipt for d, _ in dead
         ]
         self.pending_receipts.difference_update(receipts)

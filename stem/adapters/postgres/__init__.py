@@ -4,7 +4,7 @@ and a result backend, in one schema that is created and migrated on first connec
 URLs are ``postgres://`` or ``postgresql://``; Stem reads and removes these query
 parameters before the rest goes to asyncpg:
 
-- ``schema`` — the schema holding Stem's tables (default ``stem``);
+- ``schema`` — the schema holding Stem's tables (default: the namespace, ``stem``);
 - ``pool_size`` — most connections in each adapter's pool (default 10);
 - ``connect_timeout`` — seconds to wait for a connection (default 5).
 """
@@ -37,13 +37,13 @@ def backend_from_url(url: str, *, namespace: str = "stem") -> PostgresResultBack
     return PostgresResultBackend(url, namespace=namespace)
 
 
-async def migrate(url: str) -> list[int]:
+async def migrate(url: str, *, namespace: str = "stem") -> list[int]:
     """Create or upgrade Stem's tables in the URL's schema (what ``stem migrate`` runs).
 
     Returns the migration versions applied now (empty when already current). Safe to
     run while workers are running and from several processes at once.
     """
-    settings = parse_url(url)
+    settings = parse_url(url, namespace)
     try:
         conn = await asyncpg.connect(settings.dsn, timeout=settings.connect_timeout)
     except Exception as exc:

@@ -63,15 +63,19 @@ class PgSettings:
         return name
 
 
-def parse_url(url: str) -> PgSettings:
-    """Split a ``postgres://`` / ``postgresql://`` URL into asyncpg's DSN and Stem options."""
+def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
+    """Split a ``postgres://`` / ``postgresql://`` URL into asyncpg's DSN and Stem options.
+
+    Without ``?schema=`` the schema is the namespace (``STEM_NAMESPACE``, default
+    ``stem``), so apps with different namespaces on one database never share queues.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigurationError(f"not a Postgres URL: scheme {parts.scheme!r}")
     params = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in params if k in STEM_PARAMS}
     rest = [(k, v) for k, v in params if k not in STEM_PARAMS]
-    schema = ours.get("schema") or DEFAULT_SCHEMA
+    schema = ours.get("schema") or re.sub(r"\W", "_", namespace) or DEFAULT_SCHEMA
     if not _SCHEMA_RE.fullmatch(schema):
         raise ConfigurationError(
             f"Postgres URL ?schema={schema!r} is not a plain identifier; use letters, "

@@ -62,7 +62,7 @@ class PostgresResultBackend:
     def __init__(
         self, url: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL
     ) -> None:
-        self.settings = parse_url(url)
+        self.settings = parse_url(url, namespace)
         self.namespace = namespace
         self.default_ttl = default_ttl
         self._db = Connector(self.settings, "result backend")

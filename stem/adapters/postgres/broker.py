@@ -114,7 +114,7 @@ class PostgresBroker:
         namespace: str = "stem",
         default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
     ) -> None:
-        self.settings = parse_url(url)
+        self.settings = parse_url(url, namespace)
         self.namespace = namespace
         self.default_visibility_timeout = default_visibility_timeout
         self._db = Connector(self.settings, "broker")
