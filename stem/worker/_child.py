@@ -2,9 +2,11 @@
 
 Three threads: the main thread runs tasks one at a time (so signals, which Python
 delivers to the main thread, interrupt the task); a reader thread splits incoming
-frames into the task inbox and replies to ``enqueue`` requests, and exits the
-process when the worker's end closes (nobody is left to want our results); a
-writer thread sends frames. Writes never happen on the main thread, so a signal
+frames into the task inbox and replies to ``enqueue`` requests, hands queued
+tasks back when the worker revokes them (it does when the task in front of them
+runs long, so they can run in another child), and exits the process when the
+worker's end closes (nobody is left to want our results); a writer thread sends
+frames. Writes never happen on the main thread, so a signal
 raised into a handler can never cut a frame in half, and the writer batches
 whatever results are ready into one ``sendall``.
 
@@ -26,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import deque
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -52,13 +55,46 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated(128 + signum)
 
 
+class _Inbox:
+    """Messages for the main thread, in order; queued tasks can be taken back."""
+
+    def __init__(self) -> None:
+        self._items: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+
+    def put(self, msg: dict[str, Any]) -> None:
+        with self._cond:
+            self._items.append(msg)
+            self._cond.notify()
+
+    def get(self) -> dict[str, Any]:
+        """The next message (blocks; a signal handler may interrupt the wait)."""
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            return self._items.popleft()
+
+    def revoke(self, seqs: set[int]) -> list[int]:
+        """Drop the not-yet-started ``run`` messages among ``seqs``; return their seqs."""
+        with self._cond:
+            kept: deque[dict[str, Any]] = deque()
+            taken: list[int] = []
+            for msg in self._items:
+                if msg.get("t") == "run" and msg.get("seq") in seqs:
+                    taken.append(msg["seq"])
+                else:
+                    kept.append(msg)
+            self._items = kept
+            return taken
+
+
 class _Channel:
     """The socket to the worker: a reader thread, a writer thread, replies by request id."""
 
     def __init__(self, sock: socket.socket) -> None:
 
         self._sock = sock
-        self.inbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.inbox = _Inbox()
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._replies: dict[int, dict[str, Any]] = {}
         self._replied = threading.Condition()
@@ -94,10 +130,16 @@ class _Channel:
             if not data:
                 os._exit(0)  # the worker is gone or closed us: finish nothing
             for msg in reader.feed(data):
-                if msg.get("t") == "reply":
+                kind = msg.get("t")
+                if kind == "reply":
                     with self._replied:
                         self._replies[msg["rid"]] = msg
                         self._replied.notify_all()
+                elif kind == "revoke":
+                    # Answered from here: the main thread is busy with the long task.
+                    taken = self.inbox.revoke(set(msg.get("seqs", ())))
+                    if taken:
+                        self.send({"t": "revoked", "seqs": taken})
                 else:
                     self.inbox.put(msg)
 

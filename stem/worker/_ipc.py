@@ -6,10 +6,12 @@ results travel encoded by the task's payload encoder, exceptions travel as
 :class:`~stem.status.TaskError` objects.
 
 Worker → child:  ``init`` (app spec, sys.path), ``run`` (seq, envelope, soft limit),
-                 ``reply`` (answer to an ``enqueue``), ``stop`` (exit when idle).
+                 ``revoke`` (seqs: give queued tasks back), ``reply`` (answer to an
+                 ``enqueue``), ``stop`` (exit when idle).
 Child → worker:  ``ready`` / ``fatal`` (after importing the app), ``done`` (seq and
-                 either ``ok``+``enc`` or ``err`` [+ ``retry``]), ``soft`` (the soft
-                 limit fired), ``progress``, ``lease``, ``enqueue`` (a child task).
+                 either ``ok``+``enc`` or ``err`` [+ ``retry``]), ``revoked`` (seqs
+                 given back unstarted), ``soft`` (the soft limit fired),
+                 ``progress``, ``lease``, ``enqueue`` (a child task).
 """
 
 from __future__ import annotations

@@ -10,10 +10,13 @@ with their already-encoded args, results come back encoded by the task's payload
 encoder, exceptions as TaskError objects. Nothing is pickled.
 
 Throughput: the parent keeps a small queue *in* each child (up to ``max_batch``
-tasks, fewer when there is little work, and none behind a task that has already
-run for :data:`LONG_TASK` — so a long task does not hold short ones back) and writes everything dispatched in one loop tick to a child in one write; the
-child streams results back from a writer thread, which batches whatever is ready.
-So thousands of short tasks do not pay a round-trip each.
+tasks, fewer when there is little work) and writes everything dispatched in one
+loop tick to a child in one write; the child streams results back from a writer
+thread, which batches whatever is ready. So thousands of short tasks do not pay a
+round-trip each. A long task must not hold short ones back, though: once a child's
+current task has run for :data:`LONG_TASK`, nothing more is queued behind it and
+what already is gets revoked — the child's reader thread hands back the tasks it
+has not started, and they go to another child.
 
 Limits: a child runs tasks in order, so the parent knows which one is running (the
 oldest unanswered) and when it started (when it was sent to an idle child, or when
@@ -75,7 +78,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("stem.worker.pool")
 
 #: A child whose current task has run this long is probably busy with a long one:
-#: queue nothing more behind it, so short tasks go to a child that will run them now.
+#: queue nothing more behind it, and take back what is queued there, so short tasks
+#: go to a child that will run them now.
 LONG_TASK = 0.05
 
 
@@ -151,8 +155,8 @@ class _State(Enum):
 
 
 class _Job:
-    __slots__ = ("child", "ctx", "envelope", "frame", "future", "hard", "on_timeout", "seq",
-                 "soft", "soft_fired", "started", "timer")
+    __slots__ = ("child", "ctx", "envelope", "frame", "future", "hard", "on_timeout",
+                 "revoking", "seq", "soft", "soft_fired", "started", "timer")
 
     def __init__(self, seq: int, envelope: Envelope, ctx: TaskContext, soft: float | None,
                  hard: float | None, future: asyncio.Future[Any],
@@ -169,6 +173,7 @@ class _Job:
         self.started: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.soft_fired = False
+        self.revoking = False
 
     @property
     def settled(self) -> bool:
@@ -258,7 +263,9 @@ class ProcessPool:
         self._start_error: str | None = None
         self._failures = 0
         self._respawn: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self.recycled = 0
+        self.revoked = 0
         self.lost = 0
 
     # -- introspection (tests, stats) -----------------------------------------------------
@@ -414,13 +421,14 @@ class ProcessPool:
     async def close(self, timeout: float = 10.0) -> None:
         """Stop every child: idle ones exit cleanly, busy ones are killed; fail what's left."""
         self._closing = True
-        if self._respawn is not None:
-            self._respawn.cancel()
-            self._respawn = None
+        for handle in (self._respawn, self._watchdog):
+            if handle is not None:
+                handle.cancel()
+        self._respawn = self._watchdog = None
         while self._pending:
             self._pending.popleft().settle(exc=WorkerLostError("the process pool was closed"))
         for child in list(self._children):
-            if any(not j.settled for j in child.outstanding) or child.transport is None:
+            if child.outstanding or child.transport is None:  # busy (maybe abandoned work)
                 self._kill(child)
             elif child.state in (_State.STARTING, _State.READY, _State.RETIRING):
                 self._stop(child)
@@ -502,6 +510,8 @@ class ProcessPool:
         child.sent += 1
         if len(child.outstanding) == 1:
             self._started_now(job)
+        elif self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(LONG_TASK / 2, self._watch)
         limit = self.config.max_tasks_per_child
         if limit is not None and child.sent >= limit:
             self._retire(child, "max_tasks_per_child")
@@ -512,11 +522,44 @@ class ProcessPool:
         if job.hard is not None and job.timer is None:
             job.timer = loop.call_at(job.started + job.hard, self._hard_expired, job)
 
+    def _watch(self) -> None:
+        """Revoke the work queued behind tasks that turned out long (see LONG_TASK)."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        again = False
+        for child in self._children:
+            if len(child.outstanding) < 2 or child.state not in (_State.READY, _State.RETIRING):
+                continue
+            head = child.outstanding[0]
+            if head.started is None or now - head.started < LONG_TASK:
+                again = True
+                continue
+            seqs = []
+            for job in itertools.islice(child.outstanding, 1, None):
+                if not job.revoking:
+                    job.revoking = True
+                    seqs.append(job.seq)
+            if seqs:
+                child.write(frame({"t": "revoke", "seqs": seqs}))
+        if again and not self._closing:
+            self._watchdog = loop.call_later(LONG_TASK / 2, self._watch)
+
+    def _on_revoked(self, child: _Child, seqs: list[int]) -> None:
+        wanted = set(seqs)
+        jobs = [j for j in child.outstanding if j.seq in wanted]
+        for job in jobs:
+            child.outstanding.remove(job)
+            child.sent -= 1
+        self.revoked += len(jobs)
+        self._requeue(jobs)
+        self._schedule_pump()
+
     def _requeue(self, jobs: list[_Job]) -> None:
-        # They were queued in a child that is gone and never started: back to the front.
+        # Never started (queued in a child that is gone, or revoked): back to the front.
         for job in reversed(jobs):
             if not job.settled:
-                job.child, job.started = None, None
+                job.child, job.started, job.revoking = None, None, False
                 if job.timer is not None:
                     job.timer.cancel()
                     job.timer = None
@@ -597,6 +640,9 @@ class ProcessPool:
             return
         if kind == "fatal":
             child.fatal = str(msg.get("error"))
+            return
+        if kind == "revoked":
+            self._on_revoked(child, msg.get("seqs", []))
             return
         job = self._find(child, msg.get("seq"))
         if kind == "enqueue":

@@ -1,0 +1,100 @@
+"""``stem worker start --pool 2`` as a real process on SQLite: kills, crashes, recycling, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import stem
+from stem import TaskState
+from tests.isolation.conftest import alive, read_marks, until
+from tests.isolation.iso_app import SPEC
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+Start = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'stem.db'}"
+
+
+@pytest.fixture
+def start_worker(sqlite_url: str, marks: Path, tmp_path: Path) -> Iterator[Start]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "ISO_BROKER_URL": sqlite_url, "ISO_MARK_DIR": str(marks)}
+        log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stem_cli", "worker", "start", "--app", SPEC,
+             "--block-time", "0.1", *args],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+
+
+@pytest.fixture
+async def producer(sqlite_url: str) -> AsyncIterator[stem.Stem]:
+    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url)
+    yield app
+    await app.close()
+
+
+async def test_pool_worker_kills_runaways_survives_crashes_recycles_and_drains(
+        start_worker: Start, producer: stem.Stem, marks: Path) -> None:
+    proc = start_worker("--pool", "2", "--max-tasks-per-child", "5", "--grace", "20")
+    spin = await producer.enqueue("iso.spin")  # time_limit=1, max_retries=1 (worker side)
+    crash = await producer.enqueue("iso.crash_segv")
+    pids = [await producer.wait(await producer.enqueue("iso.pid"), timeout=30)
+            for _ in range(20)]
+    res_spin = await producer.wait(spin, timeout=30)
+    res_crash = await producer.wait(crash, timeout=30)
+    runs = read_marks(marks, "spin", spin)
+
+    assert res_spin.state is TaskState.FAILED and res_spin.attempt == 1
+    assert res_spin.error is not None and res_spin.error.type == "TimeLimitExceeded"
+    assert len(runs) == 2
+    assert res_crash.error is not None and res_crash.error.type == "WorkerLostError"
+    assert "signal SIGSEGV" in res_crash.error.message
+    assert all(r.state is TaskState.SUCCEEDED for r in pids)
+    children = {r.value for r in pids}
+    assert proc.pid not in children and len(children) >= 4  # 5 tasks per child at most
+
+    last = await producer.wait(await producer.enqueue("iso.sleepy", seconds=0.5), timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert last.state is TaskState.SUCCEEDED
+    # No child outlives the worker.
+    for pid in {*children, last.value, *(pid for pid, _ in runs)}:
+        await until(lambda pid=pid: not alive(pid), timeout=5)
+
+
+def test_pool_worker_with_an_unimportable_app_exits_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "ISO_BROKER_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    # The worker imports the app fine; its pool children can't (see iso_app).
+    env["ISO_FAIL_IN_CHILD"] = "1"
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "stem_cli", "worker", "start", "--app", SPEC, "--pool", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "stem: error: the process pool could not start" in out.stderr
+    assert "refuses to load in a pool child" in out.stderr
+    assert time.monotonic() - t0 < 30
