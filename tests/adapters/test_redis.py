@@ -647,3 +647,18 @@ async def test_close_ends_a_blocked_fetch_and_forgets_idle_consumers(
     }
     assert "done" not in names and "busy" in names  # "busy" still holds a delivery
     await other.ack([held])
+
+
+async def test_surplus_of_a_blocking_read_is_handed_back(broker: RedisBroker) -> None:
+    """Entries that land in several streams between the fetch script and the blocking
+    read come back together; only max_count are kept, the rest are nacked in place."""
+    await broker._ensure_groups(["a", "b"])
+    await broker.publish([env(1, queue="a"), env(2, queue="b", priority=3), env(3, queue="b")])
+    start = time.monotonic()
+    got = await broker._block(["a", "b"], 1, "c1", 2.0)
+    assert time.monotonic() - start < 0.5
+    assert [d.queue for d in got] == ["a"]
+    sa, sb = await broker.stats("a"), await broker.stats("b")
+    assert (sa.pending, sa.in_flight, sb.pending, sb.in_flight) == (0, 1, 2, 0)
+    rest = await broker.fetch(["b"], 5, block=0, consumer="c2")
+    assert [d.envelope.args["i"] for d in rest if d.envelope] == [2, 3]

@@ -228,3 +228,19 @@ async def test_result_backend_on_the_cluster(cluster: list[int], namespace: str)
         assert set(many) == set(ids)
     finally:
         await backend.close()
+
+
+async def test_ready_data_in_several_queues_ends_every_blocking_read(
+    broker: RedisBroker, queues: list[str]
+) -> None:
+    """All per-queue reads return at once (some before their CLIENT ID is known); the
+    surplus over max_count goes back."""
+    await broker._ensure_groups(queues)
+    await broker.publish([env(q, i) for i, q in enumerate(queues)])
+    start = time.monotonic()
+    got = await broker._block(queues, 2, "c1", 3.0)
+    assert time.monotonic() - start < 1.0 and len(got) == 2
+    assert not broker._readers
+    rest = await broker.fetch(queues, 10, block=0, consumer="c2")
+    assert len(rest) == len(queues) - 2
+    await broker.ack(got + rest)

@@ -93,7 +93,8 @@ class _Reader:
     blocking: BlockingConn
     until: float  # epoch seconds the read would end by itself
     client_id: int | None = None
-    unblocked: bool = False
+    stop: bool = False  # asked to end early (honoured once client_id is known)
+    unblock_sent: bool = False
 
 
 class RedisBroker:
@@ -271,9 +272,10 @@ class RedisBroker:
                 await self._unblock(reader)
 
     async def _unblock(self, reader: _Reader) -> None:
-        if reader.client_id is None or reader.unblocked:
-            return
-        reader.unblocked = True
+        reader.stop = True
+        if reader.client_id is None or reader.unblock_sent:
+            return  # _block_read sends it as soon as it knows the client id
+        reader.unblock_sent = True
         try:
             await self._conn.unblock(reader.blocking, reader.client_id)
         except (rexc.RedisError, OSError) as exc:
@@ -481,10 +483,17 @@ class RedisBroker:
                 reader.client_id = None  # CLIENT not allowed (ACL): no early wake-up
             self._readers.add(reader)
             hint = self._due_hint
-            if hint is not None and reader.until > hint + 0.002:
-                await self._unblock(reader)  # published while this read was being set up
+            if reader.stop or (hint is not None and reader.until > hint + 0.002):
+                # Asked to stop, or delayed work was published while this read was
+                # being set up.
+                await self._unblock(reader)
             try:
                 reply = await conn.read_response(timeout=wait + 10.0)
+            except (rexc.MovedError, rexc.AskError, rexc.TryAgainError) as exc:
+                # The cluster is resharding: the next fetch script call follows the
+                # redirect and refreshes the slot map this read relied on.
+                log.debug("redis.broker.block_redirected", error=repr(exc))
+                reply = None
             except rexc.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
