@@ -39,3 +39,11 @@ async def slow(ctx: stem.TaskContext, seconds: float) -> int:
     _mark("slow", ctx.id)
     await asyncio.sleep(seconds)
     return os.getpid()
+
+
+@app.task(name="e2e.work", visibility_timeout=2.0)
+async def work(ctx: stem.TaskContext, seconds: float) -> int:
+    _mark("start", ctx.id)
+    await asyncio.sleep(seconds)
+    _mark("done", ctx.id)
+    return os.getpid()

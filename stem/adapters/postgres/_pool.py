@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import re
 import time
@@ -303,7 +304,8 @@ def _server_settings(dsn: str) -> dict[str, str]:
     # Queue statements are tiny; JIT compilation only ever adds latency to them.
     # Both are defaults the URL may override (asyncpg passes unknown params as settings).
     given = {k for k, _ in parse_qsl(urlsplit(dsn).query)}
-    out = {"application_name": "stem", "jit": "off"}
+    # stem-<pid> tells operators (and tests) in pg_stat_activity which process it is.
+    out = {"application_name": f"stem-{os.getpid()}", "jit": "off"}
     return {k: v for k, v in out.items() if k not in given}
 
 
