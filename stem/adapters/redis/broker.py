@@ -6,9 +6,14 @@ hash tag ``{<namespace>:<queue>}`` so each Lua script stays in one slot (see
 :mod:`stem.adapters.redis.scripts` for the keys and the lease/ownership rules).
 
 Round trips: ``publish`` and the settle calls (``ack``, ``retry``, ...) are one
-pipeline or one script per queue; ``fetch`` is one script per queue while work is
-ready, and a single ``XREADGROUP ... BLOCK`` across every band of every queue when
-it is not (per queue, concurrently, on Redis Cluster).
+script call per queue (a plain XADD/ZADD for a single envelope), concurrent when a
+batch spans queues; ``fetch`` is one script per queue while work is ready, and a
+single ``XREADGROUP ... BLOCK`` across every band of every queue when it is not (per
+queue, concurrently, on Redis Cluster).
+
+A delivery's ``token`` is ``(band, entry id, consumer, delivery count, item)``;
+``item`` is the compact ``b"<band> <entry id> <count>"`` the scripts parse, built
+once at fetch so settling a batch costs the client almost nothing per delivery.
 """
 
 from __future__ import annotations
