@@ -247,6 +247,9 @@ class ProcessPool:
 
     :meth:`run` returns an :class:`~stem.worker.processor.EncodedResult` or raises
     TimeLimitExceeded, WorkerLostError, RemoteError or Retry. Use on one event loop.
+    Counters: ``recycled`` (children retired by the max-tasks/memory limits), ``lost``
+    (children that died unexpectedly), ``revoked`` (tasks taken back from behind a
+    long task).
     """
 
     def __init__(self, app: Stem, config: PoolConfig) -> None:

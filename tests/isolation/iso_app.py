@@ -173,6 +173,12 @@ def sleepy(seconds: float) -> int:
     return os.getpid()
 
 
+def nap(ctx: stem.TaskContext, seconds: float) -> int:
+    mark("nap", ctx.id)
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def make_app(broker: str = "memory://iso-default", backend: str | None = None) -> stem.Stem:
     """An app with every test task registered (explicit names, so children match)."""
     app = stem.Stem("iso", broker=broker, backend=backend or broker)
@@ -202,6 +208,7 @@ def make_app(broker: str = "memory://iso-default", backend: str | None = None) -
     app.task(name="iso.hog", **proc)(hog)
     app.task(name="iso.sleepy", **proc)(sleepy)
     app.task(name="iso.sleepy_default")(sleepy)
+    app.task(name="iso.nap", **proc)(nap)
     return app
 
 

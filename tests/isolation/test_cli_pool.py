@@ -86,6 +86,21 @@ async def test_pool_worker_kills_runaways_survives_crashes_recycles_and_drains(
         await until(lambda pid=pid: not alive(pid), timeout=5)
 
 
+async def test_children_of_a_sigkilled_worker_exit_and_its_task_runs_again(
+        start_worker: Start, producer: stem.Stem, marks: Path) -> None:
+    first = start_worker("--pool", "1")
+    tid = await producer.enqueue_call(
+        producer.definition("iso.nap").call(seconds=30).with_options(visibility_timeout=1.5))
+    [(child, _)] = await until(lambda: read_marks(marks, "nap", tid), timeout=30)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    # The child sees its socket close and exits mid-task instead of lingering.
+    await until(lambda: not alive(child), timeout=5)
+    start_worker("--pool", "1")
+    await until(lambda: len(read_marks(marks, "nap", tid)) == 2, timeout=30)
+    assert read_marks(marks, "nap", tid)[1][0] != child
+
+
 def test_pool_worker_with_an_unimportable_app_exits_with_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "ISO_BROKER_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     # The worker imports the app fine; its pool children can't (see iso_app).
