@@ -135,8 +135,9 @@ class Bench:
         fig.values["enqueue_bulk"] = self.n / (time.perf_counter() - t)
         await self.app.broker.purge("default")
 
-    async def w2(self, fig: Figures) -> None:
-        call = self.app.definition("bench.noop").call()
+    async def w2(self, fig: Figures, *, incr: bool = False) -> None:
+        """Drain a backlog; ``incr`` adds the per-task Redis INCR the peer figures carry."""
+        call = self.app.definition("bench.noop").call(incr=incr)
         ids: list[str] = []
         for s in range(0, self.n, 1000):
             ids += await self.app.enqueue_many([call] * min(1000, self.n - s))
@@ -148,7 +149,8 @@ class Bench:
         if len(done) < len(ids):
             fig.notes.append(f"W2: only {len(done)}/{len(ids)} finished")
         ts = sorted(float(v) for v in done.values())
-        fig.values["drain"] = (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 else 0.0
+        key = "drain_incr" if incr else "drain"
+        fig.values[key] = (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 else 0.0
 
     async def w3(self, fig: Figures, trips: int = 300) -> None:
         proc = self._worker(self.concurrency)
@@ -191,11 +193,13 @@ def report(kind: str, fig: Figures, console: Console) -> None:
     t = Table("figure", "stem", "floor (same run)", "stem / floor", "best peer", "stem / peer",
               title=f"stem bench — {kind}")
     rows = [("W1 enqueue one-by-one /s", "enqueue_one"), ("W1 enqueue_many /s", "enqueue_bulk"),
-            ("W2 drain /s", "drain")]
+            ("W2 drain no-op /s (vs floor)", "drain"),
+            ("W2 drain +INCR /s (vs peers)", "drain_incr")]
     for label, key in rows:
         v = fig.values.get(key)
-        f = fig.floor.get(key)
-        p = peer.get(key)
+        # The floor does no INCR and the peers all did one per task: compare like with like.
+        f = fig.floor.get(key) if key != "drain_incr" else None
+        p = peer.get("drain" if key == "drain_incr" else key) if key != "drain" else None
         t.add_row(label, f"{v:,.0f}" if v else "-", f"{f:,.0f}" if f else "-", _ratio(v, f),
                   f"{p:,.0f}" if p else "-", f"{v / p:.1f}x" if v and p else "-")
     for key in ("p50", "p95", "p99", "max"):
@@ -225,6 +229,8 @@ async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
             await bench.w1(fig)
         if "W2" in workloads:
             await bench.w2(fig)
+            if redis_counter_url:
+                await bench.w2(fig, incr=True)
         if "W3" in workloads:
             await bench.w3(fig)
         if "W4" in workloads:

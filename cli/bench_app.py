@@ -35,9 +35,10 @@ async def _incr() -> None:
 
 
 @app.task(name="bench.noop", track_started=False)
-async def noop() -> float:
-    """W2: one INCR; returns its completion time."""
-    await _incr()
+async def noop(incr: bool = False) -> float:
+    """W2: nothing (or one INCR, as the peers' tasks did); returns its completion time."""
+    if incr:
+        await _incr()
     return time.time()
 
 

@@ -92,3 +92,22 @@ def from_epoch(ts: float) -> datetime:
 def now_epoch() -> float:
     """Wall-clock epoch seconds (what delayed delivery and leases compare against)."""
     return time.time()
+
+
+_iso_second: tuple[int, str] = (0, "")
+
+
+def now_iso() -> str:
+    """The current UTC time in the wire format, cheaply (the worker stamps every status).
+
+    The ``YYYY-MM-DDTHH:MM:SS`` prefix is formatted once per second and reused; the
+    tuple swap is atomic, so threads may call this too.
+    """
+    global _iso_second
+    t = time.time()
+    sec = int(t)
+    cached, prefix = _iso_second
+    if sec != cached:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _iso_second = (sec, prefix)
+    return f"{prefix}.{int((t - sec) * 1000):03d}Z"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from stem import signals
-from stem._time import to_iso, utcnow
+from stem._time import now_iso
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, peek_task_id
@@ -61,7 +61,7 @@ class Worker:
     defaults to every queue the app's tasks route to. ``shutdown_grace`` bounds how
     long a graceful stop waits for running tasks before requeueing them.
 
-    ``pool=N`` runs ``def`` handlers without explicit isolation in N child processes
+    ``pool_size=N`` runs ``def`` handlers without explicit isolation in N child processes
     (``--pool N``); without it, tasks that need the process pool (``isolation=
     "process"``, or a ``def`` handler with a hard time limit) get one sized
     ``min(cpu_count, concurrency)``. Children import the app as ``app_spec``
@@ -80,7 +80,7 @@ class Worker:
         block_time: float = 1.0,
         shutdown_grace: float = 30.0,
         consumer_name: str | None = None,
-        pool: int | None = None,
+        pool_size: int | None = None,
         app_spec: str | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
@@ -97,14 +97,15 @@ class Worker:
         )
         self.processor = Processor(app, retry_strategy)
         self.executor = Executor(
-            threads=concurrency, app=app, pool_default=pool is not None, sender=self,
-            pool=PoolConfig(size=pool or min(os.cpu_count() or 1, concurrency),
+            threads=concurrency, app=app, pool_default=pool_size is not None, sender=self,
+            pool=PoolConfig(size=pool_size or min(os.cpu_count() or 1, concurrency),
                             app_spec=app_spec, max_tasks_per_child=max_tasks_per_child,
                             max_memory_per_child=max_memory_per_child),
         )
         self._active: dict[str, _InFlight] = {}  # receipt -> in flight (running or settling)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
+        self._running = 0
         self._stop = asyncio.Event()
         self._lease_changed = asyncio.Event()
         self._completer: _Completer | None = None
@@ -179,7 +180,10 @@ class Worker:
         broker = self.app.broker
         backoff = 0.1
         while not self._stop.is_set():
-            free = self.concurrency - len(self._active)
+            # Only running handlers count against concurrency: the next fetch overlaps the
+            # completer's flush of the last batch. Leased-but-unsettled work is bounded too.
+            free = min(self.concurrency - self._running,
+                       2 * self.concurrency - len(self._active))
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -245,6 +249,7 @@ class Worker:
             if isinstance(prepared, Rejected):
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
                 continue
+            self._running += 1
             task = asyncio.create_task(self._run(d, prepared))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -275,7 +280,7 @@ class Worker:
         options = prepared.definition.options
         # The keys the Dart worker writes into status meta, so tooling of either reads both.
         base_meta = {**env.meta, "task": env.name, "queue": env.queue,
-                     "worker": self.consumer_name, "startedAt": to_iso(utcnow())}
+                     "worker": self.consumer_name, "startedAt": now_iso()}
         ops = _WorkerContextOps(self, d, base_meta)
         ctx = TaskContext(env, ops)
         if signals.task_prerun.has_receivers:
@@ -293,6 +298,9 @@ class Worker:
             outcome: Outcome = self.processor.failure(prepared, exc)
         else:
             outcome = self.processor.success(prepared, value)
+        finally:
+            self._running -= 1
+            self._slot_free.set()
         self.processed += 1
         self._completer.outcome(d, prepared, ctx, outcome, base_meta)
         _emit_outcome(self, env, outcome)
@@ -481,12 +489,15 @@ class _Completer:
                 base_meta: dict[str, Any]) -> None:
         env = prepared.envelope
         ttl = prepared.definition.options.result_ttl
-        meta = {**base_meta, **ctx.meta}
+        # base_meta belongs to this attempt alone and is finished with here: no copy.
+        meta = base_meta
+        if ctx.meta:
+            meta.update(ctx.meta)
         if ctx.progress_state is not None:
             meta["progress"] = ctx.progress_state
         if isinstance(outcome, Success):
             meta[RESULT_ENCODER_META] = outcome.encoder_id
-            meta["completedAt"] = to_iso(utcnow())
+            meta["completedAt"] = now_iso()
             self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,
                                    meta=meta, attempt=env.attempt), ttl)
             self._acks.append(d)
@@ -500,7 +511,7 @@ class _Completer:
         elif isinstance(outcome, Failure):
             log.warning("task.failed", task_id=env.id, task=env.name, attempt=env.attempt,
                         error_type=outcome.error.type, error=outcome.error.message)
-            meta["failedAt"] = to_iso(utcnow())
+            meta["failedAt"] = now_iso()
             self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
             self._acks.append(d)
