@@ -31,7 +31,11 @@ class Delivery:
     ``envelope`` is None when the stored bytes could not be decoded; then
     ``decode_error`` says why and the worker dead-letters it (``raw`` keeps the
     original bytes so nothing is lost). ``receipt`` is the adapter's handle for
-    ack/nack/extend; ``token`` is adapter-private bookkeeping (stream name, lease id).
+    ack/nack/extend: it names one lease and is unique across all queues of a broker
+    (the worker keys in-flight work by it). ``token`` is adapter-private bookkeeping.
+    ``redelivered`` is False only when the adapter knows this is the message's first
+    delivery (a retry's replacement and a replayed dead letter count as first); the
+    worker then skips its check for an already-finished duplicate.
     """
 
     envelope: Envelope | None
@@ -103,6 +107,8 @@ class Broker(Protocol):
         leased for the envelope's ``visibility_timeout`` (else the default); an
         unacked lease that expires makes the envelope visible again. Waits up to
         ``block`` seconds when nothing is ready, returning early when work arrives.
+        During an outage an adapter retries within ``block`` and then raises
+        ServiceUnavailableError; the worker backs off and calls again.
         """
         ...
 
@@ -155,7 +161,7 @@ class Broker(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release connections."""
+        """Release connections; a fetch blocked at the time returns (empty) promptly."""
         ...
 
 
