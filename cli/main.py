@@ -136,6 +136,42 @@ def result(
     Console().print(table)
 
 
+@app.command("migrate")
+def migrate(
+    url: Annotated[str | None, typer.Option("--url",
+                   help="Store URL (default: STEM_BROKER_URL, then STEM_RESULT_BACKEND_URL).")] = None,
+) -> None:
+    """Create or upgrade Stem's tables now (Postgres also does it on first connect)."""
+    from stem.config import StemConfig
+
+    config = StemConfig.from_env()
+    targets = [url] if url else list(dict.fromkeys(
+        u for u in (config.broker_url, config.backend_url) if u))
+    for target in targets:
+        scheme = target.split(":", 1)[0]
+        if scheme in ("postgres", "postgresql"):
+            from stem.adapters.postgres import migrate as pg_migrate
+
+            try:
+                applied = asyncio.run(pg_migrate(target, namespace=config.namespace))
+            except StemError as exc:
+                raise fail(str(exc), 1) from None
+            done = ", ".join(map(str, applied)) if applied else "none (already current)"
+            typer.echo(f"{_redact(target)}: applied migrations {done}")
+        else:
+            typer.echo(f"{_redact(target)}: {scheme} needs no migrations")
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 @app.command("bench")
 def bench(
     url: Annotated[str, typer.Option("--url", help="Broker (and result backend) URL.")] = (

@@ -51,3 +51,21 @@ def test_bad_broker_url_fails_fast_with_a_fix() -> None:
     assert out.returncode != 0
     assert "unsupported scheme 'amqp'" in out.stderr
     assert out.stderr.count("\n") <= 2
+
+
+def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: str) -> None:
+    import asyncio
+
+    from tests.conformance.conftest import _drop_pg_schema
+
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={namespace}"
+    try:
+        first = run_stem("migrate", "--url", url)
+        assert first.returncode == 0, first.stderr
+        assert "applied migrations 1, 2" in first.stdout
+        again = run_stem("migrate", "--url", url)
+        assert "none (already current)" in again.stdout
+        other = run_stem("migrate", "--url", "sqlite:///x.db")
+        assert "sqlite needs no migrations" in other.stdout
+    finally:
+        asyncio.run(_drop_pg_schema(postgres_url, namespace))
