@@ -7,10 +7,9 @@ import threading
 from collections.abc import Sequence
 
 from stem._time import now_epoch
+from stem.adapters._shared import Waiter
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
-
-from ._wake import Waiter
 
 #: How often (seconds) a write also sweeps expired entries out of memory.
 SWEEP_INTERVAL = 30.0

@@ -19,15 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stem._time import now_epoch
+from stem.adapters._shared import FairOrder, Waiter
 from stem.envelope import Envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
-
-from ._wake import Waiter
-
-#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
-#: queue delays the others but never starves them.
-FAIR_EVERY = 4
 
 
 @dataclass(slots=True, eq=False)
@@ -98,7 +93,7 @@ class MemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._ids = itertools.count(1)
         self._leases = itertools.count(1)
-        self._turn = 0
+        self._order = FairOrder()
 
     def __repr__(self) -> str:
         return f"MemoryBroker({self.name!r})"
@@ -154,15 +149,6 @@ class MemoryBroker:
         del q.leased[m.mid]
         del q.msgs[m.mid]
         m.lease = 0
-
-    def _order(self, queues: Sequence[str]) -> list[str]:
-        order = list(dict.fromkeys(queues))
-        if len(order) > 1:
-            self._turn += 1
-            if self._turn % FAIR_EVERY == 0:
-                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
-                order = order[start:] + order[:start]
-        return order
 
     def _take(
         self, queues: Sequence[str], max_count: int, consumer: str, now: float

@@ -29,6 +29,7 @@ import structlog
 from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
+from stem.adapters._shared import FairOrder
 from stem.envelope import Envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError, ServiceUnavailableError
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -48,9 +49,6 @@ DEFAULT_BLOCK_TIME = 1.0
 DEFAULT_CLAIM_INTERVAL = 1.0
 #: Delayed entries moved per fetch script run (more are moved on the next run).
 MOVER_BATCH = 512
-#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
-#: queue is preferred but never starves the others.
-FAIR_EVERY = 4
 _MAX_BACKOFF = 2.0
 #: On close, consumers idle this long with nothing pending are deleted too (workers
 #: that crashed and never closed): one day.
@@ -130,7 +128,7 @@ class RedisBroker:
         self._next_claim: dict[str, float] = {}
         self._consumers: set[str] = set()
         self._closing = False
-        self._turn = 0
+        self._order = FairOrder()
         self._readers: set[_Reader] = set()
         # Earliest due time of delayed work this process published since the last
         # fetch script run: a blocking read must not sleep past it.
@@ -169,15 +167,6 @@ class RedisBroker:
         ensure = self._script["ensure"]
         await asyncio.gather(*(ensure(self.keys(q).keys, [GROUP]) for q in missing))
         self._ready_groups.update(missing)
-
-    def _order(self, queues: Sequence[str]) -> list[str]:
-        order = list(dict.fromkeys(queues))
-        if len(order) > 1:
-            self._turn += 1
-            if self._turn % FAIR_EVERY == 0:
-                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
-                order = order[start:] + order[:start]
-        return order
 
     def _outage(self, err: ServiceUnavailableError) -> None:
         if self._outage_since is None:

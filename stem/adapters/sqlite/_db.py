@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from stem.adapters._shared import Waiter
 from stem.errors import ConfigurationError, ServiceUnavailableError
 
 T = TypeVar("T")
@@ -206,39 +207,6 @@ class Database:
 
         await asyncio.get_running_loop().run_in_executor(executor, _close)
         executor.shutdown(wait=False)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class Waiter:
-    """A future armed on the running loop; :meth:`wake` is safe from any thread."""
-
-    __slots__ = ("_fut", "_thread")
-
-    def __init__(self) -> None:
-        self._fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._thread = threading.get_ident()
-
-    def wake(self) -> None:
-        """Resolve the future (a no-op if already woken or its loop is gone)."""
-        try:
-            if threading.get_ident() == self._thread:
-                _resolve(self._fut)
-            else:
-                self._fut.get_loop().call_soon_threadsafe(_resolve, self._fut)
-        except RuntimeError:
-            # The waiter's loop was closed while it waited; nobody is left to wake.
-            pass
-
-    async def wait(self, seconds: float) -> bool:
-        """Wait until woken or ``seconds`` pass; True when woken."""
-        if not self._fut.done() and seconds > 0:
-            # asyncio.wait never cancels the future, so a late wake() stays harmless.
-            await asyncio.wait((self._fut,), timeout=seconds)
-        return self._fut.done()
 
 
 @dataclass(eq=False)

@@ -8,13 +8,13 @@ import time
 from collections.abc import Sequence
 
 from stem._time import now_epoch
+from stem.adapters._shared import Waiter
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskState, TaskStatus
 
 from ._db import (
     WAIT_POLL_INTERVAL,
     Database,
-    Waiter,
     chunks,
     ensure_schema,
     hub_for,

@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 
 from stem._time import now_epoch
+from stem.adapters._shared import FairOrder
 from stem.envelope import Envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -34,10 +35,6 @@ from ._db import (
 )
 
 SCHEMA_VERSION = 1
-
-#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
-#: queue delays the others but never starves them.
-FAIR_EVERY = 4
 
 # (queue, priority, not_before or None, task id, visibility timeout, raw)
 _NewJob = tuple[str, int, float | None, str | None, float | None, bytes]
@@ -98,7 +95,7 @@ class SqliteBroker:
         self._dead = f"{prefix}_dead_letters"
         self._db = Database(path, self._create)
         self._hub = hub_for(path, prefix)
-        self._turn = 0
+        self._order = FairOrder()
 
     def __repr__(self) -> str:
         return f"SqliteBroker({self.path!r})"
@@ -248,15 +245,6 @@ class SqliteBroker:
 
         await self._db.run(publish)
         self._hub.queues_changed()
-
-    def _order(self, queues: Sequence[str]) -> list[str]:
-        order = list(dict.fromkeys(queues))
-        if len(order) > 1:
-            self._turn += 1
-            if self._turn % FAIR_EVERY == 0:
-                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
-                order = order[start:] + order[:start]
-        return order
 
     async def fetch(
         self, queues: Sequence[str], max_count: int, *, block: float, consumer: str

@@ -1,15 +1,33 @@
-"""A one-shot wake-up that can be fired from any thread.
-
-Memory stores live for the whole process and may be shared by several event loops
-(a test loop, the sync facade's loop in another thread), so they never keep a
-loop-bound primitive such as ``asyncio.Event``: each waiting coroutine arms its own
-future on its own loop, and whoever changes the data wakes it.
-"""
+"""Small mechanisms several adapters need; adapter-neutral, so adapters may import it
+without importing each other."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
+
+#: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
+#: queue delays the others but never starves them.
+FAIR_EVERY = 4
+
+
+class FairOrder:
+    """The order to serve ``queues`` in on each fetch: mostly as given, sometimes rotated."""
+
+    __slots__ = ("_turn",)
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def __call__(self, queues: Sequence[str]) -> list[str]:
+        order = list(dict.fromkeys(queues))
+        if len(order) > 1:
+            self._turn += 1
+            if self._turn % FAIR_EVERY == 0:
+                start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
+                order = order[start:] + order[:start]
+        return order
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -18,7 +36,12 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 class Waiter:
-    """A future armed on the running loop; :meth:`wake` is safe from any thread."""
+    """A one-shot wake-up armed on the running loop; :meth:`wake` is safe from any thread.
+
+    Stores that outlive one event loop (the memory adapter, shared by a test loop
+    and the sync facade's loop) never keep a loop-bound ``asyncio.Event``: each
+    waiting coroutine arms its own future, and whoever changes the data wakes it.
+    """
 
     __slots__ = ("_fut", "_thread")
 
