@@ -91,7 +91,7 @@ async def measure(task: str, *, n: int, repeat: int, concurrency: int, pool: int
     """Tasks/s of ``repeat`` runs of ``n`` tasks (after a warm-up run)."""
     worker_app = make_app(f"memory://bench-iso-{uuid.uuid4().hex[:8]}")
     worker = Worker(worker_app, concurrency=concurrency, block_time=0.1,
-                    pool=pool, app_spec=_spec())
+                    pool_size=pool, app_spec=_spec())
     runner = asyncio.create_task(worker.run())
     try:
         while worker.executor.process_pool is None or \

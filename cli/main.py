@@ -52,7 +52,7 @@ def worker_start(
     configure_logging(log_level)
     stem_app = load_app(app_spec)
     worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
-                    block_time=block_time, pool=pool, app_spec=app_spec,
+                    block_time=block_time, pool_size=pool, app_spec=app_spec,
                     max_tasks_per_child=max_tasks_per_child,
                     max_memory_per_child=max_memory_per_child)
 

@@ -6,7 +6,7 @@ on the worker's event loop and ``def`` handlers in a thread pool — except that
 ``def`` handler with a hard time limit (from its options, ``with_options`` or
 ``Retry(time_limit=...)``) runs in the process pool, because a thread cannot be
 killed and a hard limit must stop the handler whatever it does. A worker started
-with ``--pool N`` (``Worker(pool=N)``) runs every ``def`` handler without explicit
+with ``--pool N`` (``Worker(pool_size=N)``) runs every ``def`` handler without explicit
 isolation in the pool, like Celery's prefork pool; ``async def`` handlers stay
 inline there (they cooperate, so they need no process to be stopped), unless they
 ask for ``isolation="process"``.

@@ -12,6 +12,8 @@ import pytest
 
 import stem
 from stem import signals
+from stem.worker import Worker
+from stem.worker.pool import ProcessPool
 from tests.helpers import eventually
 from tests.isolation.iso_app import make_app
 
@@ -61,6 +63,19 @@ async def until(check: Callable[[], T], timeout: float = 10.0) -> T:
         return check()
 
     return await eventually(probe, timeout=timeout)
+
+
+async def ready_pool(worker: Worker) -> ProcessPool:
+    """The worker's pool once all its children are up (a worker starts it before fetching,
+    so timing measured after this excludes the start-up)."""
+    def ready() -> bool:
+        pool = worker.executor.process_pool
+        return pool is not None and pool.ready_count == pool.config.size
+
+    await until(ready, timeout=30)
+    pool = worker.executor.process_pool
+    assert pool is not None
+    return pool
 
 
 def alive(pid: int) -> bool:

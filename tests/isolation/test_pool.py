@@ -14,7 +14,7 @@ from stem import TaskState, signals
 from stem.worker import Worker
 from stem.worker.pool import ProcessPool
 from tests.helpers import running_worker
-from tests.isolation.conftest import alive, read_marks, until
+from tests.isolation.conftest import alive, read_marks, ready_pool, until
 from tests.isolation.iso_app import SPEC
 
 Timeouts = list[tuple[str, float, bool]]
@@ -26,18 +26,11 @@ def pool_of(worker: Worker) -> ProcessPool:
     return pool
 
 
-async def ready_pool(worker: Worker, size: int) -> ProcessPool:
-    """The worker's pool once all ``size`` children are up (the worker starts it first)."""
-    await until(lambda: worker.executor.process_pool is not None
-                and worker.executor.process_pool.ready_count == size, timeout=30)
-    return pool_of(worker)
-
-
 async def test_runaway_def_task_is_killed_at_its_hard_limit_and_the_pool_recovers(
         app: stem.Stem, marks: Path, timeouts: Timeouts) -> None:
     """``while True: pass`` with time_limit=1 and max_retries=1: two attempts, both killed."""
-    async with running_worker(app, app_spec=SPEC, pool=2) as worker:
-        pool = await ready_pool(worker, 2)
+    async with running_worker(app, app_spec=SPEC, pool_size=2) as worker:
+        pool = await ready_pool(worker)
         tid = await app.enqueue("iso.spin")
         [(spinner, started)] = await until(lambda: read_marks(marks, "spin", tid))
         # While one child spins, the worker keeps serving other tasks on the other.
@@ -67,7 +60,8 @@ async def test_runaway_def_task_is_killed_at_its_hard_limit_and_the_pool_recover
 
 async def test_child_ignoring_sigterm_is_sigkilled_after_the_grace(
         app: stem.Stem, marks: Path) -> None:
-    async with running_worker(app, app_spec=SPEC, pool=1) as worker:
+    async with running_worker(app, app_spec=SPEC, pool_size=1) as worker:
+        await ready_pool(worker)
         tid = await app.enqueue("iso.stubborn")
         t0 = time.monotonic()
         res = await app.wait(tid, timeout=10)
@@ -84,8 +78,8 @@ async def test_child_ignoring_sigterm_is_sigkilled_after_the_grace(
                                             ("iso.crash_segv", "signal SIGSEGV")])
 async def test_crashing_child_fails_only_its_attempt_with_worker_lost_error(
         app: stem.Stem, marks: Path, task: str, how: str) -> None:
-    async with running_worker(app, app_spec=SPEC, pool=2, concurrency=40) as worker:
-        pool = await ready_pool(worker, 2)
+    async with running_worker(app, app_spec=SPEC, pool_size=2, concurrency=40) as worker:
+        pool = await ready_pool(worker)
         # Enqueued together, so some of these queue behind the crash in the same child.
         calls = [app.definition(task).call()] + [
             app.definition("iso.add").call(i, 0) for i in range(30)]
@@ -106,7 +100,7 @@ async def test_crashing_child_fails_only_its_attempt_with_worker_lost_error(
 
 async def test_max_tasks_per_child_recycles_children_without_losing_tasks(
         app: stem.Stem) -> None:
-    async with running_worker(app, app_spec=SPEC, pool=2, max_tasks_per_child=10,
+    async with running_worker(app, app_spec=SPEC, pool_size=2, max_tasks_per_child=10,
                               concurrency=8) as worker:
         ids = [await app.enqueue("iso.pid") for _ in range(50)]
         results = [await app.wait(i, timeout=20) for i in ids]
@@ -120,7 +114,7 @@ async def test_max_tasks_per_child_recycles_children_without_losing_tasks(
 
 
 async def test_max_memory_per_child_recycles_a_child_that_grew(app: stem.Stem) -> None:
-    async with running_worker(app, app_spec=SPEC, pool=1,
+    async with running_worker(app, app_spec=SPEC, pool_size=1,
                               max_memory_per_child=100 * 1024) as worker:
         small = await app.wait(await app.enqueue("iso.pid"), timeout=10)
         again = await app.wait(await app.enqueue("iso.pid"), timeout=10)
@@ -140,7 +134,7 @@ async def test_context_calls_in_a_child_are_applied_by_the_worker(app: stem.Stem
 
     signals.task_progress.connect(on_progress)
     try:
-        async with running_worker(app, app_spec=SPEC, pool=1) as worker:
+        async with running_worker(app, app_spec=SPEC, pool_size=1) as worker:
             tid = await app.enqueue("iso.report")
             res = await app.wait(tid, timeout=10)
             enqueued = await app.wait(res.value, timeout=10)
@@ -158,7 +152,7 @@ async def test_context_calls_in_a_child_are_applied_by_the_worker(app: stem.Stem
 
 
 async def test_errors_retries_and_results_cross_the_process_boundary(app: stem.Stem) -> None:
-    async with running_worker(app, app_spec=SPEC, pool=2) as worker:
+    async with running_worker(app, app_spec=SPEC, pool_size=2) as worker:
         boom = await app.wait(await app.enqueue("iso.boom"), timeout=10)
         retried = await app.wait(await app.enqueue("iso.retry_once"), timeout=10)
         not_json = await app.wait(await app.enqueue("iso.not_json"), timeout=10)
@@ -177,7 +171,7 @@ async def test_soft_limit_in_a_child_is_raised_in_the_handler_and_signalled_once
         app: stem.Stem, timeouts: Timeouts, task: str) -> None:
     limit = app.tasks[task].options.soft_time_limit
     assert limit is not None
-    async with running_worker(app, app_spec=SPEC, pool=1) as worker:
+    async with running_worker(app, app_spec=SPEC, pool_size=1) as worker:
         tid = await app.enqueue(task)
         res = await app.wait(tid, timeout=10)
         pids = pool_of(worker).pids
@@ -192,7 +186,7 @@ async def test_soft_limit_of_one_task_never_hits_the_next_one(
         app: stem.Stem, timeouts: Timeouts) -> None:
     """Tasks that finish before their soft limit leave no timer armed for the next task."""
     limited = app.definition("iso.sleepy").call(seconds=0).with_options(soft_time_limit=0.1)
-    async with running_worker(app, app_spec=SPEC, pool=1):
+    async with running_worker(app, app_spec=SPEC, pool_size=1):
         ids = await app.enqueue_many([limited] * 5)
         after = await app.enqueue("iso.sleepy", seconds=0.4)
         results = [await app.wait(i, timeout=10) for i in [*ids, after]]
@@ -201,8 +195,8 @@ async def test_soft_limit_of_one_task_never_hits_the_next_one(
 
 
 async def test_shutdown_kills_children_still_running_abandoned_work(app: stem.Stem) -> None:
-    async with running_worker(app, app_spec=SPEC, pool=1, shutdown_grace=0.3) as worker:
-        pids = list((await ready_pool(worker, 1)).pids)
+    async with running_worker(app, app_spec=SPEC, pool_size=1, shutdown_grace=0.3) as worker:
+        pids = list((await ready_pool(worker)).pids)
         await app.enqueue("iso.sleepy", seconds=30)
         await until(lambda: worker._active)
     for pid in pids:
@@ -212,7 +206,7 @@ async def test_shutdown_kills_children_still_running_abandoned_work(app: stem.St
 
 
 async def test_a_child_that_cannot_import_the_app_fails_worker_start(app: stem.Stem) -> None:
-    worker = Worker(app, app_spec="tests.isolation.no_such_module:app", pool=1, block_time=0.1)
+    worker = Worker(app, app_spec="tests.isolation.no_such_module:app", pool_size=1, block_time=0.1)
     t0 = time.monotonic()
     with pytest.raises(stem.ConfigurationError, match="no_such_module"):
         await worker.run()
