@@ -24,7 +24,8 @@ once per attempt (``hard=False`` / ``hard=True``) and logs ``task.timeout``.
   :class:`~stem.errors.TimeLimitExceeded` even if the handler swallows the
   cancellation. A handler that blocks the loop without awaiting cannot be
   interrupted inline at all — give it ``isolation="process"``.
-- **thread** (only with explicit ``isolation="thread"`` plus limits): best effort.
+- **thread** (a ``def`` handler with only a soft limit, or an explicit
+  ``isolation="thread"``): best effort.
   The soft limit is raised in the thread with ``PyThreadState_SetAsyncExc``, which
   takes effect at the thread's next Python bytecode (not inside a blocking C call
   such as ``time.sleep``). At the hard limit the attempt ends with
