@@ -46,6 +46,8 @@ def worker_start(
     max_memory_per_child: Annotated[int | None, typer.Option("--max-memory-per-child", min=1,
                                     help="Replace a pool child once its resident memory "
                                          "exceeds this many KiB.")] = None,
+    prefetch_multiplier: Annotated[int, typer.Option("--prefetch-multiplier", min=1,
+                                   help="Lease up to concurrency x this many tasks at once.")] = 2,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0."""
@@ -54,7 +56,8 @@ def worker_start(
     worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
                     block_time=block_time, pool_size=pool, app_spec=app_spec,
                     max_tasks_per_child=max_tasks_per_child,
-                    max_memory_per_child=max_memory_per_child)
+                    max_memory_per_child=max_memory_per_child,
+                    prefetch_multiplier=prefetch_multiplier)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -61,6 +62,12 @@ class Worker:
     defaults to every queue the app's tasks route to. ``shutdown_grace`` bounds how
     long a graceful stop waits for running tasks before requeueing them.
 
+    ``prefetch_multiplier`` (as in Celery and the Dart Stem): up to ``concurrency x
+    prefetch_multiplier`` tasks are leased at once; those beyond the running ones
+    wait in a local buffer (their leases renewed) and start the moment a slot frees,
+    without a broker round-trip, while the fetcher asks for large batches. Use 1 when
+    many workers share a queue of long tasks and an idle worker should get them first.
+
     ``pool_size=N`` runs ``def`` handlers without explicit isolation in N child processes
     (``--pool N``); without it, tasks that need the process pool (``isolation=
     "process"``, or a ``def`` handler with a hard time limit) get one sized
@@ -84,9 +91,13 @@ class Worker:
         app_spec: str | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
+        prefetch_multiplier: int = 2,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if prefetch_multiplier < 1:
+            raise ValueError("prefetch_multiplier must be >= 1")
+        self.prefetch_multiplier = prefetch_multiplier
         self.app = app
         self.queues = list(queues) if queues else self._default_queues(app)
         self.concurrency = concurrency
@@ -106,6 +117,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._running = 0
+        self._waiting: deque[tuple[Delivery, Prepared]] = deque()
         self._stop = asyncio.Event()
         self._lease_changed = asyncio.Event()
         self._completer: _Completer | None = None
@@ -156,6 +168,12 @@ class Worker:
             log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed)
 
     async def _drain(self) -> None:
+        if self._waiting:
+            # Prefetched but never started: hand them back at once.
+            waiting = [d for d, _ in self._waiting]
+            self._waiting.clear()
+            await self.app.broker.nack(waiting)
+            self._settled([d.receipt for d in waiting])
         running = [t for t in self._tasks if not t.done()]
         if running:
             log.info("worker.draining", in_flight=len(running), grace=self.shutdown_grace)
@@ -180,11 +198,13 @@ class Worker:
         broker = self.app.broker
         backoff = 0.1
         while not self._stop.is_set():
-            # Only running handlers count against concurrency: the next fetch overlaps the
-            # completer's flush of the last batch. Leased-but-unsettled work is bounded too.
-            free = min(self.concurrency - self._running,
-                       2 * self.concurrency - len(self._active))
-            if free <= 0:
+            # Running plus prefetched work is bounded by the prefetch limit; settling work
+            # (results being written) only by twice that, so fetches overlap the flush.
+            limit = self.concurrency * self.prefetch_multiplier
+            free = min(limit - self._running - len(self._waiting),
+                       2 * limit - len(self._active))
+            if free <= 0 or (self._waiting and free < max(1, limit // 4)):
+                # Work is queued locally: wait until a real batch is worth fetching.
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -249,10 +269,16 @@ class Worker:
             if isinstance(prepared, Rejected):
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
                 continue
-            self._running += 1
-            task = asyncio.create_task(self._run(d, prepared))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if self._running < self.concurrency:
+                self._start(d, prepared)
+            else:
+                self._waiting.append((d, prepared))
+
+    def _start(self, d: Delivery, prepared: Prepared) -> None:
+        self._running += 1
+        task = asyncio.create_task(self._run(d, prepared))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _track(self, d: Delivery, vt: float, now: float) -> None:
         self._active[d.receipt] = _InFlight(d, vt, now + vt)
@@ -300,6 +326,8 @@ class Worker:
             outcome = self.processor.success(prepared, value)
         finally:
             self._running -= 1
+            if self._waiting and not self._stop.is_set():
+                self._start(*self._waiting.popleft())
             self._slot_free.set()
         self.processed += 1
         self._completer.outcome(d, prepared, ctx, outcome, base_meta)
