@@ -392,34 +392,47 @@ class Stem:
 
 
 class _CoalescingPublisher:
-    """Batches concurrent ``enqueue`` calls made in the same loop tick into one publish.
+    """Batches concurrent ``enqueue`` calls into few publishes, without delaying any.
 
-    An idle producer publishes at once (one extra loop iteration); a busy one sends
-    everything queued since the last flush in one round-trip. Each caller gets its own
-    future, so a failed batch fails exactly the callers that were in it.
+    An idle producer publishes at once. Calls made while a publish is in flight wait
+    for it and then go together in the next one, so a busy service sends hundreds per
+    round-trip with no timer (no "wait 5 ms to fill a batch"). Each caller gets its
+    own future, so a failed batch fails exactly the callers that were in it.
     """
 
     def __init__(self, app: Stem) -> None:
         self._app = app
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
-        self._scheduled = False
+        self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def publish(self, envelope: Envelope) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        if not self._busy:
+            self._busy = True
+            try:
+                await self._app.broker.publish([envelope])
+            finally:
+                self._next()
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((envelope, fut))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
         await fut
 
-    def _flush(self) -> None:
+    def _next(self) -> None:
+        """After a publish: send what queued up meanwhile, or become idle."""
+        if not self._pending:
+            self._busy = False
+            return
         batch, self._pending = self._pending, []
-        self._scheduled = False
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        task = asyncio.get_running_loop().create_task(self._send_then_next(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _send_then_next(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
+        try:
+            await self._send(batch)
+        finally:
+            self._next()
 
     async def _send(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
         try:

@@ -214,6 +214,9 @@ class Worker:
                 )
                 if deliveries and not self._stop.is_set():
                     await self._dispatch(deliveries)
+                    # Let the tasks just started take their first step before the next
+                    # fetch is packed and sent: that is the idle worker's latency.
+                    await asyncio.sleep(0)
             except Exception as exc:  # an outage: log once, back off, keep going
                 if not self._fetch_failing:
                     log.error("worker.fetch_failed", error=repr(exc))
