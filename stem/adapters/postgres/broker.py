@@ -284,7 +284,7 @@ class PostgresBroker:
 
     @staticmethod
     def _delivery(row: Any, lease: uuid.UUID) -> Delivery:
-        job_id, queue, raw, until, deliveries = row
+        job_id, queue, raw, until, deliveries = row[:5]
         raw = bytes(raw)
         try:
             envelope: Envelope | None = Envelope.from_json(raw)
