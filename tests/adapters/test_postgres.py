@@ -774,3 +774,37 @@ async def test_reconnects_after_an_outage_and_logs_it_once(
         await producer.close()
         await proxy.down()
         await drop_schema(postgres_url, namespace)
+
+
+async def test_broker_vacuums_its_jobs_table_after_enough_churn(postgres_url: str,
+                                                                namespace: str) -> None:
+    import asyncpg
+
+    from stem.adapters.postgres import broker as pg_broker
+    from stem.envelope import Envelope
+    from tests.helpers import eventually
+
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={namespace}"
+    b = pg_broker.PostgresBroker(url, namespace=namespace)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        old = pg_broker.VACUUM_EVERY
+        pg_broker.VACUUM_EVERY = 200
+        try:
+            await b.publish([Envelope(name="t", args={"i": i}) for i in range(150)])
+            got = await b.fetch(["default"], 150, block=1, consumer="c")
+            await b.ack(got)  # 300 rows touched: past the threshold
+        finally:
+            pg_broker.VACUUM_EVERY = old
+
+        async def vacuumed() -> bool:
+            row = await conn.fetchrow(
+                "SELECT vacuum_count FROM pg_stat_user_tables "
+                "WHERE schemaname = $1 AND relname = 'stem_jobs'", namespace)
+            return row is not None and row["vacuum_count"] >= 1
+
+        await eventually(vacuumed, timeout=10, interval=0.1)
+    finally:
+        await b.close()
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        await conn.close()

@@ -62,7 +62,7 @@ def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: 
     try:
         first = run_stem("migrate", "--url", url)
         assert first.returncode == 0, first.stderr
-        assert "applied migrations 1, 2" in first.stdout
+        assert "applied migrations 1, 2, 3" in first.stdout
         again = run_stem("migrate", "--url", url)
         assert "none (already current)" in again.stdout
         other = run_stem("migrate", "--url", "sqlite:///x.db")

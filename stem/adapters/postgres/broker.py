@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import structlog
 
 from stem.adapters.postgres._pool import Connector, Listener, parse_url
 from stem.adapters.postgres._sql import Statements
@@ -41,6 +42,12 @@ from stem.status import TaskStatus
 #: Longest an idle fetch sleeps without LISTEN (while its connection is being
 #: re-established) before looking at the table again.
 FALLBACK_POLL = 1.0
+#: Jobs-table rows leased or deleted by this process between two vacuums of it.
+VACUUM_EVERY = 20_000
+#: Seconds between two vacuums started by this process.
+VACUUM_MIN_INTERVAL = 5.0
+
+log = structlog.get_logger("stem.postgres")
 #: Dead letters read per page while replaying.
 _REPLAY_PAGE = 500
 #: Pause before re-querying when a due job exists but was locked by another fetcher.
@@ -131,6 +138,9 @@ class PostgresBroker:
         self._waiters: set[asyncio.Future[None]] = set()
         self._rotation: dict[tuple[str, ...], int] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._churn = 0
+        self._last_vacuum = 0.0
+        self._vacuum_failed = False
 
     # -- notifications --------------------------------------------------------
 
@@ -144,6 +154,50 @@ class PostgresBroker:
             if not fut.done():
                 fut.set_result(None)
         self._waiters.clear()
+
+    # -- maintenance ------------------------------------------------------------
+
+    def _touched(self, rows: int) -> None:
+        """Count jobs-table churn; past VACUUM_EVERY rows, vacuum it in the background.
+
+        Every lease and every ack leaves a dead row version. A queue table churns far
+        faster than autovacuum's defaults assume (and autovacuum may be off), and
+        dead versions make every SKIP LOCKED scan slower, so the broker reclaims them
+        itself: one process at a time, under a try-lock, never blocking the caller.
+        """
+        self._churn += rows
+        if self._churn < VACUUM_EVERY or self._vacuum_failed:
+            return
+        now = time.monotonic()
+        if now - self._last_vacuum < VACUUM_MIN_INTERVAL:
+            return
+        self._churn = 0
+        self._last_vacuum = now
+        task = asyncio.ensure_future(self.vacuum())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def vacuum(self) -> bool:
+        """Vacuum the jobs table now unless another process is; True if this one did."""
+        key = f"stem-vacuum:{self.settings.schema}"
+        table = f"{self.settings.quoted_schema}.stem_jobs"
+
+        async def op(conn: Any) -> bool:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                return False  # another process is vacuuming it right now
+            try:
+                await conn.execute(f"VACUUM {table}")
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+            return True
+
+        try:
+            return bool(await self._db.run(op, retry=False))
+        except Exception as exc:
+            # E.g. not the table's owner: leave it to autovacuum, and say so once.
+            self._vacuum_failed = True
+            log.warning("postgres.vacuum_failed", table=table, error=repr(exc))
+            return False
 
     # -- port -----------------------------------------------------------------
 
@@ -277,9 +331,11 @@ class PostgresBroker:
                 sql, order, max_count, self.default_visibility_timeout, consumer, lease
             )
         )
-        if rows and len(names) > 1:
-            key = tuple(names)
-            self._rotation[key] = self._rotation.get(key, 0) + 1
+        if rows:
+            self._touched(len(rows))
+            if len(names) > 1:
+                key = tuple(names)
+                self._rotation[key] = self._rotation.get(key, 0) + 1
         return [self._delivery(r, lease) for r in rows]
 
     @staticmethod
@@ -309,6 +365,7 @@ class PostgresBroker:
             return
         ids, leases = _keys(deliveries)
         await self._db.run(lambda c: c.execute(self._sql.ack, ids, leases))
+        self._touched(len(ids))
 
     async def nack(self, deliveries: Sequence[Delivery]) -> None:
         """Clear the leases (jobs keep their place in line) and wake idle fetchers."""
@@ -482,3 +539,4 @@ class PostgresBroker:
                 self._sql.ack_with_results, ids_, states, blobs, ttls, channel, ids, leases
             )
         )
+        self._touched(len(ids))
