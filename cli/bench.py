@@ -75,6 +75,55 @@ def run_floor(kind: str, url: str, floor_dir: Path, n: int) -> dict[str, float]:
     return res
 
 
+_W3_FLOOR_CONSUMER = """
+import asyncio, sys, time
+import redis.asyncio as redis
+
+async def main():
+    r = redis.from_url(sys.argv[1])
+    while True:
+        resp = await r.xreadgroup("g", "c", {"stem-w3-floor": ">"}, count=10, block=1000)
+        if not resp:
+            continue
+        now = time.time()
+        p = r.pipeline(transaction=False)
+        p.rpush("stem-w3-floor:done", repr(now))
+        p.xack("stem-w3-floor", "g", *[m for m, _ in resp[0][1]])
+        await p.execute()
+
+asyncio.run(main())
+"""
+
+
+async def w3_floor_redis(url: str, trips: int = 300) -> dict[str, float]:
+    """W3 with no framework: XADD, and a blocked XREADGROUP consumer in another process
+    notes when it got the entry; the least enqueue → start latency this machine allows."""
+    import redis.asyncio as redis
+
+    r = redis.from_url(url)
+    await r.delete("stem-w3-floor", "stem-w3-floor:done")
+    await r.xgroup_create("stem-w3-floor", "g", id="0", mkstream=True)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a child we kill, never wait on
+        [sys.executable, "-c", _W3_FLOOR_CONSUMER, url])
+    try:
+        await r.xadd("stem-w3-floor", {"p": b"warm-up"})
+        await r.blpop(["stem-w3-floor:done"], timeout=30)
+        lat: list[float] = []
+        for _ in range(trips):
+            t0 = time.time()
+            await r.xadd("stem-w3-floor", {"p": b'{"id":"x"}'})
+            got = await r.blpop(["stem-w3-floor:done"], timeout=10)
+            if got:
+                lat.append((float(got[1]) - t0) * 1000)
+    finally:
+        proc.kill()
+        await r.delete("stem-w3-floor", "stem-w3-floor:done")
+        await r.aclose()
+    lat.sort()
+    return {"p50": statistics.median(lat), "p95": lat[int(0.95 * len(lat)) - 1],
+            "p99": lat[int(0.99 * len(lat)) - 1], "max": lat[-1]}
+
+
 class Bench:
     """One benchmark run against ``url`` (broker and result backend on the same store)."""
 
@@ -204,8 +253,11 @@ def report(kind: str, fig: Figures, console: Console) -> None:
                   f"{p:,.0f}" if p else "-", f"{v / p:.1f}x" if v and p else "-")
     for key in ("p50", "p95", "p99", "max"):
         v = fig.values.get(key)
+        f = fig.floor.get(f"w3_{key}")
         p = peer.get(key)
-        t.add_row(f"W3 latency {key} ms", f"{v:.2f}" if v is not None else "-", "-", "-",
+        t.add_row(f"W3 latency {key} ms", f"{v:.2f}" if v is not None else "-",
+                  f"{f:.2f}" if f is not None else "-",
+                  f"{v / f:.1f}x floor" if v is not None and f else "-",
                   f"{p}" if p else "-", "-")
     w4 = fig.values.get("w4_seconds")
     t.add_row("W4 2000x sleep(0.05) @200 s", f"{w4:.3f}" if w4 else "-", "ideal 0.500",
@@ -233,6 +285,10 @@ async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
                 await bench.w2(fig, incr=True)
         if "W3" in workloads:
             await bench.w3(fig)
+            if kind == "redis" and floor_dir is not None:
+                base = url.rsplit("/", 1)[0] if re.search(r"/\d+$", url) else url.rstrip("/")
+                floor = await w3_floor_redis(base + "/15")
+                fig.floor.update({f"w3_{k}": v for k, v in floor.items()})
         if "W4" in workloads:
             await bench.w4(fig)
     finally:

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("stem.worker")
 
+#: The lease keeper looks at in-flight leases at least this often (seconds).
+_KEEPER_MAX_SLEEP = 1.0
+
 
 @dataclass(slots=True)
 class _InFlight:
@@ -285,7 +288,10 @@ class Worker:
 
     def _track(self, d: Delivery, vt: float, now: float) -> None:
         self._active[d.receipt] = _InFlight(d, vt, now + vt)
-        self._lease_changed.set()
+        if vt / 2 < _KEEPER_MAX_SLEEP:
+            # Only a lease shorter than the keeper's own wake-up period needs it now;
+            # waking it for every task would cost an idle worker's latency.
+            self._lease_changed.set()
 
     def _settled(self, receipts: Sequence[str]) -> None:
         for r in receipts:
@@ -349,8 +355,9 @@ class Worker:
             now = time.monotonic()
             next_due = min(
                 (f.deadline - f.visibility_timeout / 2 for f in self._active.values()),
-                default=now + 3600.0,
+                default=now + _KEEPER_MAX_SLEEP,
             )
+            next_due = min(next_due, now + _KEEPER_MAX_SLEEP)
             if next_due > now:
                 self._lease_changed.clear()
                 try:
