@@ -134,12 +134,15 @@ class Envelope:
             nb = data.get("notBefore")
             vt = data.get("visibilityTimeout")
             env_id = data.get("id")
-            extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+            # Set difference in C: the common envelope has no unknown keys at all.
+            unknown = data.keys() - _KNOWN_KEYS
+            extra = {k: data[k] for k in unknown} if unknown else {}
             return cls(
                 id=str(env_id) if env_id is not None else new_task_id(),
                 name=name,
                 args=args,
-                headers={str(k): str(v) for k, v in headers.items()},
+                headers=headers if _all_str(headers) else {
+                    str(k): str(v) for k, v in headers.items()},
                 enqueued_at=from_iso(enq) if enq else utcnow(),
                 not_before=from_iso(nb) if nb else None,
                 priority=int(data.get("priority") or 0),
@@ -163,6 +166,13 @@ class Envelope:
         except orjson.JSONDecodeError as exc:
             raise EnvelopeDecodeError(f"envelope is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _all_str(headers: dict[Any, Any]) -> bool:
+    for v in headers.values():
+        if type(v) is not str:
+            return False
+    return True  # JSON object keys are always strings
 
 
 def peek_task_id(raw: bytes | str) -> str | None:
