@@ -22,7 +22,7 @@ import binascii
 import gzip
 import os
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import orjson
@@ -261,6 +261,18 @@ class AesGcmPayloadEncoder:
         return _loads(plain, self.id)
 
 
+def _apply(enc: TaskPayloadEncoder, fn: Callable[[Any], Any], value: Any, verb: str) -> Any:
+    """Run an encoder step; any failure becomes a PayloadEncodingError naming the encoder."""
+    try:
+        return fn(value)
+    except PayloadEncodingError:
+        raise
+    except Exception as exc:
+        raise PayloadEncodingError(
+            f"payload encoder {enc.id!r} could not {verb} the task args: {exc}"
+        ) from exc
+
+
 class TaskPayloadEncoderRegistry:
     """Encoders by id, plus the defaults used for args and results.
 
@@ -333,15 +345,7 @@ class TaskPayloadEncoderRegistry:
         enc = encoder or self.default_args_encoder
         if type(enc) is JsonPayloadEncoder:
             return args
-        try:
-            encoded = enc.encode(args)
-        except PayloadEncodingError:
-            raise
-        except Exception as exc:
-            raise PayloadEncodingError(
-                f"payload encoder {enc.id!r} could not encode the task args: {exc}"
-            ) from exc
-        return _args_map(encoded, enc.id, "encode")
+        return _args_map(_apply(enc, enc.encode, args, "encode"), enc.id, "encode")
 
     def decode_args(
         self,
@@ -353,15 +357,7 @@ class TaskPayloadEncoderRegistry:
         enc = self._resolve(encoder_id, preferred, self.default_args_encoder)
         if type(enc) is JsonPayloadEncoder:
             return args
-        try:
-            decoded = enc.decode(args)
-        except PayloadEncodingError:
-            raise
-        except Exception as exc:
-            raise PayloadEncodingError(
-                f"payload encoder {enc.id!r} could not decode the task args: {exc}"
-            ) from exc
-        return _args_map(decoded, enc.id, "decode")
+        return _args_map(_apply(enc, enc.decode, args, "decode"), enc.id, "decode")
 
     def encode_result(
         self, value: Any, encoder: TaskPayloadEncoder | None = None

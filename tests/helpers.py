@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from stem.app import Stem
@@ -51,3 +56,31 @@ async def running_worker(app: Stem, **kwargs: Any) -> AsyncIterator[Worker]:
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 15)
+
+
+class WorkerProcesses:
+    """Real ``stem worker start`` processes for one test; survivors are SIGKILLed at the end."""
+
+    ROOT = Path(__file__).resolve().parents[1]
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, app_spec: str, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a worker for ``app_spec`` with ``env`` added to this process's environment."""
+        log = (self.log_dir / f"worker-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stem_cli", "worker", "start", "--app", app_spec,
+             "--block-time", "0.1", *args],
+            cwd=self.ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        """SIGKILL and reap every worker still running."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait(10)

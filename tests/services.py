@@ -112,3 +112,28 @@ def stop_started() -> None:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def drop_pg_schema(url: str, schema: str) -> None:
+    """Drop a test's Postgres schema (what a per-test namespace created)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def drop_redis_keys(url: str, namespace: str) -> None:
+    """Delete every key of a test's Redis namespace (plain and hash-tagged)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
+            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()

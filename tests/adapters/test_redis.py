@@ -35,6 +35,7 @@ from stem.ports import Delivery
 from stem.status import TaskState, TaskStatus
 from tests import services
 from tests.helpers import eventually
+from tests.services import drop_redis_keys
 
 pytestmark = pytest.mark.redis
 
@@ -51,24 +52,13 @@ def env(i: int = 0, **kw: object) -> Envelope:
     return Envelope(name="t.task", args={"i": i}, **kw)  # type: ignore[arg-type]
 
 
-async def delete_namespace(url: str, namespace: str) -> None:
-    client = aioredis.Redis.from_url(url)
-    try:
-        for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def raw(redis_url: str, namespace: str) -> AsyncIterator[aioredis.Redis]:
     """A plain client on the test server; the namespace's keys are deleted afterwards."""
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-    await delete_namespace(redis_url, namespace)
+    await drop_redis_keys(redis_url, namespace)
 
 
 @pytest.fixture

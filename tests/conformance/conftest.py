@@ -15,6 +15,7 @@ import pytest
 
 from stem.adapters import backend_from_url, broker_from_url
 from stem.ports import Broker, ResultBackend
+from tests.services import drop_pg_schema, drop_redis_keys
 
 ADAPTERS = ["memory", "sqlite", "postgres", "redis"]
 
@@ -28,38 +29,15 @@ def adapter_url(name: str, namespace: str, tmp_path: Path, request: pytest.Fixtu
     if name == "postgres":
         # A schema per test, dropped once the adapters built on it are closed.
         base = request.getfixturevalue("postgres_url")
-        request.addfinalizer(lambda: asyncio.run(_drop_pg_schema(base, namespace)))
+        request.addfinalizer(lambda: asyncio.run(drop_pg_schema(base, namespace)))
         return f"{base}{'&' if '?' in base else '?'}schema={namespace}"
     if name == "redis":
         # Keys are prefixed with the namespace (passed separately); a short claim
         # interval lets expired-lease tests see the reclaim quickly.
         base = request.getfixturevalue("redis_url")
-        request.addfinalizer(lambda: asyncio.run(_drop_redis_keys(base, namespace)))
+        request.addfinalizer(lambda: asyncio.run(drop_redis_keys(base, namespace)))
         return f"{base}{'&' if '?' in base else '?'}claim_interval=0.05"
     raise AssertionError(f"no URL recipe for adapter {name!r}")
-
-
-async def _drop_pg_schema(url: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
-async def _drop_redis_keys(url: str, namespace: str) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(url)
-    try:
-        for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
-            keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=ADAPTERS)

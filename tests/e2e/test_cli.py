@@ -56,7 +56,7 @@ def test_bad_broker_url_fails_fast_with_a_fix() -> None:
 def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: str) -> None:
     import asyncio
 
-    from tests.conformance.conftest import _drop_pg_schema
+    from tests.services import drop_pg_schema
 
     url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={namespace}"
     try:
@@ -68,4 +68,4 @@ def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: 
         other = run_stem("migrate", "--url", "sqlite:///x.db")
         assert "sqlite needs no migrations" in other.stdout
     finally:
-        asyncio.run(_drop_pg_schema(postgres_url, namespace))
+        asyncio.run(drop_pg_schema(postgres_url, namespace))

@@ -19,10 +19,10 @@ import pytest
 import stem
 from stem import TaskState
 from tests import services
-from tests.conformance.conftest import _drop_pg_schema, _drop_redis_keys
 from tests.e2e import e2e_app
 from tests.e2e.conftest import read_marks
 from tests.helpers import eventually, wait_until
+from tests.services import drop_pg_schema, drop_redis_keys
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +38,11 @@ def store(request: pytest.FixtureRequest, namespace: str, sqlite_url: str) -> It
     elif request.param == "redis":
         base = request.getfixturevalue("redis_url")
         yield base + "?claim_interval=0.25"
-        asyncio.run(_drop_redis_keys(base, namespace))
+        asyncio.run(drop_redis_keys(base, namespace))
     else:
         base = request.getfixturevalue("postgres_url")
         yield base
-        asyncio.run(_drop_pg_schema(base, namespace))
+        asyncio.run(drop_pg_schema(base, namespace))
 
 
 @pytest.fixture
@@ -154,4 +154,4 @@ async def test_dropped_connections_mid_run_recover(backend: str, request: pytest
         await producer.broker.purge("default")
         await producer.close()
         if backend == "postgres":
-            await _drop_pg_schema(url, namespace)
+            await drop_pg_schema(url, namespace)

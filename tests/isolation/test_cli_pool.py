@@ -14,6 +14,7 @@ import pytest
 
 import stem
 from stem import TaskState
+from tests.helpers import WorkerProcesses
 from tests.isolation.conftest import alive, read_marks, until
 from tests.isolation.iso_app import SPEC
 
@@ -30,24 +31,14 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def start_worker(sqlite_url: str, marks: Path, tmp_path: Path) -> Iterator[Start]:
-    procs: list[subprocess.Popen[bytes]] = []
+    workers = WorkerProcesses(tmp_path)
 
     def start(*args: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "ISO_BROKER_URL": sqlite_url, "ISO_MARK_DIR": str(marks)}
-        log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stem_cli", "worker", "start", "--app", SPEC,
-             "--block-time", "0.1", *args],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        procs.append(proc)
-        return proc
+        env = {"ISO_BROKER_URL": sqlite_url, "ISO_MARK_DIR": str(marks)}
+        return workers.start(SPEC, *args, env=env)
 
     yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            p.wait(10)
+    workers.kill_all()
 
 
 @pytest.fixture
