@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import orjson
+import pytest
 
 import stem
 from tests.e2e.conftest import ROOT
@@ -69,3 +71,16 @@ def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: 
         assert "sqlite needs no migrations" in other.stdout
     finally:
         asyncio.run(drop_pg_schema(postgres_url, namespace))
+
+
+@pytest.mark.parametrize("url,says", [
+    ("redis://127.0.0.1:1/0", "127.0.0.1:1"),
+    ("postgresql://postgres@127.0.0.1:1/test", "127.0.0.1"),
+])
+def test_unreachable_server_fails_fast_saying_what_to_fix(url: str, says: str) -> None:
+    started = time.monotonic()
+    out = run_stem("worker", "start", "--app", "tests.e2e.e2e_app:app",
+                   env={"STEM_BROKER_URL": url})
+    assert time.monotonic() - started < 20
+    assert out.returncode == 1
+    assert says in out.stderr and "stem: error:" in out.stderr

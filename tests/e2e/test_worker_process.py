@@ -108,10 +108,15 @@ async def _two(app: stem.Stem) -> object:
     return dead if len(dead) >= 2 else None
 
 
-def test_bad_app_exits_2_with_one_line(start_worker: Start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec,says", [
+    ("tests.e2e.nope:app", "not found"),
+    ("tests.e2e.e2e_app:nothing", "has no attribute 'nothing'"),
+    ("tests.e2e.e2e_app:add", "not a stem.Stem app"),
+])
+def test_bad_app_exits_2_with_one_line(spec: str, says: str) -> None:
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "stem_cli", "worker", "start", "--app",
-                          "tests.e2e.nope:app"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "stem_cli", "worker", "start", "--app", spec],
+                         capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "not found" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and says in out.stderr
