@@ -808,3 +808,57 @@ async def test_broker_vacuums_its_jobs_table_after_enough_churn(postgres_url: st
         await b.close()
         await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
         await conn.close()
+
+
+async def test_large_batches_go_by_copy_ready_and_delayed(postgres_url: str,
+                                                          namespace: str) -> None:
+    from datetime import timedelta
+
+    from stem._time import utcnow
+    from stem.adapters.postgres import broker as pg_broker
+    from stem.envelope import Envelope
+
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={namespace}"
+    b = pg_broker.PostgresBroker(url, namespace=namespace)
+    try:
+        n = pg_broker.COPY_MIN_BATCH * 2
+        ready = [Envelope(name="t", args={"i": i}, priority=i % 10) for i in range(n)]
+        later = [Envelope(name="t", args={"i": -1},
+                          not_before=utcnow() + timedelta(seconds=30))]
+        await b.publish(ready + later)
+        stats = await b.stats("default")
+        assert (stats.pending, stats.delayed) == (n, 1)
+        got = await b.fetch(["default"], n + 1, block=1, consumer="c")
+        assert sorted(d.envelope.args["i"] for d in got) == list(range(n))  # type: ignore[union-attr]
+        assert got[0].envelope is not None and got[0].envelope.priority == 9
+    finally:
+        await b.close()
+        from tests.services import drop_pg_schema
+
+        await drop_pg_schema(postgres_url, namespace)
+
+
+async def test_transactional_bulk_enqueue_by_copy_commits_or_rolls_back(
+        postgres_url: str, namespace: str) -> None:
+    import asyncpg
+
+    import stem
+    from tests.services import drop_pg_schema
+
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={namespace}"
+    app = stem.Stem("p", broker=url, backend=url, namespace=namespace)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        d = app.definition("t")
+        seen = []
+        for outcome in ("rollback", "commit"):
+            tr = conn.transaction()
+            await tr.start()
+            await app.enqueue_many([d.call() for _ in range(100)], connection=conn)
+            await (tr.rollback() if outcome == "rollback" else tr.commit())
+            seen.append((await app.broker.stats("default")).pending)
+        assert seen == [0, 100]
+    finally:
+        await app.close()
+        await conn.close()
+        await drop_pg_schema(postgres_url, namespace)

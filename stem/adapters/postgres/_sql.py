@@ -85,6 +85,8 @@ class Statements:
                 SELECT {_JOB_VALUES} FROM {_publish_unnest(1)}
                 RETURNING queue
             ) {_NOTIFY_QUEUES.format(chan="$8", src="ins")}"""
+        # After a COPY: wake the fetchers of each queue ($1 channel, $2 text[] queues).
+        self.notify_queues = "SELECT count(pg_notify($1, q)) FROM unnest($2::text[]) AS q"
         # The common single-envelope case without array encoding; same parameters as
         # scalars.
         self.publish_one = f"""

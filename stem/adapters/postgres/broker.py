@@ -42,6 +42,8 @@ from stem.status import TaskStatus
 #: Longest an idle fetch sleeps without LISTEN (while its connection is being
 #: re-established) before looking at the table again.
 FALLBACK_POLL = 1.0
+#: Batches at least this large are published with COPY instead of one INSERT.
+COPY_MIN_BATCH = 64
 #: Jobs-table rows leased or deleted by this process between two vacuums of it.
 VACUUM_EVERY = 20_000
 #: Seconds between two vacuums started by this process.
@@ -247,12 +249,40 @@ class PostgresBroker:
         await self._db.run(lambda c: c.execute(self._sql.publish_one, *args, self._channel))
 
     async def _insert(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
+        if len(items) >= COPY_MIN_BATCH:
+            await self._copy(conn, items)
+            return
         arrays = _publish_arrays(items)
         if len(items) == 1:
             # Scalars encode faster than one-element arrays: the one-by-one enqueue path.
             await conn.execute(self._sql.publish_one, *(a[0] for a in arrays), self._channel)
         else:
             await conn.execute(self._sql.publish, *arrays, self._channel)
+
+    async def _copy(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
+        """A large batch by COPY (several times faster than one INSERT of arrays).
+
+        Rows without a ``not_before`` leave the column out so the server's ``now()``
+        applies, never the producer's clock. COPY and the wake-up NOTIFY share one
+        transaction (a savepoint inside a caller's transaction).
+        """
+        ready = [(e.id, q, e.priority, e.visibility_timeout, e.attempt, raw)
+                 for e, raw, q in items if e.not_before is None]
+        delayed = [(e.id, q, e.priority, e.not_before, e.visibility_timeout, e.attempt, raw)
+                   for e, raw, q in items if e.not_before is not None]
+        schema = self.settings.schema
+        async with conn.transaction():
+            if ready:
+                await conn.copy_records_to_table(
+                    "stem_jobs", schema_name=schema, records=ready,
+                    columns=["task_id", "queue", "priority", "visibility", "attempt", "envelope"])
+            if delayed:
+                await conn.copy_records_to_table(
+                    "stem_jobs", schema_name=schema, records=delayed,
+                    columns=["task_id", "queue", "priority", "not_before", "visibility",
+                             "attempt", "envelope"])
+            queues = list(dict.fromkeys(q for _, _, q in items))
+            await conn.execute(self._sql.notify_queues, self._channel, queues)
 
     async def fetch(
         self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
