@@ -12,7 +12,8 @@ passes through a Python worker unchanged stays byte-compatible for Dart readers.
 
 from __future__ import annotations
 
-import uuid
+import random
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -42,9 +43,27 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+_random_bits = random.getrandbits  # the module generator is reseeded in forked children
+
+
 def new_task_id() -> str:
-    """A fresh task id (uuid4 string)."""
-    return str(uuid.uuid4())
+    """A fresh task id: a UUID version 7 string (RFC 9562), as the Dart Stem makes them.
+
+    48 bits of Unix milliseconds then 74 random bits: ids sort by creation time, so
+    index pages in the result stores fill in order instead of splitting at random,
+    and making one costs about half of ``str(uuid.uuid4())``.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = _random_bits(74)
+    value = (
+        ((ms & 0xFFFF_FFFF_FFFF) << 80)
+        | (0x7 << 76)  # version 7
+        | ((rand >> 62) << 64)
+        | (0b10 << 62)  # RFC variant
+        | (rand & 0x3FFF_FFFF_FFFF_FFFF)
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(slots=True)

@@ -91,3 +91,15 @@ def test_status_round_trip_keeps_unknown_keys() -> None:
                              "retryable": True, "meta": {}, "code": 3}
     assert TaskStatus.from_json(st_.to_json()) == st_
     assert TaskState.SUCCEEDED.is_terminal and not TaskState.RETRIED.is_terminal
+
+
+def test_task_ids_are_unique_time_ordered_uuid7() -> None:
+    import uuid
+
+    from stem.envelope import new_task_id
+
+    ids = [new_task_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    parsed = uuid.UUID(ids[0])
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == ids[0]
+    assert ids[0][:13] <= ids[-1][:13]  # the millisecond prefix never goes backwards
