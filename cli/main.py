@@ -16,6 +16,7 @@ from stem.errors import StemError
 from stem.log import configure_logging
 from stem.worker import Worker
 from stem_cli._app import fail, load_app
+from stem_cli.ops import dlq_app, observe_app
 
 app = typer.Typer(help="Stem: asyncio-native background tasks.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -23,6 +24,8 @@ worker_app = typer.Typer(help="Run and control workers.", no_args_is_help=True)
 tasks_app = typer.Typer(help="Inspect registered tasks.", no_args_is_help=True)
 app.add_typer(worker_app, name="worker")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(observe_app, name="observe")
 
 AppOpt = Annotated[str, typer.Option("--app", "-A", help="Your app as module:attribute.")]
 

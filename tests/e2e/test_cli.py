@@ -84,3 +84,40 @@ def test_unreachable_server_fails_fast_saying_what_to_fix(url: str, says: str) -
     assert time.monotonic() - started < 20
     assert out.returncode == 1
     assert says in out.stderr and "stem: error:" in out.stderr
+
+
+async def test_dlq_list_replay_purge_and_observe_queues(sqlite_url: str) -> None:
+    from stem.envelope import Envelope
+
+    app = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    env = Envelope(name="e2e.add", args={"x": 1, "y": 2})
+    await app.broker.publish([env])
+    [d] = await app.broker.fetch(["default"], 1, block=1, consumer="t")
+    await app.broker.dead_letter([(d, "unknown task 'e2e.add'")])
+    await app.broker.publish_raw("default", b"\x00garbage")
+    [bad] = await app.broker.fetch(["default"], 1, block=1, consumer="t")
+    await app.broker.dead_letter([(bad, "undecodable envelope")])
+    await app.close()
+    cli_env = {"STEM_BROKER_URL": sqlite_url}
+
+    listed = run_stem("dlq", "list", "--json", env=cli_env)
+    assert listed.returncode == 0, listed.stderr
+    rows = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert {(r["task"], r["reason"]) for r in rows} == {
+        ("e2e.add", "unknown task 'e2e.add'"), (None, "undecodable envelope")}
+    table = run_stem("dlq", "list", env=cli_env)
+    assert "unknown task" in table.stdout and "(undecodable)" in table.stdout
+
+    def queue_counts() -> dict[str, int]:
+        out = run_stem("observe", "queues", "--json", env=cli_env)
+        assert out.returncode == 0, out.stderr
+        return orjson.loads(out.stdout.splitlines()[0])  # type: ignore[no-any-return]
+
+    assert queue_counts() == {"queue": "default", "pending": 0, "delayed": 0, "inFlight": 0,
+                              "dead": 2}
+    replay = run_stem("dlq", "replay", env=cli_env)
+    assert "default: replayed 1" in replay.stdout  # the undecodable one stays
+    assert (queue_counts()["pending"], queue_counts()["dead"]) == (1, 1)
+    purge = run_stem("dlq", "purge", "--yes", env=cli_env)
+    assert "default: purged 1" in purge.stdout
+    assert queue_counts()["dead"] == 0
