@@ -50,7 +50,7 @@ def worker_start(
                                     help="Replace a pool child once its resident memory "
                                          "exceeds this many KiB.")] = None,
     prefetch_multiplier: Annotated[int, typer.Option("--prefetch-multiplier", min=1,
-                                   help="Lease up to concurrency x this many tasks at once.")] = 2,
+                                   help="Lease up to concurrency x this many tasks at once.")] = 4,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0."""

@@ -65,7 +65,7 @@ class Worker:
     defaults to every queue the app's tasks route to. ``shutdown_grace`` bounds how
     long a graceful stop waits for running tasks before requeueing them.
 
-    ``prefetch_multiplier`` (as in Celery and the Dart Stem): up to ``concurrency x
+    ``prefetch_multiplier`` (default 4, as in Celery): up to ``concurrency x
     prefetch_multiplier`` tasks are leased at once; those beyond the running ones
     wait in a local buffer (their leases renewed) and start the moment a slot frees,
     without a broker round-trip, while the fetcher asks for large batches. Use 1 when
@@ -94,7 +94,7 @@ class Worker:
         app_spec: str | None = None,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
-        prefetch_multiplier: int = 2,
+        prefetch_multiplier: int = 4,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
