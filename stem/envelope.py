@@ -194,6 +194,18 @@ def _all_str(headers: dict[Any, Any]) -> bool:
     return True  # JSON object keys are always strings
 
 
+def decode_envelope(raw: bytes | str) -> tuple[Envelope | None, str | None]:
+    """``(envelope, None)``, or ``(None, reason)`` for bytes that are not an envelope.
+
+    What brokers hand the worker: a Delivery with no envelope and the reason, so the
+    worker dead-letters it instead of anyone raising in the fetch path.
+    """
+    try:
+        return Envelope.from_json(raw), None
+    except EnvelopeDecodeError as exc:
+        return None, str(exc)
+
+
 def peek_task_id(raw: bytes | str) -> str | None:
     """Best-effort task id from bytes that failed to decode (so its status can say why)."""
     try:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 from stem._time import now_epoch
 from stem.adapters._shared import FairOrder, Waiter
-from stem.envelope import Envelope, peek_task_id
-from stem.errors import EnvelopeDecodeError
+from stem.envelope import Envelope, decode_envelope, peek_task_id
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
 
@@ -60,12 +59,6 @@ class _Queue:
     waiters: set[Waiter] = field(default_factory=set)
 
 
-def _decode(raw: bytes) -> tuple[Envelope | None, str | None]:
-    """Decode stored bytes into a fresh envelope, or say why they can't be."""
-    try:
-        return Envelope.from_json(raw), None
-    except EnvelopeDecodeError as exc:
-        return None, str(exc)
 
 
 def _parse_receipt(receipt: str) -> tuple[int, int] | None:
@@ -210,7 +203,7 @@ class MemoryBroker:
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
         """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
-        env, _ = _decode(raw)
+        env, _ = decode_envelope(raw)
         now = now_epoch()
         with self._lock:
             q = self._queue(queue)
@@ -256,7 +249,7 @@ class MemoryBroker:
 
     @staticmethod
     def _delivery(queue: str, m: _Message) -> Delivery:
-        env, error = _decode(m.raw)
+        env, error = decode_envelope(m.raw)
         return Delivery(
             envelope=env,
             receipt=f"{m.mid}:{m.lease}",
@@ -386,7 +379,7 @@ class MemoryBroker:
             kept: deque[_DeadEntry] = deque()
             while q.dead and (limit is None or replayed < limit):
                 entry = q.dead.popleft()
-                env, _ = _decode(entry.raw)
+                env, _ = decode_envelope(entry.raw)
                 if env is None:
                     kept.append(entry)
                     continue
@@ -415,7 +408,7 @@ class MemoryBroker:
 
 
 def _dead_letter(queue: str, e: _DeadEntry) -> DeadLetter:
-    env, _ = _decode(e.raw)
+    env, _ = decode_envelope(e.raw)
     if env is not None:
         dl_id = env.id
     else:

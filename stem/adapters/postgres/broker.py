@@ -28,7 +28,7 @@ import structlog
 from stem.adapters.postgres._pool import Connector, Listener, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import PostgresResultBackend, results_channel, status_arrays
-from stem.envelope import Envelope, peek_task_id
+from stem.envelope import Envelope, decode_envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError
 from stem.ports import (
     DEFAULT_RESULT_TTL,
@@ -372,11 +372,7 @@ class PostgresBroker:
     def _delivery(row: Any, lease: uuid.UUID) -> Delivery:
         job_id, queue, raw, until, deliveries = row[:5]
         raw = bytes(raw)
-        try:
-            envelope: Envelope | None = Envelope.from_json(raw)
-            error = None
-        except EnvelopeDecodeError as exc:
-            envelope, error = None, str(exc)
+        envelope, error = decode_envelope(raw)
         return Delivery(
             envelope=envelope,
             # Unique per lease, not per job: a redelivery is a different receipt.

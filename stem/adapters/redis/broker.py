@@ -30,7 +30,7 @@ from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
 from stem.adapters._shared import FairOrder
-from stem.envelope import Envelope, peek_task_id
+from stem.envelope import Envelope, decode_envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError, ServiceUnavailableError
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
@@ -368,18 +368,13 @@ class RedisBroker:
         """Turn a fetch script reply into Deliveries (decoding each envelope once)."""
         now = now_epoch()
         default_vt = self.default_visibility_timeout
-        from_json = Envelope.from_json
         for i in range(1, len(reply), 4):
             band = reply[i]
             eid = reply[i + 1]
             raw = reply[i + 2]
             count = reply[i + 3]
-            try:
-                env: Envelope | None = from_json(raw)
-                error = None
-                vt = env.visibility_timeout  # type: ignore[union-attr]
-            except EnvelopeDecodeError as exc:
-                env, error, vt = None, str(exc), None
+            env, error = decode_envelope(raw)
+            vt = None if env is None else env.visibility_timeout
             out.append(
                 Delivery(
                     env,
@@ -514,12 +509,8 @@ class RedisBroker:
             batch: list[Delivery] = []
             for eid, fields in entries:
                 raw = fields[1] if fields and fields[0] == b"p" else b""
-                try:
-                    env: Envelope | None = Envelope.from_json(raw)
-                    error = None
-                    vt = env.visibility_timeout  # type: ignore[union-attr]
-                except EnvelopeDecodeError as exc:
-                    env, error, vt = None, str(exc), None
+                env, error = decode_envelope(raw)
+                vt = None if env is None else env.visibility_timeout
                 d = Delivery(
                     env,
                     f"{queue}:{band}:{eid.decode()}:1",

@@ -19,8 +19,7 @@ from collections.abc import Callable, Sequence
 
 from stem._time import now_epoch
 from stem.adapters._shared import FairOrder
-from stem.envelope import Envelope, peek_task_id
-from stem.errors import EnvelopeDecodeError
+from stem.envelope import Envelope, decode_envelope, peek_task_id
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
 from ._db import (
@@ -45,11 +44,6 @@ _ClaimResult = tuple[str, list[tuple[str, _Claimed]]]
 _Sql = Callable[[sqlite3.Connection], None]
 
 
-def _decode(raw: bytes) -> tuple[Envelope | None, str | None]:
-    try:
-        return Envelope.from_json(raw), None
-    except EnvelopeDecodeError as exc:
-        return None, str(exc)
 
 
 def _leases(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
@@ -229,7 +223,7 @@ class SqliteBroker:
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
         """Insert bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
-        env, _ = _decode(raw)
+        env, _ = decode_envelope(raw)
         job: _NewJob = (
             queue,
             priority,
@@ -296,7 +290,7 @@ class SqliteBroker:
     @staticmethod
     def _delivery(queue: str, token: str, row: _Claimed) -> Delivery:
         row_id, _, _, raw, until, deliveries = row
-        env, error = _decode(raw)
+        env, error = decode_envelope(raw)
         return Delivery(
             envelope=env,
             receipt=f"{row_id}:{token}",
@@ -460,7 +454,7 @@ class SqliteBroker:
 
         out = []
         for row_id, task_id, raw, reason, dead_at in await self._db.run(read):
-            env, _ = _decode(raw)
+            env, _ = decode_envelope(raw)
             out.append(
                 DeadLetter(
                     id=env.id if env is not None else task_id or f"dl-{row_id}",
@@ -494,7 +488,7 @@ class SqliteBroker:
                     if not batch:
                         break
                     for row_id, raw in batch:
-                        env, _ = _decode(raw)
+                        env, _ = decode_envelope(raw)
                         if env is None:
                             continue
                         jobs.append(_job(env.copy(attempt=0, not_before=None), queue))
