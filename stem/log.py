@@ -1,32 +1,127 @@
-"""structlog setup: JSON lines when not on a TTY, pretty console output on a TTY."""
+"""Logging like a library: structlog's API on top of the standard library's loggers.
+
+Library modules log through :func:`get_logger` (``log = get_logger(__name__)``):
+structured calls such as ``log.info("task.succeeded", task=..., id=...)`` become
+ordinary :mod:`logging` records on the logger named after the module. Nothing is
+printed unless the host application configured logging: the ``stem`` logger
+carries a :class:`logging.NullHandler` (the standard library's rule for libraries),
+and structlog's own global configuration is never touched, so a host that uses
+structlog for itself keeps its setup.
+
+Each record's message is ``event key=value ...`` (readable under any formatter) and
+the structured fields ride along as ``record.stem_event``, which the CLI's formatter
+(:func:`configure_logging`) renders as pretty console lines on a TTY or one JSON
+object per line otherwise.
+
+Event names are dotted, lower case, subject first: ``worker.started``,
+``task.succeeded``, ``redis.reconnected``.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any
 
+import orjson
 import structlog
+
+#: The attribute of a LogRecord that carries the structured event dict.
+EVENT_ATTR = "stem_event"
+#: Log formats the CLI accepts for ``--log-format``.
+LOG_FORMATS = ("auto", "pretty", "json")
+
+logging.getLogger("stem").addHandler(logging.NullHandler())
+
+
+def _to_stdlib(_: Any, method: str, event_dict: MutableMapping[str, Any]
+               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Last processor: ``(args, kwargs)`` for the stdlib logger's method."""
+    exc_info = event_dict.pop("exc_info", None)
+    event = str(event_dict.get("event", ""))
+    fields = " ".join(f"{k}={v}" for k, v in event_dict.items() if k != "event")
+    message = f"{event} {fields}" if fields else event
+    kwargs: dict[str, Any] = {"extra": {EVENT_ATTR: dict(event_dict)}}
+    if exc_info:
+        kwargs["exc_info"] = exc_info
+    # %-formatting is never applied to our message (no args), so a '%' in a value is safe.
+    return (message.replace("%", "%%"),), kwargs
+
+
+_PROCESSORS: list[Any] = [
+    structlog.stdlib.filter_by_level,  # a disabled level costs one isEnabledFor call
+    structlog.contextvars.merge_contextvars,
+    _to_stdlib,
+]
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger writing to the stdlib logger ``name`` (use ``__name__``)."""
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=_PROCESSORS,
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+class StemFormatter(logging.Formatter):
+    """Renders records carrying a structured event: pretty console lines or JSON.
+
+    Records from other libraries (no ``stem_event``) are shown with their message, so
+    one handler serves a whole process.
+    """
+
+    def __init__(self, *, json: bool) -> None:
+        super().__init__()
+        self.json = json
+        self._console = None if json else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty())
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, EVENT_ATTR, None)
+        event: dict[str, Any] = dict(fields) if isinstance(fields, dict) else {
+            "event": record.getMessage()}
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}"
+        if self.json:
+            out = {"event": event.pop("event", ""), "timestamp": stamp,
+                   "level": record.levelname.lower(), "logger": record.name, **event}
+            if record.exc_info:
+                out["exception"] = self.formatException(record.exc_info)
+            return orjson.dumps(out, default=str).decode()
+        assert self._console is not None
+        event["timestamp"] = stamp
+        event["level"] = record.levelname.lower()
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return str(self._console(None, record.levelname.lower(), event))
+
+
+def parse_level(level: str) -> int:
+    """A level name (any case) as its number; ValueError listing the valid names."""
+    names = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if level.upper() not in names:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(names)}")
+    return logging.getLevelNamesMapping()[level.upper()]
 
 
 def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
-    """Configure structlog for a Stem process (the CLI calls this; libraries never do)."""
+    """Set up rendering for a Stem process: the CLI calls this, libraries never do.
+
+    One stderr handler on the root logger (so the application's own logs show too);
+    JSON lines when stderr is not a TTY (or ``json=True``), pretty lines on a TTY.
+    """
+    number = parse_level(level)
     use_json = (not sys.stderr.isatty()) if json is None else json
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(StemFormatter(json=use_json))
+    handler.set_name("stem-cli")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h.get_name() == "stem-cli":
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(number)
+    logging.getLogger("stem").setLevel(number)

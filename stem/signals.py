@@ -16,9 +16,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import structlog
+from stem.log import get_logger
 
-log = structlog.get_logger("stem.signals")
+log = get_logger(__name__)
 
 Receiver = Callable[..., Any]
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,3 +85,31 @@ class WorkerProcesses:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait(10)
+
+
+@contextmanager
+def capture_stem_logs(level: int = logging.DEBUG) -> Iterator[list[dict[str, Any]]]:
+    """Collect the structured events Stem logs (``{"event": ..., "log_level": ..., ...}``).
+
+    Stem logs through the standard library (stem.log), so this attaches a handler to
+    the ``stem`` logger for the duration and restores its level afterwards.
+    """
+    from stem.log import EVENT_ATTR
+
+    events: list[dict[str, Any]] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields = getattr(record, EVENT_ATTR, None) or {"event": record.getMessage()}
+            events.append({**fields, "log_level": record.levelname.lower(),
+                           "logger": record.name})
+
+    logger = logging.getLogger("stem")
+    handler, old = _Collect(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield events
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)

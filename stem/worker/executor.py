@@ -48,12 +48,11 @@ from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from stem import signals
 from stem.context import TaskContext
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, SoftTimeLimitExceeded, TimeLimitExceeded
+from stem.log import get_logger
 from stem.task import Isolation, TaskDefinition
 from stem.worker.processor import Prepared, effective_limits
 
@@ -61,7 +60,7 @@ if TYPE_CHECKING:
     from stem.app import Stem
     from stem.worker.pool import PoolConfig, ProcessPool
 
-log = structlog.get_logger("stem.worker")
+log = get_logger(__name__)
 
 #: How long an inline handler cancelled at its hard limit may take to unwind before
 #: the attempt is reported anyway (its ``finally`` blocks usually finish in this time).

@@ -60,12 +60,11 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from stem._time import from_iso
 from stem.context import TaskContext
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, TimeLimitExceeded, WorkerLostError
+from stem.log import get_logger
 from stem.retry import Retry
 from stem.status import TaskError
 from stem.worker._ipc import FrameReader, call_from_wire, frame
@@ -75,7 +74,7 @@ from stem.worker.processor import EncodedResult, Prepared, RemoteError
 if TYPE_CHECKING:
     from stem.app import Stem
 
-log = structlog.get_logger("stem.worker.pool")
+log = get_logger(__name__)
 
 #: A child whose current task has run this long is probably busy with a long one:
 #: queue nothing more behind it, and take back what is queued there, so short tasks

@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import structlog
-
 from stem import signals
 from stem._time import now_iso
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, peek_task_id
+from stem.log import get_logger
 from stem.ports import Delivery, ResultAwareBroker
 from stem.retry import RetryStrategy
 from stem.status import TaskError, TaskState, TaskStatus
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
     from stem.app import Stem
     from stem.task import TaskCall, TaskDefinition
 
-log = structlog.get_logger("stem.worker")
+log = get_logger(__name__)
 
 #: The lease keeper looks at in-flight leases at least this often (seconds).
 _KEEPER_MAX_SLEEP = 1.0

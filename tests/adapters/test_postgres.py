@@ -27,7 +27,7 @@ from stem.adapters.postgres._pool import parse_url
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.status import TaskState, TaskStatus
-from tests.helpers import eventually
+from tests.helpers import capture_stem_logs, eventually
 
 pytestmark = pytest.mark.postgres
 
@@ -731,8 +731,6 @@ async def test_reconnects_after_an_outage_and_logs_it_once(
 ) -> None:
     from urllib.parse import urlsplit
 
-    import structlog
-
     real = urlsplit(postgres_url)
     proxy = FlakyProxy(real.hostname or "127.0.0.1", real.port or 5432)
     await proxy.up()
@@ -744,7 +742,7 @@ async def test_reconnects_after_an_outage_and_logs_it_once(
                                                                               schema=namespace))
     try:
         await broker.fetch(["q"], 1, block=0.01, consumer="w")  # pool + LISTEN up
-        with structlog.testing.capture_logs() as logs:
+        with capture_stem_logs() as logs:
             await proxy.down()
             publishing = asyncio.create_task(broker.publish([env(args={"n": 1})]))
 

@@ -21,7 +21,6 @@ from urllib.parse import urlencode
 
 import pytest
 import redis.asyncio as aioredis
-import structlog
 from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
@@ -34,7 +33,7 @@ from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.ports import Delivery
 from stem.status import TaskState, TaskStatus
 from tests import services
-from tests.helpers import eventually
+from tests.helpers import capture_stem_logs, eventually
 from tests.services import drop_redis_keys
 
 pytestmark = pytest.mark.redis
@@ -463,7 +462,7 @@ async def test_unreachable_server_fails_fast_with_a_helpful_message() -> None:
 async def test_fetch_retries_until_block_runs_out_then_raises() -> None:
     broker = broker_from_url(f"redis://127.0.0.1:{closed_port()}/0")
     try:
-        with structlog.testing.capture_logs() as logs:
+        with capture_stem_logs() as logs:
             start = time.monotonic()
             with pytest.raises(ServiceUnavailableError):
                 await broker.fetch([Q], 1, block=0.5, consumer="c")
@@ -559,7 +558,7 @@ async def test_fetch_recovers_after_a_server_restart(private_redis: PrivateRedis
         [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
         await broker.ack([d])
         private_redis.stop()
-        with structlog.testing.capture_logs() as logs:
+        with capture_stem_logs() as logs:
             with pytest.raises(ServiceUnavailableError):
                 await broker.fetch([Q], 1, block=0.3, consumer="c1")
             private_redis.start()  # empty again: no persistence

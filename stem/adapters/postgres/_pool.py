@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
-import structlog
 
 from stem.adapters.postgres import migrations
 from stem.errors import ConfigurationError, ServiceUnavailableError
+from stem.log import get_logger
 
-log = structlog.get_logger("stem.postgres")
+log = get_logger(__name__)
 
 T = TypeVar("T")
 

@@ -12,14 +12,13 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-import structlog
-
 from stem.adapters.postgres._pool import Connector, Listener, PgSettings, parse_url
 from stem.adapters.postgres._sql import Statements
+from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
 
-log = structlog.get_logger("stem.postgres")
+log = get_logger(__name__)
 
 #: Longest ``wait()`` sleeps between looks at the row while LISTEN is down.
 FALLBACK_POLL = 1.0

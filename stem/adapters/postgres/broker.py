@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-import structlog
 
 from stem.adapters.postgres._pool import Connector, Listener, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import PostgresResultBackend, results_channel, status_arrays
 from stem.envelope import Envelope, decode_envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError
+from stem.log import get_logger
 from stem.ports import (
     DEFAULT_RESULT_TTL,
     DEFAULT_VISIBILITY_TIMEOUT,
@@ -49,7 +49,7 @@ VACUUM_EVERY = 20_000
 #: Seconds between two vacuums started by this process.
 VACUUM_MIN_INTERVAL = 5.0
 
-log = structlog.get_logger("stem.postgres")
+log = get_logger(__name__)
 #: Dead letters read per page while replaying.
 _REPLAY_PAGE = 500
 #: Pause before re-querying when a due job exists but was locked by another fetcher.

@@ -15,19 +15,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-import structlog
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from stem.errors import ServiceUnavailableError
+from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
 
 from . import scripts
 from ._connection import CONNECTION_ERRORS, RedisConnector, RedisSettings
 
-log = structlog.get_logger("stem.redis")
+log = get_logger(__name__)
 
 #: A waiter re-reads its key this often even without a notification: pub/sub is
 #: fire-and-forget, so a message sent while the subscriber was reconnecting is lost.

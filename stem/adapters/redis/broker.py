@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions as rexc
-import structlog
 from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
 from stem.adapters._shared import FairOrder
 from stem.envelope import Envelope, decode_envelope, peek_task_id
 from stem.errors import EnvelopeDecodeError, ServiceUnavailableError
+from stem.log import get_logger
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
 from . import scripts
 from ._connection import CONNECTION_ERRORS, BlockingConn, RedisConnector, RedisSettings
 
-log = structlog.get_logger("stem.redis")
+log = get_logger(__name__)
 
 #: Consumer group name on every band stream (groups are per stream, hence per queue).
 GROUP = "stem"

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
-import structlog
-
 from stem.adapters._shared import Waiter
 from stem.errors import ConfigurationError, ServiceUnavailableError
+from stem.log import get_logger
 
 T = TypeVar("T")
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Milliseconds SQLite itself waits for another writer before reporting "locked".
 BUSY_TIMEOUT_MS = 5_000
