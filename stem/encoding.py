@@ -23,13 +23,15 @@ import gzip
 import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import orjson
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from stem._extras import require
 from stem.errors import ConfigurationError, PayloadEncodingError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ARGS_ENCODER_HEADER = "stem-args-encoder"
 ARGS_ENCODER_META = "__stemArgsEncoder"
@@ -193,6 +195,9 @@ class AesGcmPayloadEncoder:
                 f"AesGcmPayloadEncoder: primary key {primary!r} is not among the keys "
                 f"{sorted(keys)}"
             )
+        require("crypto")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._ciphers: dict[str, AESGCM] = {}
         for key_id, key in keys.items():
             if not isinstance(key_id, str) or not key_id:
@@ -215,6 +220,9 @@ class AesGcmPayloadEncoder:
     @staticmethod
     def generate_key(bits: int = 256) -> bytes:
         """A new random key (256-bit unless told otherwise)."""
+        require("crypto")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         return AESGCM.generate_key(bit_length=bits)
 
     @property
@@ -251,6 +259,8 @@ class AesGcmPayloadEncoder:
                 f"payload encoder {self.id!r}: nonce must be {self.NONCE_SIZE} bytes and "
                 f"mac {self.TAG_SIZE} bytes"
             )
+        from cryptography.exceptions import InvalidTag
+
         try:
             plain = cipher.decrypt(nonce, ciphertext + mac, None)
         except InvalidTag:

@@ -8,6 +8,7 @@ import importlib
 from typing import Any
 from urllib.parse import urlsplit
 
+from stem._extras import require
 from stem.config import check_url
 from stem.ports import Broker, ResultBackend
 
@@ -22,9 +23,16 @@ _MODULES = {
 }
 
 
+#: The extra (stem._extras) each adapter needs beyond the base install.
+_EXTRA = {"stem.adapters.redis": "redis", "stem.adapters.postgres": "postgres"}
+
+
 def _module(url: str, what: str) -> Any:
     check_url(url, what)
-    return importlib.import_module(_MODULES[urlsplit(url).scheme])
+    name = _MODULES[urlsplit(url).scheme]
+    if name in _EXTRA:
+        require(_EXTRA[name])  # a missing driver is named with the extra to install
+    return importlib.import_module(name)
 
 
 def broker_from_url(url: str, *, namespace: str = "stem") -> Broker:
