@@ -10,11 +10,20 @@ frames. Writes never happen on the main thread, so a signal
 raised into a handler can never cut a frame in half, and the writer batches
 whatever results are ready into one ``sendall``.
 
-Signals: SIGINT is ignored (Ctrl-C reaches the whole process group; the worker
-decides what stops). SIGTERM — the worker's hard-limit kill — raises SystemExit so
-``finally`` blocks run before the worker's SIGKILL. SIGALRM is the soft limit:
-``setitimer`` is armed for each task that has one and raises SoftTimeLimitExceeded
-in the handler (handlers that use SIGALRM themselves should not set soft limits).
+Signals: the worker alone decides when a child stops, so SIGTERM and SIGINT sent to
+the whole process group — ``kill -TERM -PGID``, systemd's ``KillMode=control-group``,
+a container runtime, Ctrl-C in a terminal — are caught and dropped: the task running
+here finishes while the worker drains. (Caught by a handler that does nothing rather
+than ``SIG_IGN``, which a task's own subprocesses would inherit through ``exec``.) The
+worker starts the child with both signals blocked and it unblocks them once its
+handlers are in place, so there is no moment when they would kill it. To end a task
+at its hard limit the worker sends a ``terminate`` frame: the reader thread marks the
+request and signals the main thread itself (``pthread_kill`` SIGTERM), whose handler
+then raises SystemExit so ``finally`` blocks run (a blocking call is interrupted
+too); the worker SIGKILLs a child still alive after its grace. SIGALRM is the soft
+limit: ``setitimer`` is armed for each task that has one and raises
+SoftTimeLimitExceeded in the handler (handlers that use SIGALRM themselves should not
+set soft limits).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from stem.envelope import Envelope
 from stem.errors import SoftTimeLimitExceeded, StemError, TaskArgumentError
 from stem.retry import Retry
 from stem.status import TaskError
-from stem.worker._ipc import FrameReader, call_to_wire, frame
+from stem.worker._ipc import GROUP_SIGNALS, FrameReader, call_to_wire, frame
 from stem.worker.executor import run_coroutine, soft_limit_message
 from stem.worker.processor import Prepared, Processor, Rejected, Success
 
@@ -48,11 +57,32 @@ if TYPE_CHECKING:
 
 
 class _Terminated(SystemExit):
-    """The worker asked this child to die (SIGTERM at a hard limit)."""
+    """The worker asked this child to die (a ``terminate`` frame at a hard limit)."""
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated(128 + signum)
+#: Set by the reader thread when the worker sends ``terminate``; the next SIGTERM
+#: handled in the main thread (the one the reader sends) raises _Terminated.
+_terminate_requested = threading.Event()
+
+
+def _on_group_signal(signum: int, frame: FrameType | None) -> None:
+    if signum == signal.SIGTERM and _terminate_requested.is_set():
+        _terminate_requested.clear()  # once: a later group SIGTERM must not cut cleanup short
+        raise _Terminated(128 + signum)
+    # Anything else — the group's SIGTERM/SIGINT — is dropped: the worker decides.
+
+
+def _terminate_main_thread() -> None:
+    """Raise _Terminated in the main thread, interrupting a blocking call there."""
+    _terminate_requested.set()
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+
+
+def _guard_signals() -> None:
+    """Catch (and drop) the group's signals, then unblock them (the worker blocked them)."""
+    for sig in GROUP_SIGNALS:
+        signal.signal(sig, _on_group_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
 
 
 class _Inbox:
@@ -135,6 +165,8 @@ class _Channel:
                     with self._replied:
                         self._replies[msg["rid"]] = msg
                         self._replied.notify_all()
+                elif kind == "terminate":
+                    _terminate_main_thread()
                 elif kind == "revoke":
                     # Answered from here: the main thread is busy with the long task.
                     taken = self.inbox.revoke(set(msg.get("seqs", ())))
@@ -334,8 +366,7 @@ def _load_app(spec: str) -> Stem:
 
 def main() -> int:
     """Serve the worker on the socket whose fd is ``sys.argv[1]``; returns the exit code."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _guard_signals()
     fd = int(sys.argv[1])
     os.set_inheritable(fd, False)  # tasks' own subprocesses must not hold our socket open
     chan = _Channel(socket.socket(fileno=fd))

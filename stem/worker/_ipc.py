@@ -7,7 +7,8 @@ results travel encoded by the task's payload encoder, exceptions travel as
 
 Worker → child:  ``init`` (app spec, sys.path), ``run`` (seq, envelope, soft limit),
                  ``revoke`` (seqs: give queued tasks back), ``reply`` (answer to an
-                 ``enqueue``), ``stop`` (exit when idle).
+                 ``enqueue``), ``stop`` (exit when idle), ``terminate`` (raise
+                 SystemExit in the running task now: its hard limit).
 Child → worker:  ``ready`` / ``fatal`` (after importing the app), ``done`` (seq and
                  either ``ok``+``enc`` or ``err`` [+ ``retry``]), ``revoked`` (seqs
                  given back unstarted), ``soft`` (the soft limit fired),
@@ -16,6 +17,7 @@ Child → worker:  ``ready`` / ``fatal`` (after importing the app), ``done`` (se
 
 from __future__ import annotations
 
+import signal
 from dataclasses import fields, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
     from stem.task import TaskCall
 
 HEADER = 4
+
+#: What a signal to the whole process group brings (systemd's KillMode=control-group,
+#: ``kill -TERM -PGID``, Ctrl-C): children start with these blocked, catch and drop
+#: them; only the worker stops a child (``stop`` / ``terminate`` frames, SIGKILL).
+GROUP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def frame(msg: dict[str, Any]) -> bytes:

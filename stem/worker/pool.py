@@ -26,9 +26,19 @@ main thread; for ``async def`` handlers, the inline cancellation mechanism of
 :mod:`stem.worker.executor`) and reported back once so the worker sends the
 ``task_timeout`` signal. Doing it in the child means the signal can never hit the
 *next* task. At the hard limit the parent fails the attempt with TimeLimitExceeded
-at once, sends the child SIGTERM (which raises SystemExit in it, so ``finally``
-blocks run), SIGKILLs it after ``kill_grace`` seconds, starts a replacement, and
-re-dispatches the tasks that were queued behind the killed one (they never started).
+at once, sends the child a ``terminate`` frame (which raises SystemExit in it, so
+``finally`` blocks run), SIGKILLs it after ``kill_grace`` seconds, starts a
+replacement, and re-dispatches the tasks that were queued behind the killed one
+(they never started).
+
+Signals: children share the worker's process group, so a SIGTERM or SIGINT sent to
+the group (systemd's default ``KillMode=control-group``, ``kill -TERM -PGID``, a
+container runtime, Ctrl-C) reaches them too. They drop it — the worker alone decides
+when a child stops — so the group signal drains exactly like one sent to the worker:
+running tasks finish, then the worker stops its children. Children are spawned with
+those signals blocked (the mask survives ``exec``) and unblock them once their
+handlers are in place. A child whose worker dies (even by SIGKILL) sees its socket
+close and exits at once.
 
 Crashes: a child that exits unexpectedly (``os._exit``, SIGSEGV, OOM kill) fails
 the task it was running with WorkerLostError ("child pid N exited with ..."); the
@@ -53,8 +63,10 @@ import itertools
 import signal
 import socket
 import sys
+import threading
 from collections import deque
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -67,7 +79,7 @@ from stem.errors import ConfigurationError, TimeLimitExceeded, WorkerLostError
 from stem.log import get_logger
 from stem.retry import Retry
 from stem.status import TaskError
-from stem.worker._ipc import FrameReader, call_from_wire, frame
+from stem.worker._ipc import GROUP_SIGNALS, FrameReader, call_from_wire, frame
 from stem.worker.executor import TimeoutCallback, hard_limit_message
 from stem.worker.processor import EncodedResult, Prepared, RemoteError
 
@@ -89,7 +101,7 @@ class PoolConfig:
     ``size`` children; ``app_spec`` (``module:attribute``) is how children import the
     app (None: found by looking the app object up in the imported modules).
     ``max_tasks_per_child`` / ``max_memory_per_child`` (KiB of resident memory, as
-    Celery counts it) recycle children. ``kill_grace`` is the SIGTERM→SIGKILL delay
+    Celery counts it) recycle children. ``kill_grace`` is the terminate→SIGKILL delay
     at a hard limit; ``max_batch`` bounds the tasks queued inside one child.
     """
 
@@ -144,12 +156,41 @@ def describe_exit(returncode: int | None) -> str:
     return f"code {returncode}"
 
 
+class _SpawnMask(threading.local):
+    depth = 0
+    saved: frozenset[int | signal.Signals] = frozenset()
+
+
+_spawn_mask = _SpawnMask()
+
+
+@contextmanager
+def _group_signals_blocked() -> Iterator[None]:
+    """Block GROUP_SIGNALS in this thread while a child is spawned from it.
+
+    The mask is inherited through fork and exec, so the child starts with them blocked:
+    they stay pending, instead of killing it, until it has its handlers. Ours are
+    delivered when the mask is restored. Spawns overlap (they await), so the first one
+    in blocks and the last one out restores.
+    """
+    state = _spawn_mask
+    if state.depth == 0:
+        state.saved = frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS))
+    state.depth += 1
+    try:
+        yield
+    finally:
+        state.depth -= 1
+        if state.depth == 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, state.saved)
+
+
 class _State(Enum):
     STARTING = "starting"
     READY = "ready"
     RETIRING = "retiring"  # no new work; stops when its queue is empty
     STOPPING = "stopping"  # told to stop
-    KILLED = "killed"  # hard limit or shutdown: SIGTERM/SIGKILL under way
+    KILLED = "killed"  # hard limit or shutdown: terminate frame / SIGKILL under way
     DEAD = "dead"
 
 
@@ -335,10 +376,11 @@ class ProcessPool:
         returncode: int | None = None
         try:
             try:
-                child.proc = await asyncio.create_subprocess_exec(
-                    *self._child_command(child_sock.fileno()),
-                    pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                )
+                with _group_signals_blocked():
+                    child.proc = await asyncio.create_subprocess_exec(
+                        *self._child_command(child_sock.fileno()),
+                        pass_fds=(child_sock.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                    )
             finally:
                 child_sock.close()
             child.pid = child.proc.pid
@@ -605,8 +647,8 @@ class ProcessPool:
         proc = child.proc
         if proc is None or proc.returncode is not None:
             return
-        with suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        # Not SIGTERM: the child drops that one (it may come from the process group).
+        child.write(frame({"t": "terminate"}))
         try:
             await asyncio.wait_for(child.exited.wait(), self.config.kill_grace)
         except TimeoutError:

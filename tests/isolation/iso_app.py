@@ -179,6 +179,37 @@ def nap(ctx: stem.TaskContext, seconds: float) -> int:
     return os.getpid()
 
 
+def cleanup(ctx: stem.TaskContext, seconds: float = 30) -> None:
+    """Blocks in a system call; its ``finally`` block leaves a mark when it is stopped."""
+    mark("cleanup-start", ctx.id)
+    try:
+        time.sleep(seconds)
+    finally:
+        mark("cleanup", ctx.id)
+
+
+_SIGNAL_STATE = """
+import json, signal
+def how(sig):
+    h = signal.getsignal(sig)
+    return {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored",
+            signal.default_int_handler: "KeyboardInterrupt"}.get(h, repr(h))
+print(json.dumps({"term": how(signal.SIGTERM), "int": how(signal.SIGINT),
+                  "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))}))
+"""
+
+
+def subprocess_signals() -> dict[str, Any]:
+    """How a process the task starts inherits SIGTERM/SIGINT (handler as Python sees it, mask)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _SIGNAL_STATE], capture_output=True,
+                         check=True, timeout=30)
+    state: dict[str, Any] = json.loads(out.stdout)
+    return state
+
+
 def make_app(broker: str = "memory://iso-default", backend: str | None = None) -> stem.Stem:
     """An app with every test task registered (explicit names, so children match)."""
     app = stem.Stem("iso", broker=broker, backend=backend or broker)
@@ -209,6 +240,8 @@ def make_app(broker: str = "memory://iso-default", backend: str | None = None) -
     app.task(name="iso.sleepy", **proc)(sleepy)
     app.task(name="iso.sleepy_default")(sleepy)
     app.task(name="iso.nap", **proc)(nap)
+    app.task(name="iso.cleanup", time_limit=0.5)(cleanup)
+    app.task(name="iso.subprocess_signals", **proc)(subprocess_signals)
     return app
 
 

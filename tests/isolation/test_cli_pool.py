@@ -1,4 +1,5 @@
-"""``stem worker start --pool 2`` as a real process on SQLite: kills, crashes, recycling, SIGTERM."""
+"""``stem worker start --pool 2`` as a real process on SQLite: kills, crashes, recycling,
+SIGTERM to the worker and to its whole process group."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,54 @@ def test_pool_worker_with_an_unimportable_app_exits_with_one_line(tmp_path: Path
     assert "stem: error: the process pool could not start" in out.stderr
     assert "refuses to load in a pool child" in out.stderr
     assert time.monotonic() - t0 < 30
+
+
+
+@pytest.fixture
+def group_worker(sqlite_url: str, marks: Path, tmp_path: Path) -> Iterator[Start]:
+    """Start ``stem worker start`` as the leader of its own process group (as systemd or a
+    terminal runs it); the whole group is SIGKILLed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "ISO_BROKER_URL": sqlite_url, "ISO_MARK_DIR": str(marks)}
+        with (tmp_path / f"group-worker-{len(procs)}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stem_cli", "worker", "start", "--app", SPEC,
+                 "--block-time", "0.1", *args],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_to_the_whole_process_group_drains_like_one_to_the_worker(
+        group_worker: Start, producer: stem.Stem, marks: Path, tmp_path: Path,
+        sig: signal.Signals) -> None:
+    """``kill -TERM -PGID`` (systemd's KillMode=control-group, container runtimes) or Ctrl-C
+    (SIGINT to the foreground group) reaches the pool children too: they ignore it, the
+    tasks they are running finish and succeed, the worker drains and exits 0."""
+    proc = group_worker("--pool", "2", "--grace", "30")
+    assert os.getpgid(proc.pid) == proc.pid
+    ids = [await producer.enqueue("iso.nap", seconds=1.5) for _ in range(2)]
+    started = await until(
+        lambda: all(read_marks(marks, "nap", t) for t in ids) and
+        [read_marks(marks, "nap", t)[0][0] for t in ids], timeout=30)
+    assert len(set(started)) == 2 and proc.pid not in started
+    assert all(os.getpgid(pid) == proc.pid for pid in started)  # the children are in the group
+    os.killpg(proc.pid, sig)
+    assert proc.wait(30) == 0, (tmp_path / "group-worker-0.log").read_text()
+    results = [await producer.wait(t, timeout=5) for t in ids]
+    assert [r.state for r in results] == [TaskState.SUCCEEDED] * 2, [r.error for r in results]
+    # Each ran once, to the end, in the child that took it; no child outlives the worker.
+    assert [r.value for r in results] == started
+    assert [len(read_marks(marks, "nap", t)) for t in ids] == [1, 1]
+    for pid in started:
+        await until(lambda pid=pid: not alive(pid), timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -72,6 +73,55 @@ async def test_child_ignoring_sigterm_is_sigkilled_after_the_grace(
         ok = await app.wait(await app.enqueue("iso.add", 2, 2), timeout=10)
     assert res.error is not None and res.error.type == "TimeLimitExceeded"
     assert ok.value == 4
+
+
+async def test_hard_limit_interrupts_a_blocking_call_and_runs_finally_blocks(
+        app: stem.Stem, marks: Path, timeouts: Timeouts) -> None:
+    """The worker stops the task at its hard limit over its private channel: SystemExit is
+    raised in the handler even while it blocks in ``time.sleep``, so cleanup runs."""
+    async with running_worker(app, app_spec=SPEC, pool_size=1) as worker:
+        pool = await ready_pool(worker)
+        tid = await app.enqueue("iso.cleanup")
+        res = await app.wait(tid, timeout=10)
+        [(pid, cleaned)] = await until(lambda: read_marks(marks, "cleanup", tid), timeout=5)
+        await until(lambda: not alive(pid), timeout=5)
+        await until(lambda: pool.ready_count == 1)
+        ok = await app.wait(await app.enqueue("iso.add", 2, 3), timeout=10)
+    [(started_pid, started)] = read_marks(marks, "cleanup-start", tid)
+    assert res.error is not None and res.error.type == "TimeLimitExceeded"
+    assert started_pid == pid and cleaned - started < 0.5 + pool.config.kill_grace
+    assert [t for t in timeouts if t[0] == tid] == [(tid, 0.5, True)]
+    assert ok.value == 5
+
+
+async def test_children_ignore_sigterm_and_sigint_from_their_process_group(
+        app: stem.Stem, marks: Path) -> None:
+    """What ``kill -TERM -PGID`` or Ctrl-C delivers to each child, busy or idle, changes
+    nothing: the running task succeeds, no child is lost, the pool keeps serving."""
+    async with running_worker(app, app_spec=SPEC, pool_size=2) as worker:
+        pool = await ready_pool(worker)
+        tid = await app.enqueue("iso.nap", seconds=1.0)
+        [(busy, _)] = await until(lambda: read_marks(marks, "nap", tid))
+        pids = list(pool.pids)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            for pid in pids:
+                os.kill(pid, sig)
+        res = await app.wait(tid, timeout=10)
+        after = [await app.wait(await app.enqueue("iso.pid"), timeout=10) for _ in range(4)]
+        assert sorted(pool.pids) == sorted(pids) and pool.lost == 0
+    assert busy in pids
+    assert (res.state, res.value) == (TaskState.SUCCEEDED, busy)
+    assert {r.value for r in after} <= set(pids)
+
+
+async def test_a_tasks_own_subprocesses_get_default_sigterm_and_sigint(app: stem.Stem) -> None:
+    """The child drops group signals with a handler, not SIG_IGN and not a blocked mask,
+    neither of which a task's own subprocesses should inherit."""
+    async with running_worker(app, app_spec=SPEC, pool_size=1):
+        res = await app.wait(await app.enqueue("iso.subprocess_signals"), timeout=30)
+    assert res.state is TaskState.SUCCEEDED, res.error
+    assert (res.value["term"], res.value["int"]) == ("default", "KeyboardInterrupt")
+    assert not {signal.SIGTERM, signal.SIGINT} & set(res.value["blocked"])
 
 
 @pytest.mark.parametrize(("task", "how"), [("iso.crash_exit", "code 1"),
