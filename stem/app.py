@@ -21,6 +21,7 @@ from stem.encoding import (
 )
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, EnvelopeDecodeError, WaitTimeoutError
+from stem.limits import check_visibility_timeout, clamp_priority
 from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, TransactionalPublisher
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskStatus
@@ -242,7 +243,12 @@ class Stem:
         now = utcnow()
         not_before: datetime | None = call.eta
         if call.countdown is not None:
-            not_before = now + timedelta(seconds=call.countdown)
+            try:
+                not_before = now + timedelta(seconds=call.countdown)
+            except (OverflowError, ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    f"task {d.name!r}: countdown {call.countdown!r} is not a usable delay "
+                    f"({exc})") from None
         if opts.args_encoder is not None or opts.result_encoder is not None:
             self._adopt_encoders(opts)  # definitions built without app.register
         args_encoder = opts.args_encoder or self.encoders.default_args_encoder
@@ -259,20 +265,22 @@ class Stem:
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id
+        vt = call.visibility_timeout if call.visibility_timeout is not None \
+            else opts.visibility_timeout
+        if vt is not None:  # with_options checked it; a TaskCall built directly did not
+            vt = check_visibility_timeout(vt)
         return Envelope(
             name=d.name,
             args=self.encoders.encode_args(call.args, args_encoder),
             headers=headers,
             enqueued_at=now,
             not_before=not_before,
-            priority=call.priority if call.priority is not None else opts.priority,
+            # The one rule every store follows: priorities outside 0-9 are clamped.
+            priority=clamp_priority(call.priority if call.priority is not None
+                                    else opts.priority),
             attempt=0,
             max_retries=call.max_retries if call.max_retries is not None else opts.max_retries,
-            visibility_timeout=(
-                call.visibility_timeout
-                if call.visibility_timeout is not None
-                else opts.visibility_timeout
-            ),
+            visibility_timeout=vt,
             queue=call.queue or opts.queue,
             meta=meta,
             **kwargs,
@@ -304,7 +312,11 @@ class Stem:
         return await self.enqueue_call(call, connection=connection)
 
     async def enqueue_call(self, call: TaskCall[Any], *, connection: Any = None) -> str:
-        """Publish a prepared :class:`TaskCall`; returns its task id."""
+        """Publish a prepared :class:`TaskCall`; returns its task id.
+
+        An envelope larger than ``STEM_MAX_PAYLOAD_BYTES`` (default 16 MiB) is refused
+        with :class:`~stem.errors.PayloadTooLargeError` and nothing is published.
+        """
         envelope = self.build_envelope(call)
         if connection is not None:
             await self._publish_with_connection(connection, [envelope])

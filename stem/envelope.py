@@ -21,9 +21,27 @@ from typing import Any
 import orjson
 
 from stem._time import from_iso, to_epoch, to_iso, utcnow
-from stem.errors import EnvelopeDecodeError
+from stem.errors import EnvelopeDecodeError, PayloadTooLargeError
+from stem.limits import (
+    MAX_VISIBILITY_TIMEOUT,
+    MIN_VISIBILITY_TIMEOUT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    clamp_priority,
+    max_payload_bytes,
+    visibility_timeout_problem,
+)
 
 DEFAULT_QUEUE = "default"
+
+#: ``attempt`` and ``maxRetries`` on the wire must be whole numbers in ``0..MAX_ATTEMPTS``;
+#: an envelope outside that is dead-lettered with the reason (a retry budget beyond it
+#: is clamped to it). Large enough for any real budget, small enough for every store's
+#: integer column and for ``attempt + 1`` to stay a 32-bit value.
+MAX_ATTEMPTS = 1_000_000
+
+#: The payload cap in bytes, read from the environment once (see :func:`payload_limit`).
+_payload_cap = 0
 
 _KNOWN_KEYS = frozenset(
     {
@@ -124,67 +142,174 @@ class Envelope:
         return out
 
     def to_json(self) -> bytes:
-        """Encode to wire bytes."""
+        """Encode to wire bytes; PayloadTooLargeError past :func:`payload_limit`."""
         try:
-            return orjson.dumps(self.to_dict())
+            raw = orjson.dumps(self.to_dict())
         except TypeError as exc:
             raise EnvelopeDecodeError(
                 f"task {self.name!r}: arguments are not JSON-serialisable ({exc}); "
                 "pass plain JSON values or configure a payload encoder"
             ) from exc
+        if len(raw) > (_payload_cap or payload_limit()):
+            raise PayloadTooLargeError(f"task {self.name!r}: {_too_large(len(raw))}")
+        return raw
 
     @classmethod
     def from_dict(cls, data: Any) -> Envelope:
-        """Build from a decoded wire object; raises :class:`EnvelopeDecodeError` if invalid."""
+        """Build from a decoded wire object; raises :class:`EnvelopeDecodeError` if invalid.
+
+        Every field is checked here, once, so nothing downstream meets a value it
+        cannot handle: ``id`` must be a non-empty string (an envelope without one is
+        refused rather than given a fresh id nobody could look up); ``attempt`` and
+        ``maxRetries`` whole numbers in ``0..MAX_ATTEMPTS``; ``visibilityTimeout``
+        null or milliseconds within the lease bounds of :mod:`stem.limits`.
+        ``priority`` is clamped into 0-9 (the one rule every store follows).
+        """
         if not isinstance(data, dict):
             raise EnvelopeDecodeError(f"envelope must be a JSON object, got {type(data).__name__}")
         try:
-            name = data["name"]
-            args = data.get("args") or {}
-            if not isinstance(name, str) or not name:
+            env_id = data.get("id")
+            if type(env_id) is not str or not env_id:
+                if env_id is None or env_id == "":
+                    raise EnvelopeDecodeError("envelope has no id")
+                raise EnvelopeDecodeError(
+                    f"envelope 'id' must be a string, got {type(env_id).__name__}")
+            name = data.get("name")
+            if type(name) is not str or not name:
                 raise EnvelopeDecodeError("envelope 'name' must be a non-empty string")
+            args = data.get("args") or {}
             if not isinstance(args, dict):
                 raise EnvelopeDecodeError("envelope 'args' must be a JSON object")
             headers = data.get("headers") or {}
             meta = data.get("meta") or {}
             if not isinstance(headers, dict) or not isinstance(meta, dict):
                 raise EnvelopeDecodeError("envelope 'headers' and 'meta' must be JSON objects")
+            queue = data.get("queue") or DEFAULT_QUEUE
+            if type(queue) is not str:
+                raise EnvelopeDecodeError(
+                    f"envelope 'queue' must be a string, got {type(queue).__name__}")
+            priority = data.get("priority")
+            if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+                priority = 0 if priority is None else _priority(priority)
+            attempt = data.get("attempt")
+            if type(attempt) is not int or not 0 <= attempt <= MAX_ATTEMPTS:
+                attempt = _count("attempt", attempt)
+            max_retries = data.get("maxRetries")
+            if type(max_retries) is not int or not 0 <= max_retries <= MAX_ATTEMPTS:
+                max_retries = _count("maxRetries", max_retries)
+            vt = data.get("visibilityTimeout")
+            if vt is not None:
+                vt = _lease_seconds(vt)
             enq = data.get("enqueuedAt")
             nb = data.get("notBefore")
-            vt = data.get("visibilityTimeout")
-            env_id = data.get("id")
             # Set difference in C: the common envelope has no unknown keys at all.
             unknown = data.keys() - _KNOWN_KEYS
             extra = {k: data[k] for k in unknown} if unknown else {}
             return cls(
-                id=str(env_id) if env_id is not None else new_task_id(),
+                id=env_id,
                 name=name,
                 args=args,
                 headers=headers if _all_str(headers) else {
                     str(k): str(v) for k, v in headers.items()},
                 enqueued_at=from_iso(enq) if enq else utcnow(),
                 not_before=from_iso(nb) if nb else None,
-                priority=int(data.get("priority") or 0),
-                attempt=int(data.get("attempt") or 0),
-                max_retries=int(data.get("maxRetries") or 0),
-                visibility_timeout=None if vt is None else float(vt) / 1000.0,
-                queue=str(data.get("queue") or DEFAULT_QUEUE),
+                priority=priority,
+                attempt=attempt,
+                max_retries=max_retries,
+                visibility_timeout=vt,
+                queue=queue,
                 meta=meta,
                 extra=extra,
             )
         except EnvelopeDecodeError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EnvelopeDecodeError(f"invalid envelope: {exc!r}") from exc
+        except Exception as exc:  # whatever a hostile value makes a parser raise
+            raise EnvelopeDecodeError(f"invalid envelope: {_short(repr(exc))}") from exc
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Envelope:
-        """Decode wire bytes; raises :class:`EnvelopeDecodeError` on anything malformed."""
+        """Decode wire bytes; raises :class:`EnvelopeDecodeError` on anything malformed.
+
+        Bytes over the payload cap (:func:`payload_limit`) raise
+        :class:`~stem.errors.PayloadTooLargeError` without being parsed.
+        """
+        size = len(raw)
+        if size > (_payload_cap or payload_limit()):
+            raise PayloadTooLargeError(_too_large(size))
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise EnvelopeDecodeError(f"envelope is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def payload_limit() -> int:
+    """The envelope size cap in bytes: ``STEM_MAX_PAYLOAD_BYTES``, else 16 MiB.
+
+    Read from the environment once per process (the first envelope encoded or
+    decoded, or a worker's start); raises ConfigurationError for a bad value.
+    """
+    global _payload_cap
+    if not _payload_cap:
+        _payload_cap = max_payload_bytes()
+    return _payload_cap
+
+
+def reset_payload_limit() -> None:
+    """Forget the cached cap, so the next use reads ``STEM_MAX_PAYLOAD_BYTES`` again."""
+    global _payload_cap
+    _payload_cap = 0
+
+
+def _too_large(size: int) -> str:
+    return (f"envelope is {size} bytes, over the {_payload_cap or payload_limit()}-byte "
+            "payload limit (STEM_MAX_PAYLOAD_BYTES)")
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """A value shown in a reason, cut short (a hostile value may be megabytes long)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _number(value: Any) -> bool:
+    return type(value) is int or type(value) is float  # bool is not a number here
+
+
+def _priority(value: Any) -> int:
+    """Any number clamped into 0-9 (as the Dart Stem clamps); anything else is refused."""
+    if not _number(value):
+        raise EnvelopeDecodeError(f"envelope 'priority' must be a number, got {_short(repr(value))}")
+    if value != value:  # NaN cannot come from JSON, but a dict built in code may hold one
+        return PRIORITY_MIN
+    if value in (float("inf"), float("-inf")):
+        return PRIORITY_MAX if value > 0 else PRIORITY_MIN
+    return clamp_priority(int(value))
+
+
+def _count(key: str, value: Any) -> int:
+    """``attempt`` / ``maxRetries``: a whole number in ``0..MAX_ATTEMPTS`` (null is 0)."""
+    if value is None:
+        return 0
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int:
+        raise EnvelopeDecodeError(
+            f"envelope {key!r} must be a whole number, got {_short(repr(value))}")
+    if not 0 <= value <= MAX_ATTEMPTS:
+        raise EnvelopeDecodeError(
+            f"envelope {key!r} {_short(repr(value))} is outside 0..{MAX_ATTEMPTS}")
+    return value
+
+
+def _lease_seconds(ms: Any) -> float:
+    """``visibilityTimeout`` (milliseconds) as seconds within the lease bounds, or refused."""
+    if not _number(ms):
+        raise EnvelopeDecodeError(
+            f"envelope 'visibilityTimeout' must be milliseconds, got {_short(repr(ms))}")
+    seconds: float = ms / 1000.0
+    if MIN_VISIBILITY_TIMEOUT <= seconds <= MAX_VISIBILITY_TIMEOUT:
+        return seconds
+    raise EnvelopeDecodeError(f"envelope 'visibilityTimeout': {visibility_timeout_problem(seconds)}")
 
 
 def _all_str(headers: dict[Any, Any]) -> bool:
@@ -204,14 +329,21 @@ def decode_envelope(raw: bytes | str) -> tuple[Envelope | None, str | None]:
         return Envelope.from_json(raw), None
     except EnvelopeDecodeError as exc:
         return None, str(exc)
+    except Exception as exc:  # never raise in a fetch path, whatever the bytes are
+        return None, f"invalid envelope: {_short(repr(exc))}"
 
 
 def peek_task_id(raw: bytes | str) -> str | None:
-    """Best-effort task id from bytes that failed to decode (so its status can say why)."""
+    """Best-effort task id from bytes that failed to decode (so its status can say why).
+
+    Bytes over the payload cap are not parsed at all (None).
+    """
+    if len(raw) > (_payload_cap or payload_limit()):
+        return None
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(data, dict) and isinstance(data.get("id"), str):
+    if isinstance(data, dict) and type(data.get("id")) is str and data["id"]:
         return str(data["id"])
     return None

@@ -49,3 +49,28 @@ class WorkerLostError(StemError):
 
 class TaskRevokedError(StemError):
     """The task was revoked before or while it ran."""
+
+
+class PayloadTooLargeError(EnvelopeDecodeError):
+    """An envelope is larger than the payload cap (``STEM_MAX_PAYLOAD_BYTES``, default 16 MiB).
+
+    Raised at enqueue, before anything is published; a worker dead-letters such bytes
+    unparsed. A subclass of :class:`EnvelopeDecodeError` (the envelope codec's error),
+    so one oversized call in a batch fails only its own caller.
+    """
+
+
+class UnsettledDeliveriesError(StemError):
+    """A worker stopped with deliveries it could not settle within its shutdown grace.
+
+    Their results or acks could not be written (the store was unreachable), so they are
+    left to their leases and come back to a worker when the leases run out. ``count``
+    says how many.
+    """
+
+    def __init__(self, count: int) -> None:
+        super().__init__(
+            f"worker stopped with {count} unsettled deliver{'y' if count == 1 else 'ies'} "
+            "(result store or broker unreachable until the shutdown grace ran out); "
+            "they run again when their leases expire")
+        self.count = count

@@ -9,6 +9,25 @@ from typing import Protocol, runtime_checkable
 
 from stem.errors import StemError
 
+#: The longest delay before a retry (one year): whatever a strategy, ``countdown`` or
+#: ``eta`` asks for is clamped into ``0..MAX_RETRY_DELAY`` seconds (NaN counts as the
+#: maximum), so a huge value can neither overflow a date nor wedge a worker.
+MAX_RETRY_DELAY = 365 * 86_400.0
+
+#: Past this many doublings the exponential ceiling is ``max_delay`` whatever the base
+#: (``2.0 ** 1024`` no longer fits in a float).
+_MAX_DOUBLINGS = 1000
+
+
+def clamp_delay(seconds: float) -> float:
+    """``seconds`` forced into ``0..MAX_RETRY_DELAY`` (a float; NaN becomes the maximum)."""
+    seconds = float(seconds)
+    if seconds > 0.0:
+        return seconds if seconds <= MAX_RETRY_DELAY else MAX_RETRY_DELAY
+    if seconds <= 0.0:
+        return 0.0
+    return MAX_RETRY_DELAY  # NaN
+
 
 @runtime_checkable
 class RetryStrategy(Protocol):
@@ -32,8 +51,11 @@ class ExponentialJitterRetryStrategy:
     jitter: bool = True
 
     def next_delay(self, attempt: int, error: BaseException | None) -> float:
-        """Delay in seconds before the attempt after ``attempt``."""
-        ceiling = min(self.max_delay, self.base * (2 ** max(attempt, 0)))
+        """Delay in seconds before the attempt after ``attempt`` (any attempt number)."""
+        if attempt >= _MAX_DOUBLINGS:
+            ceiling = self.max_delay
+        else:
+            ceiling = min(self.max_delay, self.base * (2.0 ** max(attempt, 0)))
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
 

@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from stem.encoding import TaskPayloadEncoder
-from stem.envelope import DEFAULT_QUEUE
+from stem.envelope import DEFAULT_QUEUE, MAX_ATTEMPTS
 from stem.errors import ConfigurationError, TaskArgumentError
+from stem.limits import check_visibility_timeout
 from stem.retry import RetryStrategy
 
 if TYPE_CHECKING:
@@ -37,7 +38,9 @@ class TaskOptions:
     ``max_retries`` counts retries after the first attempt. ``priority`` is 0-9,
     higher first. Times are seconds. ``isolation`` None means: inline for
     ``async def``, thread for ``def`` (process when a sync task has a hard
-    ``time_limit``, because a thread cannot be killed).
+    ``time_limit``, because a thread cannot be killed). ``visibility_timeout`` must lie
+    within the lease bounds of :mod:`stem.limits` (0.1 s to 7 days) and
+    ``max_retries`` within ``0..MAX_ATTEMPTS``; anything else is a ConfigurationError.
     """
 
     queue: str = DEFAULT_QUEUE
@@ -59,12 +62,19 @@ class TaskOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {self.priority}")
-        if self.max_retries < 0:
-            raise ConfigurationError(f"max_retries must be >= 0, got {self.max_retries}")
+        _check_max_retries(self.max_retries)
+        if self.visibility_timeout is not None:
+            check_visibility_timeout(self.visibility_timeout)
         if self.isolation not in (None, "inline", "thread", "process"):
             raise ConfigurationError(
                 f"isolation must be 'inline', 'thread' or 'process', got {self.isolation!r}"
             )
+
+
+def _check_max_retries(value: int) -> None:
+    if type(value) is not int or not 0 <= value <= MAX_ATTEMPTS:
+        raise ConfigurationError(
+            f"max_retries must be a whole number in 0..{MAX_ATTEMPTS}, got {value!r}")
 
 
 def _is_context_param(param: inspect.Parameter) -> bool:
@@ -263,9 +273,18 @@ class TaskCall(Generic[R]):
         visibility_timeout: float | None = None,
         task_id: str | None = None,
     ) -> TaskCall[R]:
-        """A copy with these options set (headers and meta are merged)."""
+        """A copy with these options set (headers and meta are merged).
+
+        Refuses (ConfigurationError) a priority outside 0-9, a ``max_retries`` outside
+        ``0..MAX_ATTEMPTS`` and a ``visibility_timeout`` outside the lease bounds of
+        :mod:`stem.limits`.
+        """
         if priority is not None and not 0 <= priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {priority}")
+        if max_retries is not None:
+            _check_max_retries(max_retries)
+        if visibility_timeout is not None:
+            check_visibility_timeout(visibility_timeout)
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(

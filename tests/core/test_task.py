@@ -92,3 +92,69 @@ def test_call_builder_reaches_the_envelope() -> None:
     assert env.headers["h"] == "1" and env.headers["stem-args-encoder"] == "json"
     assert env.meta["m"] == 2 and env.meta["timeLimit"] == 5
     assert env.not_before is not None and 9 < (env.not_before - env.enqueued_at).total_seconds() <= 10
+
+
+@pytest.mark.parametrize("vt", [0, -1, 0.05, 7 * 86_400 + 1, float("nan")])
+def test_visibility_timeouts_outside_the_lease_bounds_are_refused(vt: float) -> None:
+    app = make_app()
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        app.task(visibility_timeout=vt)
+
+    @app.task(name="ok")
+    def ok() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        ok.call().with_options(visibility_timeout=vt)
+    # A TaskCall built directly is checked when its envelope is built.
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        app.build_envelope(stem.TaskCall(ok, {}, visibility_timeout=vt))
+
+
+def test_retry_budgets_outside_the_wire_range_are_refused() -> None:
+    app = make_app()
+    with pytest.raises(ConfigurationError, match="max_retries"):
+        app.task(max_retries=-1)
+
+    @app.task(name="ok")
+    def ok() -> None: ...
+
+    for bad in (-1, 10**7):
+        with pytest.raises(ConfigurationError, match="max_retries"):
+            ok.call().with_options(max_retries=bad)
+
+
+def test_priority_outside_0_9_is_clamped_when_the_envelope_is_built() -> None:
+    app = make_app()
+
+    @app.task(name="ok")
+    def ok() -> None: ...
+
+    assert app.build_envelope(stem.TaskCall(ok, {}, priority=42)).priority == 9
+    assert app.build_envelope(stem.TaskCall(ok, {}, priority=-4)).priority == 0
+
+
+def test_a_countdown_too_large_for_a_date_is_a_configuration_error() -> None:
+    app = make_app()
+
+    @app.task(name="ok")
+    def ok() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="countdown"):
+        app.build_envelope(ok.call().with_options(countdown=1e300))
+
+
+@pytest.mark.parametrize("attempt", [63, 1023, 1024, 1100, 10**6])
+def test_the_exponential_strategy_never_overflows(attempt: int) -> None:
+    for s in (ExponentialJitterRetryStrategy(), ExponentialJitterRetryStrategy(jitter=False),
+              ExponentialJitterRetryStrategy(base=1e300, max_delay=1e308, jitter=False)):
+        delay = s.next_delay(attempt, None)
+        assert 0 <= delay <= s.max_delay
+
+
+def test_retry_delays_are_clamped_into_a_documented_range() -> None:
+    from stem.retry import MAX_RETRY_DELAY, clamp_delay
+
+    assert MAX_RETRY_DELAY == 365 * 86_400
+    assert clamp_delay(-5) == 0.0 and clamp_delay(12.5) == 12.5
+    assert clamp_delay(1e300) == clamp_delay(float("inf")) == MAX_RETRY_DELAY
+    assert clamp_delay(float("nan")) == MAX_RETRY_DELAY
