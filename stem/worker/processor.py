@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from stem._time import to_epoch, utcnow
 from stem.encoding import ARGS_ENCODER_HEADER, ARGS_ENCODER_META
-from stem.envelope import Envelope
+from stem.envelope import MAX_ATTEMPTS, Envelope
 from stem.errors import PayloadEncodingError, TaskArgumentError
-from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
+from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy, clamp_delay
 from stem.status import TaskError
 from stem.task import META_MAX_RETRIES, META_SOFT_TIME_LIMIT, META_TIME_LIMIT, TaskDefinition
 
@@ -91,6 +91,29 @@ class RemoteError(Exception):
         self.error = error
 
 
+#: The longest time limit an envelope may carry in its meta (one year).
+MAX_TIME_LIMIT = 365 * 86_400.0
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """Why the per-call overrides in an envelope's meta are unusable, or None.
+
+    ``__stemMaxRetries`` must be a whole number in ``0..MAX_ATTEMPTS``; ``timeLimit``
+    and ``softTimeLimit`` numbers of seconds in ``(0, MAX_TIME_LIMIT]``.
+    """
+    budget = meta.get(META_MAX_RETRIES)
+    if budget is not None and (type(budget) is not int or not 0 <= budget <= MAX_ATTEMPTS):
+        return (f"meta {META_MAX_RETRIES!r} must be a whole number in 0..{MAX_ATTEMPTS}, "
+                f"got {repr(budget)[:80]}")
+    for key in (META_TIME_LIMIT, META_SOFT_TIME_LIMIT):
+        limit = meta.get(key)
+        if limit is not None and (type(limit) not in (int, float)
+                                  or not 0 < limit <= MAX_TIME_LIMIT):
+            return (f"meta {key!r} must be seconds in (0, {MAX_TIME_LIMIT:.0f}], "
+                    f"got {repr(limit)[:80]}")
+    return None
+
+
 def effective_limits(envelope: Envelope, definition: TaskDefinition[Any, Any]
                      ) -> tuple[float | None, float | None]:
     """(soft, hard) time limits for this attempt: envelope meta wins over task options."""
@@ -113,6 +136,10 @@ class Processor:
         if definition is None or definition.func is None:
             return Rejected(f"unknown task {envelope.name!r}: no handler registered in this "
                             "worker's app", "UnknownTaskError")
+        if envelope.meta:
+            problem = meta_problem(envelope.meta)
+            if problem is not None:
+                return Rejected(f"invalid envelope: {problem}", "EnvelopeDecodeError")
         encoder_id = envelope.headers.get(ARGS_ENCODER_HEADER) or envelope.meta.get(
             ARGS_ENCODER_META
         )
@@ -140,9 +167,13 @@ class Processor:
         return Success(payload, encoder_id)
 
     def failure(self, prepared: Prepared, exc: BaseException) -> RetryLater | Failure:
-        """Classify an exception: retry with a delay while budget remains, else fail."""
+        """Classify an exception: retry with a delay while budget remains, else fail.
+
+        The budget is at most ``MAX_ATTEMPTS`` and the delay is clamped by
+        :func:`~stem.retry.clamp_delay`, so the next envelope is always one that decodes.
+        """
         env = prepared.envelope
-        explicit = env.meta.get(META_MAX_RETRIES)
+        explicit = env.meta.get(META_MAX_RETRIES)  # checked by prepare()
         budget = (
             int(explicit)
             if explicit is not None
@@ -153,27 +184,27 @@ class Processor:
         next_meta = dict(env.meta)
         if isinstance(exc, Retry):
             if exc.max_retries is not None:
-                budget = exc.max_retries
+                budget = int(exc.max_retries)
             if exc.eta is not None:
-                delay = max(0.0, to_epoch(exc.eta) - to_epoch(utcnow()))
+                delay = clamp_delay(to_epoch(exc.eta) - to_epoch(utcnow()))
             elif exc.countdown is not None:
-                delay = max(0.0, exc.countdown)
+                delay = clamp_delay(exc.countdown)
             if exc.time_limit is not None:
                 next_meta[META_TIME_LIMIT] = exc.time_limit
             if exc.soft_time_limit is not None:
                 next_meta[META_SOFT_TIME_LIMIT] = exc.soft_time_limit
             cause = exc.exc or exc
-        if env.attempt >= budget:
+        if env.attempt >= min(budget, MAX_ATTEMPTS):
             return Failure(_task_error(cause, retryable=False))
         if delay is None:
             strategy = prepared.definition.options.retry_strategy or self.retry_strategy
-            delay = max(0.0, strategy.next_delay(env.attempt, cause))
+            delay = clamp_delay(strategy.next_delay(env.attempt, cause))
         now = utcnow()
         next_env = env.copy(
             attempt=env.attempt + 1,
             not_before=now + timedelta(seconds=delay),
             meta=next_meta,
-            max_retries=budget,
+            max_retries=min(budget, MAX_ATTEMPTS),
         )
         return RetryLater(next_env, _task_error(cause, retryable=True), delay)
 

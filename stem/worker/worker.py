@@ -23,7 +23,9 @@ from stem import signals
 from stem._time import now_iso
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
-from stem.envelope import Envelope, peek_task_id
+from stem.envelope import Envelope, payload_limit, peek_task_id
+from stem.errors import EnvelopeDecodeError, UnsettledDeliveriesError
+from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
 from stem.ports import Delivery, ResultAwareBroker
 from stem.retry import RetryStrategy
@@ -48,6 +50,9 @@ log = get_logger(__name__)
 
 #: The lease keeper looks at in-flight leases at least this often (seconds).
 _KEEPER_MAX_SLEEP = 1.0
+#: At shutdown, results and acks still being written get at least this long (seconds)
+#: even when running tasks used up the whole grace.
+_FINAL_FLUSH_MIN = 2.0
 
 
 @dataclass(slots=True)
@@ -77,6 +82,13 @@ class Worker:
     (``module:attribute``; found by itself when None and the app lives in an
     importable module). ``max_tasks_per_child`` and ``max_memory_per_child`` (KiB)
     recycle children. See :mod:`stem.worker.executor` and :mod:`stem.worker.pool`.
+
+    Every delivery ends in exactly one of ack, retry or dead letter, whatever a
+    handler, an envelope field or a retry strategy raises (an error in the worker's
+    own settling code dead-letters the delivery with the reason). Shutdown is bounded
+    by ``shutdown_grace``: what cannot be settled by then (the store is down) is left
+    to its lease, and :meth:`run` raises :class:`~stem.errors.UnsettledDeliveriesError`
+    saying how many.
     """
 
     def __init__(
@@ -127,6 +139,8 @@ class Worker:
         self.processed = 0
         self._fetch_failing = False
         self._combined_ack = False
+        self._stop_deadline: float | None = None  # monotonic; set when the drain starts
+        self._lost_settles = 0  # deliveries whose settle call failed while stopping
         signals.worker_init.send(self)
 
     @staticmethod
@@ -145,9 +159,15 @@ class Worker:
         self._slot_free.set()
 
     async def run(self) -> None:
-        """Run until :meth:`request_stop`; then drain in-flight work and return."""
+        """Run until :meth:`request_stop`; then drain in-flight work and return.
+
+        Raises :class:`~stem.errors.UnsettledDeliveriesError` when deliveries were left
+        unsettled because the grace ran out while the store was unreachable.
+        """
         self._loop = asyncio.get_running_loop()
         broker, backend = self.app.broker, self.app.backend
+        payload_limit()  # a bad STEM_MAX_PAYLOAD_BYTES fails here, not in every fetch
+        check_visibility_timeout(broker.default_visibility_timeout)
         await broker.ping()
         await backend.ping()
         await self.executor.start()  # warm the process pool before taking work
@@ -164,22 +184,61 @@ class Worker:
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-            await self._completer.flush_all()
+            left = await self._final_flush()
             await self.executor.close()
             signals.worker_shutdown.send(self)
-            log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed)
+            log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed,
+                     unsettled=left)
+        if left:
+            raise UnsettledDeliveriesError(left)
+
+    def _remaining_grace(self) -> float:
+        """Seconds left of the shutdown grace (which starts at the first call)."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.shutdown_grace
+        return max(0.0, self._stop_deadline - time.monotonic())
+
+    async def _final_flush(self) -> int:
+        """Write what is still pending, for at most the rest of the grace; return what is left.
+
+        Deliveries still unsettled after that (the store is down) keep their leases,
+        which the stopped lease keeper no longer renews, so they come back.
+        """
+        assert self._completer is not None
+        timeout = max(self._remaining_grace(), _FINAL_FLUSH_MIN)
+        try:
+            await asyncio.wait_for(self._completer.flush_all(), timeout)
+        except TimeoutError:
+            log.error("worker.flush_abandoned", grace=self.shutdown_grace,
+                      unsettled=len(self._active))
+        except Exception as exc:
+            log.error("worker.flush_failed", error=repr(exc), unsettled=len(self._active))
+        left = len(self._active) + self._lost_settles
+        if left:
+            log.error("worker.unsettled", count=left)
+        return left
+
+    async def _hand_back(self, deliveries: list[Delivery]) -> None:
+        """Nack ``deliveries`` within the grace; if that fails they wait for their leases."""
+        try:
+            await asyncio.wait_for(self.app.broker.nack(deliveries),
+                                   max(self._remaining_grace(), _FINAL_FLUSH_MIN))
+        except Exception as exc:
+            log.error("worker.requeue_failed", error=repr(exc), count=len(deliveries))
+            return
+        self._settled([d.receipt for d in deliveries])
 
     async def _drain(self) -> None:
+        self._remaining_grace()  # the grace starts now
         if self._waiting:
             # Prefetched but never started: hand them back at once.
             waiting = [d for d, _ in self._waiting]
             self._waiting.clear()
-            await self.app.broker.nack(waiting)
-            self._settled([d.receipt for d in waiting])
+            await self._hand_back(waiting)
         running = [t for t in self._tasks if not t.done()]
         if running:
             log.info("worker.draining", in_flight=len(running), grace=self.shutdown_grace)
-            _, pending = await asyncio.wait(running, timeout=self.shutdown_grace)
+            _, pending = await asyncio.wait(running, timeout=self._remaining_grace())
             if pending:
                 # Past the grace period: give the work back so another worker runs it now
                 # instead of after the visibility timeout.
@@ -191,7 +250,7 @@ class Worker:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
                 if requeue:
-                    await self.app.broker.nack(requeue)
+                    await self._hand_back(requeue)
                     log.warning("worker.requeued", count=len(requeue))
 
     # -- fetch + dispatch ---------------------------------------------------------------
@@ -261,7 +320,9 @@ class Worker:
             await self.app.broker.nack([d for d, _ in good])
             raise
         for d, env in good:
-            vt = env.visibility_timeout or default_vt
+            # Decoding guarantees a timeout within the lease bounds or None (the default):
+            # exactly what the broker leased this delivery for.
+            vt = default_vt if env.visibility_timeout is None else env.visibility_timeout
             self._track(d, vt, now)
             status = done.get(env.id)
             if status is not None and status.state.is_terminal:
@@ -270,7 +331,13 @@ class Worker:
                 continue
             if signals.task_received.has_receivers:
                 signals.task_received.send(self, envelope=env)
-            prepared = self.processor.prepare(env)
+            try:
+                prepared = self.processor.prepare(env)
+            except Exception as exc:  # a bug in preparing must still settle the delivery
+                log.exception("worker.prepare_failed", task_id=env.id, task=env.name)
+                self._completer.reject(d, env.id, f"worker error preparing the task: {exc!r}",
+                                       type(exc).__name__, env)
+                continue
             if isinstance(prepared, Rejected):
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
                 continue
@@ -308,37 +375,59 @@ class Worker:
 
     # -- execution ----------------------------------------------------------------------
 
+    def _free_slot(self) -> None:
+        self._running -= 1
+        if self._waiting and not self._stop.is_set():
+            self._start(*self._waiting.popleft())
+        self._slot_free.set()
+
     async def _run(self, d: Delivery, prepared: Prepared) -> None:
-        assert self._completer is not None
+        completer = self._completer
+        assert completer is not None
         env = prepared.envelope
-        options = prepared.definition.options
-        # The keys the Dart worker writes into status meta, so tooling of either reads both.
-        base_meta = {**env.meta, "task": env.name, "queue": env.queue,
-                     "worker": self.consumer_name, "startedAt": now_iso()}
-        ops = _WorkerContextOps(self, d, base_meta)
-        ctx = TaskContext(env, ops)
-        if signals.task_prerun.has_receivers:
-            signals.task_prerun.send(self, envelope=env, context=ctx)
-        if options.track_started:
-            self._completer.status(
-                TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=dict(base_meta)),
-                options.result_ttl,
-            )
+        holding_slot = True
         try:
-            value = await self.executor.execute(prepared, ctx)
+            options = prepared.definition.options
+            # The keys the Dart worker writes into status meta, so tooling of either reads both.
+            base_meta = {**env.meta, "task": env.name, "queue": env.queue,
+                         "worker": self.consumer_name, "startedAt": now_iso()}
+            ops = _WorkerContextOps(self, d, base_meta)
+            ctx = TaskContext(env, ops)
+            if signals.task_prerun.has_receivers:
+                signals.task_prerun.send(self, envelope=env, context=ctx)
+            if options.track_started:
+                completer.status(
+                    TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt,
+                               meta=dict(base_meta)),
+                    options.result_ttl,
+                )
+            try:
+                value = await self.executor.execute(prepared, ctx)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                holding_slot = False
+                self._free_slot()
+                outcome: Outcome = self.processor.failure(prepared, exc)
+            else:
+                holding_slot = False
+                self._free_slot()
+                outcome = self.processor.success(prepared, value)
+            self.processed += 1
+            completer.outcome(d, prepared, ctx, outcome, base_meta)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:
-            outcome: Outcome = self.processor.failure(prepared, exc)
-        else:
-            outcome = self.processor.success(prepared, value)
+        except Exception as exc:
+            # A bug in classifying or recording the outcome (a retry strategy that raises,
+            # say): the delivery must still settle, or its lease is renewed forever and
+            # its slot never comes back. Dead-letter it, so it can be replayed once fixed.
+            log.exception("worker.settle_error", task_id=env.id, task=env.name)
+            completer.abandon(d, env, f"worker error settling the task: {exc!r}",
+                              type(exc).__name__)
+            return
         finally:
-            self._running -= 1
-            if self._waiting and not self._stop.is_set():
-                self._start(*self._waiting.popleft())
-            self._slot_free.set()
-        self.processed += 1
-        self._completer.outcome(d, prepared, ctx, outcome, base_meta)
+            if holding_slot:
+                self._free_slot()
         _emit_outcome(self, env, outcome)
 
     # -- leases -------------------------------------------------------------------------
@@ -381,7 +470,14 @@ class Worker:
                     f.deadline = deadline
 
     async def extend_lease(self, d: Delivery, seconds: float) -> None:
-        """Extend one delivery's lease now (TaskContext.extend_lease / heartbeat)."""
+        """Extend one delivery's lease now (TaskContext.extend_lease / heartbeat).
+
+        A length outside the lease bounds of :mod:`stem.limits` is ignored (logged).
+        """
+        problem = visibility_timeout_problem(seconds)
+        if problem is not None:
+            log.warning("worker.extend_lease_refused", problem=problem)
+            return
         await self.app.broker.extend_lease([d], seconds)
         f = self._active.get(d.receipt)
         if f is not None:
@@ -432,7 +528,7 @@ class _WorkerContextOps:
 
     def extend_lease(self, ctx: TaskContext, seconds: float | None) -> None:
         f = self.worker._active.get(self.delivery.receipt)
-        secs = seconds if seconds is not None else (
+        secs = check_visibility_timeout(seconds) if seconds is not None else (
             f.visibility_timeout if f else self.worker.app.broker.default_visibility_timeout
         )
         self._on_loop(lambda: self._spawn(self.worker.extend_lease(self.delivery, secs)))
@@ -470,11 +566,19 @@ class _Completer:
     Flushes never overlap, so a later status for the same task always lands after an
     earlier one. If the result backend is down, the batch is retried with backoff and
     nothing is acked until its statuses are stored.
+
+    A rejected delivery (unknown task, bad arguments, undecodable) records a FAILED
+    status only when the store holds no terminal status for that id: a bogus or stale
+    envelope reusing a finished task's id must not overwrite its result. The check is
+    one ``get_many`` per flush that has rejects (rare), so another attempt finishing
+    between that read and our write can still be overwritten — a window of one
+    round-trip, accepted to keep the common path free of extra reads.
     """
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._statuses: dict[str, tuple[TaskStatus, float | None]] = {}
+        self._reject_statuses: dict[str, TaskStatus] = {}
         self._acks: list[Delivery] = []
         self._retries: list[tuple[Delivery, Envelope]] = []
         self._dead: list[tuple[Delivery, str]] = []
@@ -511,16 +615,23 @@ class _Completer:
                     task=env.name if env else None)
         signals.task_rejected.send(self.worker, reason=reason, envelope=env, raw=d.raw)
         if task_id is not None:
-            self.status(
-                TaskStatus(task_id, TaskState.FAILED,
-                           error=TaskError(type=error_type, message=reason),
-                           attempt=env.attempt if env else 0,
-                           meta={"deadLetterReason": reason}),
-                None,
-            )
+            self._reject_statuses[task_id] = TaskStatus(
+                task_id, TaskState.FAILED, error=TaskError(type=error_type, message=reason),
+                attempt=env.attempt if env else 0, meta={"deadLetterReason": reason})
         self._dead.append((d, reason))
         self.pending_receipts.add(d.receipt)
         self._schedule()
+
+    def abandon(self, d: Delivery, env: Envelope, reason: str, error_type: str) -> None:
+        """Last resort for a delivery whose outcome could not be recorded: dead-letter it.
+
+        Undoes whatever part of the outcome was queued, so it settles exactly once.
+        """
+        self._acks = [a for a in self._acks if a is not d]
+        self._retries = [r for r in self._retries if r[0] is not d]
+        self._dead = [x for x in self._dead if x[0] is not d]
+        self._statuses.pop(env.id, None)
+        self.reject(d, env.id, reason, error_type, env)
 
     def outcome(self, d: Delivery, prepared: Prepared, ctx: TaskContext, outcome: Outcome,
                 base_meta: dict[str, Any]) -> None:
@@ -556,16 +667,20 @@ class _Completer:
         self._schedule()
 
     async def _flush_loop(self) -> None:
-        while self._statuses or self._acks or self._retries or self._dead:
+        while self._statuses or self._reject_statuses or self._acks or self._retries \
+                or self._dead:
             await self._flush_once()
 
     async def _flush_once(self) -> None:
         statuses, self._statuses = self._statuses, {}
+        rejected, self._reject_statuses = self._reject_statuses, {}
         acks, self._acks = self._acks, []
         retries, self._retries = self._retries, []
         dead, self._dead = self._dead, []
         app = self.worker.app
         broker = app.broker
+        if rejected:
+            await self._add_reject_statuses(statuses, rejected)
         backoff = 0.05
         if statuses and acks and self.worker._combined_ack:
             # Same store: results and acks in one transaction, one round-trip.
@@ -587,24 +702,69 @@ class _Completer:
                 log.error("worker.result_write_failed", error=repr(exc), count=len(statuses))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        ops = []
+        ops: list[tuple[Any, int]] = []
         if acks:
-            ops.append(broker.ack(acks))
+            ops.append((broker.ack(acks), len(acks)))
         if retries:
-            ops.append(broker.retry(retries))
+            ops.append((self._retry(retries), len(retries)))
         if dead:
-            ops.append(broker.dead_letter(dead))
-        results = await asyncio.gather(*ops, return_exceptions=True)
-        for r in results:
+            ops.append((broker.dead_letter(dead), len(dead)))
+        results = await asyncio.gather(*(op for op, _ in ops), return_exceptions=True)
+        for r, (_, count) in zip(results, ops, strict=True):
             if isinstance(r, BaseException):
                 # The lease will expire and the task be redelivered; the terminal status
                 # already stored makes the redelivery a skipped duplicate.
-                log.error("worker.settle_failed", error=repr(r))
+                log.error("worker.settle_failed", error=repr(r), count=count)
+                if self.worker._stop.is_set():
+                    self.worker._lost_settles += count
         receipts = [d.receipt for d in acks + acks_done] + [d.receipt for d, _ in retries] + [
             d.receipt for d, _ in dead
         ]
         self.pending_receipts.difference_update(receipts)
         self.worker._settled(receipts)
+
+    async def _add_reject_statuses(self, statuses: dict[str, tuple[TaskStatus, float | None]],
+                                   rejected: dict[str, TaskStatus]) -> None:
+        """Add the FAILED statuses of rejected deliveries that overwrite no terminal one."""
+        ids = [i for i in rejected if i not in statuses]  # a real attempt in this batch wins
+        if not ids:
+            return
+        backoff = 0.05
+        while True:
+            try:
+                stored = await self.worker.app.backend.get_many(ids)
+                break
+            except Exception as exc:
+                log.error("worker.result_read_failed", error=repr(exc), count=len(ids))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        for task_id in ids:
+            current = stored.get(task_id)
+            if current is not None and current.state.is_terminal:
+                log.info("task.reject_kept_status", task_id=task_id, state=current.state.value)
+                continue
+            statuses[task_id] = (rejected[task_id], None)
+
+    async def _retry(self, retries: list[tuple[Delivery, Envelope]]) -> None:
+        """Publish retries; one that cannot be encoded (over the size cap) is dead-lettered."""
+        broker = self.worker.app.broker
+        try:
+            await broker.retry(retries)
+            return
+        except EnvelopeDecodeError:
+            pass
+        ok: list[tuple[Delivery, Envelope]] = []
+        bad: list[tuple[Delivery, str]] = []
+        for d, env in retries:
+            try:
+                env.to_json()
+                ok.append((d, env))
+            except EnvelopeDecodeError as exc:
+                bad.append((d, f"retry could not be published: {exc}"))
+        if ok:
+            await broker.retry(ok)
+        if bad:
+            await broker.dead_letter(bad)
 
     async def flush_all(self) -> None:
         if self._flushing is not None and not self._flushing.done():
