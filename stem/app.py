@@ -111,7 +111,9 @@ class Stem:
         ] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"<Stem {self.name!r} broker={self.broker_url!r} tasks={len(self.tasks)}>"
+        from stem._urls import mask_url
+
+        return f"<Stem {self.name!r} broker={mask_url(self.broker_url)!r} tasks={len(self.tasks)}>"
 
     @classmethod
     def from_env(cls, name: str = "stem", **kwargs: Any) -> Stem:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from stem._urls import mask_url
 from stem.errors import ConfigurationError
 
 #: Used when nothing is configured: one SQLite file, no server needed.
@@ -18,10 +19,16 @@ KNOWN_SCHEMES = frozenset(
 
 def check_url(url: str, what: str) -> str:
     """Validate a store URL's scheme; raise ConfigurationError naming ``what`` and the fix."""
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:  # e.g. an unclosed "[" in the host; the message is masked below
+        scheme = ""
+        problem = "is not a valid URL"
+    else:
+        problem = f"has unsupported scheme {scheme!r}"
     if scheme not in KNOWN_SCHEMES:
         raise ConfigurationError(
-            f"{what} URL {url!r} has unsupported scheme {scheme!r}; use one of "
+            f"{what} URL {mask_url(url)!r} {problem}; use one of "
             "memory://, sqlite:///path.db, redis://host:6379/0, rediss://..., "
             "redis+sentinel://..., postgresql://user@host/db"
         )
