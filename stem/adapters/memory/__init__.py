@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from urllib.parse import urlsplit
 
+from stem._urls import mask_url
 from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
@@ -27,7 +28,7 @@ _backends: dict[tuple[str, str], MemoryBackend] = {}
 def _name(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "memory":
-        raise ConfigurationError(f"not a memory:// URL: {url!r}")
+        raise ConfigurationError(f"not a memory:// URL: {mask_url(url)!r}")
     return parts.netloc or parts.path.strip("/") or "default"
 
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from stem._urls import mask_url, redact
 from stem.adapters.postgres import migrations
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
@@ -73,6 +74,18 @@ def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigurationError(f"not a Postgres URL: scheme {parts.scheme!r}")
+    if "@" in parts.path + parts.query + parts.fragment:
+        # asyncpg would read part of the password as the host or port, and quote it.
+        raise ConfigurationError(
+            f"Postgres URL {mask_url(url)!r} has an '@' after the host; percent-encode "
+            "'@', '/', '?' and '#' in the password (%40 %2F %3F %23)"
+        )
+    for hostspec in parts.netloc.rpartition("@")[2].split(","):
+        port = hostspec.rpartition("]")[2].partition(":")[2]
+        if port and not port.isdigit():  # asyncpg would raise a bare ValueError
+            raise ConfigurationError(
+                f"Postgres URL {mask_url(url)!r} has a bad port {port!r}; use host:5432"
+            )
     params = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in params if k in STEM_PARAMS}
     rest = [(k, v) for k, v in params if k not in STEM_PARAMS]
@@ -149,7 +162,7 @@ def unavailable(settings: PgSettings, exc: BaseException, role: str) -> ServiceU
             "check that the server is running and accepts TCP connections at that "
             "host and port, and that the URL is right"
         )
-    detail = str(exc) or type(exc).__name__
+    detail = redact(str(exc) or type(exc).__name__, settings.dsn)
     return ServiceUnavailableError(
         f"Postgres {role} at {settings.display} is unreachable: {detail}; {hint}"
     )

@@ -33,9 +33,10 @@ from redis.asyncio.connection import (
     parse_url,
 )
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import ExponentialBackoff
 
+from stem._urls import mask_url, redact
 from stem.errors import ConfigurationError, ServiceUnavailableError
 
 Mode = Literal["standalone", "cluster", "sentinel"]
@@ -74,12 +75,7 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 
 def safe_url(url: str) -> str:
     """``url`` with the password replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return mask_url(url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +121,11 @@ def parse_redis_url(url: str) -> RedisSettings:
             f"not a Redis URL: {safe_url(url)!r}; use redis://host:6379/0, rediss://... "
             "or redis+sentinel://host:26379/service_name"
         )
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise ConfigurationError(
+            f"Redis URL {safe_url(url)!r} has an '@' after the host; percent-encode "
+            "'@', '/', '?' and '#' in the password (%40 %2F %3F %23)"
+        )
     query = parse_qsl(parts.query, keep_blank_values=True)
     options = {k: v for k, v in query if k in STEM_OPTIONS}
     rest = urlencode([(k, v) for k, v in query if k not in STEM_OPTIONS])
@@ -132,8 +133,11 @@ def parse_redis_url(url: str) -> RedisSettings:
         return _parse_sentinel(url, parts.netloc, parts.path, rest, options)
     try:
         port = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"Redis URL {safe_url(url)!r}: {exc}") from exc
+    except ValueError:  # the message would quote the "port", maybe a piece of the password
+        raise ConfigurationError(
+            f"Redis URL {safe_url(url)!r} has a bad port; percent-encode '/', '?', '#' "
+            "and '@' in the password (%2F %3F %23 %40)"
+        ) from None
     if not parts.hostname:
         raise ConfigurationError(f"Redis URL {safe_url(url)!r} has no host")
     clean = urlunsplit(parts._replace(query=rest, fragment=""))
@@ -196,7 +200,9 @@ def _redis_py_kwargs(clean_url: str, original: str) -> dict[str, Any]:
     try:
         kwargs: dict[str, Any] = dict(parse_url(clean_url))
     except ValueError as exc:
-        raise ConfigurationError(f"Redis URL {safe_url(original)!r}: {exc}") from exc
+        raise ConfigurationError(
+            f"Redis URL {safe_url(original)!r}: {redact(str(exc), original)}"
+        ) from exc
     if "ssl" in kwargs:
         kwargs["ssl"] = str(kwargs["ssl"]).lower() in _TRUE
     # Stem parses replies itself on the hot paths, in the RESP2 shapes.
@@ -241,7 +247,9 @@ def unavailable(settings: RedisSettings, exc: BaseException, what: str) -> Servi
         hint = (
             "check the server is running and the host, port, database and TLS (rediss://) settings"
         )
-    detail = str(exc) or type(exc).__name__
+    detail = redact(str(exc) or type(exc).__name__, settings.url)
+    if isinstance(exc, MasterNotFoundError):  # its message dumps every sentinel client's repr
+        detail = f"no master found for service {settings.service_name!r}"
     return ServiceUnavailableError(
         f"{what}: Redis at {settings.safe_url} is not reachable ({detail}); {hint}"
     )

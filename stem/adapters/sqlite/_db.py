@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
+from stem._urls import mask_url
 from stem.adapters._shared import Waiter
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
@@ -50,17 +51,17 @@ def path_from_url(url: str) -> str:
     """Absolute file path of ``sqlite:///relative.db`` or ``sqlite:////abs/path.db``."""
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
-        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
+        raise ConfigurationError(f"not a sqlite:// URL: {mask_url(url)!r}")
     if parts.netloc:
         raise ConfigurationError(
-            f"SQLite URL {url!r} names a host; use sqlite:///relative/path.db "
+            f"SQLite URL {mask_url(url)!r} names a host; use sqlite:///relative/path.db "
             "or sqlite:////absolute/path.db"
         )
     # The URL path keeps one leading "/" that is not part of the file path.
     path = unquote(parts.path)[1:]
     if not path or path == ":memory:":
         raise ConfigurationError(
-            f"SQLite URL {url!r} needs a file (several connections share it); "
+            f"SQLite URL {mask_url(url)!r} needs a file (several connections share it); "
             "use sqlite:///.stem/stem.db, or memory:// for an in-process store"
         )
     return os.path.abspath(path)
