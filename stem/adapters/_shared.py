@@ -4,8 +4,19 @@ without importing each other."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+from stem._urls import mask_url
+from stem.envelope import Envelope, decode_envelope
+from stem.errors import ConfigurationError
+from stem.limits import (
+    MAX_VISIBILITY_TIMEOUT,
+    MIN_VISIBILITY_TIMEOUT,
+    visibility_timeout_problem,
+)
 
 #: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
 #: queue delays the others but never starves them.
@@ -69,3 +80,94 @@ class Waiter:
         # asyncio.wait never cancels the future, so a late wake() stays harmless.
         await asyncio.wait((self._fut,), timeout=seconds)
         return self._fut.done()
+
+
+# -- namespaces -------------------------------------------------------------------
+
+#: The namespaces every adapter accepts (one rule for all, see docs/storage.md):
+#: 1-63 characters from ``a-z``, ``0-9``, ``_`` and ``-``, starting with a letter or
+#: a digit, and not with ``pg_`` (reserved by Postgres for its own schemas).
+#: Each adapter uses the namespace verbatim (Postgres schema, SQLite table prefix,
+#: Redis key prefix), so distinct namespaces never share storage. Lower case only:
+#: SQLite table names ignore case, so ``App`` and ``app`` would share tables there.
+NAMESPACE_RULE = (
+    "1-63 characters from a-z, 0-9, '_' and '-', starting with a letter or a digit "
+    "and not with 'pg_'"
+)
+_NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def check_namespace(namespace: str) -> str:
+    """Return ``namespace``, or raise ConfigurationError saying the allowed set."""
+    if (
+        not isinstance(namespace, str)
+        or not _NAMESPACE_RE.fullmatch(namespace)
+        or namespace.startswith("pg_")
+    ):
+        raise ConfigurationError(
+            f"namespace {namespace!r} is not allowed: use {NAMESPACE_RULE} "
+            "(namespaces separate tenants, so they are used verbatim, never rewritten)"
+        )
+    return namespace
+
+
+# -- envelope fields as stored ------------------------------------------------------
+
+def lease_seconds(vt: float | None) -> float | None:
+    """The lease length stored for an envelope's ``visibility_timeout``.
+
+    None (and NaN) stay None, meaning the broker's default; anything else is forced
+    into ``MIN_VISIBILITY_TIMEOUT..MAX_VISIBILITY_TIMEOUT``, so no stored number can
+    overflow a lease computation (``now() + interval``, Lua, float to int).
+    """
+    if vt is None or vt != vt:
+        return None
+    if vt < MIN_VISIBILITY_TIMEOUT:
+        return MIN_VISIBILITY_TIMEOUT
+    if vt > MAX_VISIBILITY_TIMEOUT:
+        return MAX_VISIBILITY_TIMEOUT
+    return float(vt)
+
+
+def extend_seconds(seconds: float, default: float) -> float:
+    """A lease extension the stores can compute with: ``0..MAX_VISIBILITY_TIMEOUT``
+    (NaN: ``default``)."""
+    if seconds != seconds:
+        return default
+    return float(min(max(seconds, 0.0), MAX_VISIBILITY_TIMEOUT))
+
+
+def check_publishable(envelopes: Iterable[Envelope]) -> None:
+    """Refuse (ConfigurationError) an envelope whose visibility timeout is out of range.
+
+    Used by ``publish``; ``publish_raw`` stores bytes as they are and clamps only the
+    stored lease length (:func:`lease_seconds`), and ``retry`` clamps too, since a
+    worker settling a delivery must never fail on it.
+    """
+    for e in envelopes:
+        vt = e.visibility_timeout
+        if vt is not None and not (MIN_VISIBILITY_TIMEOUT <= vt <= MAX_VISIBILITY_TIMEOUT):
+            problem = visibility_timeout_problem(vt)
+            raise ConfigurationError(f"task {e.name!r} (id {e.id}): {problem}")
+
+
+def decode_stored(raw: bytes | str) -> tuple[Envelope | None, str | None]:
+    """:func:`stem.envelope.decode_envelope` that never raises.
+
+    Fetch paths decode every leased row; one row whose bytes make the decoder fail in
+    an unexpected way must become a delivery the worker dead-letters, not an error
+    that fails the whole fetch (and with it every other row, for good).
+    """
+    try:
+        return decode_envelope(raw)
+    except Exception as exc:  # a decoder bug must not block the queue
+        return None, f"envelope could not be decoded: {exc!r}"
+
+
+def check_no_query(url: str, what: str) -> None:
+    """Refuse a query string or fragment on a URL whose adapter takes no options."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"{what} URL {mask_url(url)!r} has options but {what} takes none"
+        )

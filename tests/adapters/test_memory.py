@@ -42,6 +42,28 @@ def test_rejects_other_schemes() -> None:
         memory.broker_from_url("redis://localhost")
 
 
+@pytest.mark.parametrize("url", ["memory://a?x=1", "memory://a?x", "memory://a#b"])
+def test_options_are_refused_not_ignored(url: str) -> None:
+    # The memory adapter takes no options; "memory://a?x=1" used to be a store named
+    # "a" with the option silently dropped.
+    with pytest.raises(ConfigurationError, match="takes none"):
+        broker_from_url(url)
+    with pytest.raises(ConfigurationError, match="takes none"):
+        backend_from_url(url)
+
+
+async def test_stored_priority_and_lease_are_bounded() -> None:
+    broker = broker_from_url("memory://bounds")
+    raw = Envelope(name="t", args={"i": 0}).to_json()
+    await broker.publish_raw("q", raw, priority=9)
+    await broker.publish_raw("q", Envelope(name="t", args={"i": 1}).to_json(), priority=10**9)
+    got = await broker.fetch(["q"], 2, block=0, consumer="w")
+    assert [d.envelope.args["i"] for d in got if d.envelope] == [0, 1]  # both band 9: FIFO
+    await broker.extend_lease(got, float("inf"))
+    assert all(d.lease_expires_at is not None and d.lease_expires_at < time.time() + 8 * 86_400
+               for d in got)
+
+
 async def test_app_and_worker_share_queues_and_results() -> None:
     producer, worker = broker_from_url("memory://shared"), broker_from_url("memory://shared")
     await producer.publish([Envelope(name="t")])

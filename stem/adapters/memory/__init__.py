@@ -13,6 +13,7 @@ import threading
 from urllib.parse import urlsplit
 
 from stem._urls import mask_url
+from stem.adapters._shared import check_namespace, check_no_query
 from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
@@ -29,12 +30,13 @@ def _name(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "memory":
         raise ConfigurationError(f"not a memory:// URL: {mask_url(url)!r}")
+    check_no_query(url, "memory://")
     return parts.netloc or parts.path.strip("/") or "default"
 
 
 def broker_from_url(url: str, *, namespace: str = "stem") -> MemoryBroker:
     """The process-wide :class:`MemoryBroker` named by ``url`` in ``namespace``."""
-    key = (namespace, _name(url))
+    key = (check_namespace(namespace), _name(url))
     with _lock:
         broker = _brokers.get(key)
         if broker is None:
@@ -44,7 +46,7 @@ def broker_from_url(url: str, *, namespace: str = "stem") -> MemoryBroker:
 
 def backend_from_url(url: str, *, namespace: str = "stem") -> MemoryBackend:
     """The process-wide :class:`MemoryBackend` named by ``url`` in ``namespace``."""
-    key = (namespace, _name(url))
+    key = (check_namespace(namespace), _name(url))
     with _lock:
         backend = _backends.get(key)
         if backend is None:

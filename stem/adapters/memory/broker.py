@@ -19,8 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stem._time import now_epoch
-from stem.adapters._shared import FairOrder, Waiter
-from stem.envelope import Envelope, decode_envelope, peek_task_id
+from stem.adapters._shared import (
+    FairOrder,
+    Waiter,
+    check_publishable,
+    decode_stored,
+    extend_seconds,
+    lease_seconds,
+)
+from stem.envelope import Envelope, peek_task_id
+from stem.limits import clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
 
@@ -102,8 +110,10 @@ class MemoryBroker:
     def _put(
         self, q: _Queue, raw: bytes, priority: int, due: float | None, vt: float | None, now: float
     ) -> None:
+        # The stored priority and lease length are bounded (the bytes stay as given).
+        priority = clamp_priority(priority)
         mid = next(self._ids)
-        q.msgs[mid] = _Message(mid, raw, priority, vt)
+        q.msgs[mid] = _Message(mid, raw, priority, lease_seconds(vt))
         if due is not None and due > now:
             heapq.heappush(q.delayed, (due, mid))
         else:
@@ -189,7 +199,9 @@ class MemoryBroker:
         """Always reachable."""
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Store envelopes (all or none: every one is encoded before any is stored)."""
+        """Store envelopes (all or none: every one is checked and encoded before any is
+        stored); a visibility timeout out of range is a ConfigurationError."""
+        check_publishable(envelopes)
         encoded = [(e, e.to_json()) for e in envelopes]
         now = now_epoch()
         woken: list[Waiter] = []
@@ -202,8 +214,9 @@ class MemoryBroker:
         self._wake(woken)
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
-        """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
-        env, _ = decode_envelope(raw)
+        """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured
+        (the lease length within the limits of :mod:`stem.limits`)."""
+        env, _ = decode_stored(raw)
         now = now_epoch()
         with self._lock:
             q = self._queue(queue)
@@ -249,7 +262,7 @@ class MemoryBroker:
 
     @staticmethod
     def _delivery(queue: str, m: _Message) -> Delivery:
-        env, error = decode_envelope(m.raw)
+        env, error = decode_stored(m.raw)
         return Delivery(
             envelope=env,
             receipt=f"{m.mid}:{m.lease}",
@@ -319,6 +332,7 @@ class MemoryBroker:
     async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         """Push still-held leases to ``now + seconds`` (and update ``lease_expires_at``)."""
         now = now_epoch()
+        seconds = extend_seconds(seconds, self.default_visibility_timeout)
         with self._lock:
             for d in deliveries:
                 held = self._holder(d)
@@ -379,7 +393,7 @@ class MemoryBroker:
             kept: deque[_DeadEntry] = deque()
             while q.dead and (limit is None or replayed < limit):
                 entry = q.dead.popleft()
-                env, _ = decode_envelope(entry.raw)
+                env, _ = decode_stored(entry.raw)
                 if env is None:
                     kept.append(entry)
                     continue
@@ -408,7 +422,7 @@ class MemoryBroker:
 
 
 def _dead_letter(queue: str, e: _DeadEntry) -> DeadLetter:
-    env, _ = decode_envelope(e.raw)
+    env, _ = decode_stored(e.raw)
     if env is not None:
         dl_id = env.id
     else:

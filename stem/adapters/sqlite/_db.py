@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from stem._urls import mask_url
-from stem.adapters._shared import Waiter
+from stem.adapters._shared import Waiter, check_namespace, check_no_query
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
 
@@ -52,6 +51,7 @@ def path_from_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
         raise ConfigurationError(f"not a sqlite:// URL: {mask_url(url)!r}")
+    check_no_query(url, "sqlite://")
     if parts.netloc:
         raise ConfigurationError(
             f"SQLite URL {mask_url(url)!r} names a host; use sqlite:///relative/path.db "
@@ -68,9 +68,32 @@ def path_from_url(url: str) -> str:
 
 
 def table_prefix(namespace: str) -> str:
-    """A safe SQL identifier prefix for ``namespace`` (``stem`` -> ``stem``)."""
-    prefix = re.sub(r"[^A-Za-z0-9_]", "_", namespace) or "stem"
-    return prefix if not prefix[0].isdigit() else f"n{prefix}"
+    """The table-name prefix of ``namespace``: the namespace itself, which must follow
+    the one namespace rule (:func:`stem.adapters._shared.check_namespace`), so two
+    namespaces never map to the same tables (``a-b`` and ``a_b`` stay apart)."""
+    return check_namespace(namespace)
+
+
+def quote(name: str) -> str:
+    """``name`` as a quoted SQL identifier (table names may contain ``-``)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def create_private(path: str) -> None:
+    """Create the database file readable and writable by its owner only (0600).
+
+    It holds task payloads and results. SQLite creates the ``-wal`` and ``-shm``
+    files with the database file's permissions, so they are private too. An existing
+    file keeps the mode it has (an operator may have widened it on purpose).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+    finally:
+        os.close(fd)
 
 
 def placeholders(n: int) -> str:
@@ -136,6 +159,7 @@ class Database:
 
     def _connect(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        create_private(self.path)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

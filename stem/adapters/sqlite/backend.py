@@ -20,6 +20,7 @@ from ._db import (
     hub_for,
     immediate,
     placeholders,
+    quote,
     table_prefix,
 )
 
@@ -46,7 +47,8 @@ class SqliteBackend:
         self.path = path
         self.default_ttl = default_ttl
         prefix = table_prefix(namespace)
-        self._results = f"{prefix}_results"
+        self._prefix = prefix
+        self._results = quote(f"{prefix}_results")
         self._db = Database(path, self._create)
         self._hub = hub_for(path, prefix)
         self._next_purge = 0.0
@@ -55,10 +57,10 @@ class SqliteBackend:
         return f"SqliteBackend({self.path!r})"
 
     def _create(self, conn: sqlite3.Connection) -> None:
-        r = self._results
+        r, p = self._results, self._prefix
         ensure_schema(
             conn,
-            r,
+            f"{p}_results",
             SCHEMA_VERSION,
             [
                 f"""CREATE TABLE IF NOT EXISTS {r} (
@@ -67,7 +69,7 @@ class SqliteBackend:
                     data BLOB NOT NULL,
                     expires_at REAL NOT NULL
                 ) WITHOUT ROWID""",
-                f"CREATE INDEX IF NOT EXISTS {r}_expires ON {r} (expires_at)",
+                f"CREATE INDEX IF NOT EXISTS {quote(p + '_results_expires')} ON {r} (expires_at)",
             ],
         )
 

@@ -18,8 +18,15 @@ import sqlite3
 from collections.abc import Callable, Sequence
 
 from stem._time import now_epoch
-from stem.adapters._shared import FairOrder
-from stem.envelope import Envelope, decode_envelope, peek_task_id
+from stem.adapters._shared import (
+    FairOrder,
+    check_publishable,
+    decode_stored,
+    extend_seconds,
+    lease_seconds,
+)
+from stem.envelope import Envelope, peek_task_id
+from stem.limits import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
 from ._db import (
@@ -30,6 +37,7 @@ from ._db import (
     hub_for,
     immediate,
     placeholders,
+    quote,
     table_prefix,
 )
 
@@ -59,12 +67,23 @@ def _leases(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
 def _job(env: Envelope, queue: str | None = None) -> _NewJob:
     return (
         queue or env.queue,
-        env.priority,
+        clamp_priority(env.priority),
         env.not_before_epoch,
         env.id,
-        env.visibility_timeout,
+        lease_seconds(env.visibility_timeout),
         env.to_json(),
     )
+
+
+def _claim_order(row: _Claimed) -> tuple[float, float, int]:
+    """Sort key of a claimed row (priority first, then age), whatever its columns hold.
+
+    Columns written by other programs may hold text; sorting must not fail on them.
+    """
+    _id, priority, not_before = row[0], row[1], row[2]
+    p = priority if isinstance(priority, int | float) else 0
+    nb = not_before if isinstance(not_before, int | float) else 0.0
+    return (-p, nb, _id)
 
 
 class SqliteBroker:
@@ -85,8 +104,9 @@ class SqliteBroker:
         self.path = path
         self.default_visibility_timeout = visibility_timeout
         prefix = table_prefix(namespace)
-        self._jobs = f"{prefix}_jobs"
-        self._dead = f"{prefix}_dead_letters"
+        self._prefix = prefix
+        self._jobs = quote(f"{prefix}_jobs")
+        self._dead = quote(f"{prefix}_dead_letters")
         self._db = Database(path, self._create)
         self._hub = hub_for(path, prefix)
         self._order = FairOrder()
@@ -95,10 +115,10 @@ class SqliteBroker:
         return f"SqliteBroker({self.path!r})"
 
     def _create(self, conn: sqlite3.Connection) -> None:
-        j, d = self._jobs, self._dead
+        j, d, p = self._jobs, self._dead, self._prefix
         ensure_schema(
             conn,
-            j,
+            f"{p}_jobs",
             SCHEMA_VERSION,
             [
                 # AUTOINCREMENT: row ids are never reused, so an old receipt can't
@@ -116,7 +136,7 @@ class SqliteBroker:
                     locked_until REAL,
                     deliveries INTEGER NOT NULL DEFAULT 0
                 )""",
-                f"CREATE INDEX IF NOT EXISTS {j}_ready ON {j} "
+                f"CREATE INDEX IF NOT EXISTS {quote(p + '_jobs_ready')} ON {j} "
                 "(queue, priority DESC, not_before, id)",
                 f"""CREATE TABLE IF NOT EXISTS {d} (
                     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -127,7 +147,7 @@ class SqliteBroker:
                     reason TEXT NOT NULL,
                     dead_at REAL NOT NULL
                 )""",
-                f"CREATE INDEX IF NOT EXISTS {d}_queue ON {d} (queue, id)",
+                f"CREATE INDEX IF NOT EXISTS {quote(p + '_dead_letters_queue')} ON {d} (queue, id)",
             ],
         )
 
@@ -164,9 +184,12 @@ class SqliteBroker:
                     need = max_count - len(claimed)
                     if need <= 0:
                         break
+                    # The lease length is clamped here too, so no stored vt (huge,
+                    # negative, text written by another program) gives an unbounded lease.
                     rows: list[_Claimed] = conn.execute(
                         f"UPDATE {jobs} SET lease_owner = ?, lease_token = ?, "
-                        "locked_until = ? + COALESCE(vt, ?), deliveries = deliveries + 1 "
+                        f"locked_until = ? + MIN(MAX(COALESCE(vt, ?), {MIN_VISIBILITY_TIMEOUT!r}), "
+                        f"{MAX_VISIBILITY_TIMEOUT!r}), deliveries = deliveries + 1 "
                         f"WHERE id IN (SELECT id FROM {jobs} WHERE queue = ? AND not_before <= ? "
                         "AND (locked_until IS NULL OR locked_until <= ?) "
                         "ORDER BY priority DESC, not_before, id LIMIT ?) "
@@ -183,7 +206,7 @@ class SqliteBroker:
                         ),
                     ).fetchall()
                     # RETURNING gives no order guarantee.
-                    rows.sort(key=lambda r: (-r[1], r[2], r[0]))
+                    rows.sort(key=_claim_order)
                     claimed.extend((queue, r) for r in rows)
             return token, claimed
 
@@ -212,6 +235,7 @@ class SqliteBroker:
         """Insert envelopes in one transaction (all encoded before anything is written)."""
         if not envelopes:
             return
+        check_publishable(envelopes)
         jobs = [_job(e) for e in envelopes]
 
         def publish(conn: sqlite3.Connection) -> None:
@@ -222,14 +246,17 @@ class SqliteBroker:
         self._hub.queues_changed()
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
-        """Insert bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
-        env, _ = decode_envelope(raw)
+        """Insert bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured.
+
+        The stored priority and lease length are clamped (:mod:`stem.limits`).
+        """
+        env, _ = decode_stored(raw)
         job: _NewJob = (
             queue,
-            priority,
+            clamp_priority(priority),
             None if env is None else env.not_before_epoch,
             env.id if env is not None else peek_task_id(raw),
-            None if env is None else env.visibility_timeout,
+            None if env is None else lease_seconds(env.visibility_timeout),
             bytes(raw),
         )
 
@@ -290,7 +317,7 @@ class SqliteBroker:
     @staticmethod
     def _delivery(queue: str, token: str, row: _Claimed) -> Delivery:
         row_id, _, _, raw, until, deliveries = row
-        env, error = decode_envelope(raw)
+        env, error = decode_stored(raw)
         return Delivery(
             envelope=env,
             receipt=f"{row_id}:{token}",
@@ -383,6 +410,8 @@ class SqliteBroker:
             return
         jobs = self._jobs
 
+        seconds = extend_seconds(seconds, self.default_visibility_timeout)
+
         def extend(conn: sqlite3.Connection) -> tuple[float, list[bool]]:
             until = now_epoch() + seconds
             with immediate(conn):
@@ -454,7 +483,7 @@ class SqliteBroker:
 
         out = []
         for row_id, task_id, raw, reason, dead_at in await self._db.run(read):
-            env, _ = decode_envelope(raw)
+            env, _ = decode_stored(raw)
             out.append(
                 DeadLetter(
                     id=env.id if env is not None else task_id or f"dl-{row_id}",
@@ -488,7 +517,7 @@ class SqliteBroker:
                     if not batch:
                         break
                     for row_id, raw in batch:
-                        env, _ = decode_envelope(raw)
+                        env, _ = decode_stored(raw)
                         if env is None:
                             continue
                         jobs.append(_job(env.copy(attempt=0, not_before=None), queue))
