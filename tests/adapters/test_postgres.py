@@ -860,3 +860,81 @@ async def test_transactional_bulk_enqueue_by_copy_commits_or_rolls_back(
         await app.close()
         await conn.close()
         await drop_pg_schema(postgres_url, namespace)
+
+
+# -- hardening: namespaces, stored values, dead-letter ids ---------------------------
+
+
+def test_the_namespace_is_the_schema_verbatim() -> None:
+    # The old sanitising mapped all four to one schema, "a_b".
+    assert parse_url("postgresql://localhost/db", "a-b").schema == "a-b"
+    assert parse_url("postgresql://localhost/db", "a_b").schema == "a_b"
+    for bad in ("a.b", "a b", "A_b", "x" * 64, "pg_catalog"):
+        with pytest.raises(ConfigurationError, match="namespace"):
+            parse_url("postgresql://localhost/db", bad)
+    # A long namespace still gets its own NOTIFY channels within the 63-byte limit.
+    s = parse_url("postgresql://localhost/db", "n" * 63)
+    assert len(s.channel("jobs").encode()) <= 63
+    assert s.channel("jobs") != parse_url("postgresql://localhost/db", "n" * 62).channel("jobs")
+
+
+@pytest.mark.parametrize(
+    "query", ["schema=", "pool_size=", "connect_timeout=nan", "connect_timeout=inf",
+              "pool_size=0", "connect_timeout=-1"],
+)
+def test_bad_stem_option_values_are_refused(query: str) -> None:
+    with pytest.raises(ConfigurationError):
+        parse_url(f"postgresql://localhost/db?{query}")
+
+
+async def test_a_row_with_vt_1e13_does_not_block_the_queue(
+    broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str
+) -> None:
+    await broker.ping()  # schema and tables exist
+    # Rows as another program (or an older Stem) wrote them, first in line: without a
+    # bound, now() + 1e13 s overflows and the whole lease statement fails, for good.
+    odd = [1e13, 1e300, float("inf"), float("-inf"), float("nan"), -5.0, 0.0]
+    for i, vt in enumerate(odd):
+        await raw_conn.execute(
+            f'INSERT INTO "{namespace}".stem_jobs (queue, priority, visibility, envelope) '
+            "VALUES ('q', 9, $1, $2)",
+            vt,
+            env(args={"i": i}).to_json(),
+        )
+    await broker.publish([env(args={"i": len(odd)})])
+    got = await broker.fetch(["q"], 100, block=0, consumer="w")
+    assert sorted(d.envelope.args["i"] for d in got if d.envelope) == list(range(len(odd) + 1))
+    now = time.time()
+    for d in got:
+        assert d.lease_expires_at is not None
+        assert now - 5 < d.lease_expires_at <= now + 7 * 86_400 + 5
+
+
+async def test_publish_raw_clamps_the_stored_columns(
+    broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str
+) -> None:
+    raw = env(visibility_timeout=60).to_json()
+    await broker.publish_raw("q", raw, priority=40_000)  # beyond smallint: refused before
+    await broker.publish([env(priority=42)])
+    rows = await raw_conn.fetch(
+        f'SELECT priority, visibility, envelope FROM "{namespace}".stem_jobs ORDER BY id')
+    assert [(r["priority"], r["visibility"]) for r in rows] == [(9, 60.0), (9, None)]
+    assert bytes(rows[0]["envelope"]) == raw
+
+
+async def test_dead_letters_written_without_task_id_are_listed_by_envelope_id(
+    broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str
+) -> None:
+    await broker.ping()
+    e = env()
+    await raw_conn.execute(
+        f'INSERT INTO "{namespace}".stem_dead_letters (queue, reason, envelope) '
+        "VALUES ('q', 'imported', $1), ('q', 'junk', $2), ('q', 'half', $3)",
+        e.to_json(),
+        b"not json",
+        b'{"id": "readable-id", "name": ""}',
+    )
+    ids = [dl.id for dl in await broker.dead_letters("q")]
+    assert ids[0] == e.id
+    assert ids[1].startswith("dead-letter-")
+    assert ids[2] == "readable-id"

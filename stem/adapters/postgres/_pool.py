@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from stem._urls import mask_url, redact
+from stem.adapters._shared import check_namespace
 from stem.adapters.postgres import migrations
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
@@ -69,7 +71,9 @@ def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
     """Split a ``postgres://`` / ``postgresql://`` URL into asyncpg's DSN and Stem options.
 
     Without ``?schema=`` the schema is the namespace (``STEM_NAMESPACE``, default
-    ``stem``), so apps with different namespaces on one database never share queues.
+    ``stem``) verbatim, so apps with different namespaces on one database never share
+    queues. The namespace must follow the one namespace rule (at most 63 characters,
+    within Postgres' identifier limit), else ConfigurationError.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
@@ -89,8 +93,12 @@ def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
     params = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in params if k in STEM_PARAMS}
     rest = [(k, v) for k, v in params if k not in STEM_PARAMS]
-    schema = ours.get("schema") or re.sub(r"\W", "_", namespace) or DEFAULT_SCHEMA
-    if not _SCHEMA_RE.fullmatch(schema):
+    empty = sorted(k for k, v in ours.items() if not v)
+    if empty:
+        raise ConfigurationError(f"Postgres URL: ?{empty[0]}= needs a value")
+    check_namespace(namespace)
+    schema = ours["schema"] if "schema" in ours else namespace
+    if "schema" in ours and not _SCHEMA_RE.fullmatch(schema):
         raise ConfigurationError(
             f"Postgres URL ?schema={schema!r} is not a plain identifier; use letters, "
             "digits and underscores (at most 63, not starting with a digit)"
@@ -102,7 +110,7 @@ def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
         raise ConfigurationError(
             f"Postgres URL has a bad pool_size/connect_timeout: {exc}"
         ) from exc
-    if pool_size < 1 or connect_timeout <= 0:
+    if pool_size < 1 or not 0 < connect_timeout < math.inf:  # NaN fails too
         raise ConfigurationError("Postgres URL needs pool_size >= 1 and connect_timeout > 0")
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), parts.fragment))
     user, _, hostport = parts.netloc.rpartition("@")

@@ -13,6 +13,8 @@ delivered exactly when (and only if) that transaction commits.
 
 from __future__ import annotations
 
+from stem.limits import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT
+
 #: Result states a waiter is woken for (TaskState.is_terminal).
 TERMINAL_STATES = "('succeeded', 'failed', 'cancelled')"
 
@@ -51,6 +53,13 @@ up AS (
            expires_at = excluded.expires_at, updated_at = excluded.updated_at
     RETURNING r.task_id, r.state
 )"""
+
+# A job's lease length in seconds: its own visibility (NaN: none) or the default $3,
+# forced into MIN..MAX_VISIBILITY_TIMEOUT (least/greatest also bound +-infinity).
+_LEASE = (
+    f"least(greatest(coalesce(nullif(j.visibility, 'NaN'), $3::float8), "
+    f"{MIN_VISIBILITY_TIMEOUT!r}::float8), {MAX_VISIBILITY_TIMEOUT!r}::float8)"
+)
 
 _JOB_COLUMNS = "task_id, queue, priority, not_before, visibility, attempt, envelope"
 # Column values from an unnest alias ``t`` carrying the publish arrays.
@@ -98,10 +107,13 @@ class Statements:
 
         # -- fetching ---------------------------------------------------------
         # $1 queue, $2 limit, $3 default visibility seconds, $4 owner, $5 lease token.
+        # The lease length is clamped in the statement (_LEASE), so no stored value
+        # (1e13, -1, NaN, infinity: publish clamps, but rows may be written by other
+        # programs) can overflow ``now() + interval`` and fail the fetch of every row.
         lease_update = f"""
             upd AS (
                 UPDATE {jobs} j
-                SET locked_until = now() + coalesce(j.visibility, $3) * interval '1 second',
+                SET locked_until = now() + {_LEASE} * interval '1 second',
                     owner = $4, lease = $5, deliveries = j.deliveries + 1
                 WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
                 RETURNING j.id, j.queue, j.priority, j.not_before, j.envelope, j.locked_until,

@@ -24,11 +24,17 @@ from typing import Any
 
 import asyncpg
 
+from stem.adapters._shared import (
+    check_publishable,
+    decode_stored,
+    extend_seconds,
+    lease_seconds,
+)
 from stem.adapters.postgres._pool import Connector, Listener, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import PostgresResultBackend, results_channel, status_arrays
-from stem.envelope import Envelope, decode_envelope, peek_task_id
-from stem.errors import EnvelopeDecodeError
+from stem.envelope import Envelope, peek_task_id
+from stem.limits import clamp_priority
 from stem.log import get_logger
 from stem.ports import (
     DEFAULT_RESULT_TTL,
@@ -68,14 +74,15 @@ _PublishArrays = tuple[
 
 
 def _publish_arrays(items: Sequence[tuple[Envelope, bytes, str]]) -> _PublishArrays:
-    """Arrays for (envelope, encoded bytes, queue) triples."""
+    """Arrays for (envelope, encoded bytes, queue) triples (priority and lease length
+    clamped to :mod:`stem.limits`)."""
     return (
         [e.id for e, _, _ in items],
         [q for _, _, q in items],
-        [e.priority for e, _, _ in items],
+        [clamp_priority(e.priority) for e, _, _ in items],
         [e.not_before_epoch for e, _, _ in items],
-        [e.visibility_timeout for e, _, _ in items],
-        [e.attempt for e, _, _ in items],
+        [lease_seconds(e.visibility_timeout) for e, _, _ in items],
+        [_int4(e.attempt) for e, _, _ in items],
         [raw for _, raw, _ in items],
     )
 
@@ -95,6 +102,20 @@ def _keys(deliveries: Sequence[Delivery]) -> tuple[list[int], list[uuid.UUID]]:
         ids.append(job_id)
         leases.append(lease)
     return ids, leases
+
+
+def _int4(n: int) -> int:
+    """``n`` within Postgres' int4 (an attempt number read from foreign bytes)."""
+    return min(max(n, -(2**31)), 2**31 - 1)
+
+
+def _dead_letter_id(envelope: Envelope | None, task_id: str | None, raw: bytes, row: int
+                    ) -> str:
+    """A dead letter's id: the envelope's id when decodable, else the stored task id,
+    else an id readable from the bytes, else ``dead-letter-<row>``."""
+    if envelope is not None:
+        return envelope.id
+    return task_id or peek_task_id(raw) or f"dead-letter-{row}"
 
 
 def _row_count(status: str) -> int:
@@ -208,9 +229,13 @@ class PostgresBroker:
         await self._db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Insert envelopes in one statement that also NOTIFYs their queues."""
+        """Insert envelopes in one statement that also NOTIFYs their queues.
+
+        A visibility timeout outside :mod:`stem.limits` is a ConfigurationError.
+        """
         if not envelopes:
             return
+        check_publishable(envelopes)
         items = [(e, e.to_json(), e.queue) for e in envelopes]
         await self._db.run(lambda c: self._insert(c, items))
 
@@ -230,6 +255,7 @@ class PostgresBroker:
             )
         if not envelopes:
             return
+        check_publishable(envelopes)
         items = [(e, e.to_json(), e.queue) for e in envelopes]
         await self._db.ready()
         await self._insert(connection, items)
@@ -238,14 +264,17 @@ class PostgresBroker:
         """Insert bytes as they are; they are decoded (or found undecodable) at fetch.
 
         When the bytes are a readable envelope its id, ``notBefore``, visibility
-        timeout and attempt are honoured as ``publish`` would.
+        timeout and attempt are honoured as ``publish`` would. The stored priority and
+        lease length are clamped to :mod:`stem.limits`; the bytes are kept as given.
         """
-        try:
-            e = Envelope.from_json(raw)
-        except EnvelopeDecodeError:
-            args: tuple[Any, ...] = (peek_task_id(raw), queue, priority, None, None, 0, raw)
+        e, _ = decode_stored(raw)
+        prio = clamp_priority(priority)
+        args: tuple[Any, ...]
+        if e is None:
+            args = (peek_task_id(raw), queue, prio, None, None, 0, raw)
         else:
-            args = (e.id, queue, priority, e.not_before_epoch, e.visibility_timeout, e.attempt, raw)
+            args = (e.id, queue, prio, e.not_before_epoch, lease_seconds(e.visibility_timeout),
+                    _int4(e.attempt), raw)
         await self._db.run(lambda c: c.execute(self._sql.publish_one, *args, self._channel))
 
     async def _insert(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
@@ -266,9 +295,11 @@ class PostgresBroker:
         applies, never the producer's clock. COPY and the wake-up NOTIFY share one
         transaction (a savepoint inside a caller's transaction).
         """
-        ready = [(e.id, q, e.priority, e.visibility_timeout, e.attempt, raw)
+        ready = [(e.id, q, clamp_priority(e.priority), lease_seconds(e.visibility_timeout),
+                  _int4(e.attempt), raw)
                  for e, raw, q in items if e.not_before is None]
-        delayed = [(e.id, q, e.priority, e.not_before, e.visibility_timeout, e.attempt, raw)
+        delayed = [(e.id, q, clamp_priority(e.priority), e.not_before,
+                    lease_seconds(e.visibility_timeout), _int4(e.attempt), raw)
                    for e, raw, q in items if e.not_before is not None]
         schema = self.settings.schema
         async with conn.transaction():
@@ -372,7 +403,7 @@ class PostgresBroker:
     def _delivery(row: Any, lease: uuid.UUID) -> Delivery:
         job_id, queue, raw, until, deliveries = row[:5]
         raw = bytes(raw)
-        envelope, error = decode_envelope(raw)
+        envelope, error = decode_stored(raw)
         return Delivery(
             envelope=envelope,
             # Unique per lease, not per job: a redelivery is a different receipt.
@@ -431,7 +462,9 @@ class PostgresBroker:
         if not deliveries:
             return
         ids, leases = _keys(deliveries)
-        rows = await self._db.run(lambda c: c.fetch(self._sql.extend, ids, leases, float(seconds)))
+        # Bounded, so ``now() + interval`` cannot overflow.
+        secs = extend_seconds(seconds, self.default_visibility_timeout)
+        rows = await self._db.run(lambda c: c.fetch(self._sql.extend, ids, leases, secs))
         until = {r[0]: r[1] for r in rows}
         for d, job_id in zip(deliveries, ids, strict=True):
             if job_id in until:
@@ -459,17 +492,15 @@ class PostgresBroker:
         out = []
         for r in rows:
             raw = bytes(r["envelope"])
-            try:
-                envelope: Envelope | None = Envelope.from_json(raw)
-            except EnvelopeDecodeError:
-                envelope = None
+            envelope, _ = decode_stored(raw)
             meta: dict[str, Any] = {"attempt": r["attempt"]}
             if r["owner"] is not None:
                 meta["consumer"] = r["owner"]
             out.append(
                 DeadLetter(
-                    # The task id when readable (what users look tasks up by).
-                    id=r["task_id"] or f"dead-letter-{r['id']}",
+                    # The task id when readable (what users look tasks up by): the
+                    # envelope's, else the column's (rows written without it).
+                    id=_dead_letter_id(envelope, r["task_id"], raw, r["id"]),
                     queue=r["queue"],
                     raw=raw,
                     reason=r["reason"],
@@ -496,11 +527,10 @@ class PostgresBroker:
                 while limit is None or len(items) < limit:
                     rows = await conn.fetch(self._sql.dead_letter_page, queue, last, _REPLAY_PAGE)
                     for r in rows:
-                        try:
-                            env = Envelope.from_json(bytes(r["envelope"]))
-                        except EnvelopeDecodeError:
+                        decoded, _ = decode_stored(bytes(r["envelope"]))
+                        if decoded is None:
                             continue
-                        env = env.copy(attempt=0, not_before=None)
+                        env = decoded.copy(attempt=0, not_before=None)
                         items.append((env, env.to_json(), r["queue"]))
                         taken.append(r["id"])
                         if limit is not None and len(items) >= limit:
