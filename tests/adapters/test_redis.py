@@ -651,3 +651,141 @@ async def test_surplus_of_a_blocking_read_is_handed_back(broker: RedisBroker) ->
     assert (sa.pending, sa.in_flight, sb.pending, sb.in_flight) == (0, 1, 2, 0)
     rest = await broker.fetch(["b"], 5, block=0, consumer="c2")
     assert [d.envelope.args["i"] for d in rest if d.envelope] == [2, 3]
+
+
+# -- hardening: namespaces, queue names, stored values, dead-letter cap, URL options ----
+
+
+def test_a_namespace_with_a_colon_is_refused() -> None:
+    # "p:t" + queue "q" and "p" + queue "t:q" would both live under "{p:t:q}".
+    for bad in ("p:t", "{p}", "a b", "App"):
+        with pytest.raises(ConfigurationError, match="namespace"):
+            broker_from_url("redis://localhost:6379/0", namespace=bad)
+        with pytest.raises(ConfigurationError, match="namespace"):
+            backend_from_url("redis://localhost:6379/0", namespace=bad)
+
+
+async def test_queue_names_are_escaped_inside_keys(
+    broker: RedisBroker, raw: aioredis.Redis, namespace: str
+) -> None:
+    names = ["t:q", "t%3Aq", "a}b", "{a", "t"]
+    assert broker.keys("t:q").dead == "{" + namespace + ":t%3Aq}:dead"
+    assert broker.keys("t%3Aq").dead == "{" + namespace + ":t%253Aq}:dead"
+    assert broker.keys("a}b").dead == "{" + namespace + ":a%7Db}:dead"
+    for i, q in enumerate(names):
+        await broker.publish([env(i, queue=q)])
+    for i, q in enumerate(names):
+        [d] = await broker.fetch([q], 10, block=0, consumer="c")
+        assert d.envelope is not None and d.envelope.args == {"i": i} and d.queue == q
+    # Every key of one queue is in one slot, named by the whole (escaped) queue name.
+    for q in names:
+        k = broker.keys(q)
+        tag = k.dead[: k.dead.index("}") + 1]
+        assert {key_slot(key.encode()) for key in k.keys} == {key_slot(tag.encode())}
+
+
+async def test_stream_entries_with_odd_visibility_fields_are_all_delivered(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    assert await broker.fetch([Q], 1, block=0, consumer="c") == []  # groups exist
+    # Entries as another program may have written them, first in line: a fractional,
+    # negative, huge, NaN or non-numeric "v" used to make the fetch script fail (XCLAIM
+    # IDLE takes integers only), for every entry of the queue, for good.
+    odd = ["1.5", "-1e300", "1e300", "nan", "inf", "-inf", "-5", "soon", "99999999999999999999"]
+    for i, v in enumerate(odd):
+        await raw.xadd(broker.keys(Q).streams[9], {"p": env(i).to_json(), "v": v})
+    await broker.publish([env(len(odd))])
+    got = await broker.fetch([Q], 100, block=0, consumer="c")
+    assert sorted(d.envelope.args["i"] for d in got if d.envelope) == list(range(len(odd) + 1))
+    await broker.ack(got)
+    assert (await broker.stats(Q)).in_flight == 0
+
+
+async def test_publish_clamps_the_stored_lease_field(
+    broker: RedisBroker, raw: aioredis.Redis
+) -> None:
+    await broker.publish_raw(Q, env(visibility_timeout=60).to_json(), priority=42)
+    [(_, fields)] = await raw.xrange(broker.keys(Q).streams[9])
+    assert fields[b"v"] == b"60000"
+
+
+async def test_the_dead_letter_stream_is_capped_and_drops_are_counted_and_logged(
+    make_broker: object, raw: aioredis.Redis
+) -> None:
+    broker: RedisBroker = make_broker(dead_letter_max=10)  # type: ignore[operator]
+    assert broker.dead_letter_max == 10
+    total = 0
+    with capture_stem_logs() as logs:
+        for _ in range(3):
+            await broker.publish([env(i) for i in range(150)])
+            got = await broker.fetch([Q], 150, block=0, consumer="c")
+            await broker.dead_letter([(d, "boom") for d in got])
+            total += len(got)
+    length = await raw.xlen(broker.keys(Q).dead)
+    # Approximate trimming (MAXLEN ~) removes whole stream nodes: about the cap.
+    assert 10 <= length <= 10 + 200
+    trimmed = await broker.dead_letters_trimmed(Q)
+    assert trimmed == total - length > 0
+    assert (await broker.stats(Q)).dead == length
+    events = [e for e in logs if e["event"] == "redis.broker.dead_letters_trimmed"]
+    assert events and sum(e["trimmed"] for e in events) == trimmed
+    assert all(e["queue"] == Q and e["dead_letter_max"] == 10 for e in events)
+
+
+async def test_the_default_dead_letter_cap_is_generous(broker: RedisBroker) -> None:
+    assert broker.dead_letter_max == 100_000
+    await broker.publish([env(1)])
+    [d] = await broker.fetch([Q], 1, block=0, consumer="c")
+    await broker.dead_letter([(d, "x")])
+    assert await broker.dead_letters_trimmed(Q) == 0
+
+
+def test_dead_letter_max_from_the_url_or_the_constructor() -> None:
+    b = broker_from_url("redis://localhost:6379/0?dead_letter_max=500")
+    assert isinstance(b, RedisBroker) and b.dead_letter_max == 500
+    settings = parse_redis_url("redis://localhost:6379/0")
+    assert RedisBroker(settings, dead_letter_max=7).dead_letter_max == 7
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ConfigurationError, match="dead_letter_max"):
+            RedisBroker(settings, dead_letter_max=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "dead_letter_max=0",
+        "dead_letter_max=-5",
+        "dead_letter_max=1.5",
+        "dead_letter_max=lots",
+        "dead_letter_max=",
+        "claim_interval=nan",
+        "block_time=inf",
+        "result_ttl=0",
+        "default_visibility_timeout=0",
+        "default_visibility_timeout=1e13",
+        "cluster=maybe",
+        "ssl=perhaps",
+        "bogus=1",  # unknown: would be accepted and ignored (or fail at connect)
+        "claim_intervall=0.5",  # a typo
+        "protocol=3",  # Stem speaks RESP2 itself
+        "timeout=5",
+        "ssl_ca_certs=/etc/ca.pem",  # a TLS option without TLS
+        "sentinel_password=x",  # not a sentinel URL
+        "block_time=1&block_time=2",
+    ],
+)
+def test_unknown_query_keys_and_bad_values_are_refused(query: str) -> None:
+    url = f"redis://localhost:6379/0?{query}"
+    with pytest.raises(ConfigurationError):
+        broker_from_url(url)
+    with pytest.raises(ConfigurationError):
+        backend_from_url(url)
+
+
+def test_known_query_keys_are_accepted() -> None:
+    url = ("redis://localhost:6379/0?dead_letter_max=5&claim_interval=0.5&block_time=2"
+           "&default_visibility_timeout=60&result_ttl=10&cluster=0&socket_timeout=3"
+           "&health_check_interval=10&max_connections=20&client_name=app&retry_on_timeout=1")
+    assert isinstance(broker_from_url(url), RedisBroker)
+    assert isinstance(backend_from_url(url), RedisBackend)
+    assert isinstance(broker_from_url("redis://h:6379/0?ssl=1&ssl_ca_certs=/ca.pem"), RedisBroker)

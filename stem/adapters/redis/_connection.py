@@ -18,10 +18,11 @@ the ``ssl_*`` options):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -38,6 +39,7 @@ from redis.backoff import ExponentialBackoff
 
 from stem._urls import mask_url, redact
 from stem.errors import ConfigurationError, ServiceUnavailableError
+from stem.limits import visibility_timeout_problem
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 Client = aioredis.Redis | RedisCluster
@@ -61,12 +63,51 @@ STEM_OPTIONS = frozenset(
         "claim_interval",
         "default_visibility_timeout",
         "result_ttl",
+        "dead_letter_max",
         "sentinel_password",
         "sentinel_username",
     }
 )
+#: Query parameters passed on to redis-py (validated by its URL parser where it has
+#: one). Any other key is a ConfigurationError: nothing is accepted and then ignored.
+REDIS_PY_OPTIONS = frozenset(
+    {
+        "db",
+        "username",
+        "password",
+        "client_name",
+        "health_check_interval",
+        "max_connections",
+        "retry_on_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_read_size",
+        "socket_timeout",
+        "ssl",
+    }
+)
+#: redis-py's TLS options: only with ``rediss://`` or ``?ssl=1``.
+TLS_OPTIONS = frozenset(
+    {
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_ca_path",
+        "ssl_cert_reqs",
+        "ssl_certfile",
+        "ssl_check_hostname",
+        "ssl_ciphers",
+        "ssl_exclude_verify_flags",
+        "ssl_include_verify_flags",
+        "ssl_keyfile",
+        "ssl_min_version",
+        "ssl_password",
+    }
+)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+#: Default cap of each queue's dead-letter stream (``?dead_letter_max=``).
+DEFAULT_DEAD_LETTER_MAX = 100_000
 
 #: Fail a connection attempt to an unreachable host within this many seconds
 #: (overridable with ``?socket_connect_timeout=``).
@@ -106,11 +147,73 @@ class RedisSettings:
             value = float(raw)
         except ValueError:
             value = -1.0
-        if value <= 0:
+        if not 0 < value < math.inf:  # NaN fails too
             raise ConfigurationError(
                 f"Redis URL {self.safe_url!r}: {name}={raw!r} must be a positive number of seconds"
             )
         return value
+
+    def count(self, name: str, default: int) -> int:
+        """A positive integer option from the query string (``?dead_letter_max=1000``)."""
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigurationError(
+                f"Redis URL {self.safe_url!r}: {name}={raw!r} must be a positive whole number"
+            )
+        return int(raw)
+
+    def validate(self) -> None:
+        """Check every Stem option's value now, so a typo fails at startup, not later."""
+        for name in ("block_time", "claim_interval", "result_ttl"):
+            self.seconds(name, 1.0)
+        self.count("dead_letter_max", 1)
+        vt = self.options.get("default_visibility_timeout")
+        if vt is not None:
+            try:
+                problem = visibility_timeout_problem(float(vt))
+            except ValueError:
+                problem = "not a number"
+            if problem is not None:
+                raise ConfigurationError(
+                    f"Redis URL {self.safe_url!r}: default_visibility_timeout={vt!r}: {problem}"
+                )
+        cluster = self.options.get("cluster")
+        if cluster is not None and cluster.lower() not in _TRUE | _FALSE:
+            raise ConfigurationError(
+                f"Redis URL {self.safe_url!r}: cluster={cluster!r} must be 1 or 0 (true/false)"
+            )
+        if self.mode != "sentinel":
+            for name in ("sentinel_password", "sentinel_username"):
+                if name in self.options:
+                    raise ConfigurationError(
+                        f"Redis URL {self.safe_url!r}: ?{name}= applies to "
+                        "redis+sentinel:// URLs only"
+                    )
+
+
+def _check_query(url: str, scheme: str, query: list[tuple[str, str]]) -> None:
+    """Refuse unknown, repeated or misplaced query keys (values are checked later)."""
+    seen: set[str] = set()
+    tls = scheme == "rediss" or any(k == "ssl" and v.lower() in _TRUE for k, v in query)
+    for key, value in query:
+        where = f"Redis URL {safe_url(url)!r}"
+        if key in seen:
+            raise ConfigurationError(f"{where} gives ?{key}= twice")
+        seen.add(key)
+        if key == "ssl" and value.lower() not in _TRUE | _FALSE:
+            raise ConfigurationError(f"{where}: ssl={value!r} must be 1 or 0 (true/false)")
+        if key in TLS_OPTIONS and not tls:
+            raise ConfigurationError(
+                f"{where}: ?{key}= is a TLS option; use rediss:// (or ?ssl=1) with it"
+            )
+        if key not in STEM_OPTIONS and key not in REDIS_PY_OPTIONS and key not in TLS_OPTIONS:
+            raise ConfigurationError(
+                f"{where} has an unknown option {key!r}. Stem's options: "
+                f"{', '.join(sorted(STEM_OPTIONS))}; connection options: "
+                f"{', '.join(sorted(REDIS_PY_OPTIONS))} and the ssl_* TLS options"
+            )
 
 
 def parse_redis_url(url: str) -> RedisSettings:
@@ -127,6 +230,13 @@ def parse_redis_url(url: str) -> RedisSettings:
             "'@', '/', '?' and '#' in the password (%40 %2F %3F %23)"
         )
     query = parse_qsl(parts.query, keep_blank_values=True)
+    _check_query(url, parts.scheme, query)
+    settings = _parse(url, parts, query)
+    settings.validate()
+    return settings
+
+
+def _parse(url: str, parts: SplitResult, query: list[tuple[str, str]]) -> RedisSettings:
     options = {k: v for k, v in query if k in STEM_OPTIONS}
     rest = urlencode([(k, v) for k, v in query if k not in STEM_OPTIONS])
     if parts.scheme == "redis+sentinel":

@@ -19,6 +19,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from stem.adapters._shared import check_namespace
 from stem.errors import ServiceUnavailableError
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL
@@ -214,7 +215,7 @@ class RedisBackend:
         namespace: str = "stem",
         default_ttl: float = DEFAULT_RESULT_TTL,
     ) -> None:
-        self.namespace = namespace
+        self.namespace = check_namespace(namespace)
         self.default_ttl = default_ttl
         self._conn = RedisConnector(settings)
         self._prefix = f"{namespace}:result:"

@@ -28,14 +28,27 @@ import redis.exceptions as rexc
 from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
-from stem.adapters._shared import FairOrder
-from stem.envelope import Envelope, decode_envelope, peek_task_id
-from stem.errors import EnvelopeDecodeError, ServiceUnavailableError
+from stem.adapters._shared import (
+    FairOrder,
+    check_namespace,
+    check_publishable,
+    decode_stored,
+    extend_seconds,
+    lease_seconds,
+)
+from stem.envelope import Envelope, peek_task_id
+from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
 
 from . import scripts
-from ._connection import CONNECTION_ERRORS, BlockingConn, RedisConnector, RedisSettings
+from ._connection import (
+    CONNECTION_ERRORS,
+    DEFAULT_DEAD_LETTER_MAX,
+    BlockingConn,
+    RedisConnector,
+    RedisSettings,
+)
 
 log = get_logger(__name__)
 
@@ -55,13 +68,26 @@ _MAX_BACKOFF = 2.0
 FORGET_IDLE_MS = 86_400_000
 
 
+def key_part(queue: str) -> str:
+    """``queue`` as written inside its keys: ``%``, ``:``, ``{`` and ``}`` percent-encoded.
+
+    Reversible, so two queue names never share keys, and a queue name cannot change
+    the hash tag (``{ns:queue}``) that keeps its keys in one Cluster slot.
+    """
+    if "%" in queue or ":" in queue or "{" in queue or "}" in queue:
+        return (queue.replace("%", "%25").replace(":", "%3A")
+                .replace("{", "%7B").replace("}", "%7D"))
+    return queue
+
+
 class QueueKeys:
     """The Redis keys of one queue (all share the hash tag ``{ns:queue}``)."""
 
-    __slots__ = ("claim", "dead", "delayed", "keys", "leases", "queue", "released", "streams")
+    __slots__ = ("claim", "dead", "delayed", "keys", "leases", "queue", "released", "streams",
+                 "trimmed")
 
     def __init__(self, namespace: str, queue: str) -> None:
-        tag = "{" + namespace + ":" + queue + "}"
+        tag = "{" + namespace + ":" + key_part(queue) + "}"
         self.queue = queue
         self.streams = [f"{tag}:stream:{band}" for band in range(BANDS)]
         self.delayed = f"{tag}:delayed"
@@ -69,6 +95,7 @@ class QueueKeys:
         self.released = f"{tag}:released"
         self.dead = f"{tag}:dead"
         self.claim = f"{tag}:claim"
+        self.trimmed = f"{tag}:dead_trimmed"
         #: KEYS of every script, in the order scripts.py documents.
         self.keys = [
             *self.streams,
@@ -77,6 +104,7 @@ class QueueKeys:
             self.released,
             self.dead,
             self.claim,
+            self.trimmed,
         ]
 
 
@@ -86,7 +114,9 @@ def band_of(priority: int) -> int:
 
 
 def _vt_ms(seconds: float | None) -> int | str:
-    return "" if seconds is None else max(0, round(seconds * 1000))
+    """The stored ``v`` field: the lease length in ms, clamped (stem.limits); '' for none."""
+    vt = lease_seconds(seconds)
+    return "" if vt is None else round(vt * 1000)
 
 
 @dataclass(slots=True, eq=False)
@@ -106,6 +136,10 @@ class RedisBroker:
     ``default_visibility_timeout`` doubles as the *idle horizon* XAUTOCLAIM uses, so
     every worker and producer of a namespace should use the same value; envelopes
     with their own ``visibility_timeout`` and ``extend_lease`` work with any length.
+
+    Each queue's dead-letter stream keeps about ``dead_letter_max`` entries (URL
+    ``?dead_letter_max=``, default 100,000): older ones are dropped as new ones
+    arrive, counted (:meth:`dead_letters_trimmed`) and logged.
     """
 
     def __init__(
@@ -116,8 +150,16 @@ class RedisBroker:
         block_time: float = DEFAULT_BLOCK_TIME,
         claim_interval: float = DEFAULT_CLAIM_INTERVAL,
         default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+        dead_letter_max: int = DEFAULT_DEAD_LETTER_MAX,
     ) -> None:
-        self.namespace = namespace
+        if isinstance(dead_letter_max, bool) or not isinstance(dead_letter_max, int) or (
+            dead_letter_max < 1
+        ):
+            raise ConfigurationError(
+                f"dead_letter_max must be a positive whole number, got {dead_letter_max!r}"
+            )
+        self.namespace = check_namespace(namespace)
+        self.dead_letter_max = dead_letter_max
         self.block_time = block_time
         self.claim_interval = claim_interval
         self.default_visibility_timeout = default_visibility_timeout
@@ -158,7 +200,8 @@ class RedisBroker:
 
     @property
     def _horizon_ms(self) -> int:
-        return round(self.default_visibility_timeout * 1000)
+        horizon = lease_seconds(self.default_visibility_timeout)
+        return round((DEFAULT_VISIBILITY_TIMEOUT if horizon is None else horizon) * 1000)
 
     async def _ensure_groups(self, queues: Iterable[str]) -> None:
         missing = [q for q in queues if q not in self._ready_groups]
@@ -195,9 +238,15 @@ class RedisBroker:
         Ready envelopes are XADDed to their band stream, future ones ZADDed to the
         queue's delayed set. A batch goes as a single script call per queue (one
         round trip, and two arguments per envelope for the client to encode).
+        A visibility timeout outside :mod:`stem.limits` is a ConfigurationError.
         """
         if not envelopes:
             return
+        check_publishable(envelopes)
+        await self._publish(envelopes)
+
+    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
+        """:meth:`publish` without the check (replacements: their leases are clamped)."""
         if len(envelopes) == 1:
             env = envelopes[0]
             await self._store_one(
@@ -211,8 +260,8 @@ class RedisBroker:
             spec_raws = per_queue.get(env.queue)
             if spec_raws is None:
                 spec_raws = per_queue[env.queue] = ([], [])
-            vt = env.visibility_timeout
-            vt_ms = b"" if vt is None else b"%d" % max(0, round(vt * 1000))
+            vt = lease_seconds(env.visibility_timeout)
+            vt_ms = b"" if vt is None else b"%d" % round(vt * 1000)
             due = env.not_before_epoch
             if due is not None and due > now:
                 spec_raws[0].append(b"%d:%s:%d" % (band_of(env.priority), vt_ms, int(due * 1000)))
@@ -226,11 +275,9 @@ class RedisBroker:
             await self._delayed_published(soonest)
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
-        """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured."""
-        try:
-            env: Envelope | None = Envelope.from_json(raw)
-        except EnvelopeDecodeError:
-            env = None
+        """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured
+        (the stored lease length clamped, like the priority, to :mod:`stem.limits`)."""
+        env, _ = decode_stored(raw)
         vt = None if env is None else env.visibility_timeout
         due = None if env is None else env.not_before_epoch
         await self._store_one(queue, bytes(raw), priority, vt, due)
@@ -373,8 +420,8 @@ class RedisBroker:
             eid = reply[i + 1]
             raw = reply[i + 2]
             count = reply[i + 3]
-            env, error = decode_envelope(raw)
-            vt = None if env is None else env.visibility_timeout
+            env, error = decode_stored(raw)
+            vt = None if env is None else lease_seconds(env.visibility_timeout)
             out.append(
                 Delivery(
                     env,
@@ -509,8 +556,8 @@ class RedisBroker:
             batch: list[Delivery] = []
             for eid, fields in entries:
                 raw = fields[1] if fields and fields[0] == b"p" else b""
-                env, error = decode_envelope(raw)
-                vt = None if env is None else env.visibility_timeout
+                env, error = decode_stored(raw)
+                vt = None if env is None else lease_seconds(env.visibility_timeout)
                 d = Delivery(
                     env,
                     f"{queue}:{band}:{eid.decode()}:1",
@@ -636,10 +683,15 @@ class RedisBroker:
                 if ok == ord("1")
             ]
             if held:
-                await self.publish(held)
+                await self._publish(held)
 
     async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
-        """Move held deliveries to their queue's dead-letter stream with ``reason``."""
+        """Move held deliveries to their queue's dead-letter stream with ``reason``.
+
+        The stream is capped at about ``dead_letter_max`` entries; the oldest dead
+        letters dropped to stay under it are counted (:meth:`dead_letters_trimmed`) and
+        logged as ``redis.broker.dead_letters_trimmed``.
+        """
         now_ms = int(now_epoch() * 1000)
         calls: dict[str, list[Any]] = {}
         for d, reason in items:
@@ -647,10 +699,19 @@ class RedisBroker:
                 continue
             args = calls.get(d.queue)
             if args is None:
-                args = calls[d.queue] = [GROUP, now_ms]
+                args = calls[d.queue] = [GROUP, now_ms, self.dead_letter_max]
             args += (d.token[4], d.token[2], reason)
-        if calls:
-            await self._settle("dead", list(calls.items()), "dead_letter")
+        if not calls:
+            return
+        replies = await self._settle("dead", list(calls.items()), "dead_letter")
+        for queue, (_, trimmed) in zip(calls, replies, strict=True):
+            if int(trimmed) > 0:
+                log.warning(
+                    "redis.broker.dead_letters_trimmed",
+                    queue=queue,
+                    trimmed=int(trimmed),
+                    dead_letter_max=self.dead_letter_max,
+                )
 
     async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         """Set each held delivery's lease to ``now + seconds`` (and its ``lease_expires_at``)."""
@@ -658,7 +719,8 @@ class RedisBroker:
         groups = self._by_queue(deliveries)
         if not groups:
             return
-        lease_ms = max(0, round(seconds * 1000))
+        seconds = extend_seconds(seconds, self.default_visibility_timeout)
+        lease_ms = round(seconds * 1000)
         calls: list[tuple[str, list[Any]]] = []
         orders: list[list[Delivery]] = []
         for queue, ds in groups.items():
@@ -678,6 +740,15 @@ class RedisBroker:
         (reply,) = await self._settle("stats", [(queue, [GROUP])], "stats")
         ready, in_flight, delayed, dead = (int(x) for x in reply)
         return QueueStats(queue, pending=ready, delayed=delayed, in_flight=in_flight, dead=dead)
+
+    async def dead_letters_trimmed(self, queue: str) -> int:
+        """How many dead letters of ``queue`` the ``dead_letter_max`` cap has dropped
+        (oldest first) since the queue's keys were created."""
+        try:
+            n = await self._conn.client.execute_command("GET", self.keys(queue).trimmed)
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker dead_letters_trimmed") from exc
+        return int(n or 0)
 
     async def purge(self, queue: str) -> int:
         """Drop every ready and delayed envelope of ``queue`` (leased ones stay)."""
@@ -707,10 +778,7 @@ class RedisBroker:
     @staticmethod
     def _dead_letter(queue: str, eid: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         raw = fields.get(b"p", b"")
-        try:
-            env: Envelope | None = Envelope.from_json(raw)
-        except EnvelopeDecodeError:
-            env = None
+        env, _ = decode_stored(raw)
         sid = eid.decode()
         dl_id = env.id if env is not None else (peek_task_id(raw) or sid)
         return DeadLetter(
@@ -739,9 +807,8 @@ class RedisBroker:
             start = "(" + entries[-1][0].decode()
             args: list[Any] = [GROUP]
             for eid, fields in entries:
-                try:
-                    env = Envelope.from_json(fields.get(b"p", b""))
-                except EnvelopeDecodeError:
+                env, _ = decode_stored(fields.get(b"p", b""))
+                if env is None:
                     continue
                 fresh = env.copy(attempt=0, not_before=None)
                 args.extend(

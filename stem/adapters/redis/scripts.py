@@ -2,7 +2,8 @@
 
 Every broker script touches the keys of ONE queue only, all passed in ``KEYS`` and all
 sharing the queue's hash tag, so each runs in one slot (Redis Cluster-safe). KEYS
-layout, always the same 15 keys (see ``broker.QueueKeys``):
+layout, always the same 16 keys (see ``broker.QueueKeys``; ``<queue>`` in a key is the
+queue name with ``%``, ``:``, ``{`` and ``}`` percent-encoded):
 
 ====== ===================================================================
 KEYS   key
@@ -14,12 +15,17 @@ KEYS   key
        member ``"<band>|<entry id>"``, score = deadline (epoch ms)
 13     ``{ns:queue}:released`` ZSET of nacked entries waiting to be re-taken:
        member ``"<band>|<entry id>"``, score = band
-14     ``{ns:queue}:dead``     dead-letter stream (fields p, r, t)
+14     ``{ns:queue}:dead``     dead-letter stream (fields p, r, t), capped at
+       about ``dead_letter_max`` entries (``XADD MAXLEN ~``)
 15     ``{ns:queue}:claim``    HASH band -> XAUTOCLAIM cursor
+16     ``{ns:queue}:dead_trimmed`` counter: dead letters dropped by the cap
 ====== ===================================================================
 
 Stream entries carry field ``p`` (the envelope bytes) and, when the envelope has
-its own visibility timeout, ``v`` (milliseconds).
+its own visibility timeout, ``v`` (milliseconds). Whatever ``v`` holds (entries may
+be written by other programs: huge, negative, fractional, NaN), the fetch script
+clamps it to ``MIN..MAX_VISIBILITY_TIMEOUT`` (NaN or not a number: the default) before
+it reaches XCLAIM or ZADD, so no stored value can make a fetch fail.
 
 Leases. A delivery's deadline is its last delivery time + the *idle horizon* H
 (the broker's ``default_visibility_timeout``), so expiry is exactly what XAUTOCLAIM
@@ -35,6 +41,8 @@ removing the new holder's delivery or forking the task into two lineages.
 """
 
 from __future__ import annotations
+
+from stem.limits import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT
 
 #: Consumer name that owns nacked entries until a fetch takes them again.
 RELEASED = "stem:released"
@@ -189,6 +197,11 @@ local got = 0
 local function lease(band, id, f)
   if f[3] == 'v' then
     local vt = tonumber(f[4])
+    if vt and vt == vt then  -- NaN (vt ~= vt) or not a number: the default lease
+      vt = math.floor(math.min(math.max(vt, __MIN_VT_MS__), __MAX_VT_MS__))
+    else
+      vt = nil
+    end
     if vt and vt < H then
       redis.call('XCLAIM', KEYS[band + 1], G, consumer, 0, id, 'IDLE', H - vt, 'JUSTID')
     elseif vt and vt > H then
@@ -288,7 +301,8 @@ end
 local nd = redis.call('ZRANGE', KEYS[11], 0, 0, 'WITHSCORES')
 if nd[2] then out[1] = nd[2] end
 return out
-"""
+""".replace("__MIN_VT_MS__", str(round(MIN_VISIBILITY_TIMEOUT * 1000)))
+    .replace("__MAX_VT_MS__", str(round(MAX_VISIBILITY_TIMEOUT * 1000)))
 )
 
 #: ARGV: group, then (consumer, items) pairs. Returns flags.
@@ -339,21 +353,32 @@ return flags
 """
 )
 
-#: ARGV: group, now_ms, then per delivery: item, consumer, reason.
-#: Copies the stored bytes to the dead-letter stream, then acks. Returns flags.
+#: ARGV: group, now_ms, cap, then per delivery: item, consumer, reason.
+#: Copies the stored bytes to the dead-letter stream (trimmed to about ``cap``
+#: entries, oldest first), then acks. Returns {flags, how many old dead letters the
+#: cap dropped}; the drops are also added to the ``dead_trimmed`` counter.
 DEAD = (
     _PRELUDE
     + """
 local by_band = {}
-local flags = each_held_item(3, 3, function(i, band, id)
+local before = redis.call('XLEN', KEYS[14])
+local added = 0
+local flags = each_held_item(4, 3, function(i, band, id)
   local e = redis.call('XRANGE', KEYS[band + 1], id, id)[1]
   local raw = ''
   if e and e[2][1] == 'p' then raw = e[2][2] end
-  redis.call('XADD', KEYS[14], '*', 'p', raw, 'r', ARGV[i + 2], 't', ARGV[2])
+  redis.call('XADD', KEYS[14], 'MAXLEN', '~', ARGV[3], '*',
+             'p', raw, 'r', ARGV[i + 2], 't', ARGV[2])
+  added = added + 1
   add_to(by_band, band, id)
 end)
 finish(by_band)
-return flags
+local trimmed = 0
+if added > 0 then
+  trimmed = before + added - redis.call('XLEN', KEYS[14])
+  if trimmed > 0 then redis.call('INCRBY', KEYS[16], trimmed) end
+end
+return {flags, trimmed}
 """
 )
 
