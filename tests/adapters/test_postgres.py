@@ -28,6 +28,7 @@ from stem.envelope import Envelope
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.status import TaskState, TaskStatus
 from tests.helpers import capture_stem_logs, eventually
+from tests.services import pg_address, pg_via, pg_with_database
 
 pytestmark = pytest.mark.postgres
 
@@ -161,9 +162,10 @@ async def test_unreachable_server_fails_fast_with_a_useful_message() -> None:
 
 
 async def test_unknown_database_says_so(postgres_url: str) -> None:
-    base = postgres_url.rsplit("/", 1)[0]
-    broker = broker_from_url(f"{base}/stem_no_such_db_xyz")
-    with pytest.raises(ServiceUnavailableError, match="does not exist"):
+    broker = broker_from_url(pg_with_database(postgres_url, "stem_no_such_db_xyz"))
+    with pytest.raises(ServiceUnavailableError,
+                       match=r'database "stem_no_such_db_xyz" does not exist.*the database '
+                             r"does not exist; create it or fix the database name"):
         await broker.ping()
     await broker.close()
 
@@ -685,10 +687,11 @@ async def test_app_and_worker_on_postgres_with_transactional_enqueue(pg_url: str
 
 class FlakyProxy:
     """TCP proxy to the test server that can drop every connection and refuse new ones
-    (what clients see while Postgres restarts), then come back on the same port."""
+    (what clients see while Postgres restarts), then come back on the same port.
+    ``target`` is ``(host, port)``, or a Unix socket path (the embedded server's)."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        self.target = target
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
@@ -707,7 +710,10 @@ class FlakyProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if isinstance(self.target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
             return
@@ -729,15 +735,9 @@ class FlakyProxy:
 async def test_reconnects_after_an_outage_and_logs_it_once(
     postgres_url: str, namespace: str
 ) -> None:
-    from urllib.parse import urlsplit
-
-    real = urlsplit(postgres_url)
-    proxy = FlakyProxy(real.hostname or "127.0.0.1", real.port or 5432)
+    proxy = FlakyProxy(pg_address(postgres_url))
     await proxy.up()
-    via_proxy = with_params(
-        real._replace(netloc=f"{real.username or 'postgres'}@127.0.0.1:{proxy.port}").geturl(),
-        schema=namespace,
-    )
+    via_proxy = with_params(pg_via(postgres_url, "127.0.0.1", proxy.port), schema=namespace)
     broker, producer = PostgresBroker(via_proxy), PostgresBroker(with_params(postgres_url,
                                                                               schema=namespace))
     try:

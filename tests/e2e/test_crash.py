@@ -18,6 +18,7 @@ import pytest
 
 import stem
 from stem import TaskState
+from stem.adapters.postgres._pool import parse_url
 from tests import services
 from tests.e2e import e2e_app
 from tests.e2e.conftest import read_marks
@@ -144,7 +145,7 @@ async def test_dropped_connections_mid_run_recover(backend: str, request: pytest
         if backend == "redis":
             killed = await _kill_redis_clients(url)
         else:
-            killed = await _kill_pg_backends(url.split("?", 1)[0], worker.pid)
+            killed = await _kill_pg_backends(parse_url(url).dsn, worker.pid)
         assert killed >= 1
         statuses = await eventually(lambda: _all_finished(producer, ids), timeout=90,
                                     interval=0.2)
