@@ -1,20 +1,47 @@
-"""Loading the user's app from ``module:attribute`` with one clear line on failure."""
+"""CLI helpers: loading the user's app (``module:attribute``), one-line errors, option ranges."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
+from stem._urls import mask_urls_in
 from stem.app import Stem
 
 
+def error_line(message: str) -> None:
+    """Print ``message`` as one ``stem: error:`` line on stderr, credentials masked.
+
+    Every error the CLI shows goes through here: URLs (and ``password=`` pairs) in the
+    message are masked whatever raised it, and line breaks are folded so a message is
+    always one line.
+    """
+    text = " ".join(mask_urls_in(message).split())
+    typer.echo(f"stem: error: {text}", err=True)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise."""
-    typer.echo(f"stem: error: {message}", err=True)
+    """Print one error line to stderr and return the Exit to raise."""
+    error_line(message)
     return typer.Exit(code)
+
+
+def between(low: float, high: float, unit: str = "") -> Callable[[Any], Any]:
+    """An option callback refusing values outside ``low..high`` (NaN too), naming the range."""
+    def check(value: Any) -> Any:
+        if value is not None and not low <= value <= high:  # NaN fails the comparison
+            raise typer.BadParameter(f"{value} is not in the range {_num(low)}..{_num(high)}{unit}")
+        return value
+    return check
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def load_app(spec: str) -> Stem:

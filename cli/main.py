@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -11,12 +13,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stem._urls import mask_url
 from stem.app import Stem
-from stem.errors import StemError
-from stem.log import configure_logging
+from stem.errors import ConfigurationError, StemError
+from stem.log import configure_logging, parse_level
 from stem.worker import Worker
-from stem_cli._app import fail, load_app
+from stem_cli._app import between, error_line, fail, load_app
 from stem_cli.ops import dlq_app, observe_app
+
+try:  # typer >= 0.22 ships its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer, on top of click
+    from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
 
 app = typer.Typer(help="Stem: asyncio-native background tasks.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -29,29 +37,56 @@ app.add_typer(observe_app, name="observe")
 
 AppOpt = Annotated[str, typer.Option("--app", "-A", help="Your app as module:attribute.")]
 
+#: Bounds of the numeric options (out of range: a usage error naming the range, exit 2).
+MAX_CONCURRENCY = 10_000
+MAX_PREFETCH_MULTIPLIER = 1_000
+MAX_POOL = 1_024
+MAX_GRACE = 86_400.0
+MIN_BLOCK_TIME, MAX_BLOCK_TIME = 0.01, 3_600.0
+MAX_COUNT = 2**31 - 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    try:
+        parse_level(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not one of {', '.join(LOG_LEVELS)} (any case)") from None
+    return value.upper()
+
 
 @worker_app.command("start")
 def worker_start(
     app_spec: AppOpt,
     queue: Annotated[list[str] | None, typer.Option("--queue", "-Q",
                      help="Queue to consume (repeatable). Default: all queues of the app's tasks.")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1,
-                           help="Tasks in flight at once.")] = 16,
-    grace: Annotated[float, typer.Option("--grace",
-                     help="Seconds a graceful stop waits for running tasks.")] = 30.0,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c",
+                           callback=between(1, MAX_CONCURRENCY),
+                           help=f"Tasks in flight at once (1..{MAX_CONCURRENCY}).")] = 16,
+    grace: Annotated[float, typer.Option("--grace", callback=between(0, MAX_GRACE, " seconds"),
+                     help="Seconds a graceful stop waits for running tasks "
+                          f"(0..{MAX_GRACE:g}).")] = 30.0,
     block_time: Annotated[float, typer.Option("--block-time",
-                          help="Seconds one fetch blocks when idle.")] = 1.0,
-    pool: Annotated[int | None, typer.Option("--pool", min=1,
-                    help="Run def tasks in N child processes (killable at hard time "
-                         "limits). Default: only tasks that need it get a pool.")] = None,
-    max_tasks_per_child: Annotated[int | None, typer.Option("--max-tasks-per-child", min=1,
+                          callback=between(MIN_BLOCK_TIME, MAX_BLOCK_TIME, " seconds"),
+                          help="Seconds one fetch blocks when idle "
+                               f"({MIN_BLOCK_TIME:g}..{MAX_BLOCK_TIME:g}).")] = 1.0,
+    pool: Annotated[int | None, typer.Option("--pool", callback=between(1, MAX_POOL),
+                    help=f"Run def tasks in N (1..{MAX_POOL}) child processes (killable at "
+                         "hard time limits). Default: only tasks that need it get a pool.")] = None,
+    max_tasks_per_child: Annotated[int | None, typer.Option("--max-tasks-per-child",
+                                   callback=between(1, MAX_COUNT),
                                    help="Replace a pool child after this many tasks.")] = None,
-    max_memory_per_child: Annotated[int | None, typer.Option("--max-memory-per-child", min=1,
+    max_memory_per_child: Annotated[int | None, typer.Option("--max-memory-per-child",
+                                    callback=between(1, MAX_COUNT),
                                     help="Replace a pool child once its resident memory "
                                          "exceeds this many KiB.")] = None,
-    prefetch_multiplier: Annotated[int, typer.Option("--prefetch-multiplier", min=1,
-                                   help="Lease up to concurrency x this many tasks at once.")] = 4,
-    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    prefetch_multiplier: Annotated[int, typer.Option("--prefetch-multiplier",
+                                   callback=between(1, MAX_PREFETCH_MULTIPLIER),
+                                   help="Lease up to concurrency x this many tasks at once "
+                                        f"(1..{MAX_PREFETCH_MULTIPLIER}).")] = 4,
+    log_level: Annotated[str, typer.Option("--log-level", callback=_log_level,
+                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")] = "INFO",
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0."""
     configure_logging(log_level)
@@ -84,8 +119,6 @@ def worker_start(
 
     try:
         asyncio.run(main())
-    except StemError as exc:
-        raise fail(str(exc), 1) from None
     except asyncio.CancelledError:
         raise typer.Exit(1) from None
 
@@ -120,10 +153,7 @@ def result(
         finally:
             await stem_app.close()
 
-    try:
-        status, res = asyncio.run(get())
-    except StemError as exc:
-        raise fail(str(exc), 1) from None
+    status, res = asyncio.run(get())
     if status is None:
         raise fail(f"no result for task {task_id} (not started yet, unknown, or expired)", 1)
     if json_out:
@@ -148,41 +178,29 @@ def migrate(
                    help="Store URL (default: STEM_BROKER_URL, then STEM_RESULT_BACKEND_URL).")] = None,
 ) -> None:
     """Create or upgrade Stem's tables now (Postgres also does it on first connect)."""
-    from stem.config import StemConfig
+    from stem.config import StemConfig, check_url
 
     config = StemConfig.from_env()
-    targets = [url] if url else list(dict.fromkeys(
+    targets = [check_url(url, "--url")] if url else list(dict.fromkeys(
         u for u in (config.broker_url, config.backend_url) if u))
     for target in targets:
-        scheme = target.split(":", 1)[0]
+        scheme = target.split(":", 1)[0].lower()
         if scheme in ("postgres", "postgresql"):
             from stem.adapters.postgres import migrate as pg_migrate
 
-            try:
-                applied = asyncio.run(pg_migrate(target, namespace=config.namespace))
-            except StemError as exc:
-                raise fail(str(exc), 1) from None
+            applied = asyncio.run(pg_migrate(target, namespace=config.namespace))
             done = ", ".join(map(str, applied)) if applied else "none (already current)"
-            typer.echo(f"{_redact(target)}: applied migrations {done}")
+            typer.echo(f"{mask_url(target)}: applied migrations {done}")
         else:
-            typer.echo(f"{_redact(target)}: {scheme} needs no migrations")
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+            typer.echo(f"{mask_url(target)}: {scheme} needs no migrations")
 
 
 @app.command("bench")
 def bench(
     url: Annotated[str, typer.Option("--url", help="Broker (and result backend) URL.")] = (
         "redis://127.0.0.1:6379/14"),
-    n: Annotated[int, typer.Option("--n", help="Tasks for W1/W2.")] = 10_000,
+    n: Annotated[int, typer.Option("--n", callback=between(1, MAX_COUNT),
+                 help="Tasks for W1/W2.")] = 10_000,
     workload: Annotated[list[str] | None, typer.Option("--workload", "-w",
                         help="W1..W4 (repeatable; default all).")] = None,
     floor_dir: Annotated[str | None, typer.Option("--floor-dir",
@@ -190,7 +208,8 @@ def bench(
     counter_redis: Annotated[str | None, typer.Option("--counter-redis",
                              help="Redis for the per-task INCR (peers.md parity).")] = (
         "redis://127.0.0.1:6379/14"),
-    concurrency: Annotated[int, typer.Option("-c", help="Worker concurrency for W2/W3.")] = 100,
+    concurrency: Annotated[int, typer.Option("-c", callback=between(1, MAX_CONCURRENCY),
+                           help="Worker concurrency for W2/W3.")] = 100,
 ) -> None:
     """Measure W1-W4 against a broker, next to the raw floor in the same run."""
     from pathlib import Path
@@ -207,6 +226,37 @@ def bench(
     bench_mod.report(bench_mod._kind(url), fig, Console())
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
+
+    The one place errors become output: a :class:`StemError` from any command is one
+    ``stem: error:`` line on stderr (credentials masked) and exit 1, or 2 for a
+    :class:`ConfigurationError`; a usage error (unknown option, value out of range) is
+    one line naming the option and exit 2, as click does. No traceback for either.
+    """
+    try:
+        rv = app(args=list(sys.argv[1:] if argv is None else argv), prog_name="stem",
+                 standalone_mode=False)
+    except StemError as exc:
+        error_line(str(exc) or type(exc).__name__)
+        return 2 if isinstance(exc, ConfigurationError) else 1
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # rich help is already printed
+            if exc.format_message().strip():
+                typer.echo(exc.format_message(), err=True)
+            return exc.exit_code
+        message = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        if isinstance(exc, UsageError) and ctx is not None:
+            message = f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
+        error_line(message)
+        return exc.exit_code
+    except typer.Abort:
+        error_line("aborted")
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    sys.exit(run())

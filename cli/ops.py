@@ -13,8 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stem.app import Stem
-from stem.errors import StemError
-from stem_cli._app import fail, load_app
+from stem_cli._app import between, load_app
 
 T = TypeVar("T")
 
@@ -25,6 +24,8 @@ AppOpt = Annotated[str | None, typer.Option("--app", "-A",
                    help="App whose broker to use (default: STEM_* environment).")]
 QueueOpt = Annotated[list[str] | None, typer.Option("--queue", "-Q",
                      help="Queue (repeatable; default: the app's queues).")]
+#: Largest --limit (stores take the count as a 32/64-bit integer).
+MAX_LIMIT = 1_000_000
 
 
 def _run(app_spec: str | None, op: Callable[[Stem], Awaitable[T]]) -> T:
@@ -36,10 +37,7 @@ def _run(app_spec: str | None, op: Callable[[Stem], Awaitable[T]]) -> T:
         finally:
             await stem_app.close()
 
-    try:
-        return asyncio.run(go())
-    except StemError as exc:
-        raise fail(str(exc), 1) from None
+    return asyncio.run(go())  # a StemError becomes one line in stem_cli.main.run
 
 
 def _queues(stem_app: Stem, queue: list[str] | None) -> list[str]:
@@ -54,7 +52,8 @@ def _queues(stem_app: Stem, queue: list[str] | None) -> list[str]:
 def dlq_list(
     app_spec: AppOpt = None,
     queue: QueueOpt = None,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    limit: Annotated[int, typer.Option("--limit", callback=between(1, MAX_LIMIT),
+                     help=f"At most this many per queue (1..{MAX_LIMIT}).")] = 50,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Dead letters, oldest first, with the reason each was dead-lettered."""
@@ -84,7 +83,9 @@ def dlq_list(
 def dlq_replay(
     app_spec: AppOpt = None,
     queue: QueueOpt = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", callback=between(1, MAX_LIMIT),
+                     help=f"Replay at most this many per queue (1..{MAX_LIMIT}; "
+                          "default: all).")] = None,
 ) -> None:
     """Publish dead letters again (attempt reset to 0); undecodable ones stay."""
     async def op(a: Stem) -> dict[str, int]:
