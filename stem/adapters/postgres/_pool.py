@@ -274,7 +274,7 @@ class Connector:
                 "postgres connection lost; reconnecting",
                 role=self.role,
                 server=self.settings.display,
-                error=str(exc) or type(exc).__name__,
+                error=redact(str(exc) or type(exc).__name__, self.settings.dsn),
             )
 
     def _note_ok(self) -> None:
@@ -392,7 +392,8 @@ class Listener:
                         "postgres LISTEN connection unavailable; polling until it is back",
                         channel=self._channel,
                         server=self._connector.settings.display,
-                        error=str(exc) or type(exc).__name__,
+                        error=redact(str(exc) or type(exc).__name__,
+                                     self._connector.settings.dsn),
                     )
                 return False
             conn.add_termination_listener(self._terminated)
