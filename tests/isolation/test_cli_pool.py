@@ -102,7 +102,7 @@ def test_pool_worker_with_an_unimportable_app_exits_with_one_line(tmp_path: Path
     out = subprocess.run(
         [sys.executable, "-m", "stem_cli", "worker", "start", "--app", SPEC, "--pool", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 2, out.stderr  # a ConfigurationError: the CLI exits 2
     assert "stem: error: the process pool could not start" in out.stderr
     assert "refuses to load in a pool child" in out.stderr
     assert time.monotonic() - t0 < 30
