@@ -6,11 +6,11 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from stem._time import utcnow
-from stem.adapters import backend_from_url, broker_from_url
-from stem.config import StemConfig
+from stem.adapters import store_from_url
+from stem.config import StemConfig, check_url
 from stem.context import TaskContext
 from stem.encoding import (
     ARGS_ENCODER_HEADER,
@@ -22,7 +22,7 @@ from stem.encoding import (
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, EnvelopeDecodeError, WaitTimeoutError
 from stem.limits import check_visibility_timeout, clamp_priority
-from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, TransactionalPublisher
+from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, Store, TransactionalPublisher
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskStatus
 from stem.task import (
@@ -62,17 +62,21 @@ class TaskDecorator(Protocol):
 class Stem:
     """A Stem application: register tasks with ``@app.task``, enqueue them, wait for results.
 
-    ``broker`` and ``backend`` take URLs or adapter objects. With neither, the app
-    reads ``STEM_*`` environment variables and falls back to one SQLite file
-    (``sqlite:///.stem/stem.db``), so producer and worker need no server.
+    ``broker`` and ``backend`` take URLs, stores (:class:`stem.ports.Store`, e.g. a
+    ``PostgresStore`` built on your own pool) or adapter objects. Each distinct URL
+    gets one store, so a broker and a backend on the same URL share its connections.
+    With neither, the app reads ``STEM_*`` environment variables and falls back to one
+    SQLite file (``sqlite:///.stem/stem.db``), so producer and worker need no server.
+    A broker object needs a backend too (a URL, store or object): there is no
+    silent default for it.
     """
 
     def __init__(
         self,
         name: str = "stem",
         *,
-        broker: str | Broker | None = None,
-        backend: str | ResultBackend | None = None,
+        broker: str | Broker | Store | None = None,
+        backend: str | ResultBackend | Store | None = None,
         namespace: str | None = None,
         encoders: TaskPayloadEncoderRegistry | None = None,
         default_queue: str = "default",
@@ -86,26 +90,42 @@ class Stem:
         self.default_queue = default_queue
         self.result_ttl = result_ttl
         self.tasks: dict[str, TaskDefinition[Any, Any]] = {}
-        if isinstance(broker, str):
-            self.broker_url = broker
-            self._broker: Broker | None = None
+        self._stores: dict[str, Store] = {}
+        self._broker: Broker | None = None
+        self._backend: ResultBackend | None = None
+        self._broker_store: Store | None = None
+        self._backend_store: Store | None = None
+        self._objects: list[Broker | ResultBackend] = []  # passed in; closed by close()
+        if isinstance(broker, Store):
+            self._broker_store = self._adopt(broker)
+            self.broker_url = broker.url
+        elif isinstance(broker, str) or broker is None:
+            self.broker_url = self.config.broker_url if broker is None else check_url(
+                broker, "broker")
         else:
-            self.broker_url = self.config.broker_url if broker is None else "<object>"
+            if backend is None:
+                raise ConfigurationError(
+                    "Stem(broker=<broker object>) needs backend= as well (a URL, a store or "
+                    "a ResultBackend); or pass a store as broker= (stem.adapters."
+                    "store_from_url(url)) and it provides both"
+                )
             self._broker = broker
-        if isinstance(backend, str):
-            self.backend_url = backend
-            self._backend: ResultBackend | None = None
+            self._objects.append(broker)
+            self.broker_url = "<object>"
+        if isinstance(backend, Store):
+            self._backend_store = self._adopt(backend)
+            self.backend_url = backend.url
+        elif isinstance(backend, str):
+            self.backend_url = check_url(backend, "result backend")
         elif backend is None:
-            # A URL-configured broker implies the same store for results unless told otherwise.
-            self.backend_url = (
-                self.config.backend_url
-                or (self.broker_url if self.broker_url != "<object>" else None)
-                or self.config.resolved_backend_url
-            )
-            self._backend = None
+            # The broker's store keeps results too unless configured otherwise.
+            self.backend_url = self.config.backend_url or self.broker_url
+            if self.config.backend_url is None:
+                self._backend_store = self._broker_store
         else:
-            self.backend_url = "<object>"
             self._backend = backend
+            self._objects.append(backend)
+            self.backend_url = "<object>"
         self._publishers: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, _CoalescingPublisher
         ] = weakref.WeakKeyDictionary()
@@ -120,28 +140,63 @@ class Stem:
         """An app configured from ``STEM_*`` environment variables."""
         return cls(name, config=StemConfig.from_env(), **kwargs)
 
-    # -- adapters -----------------------------------------------------------------------
+    # -- stores and adapters ------------------------------------------------------------
+
+    def _adopt(self, store: Store) -> Store:
+        self._stores.setdefault(store.url, store)
+        return store
+
+    def store_for(self, url: str) -> Store:
+        """The app's store for ``url`` (one per distinct URL, built on first use)."""
+        store = self._stores.get(url)
+        if store is None:
+            store = self._stores[url] = store_from_url(url, namespace=self.namespace)
+        return store
+
+    @property
+    def broker_store(self) -> Store | None:
+        """The store the broker comes from (None for a broker object passed in)."""
+        if self._broker_store is None and self._broker is None:
+            self._broker_store = self.store_for(self.broker_url)
+        return self._broker_store
+
+    @property
+    def backend_store(self) -> Store | None:
+        """The store the result backend comes from (None for a backend object passed in)."""
+        if self._backend_store is None and self._backend is None:
+            self._backend_store = self.store_for(self.backend_url)
+        return self._backend_store
 
     @property
     def broker(self) -> Broker:
-        """The broker (built from its URL on first use; connects lazily)."""
+        """The broker (built from its store on first use; connects lazily)."""
         if self._broker is None:
-            self._broker = broker_from_url(self.broker_url, namespace=self.namespace)
+            store = self.broker_store
+            assert store is not None
+            self._broker = store.broker
         return self._broker
 
     @property
     def backend(self) -> ResultBackend:
-        """The result backend (built from its URL on first use; connects lazily)."""
+        """The result backend (built from its store on first use; connects lazily)."""
         if self._backend is None:
-            self._backend = backend_from_url(self.backend_url, namespace=self.namespace)
+            store = self.backend_store
+            assert store is not None
+            self._backend = store.backend
         return self._backend
 
+    @property
+    def shared_store(self) -> Store | None:
+        """The store when broker and backend come from the same one, else None."""
+        broker, backend = self.broker_store, self.backend_store
+        return broker if broker is not None and broker is backend else None
+
     async def close(self) -> None:
-        """Close adapter connections."""
-        if self._broker is not None:
-            await self._broker.close()
-        if self._backend is not None and self._backend is not cast(object, self._broker):
-            await self._backend.close()
+        """Close the app's stores and any adapter objects passed in."""
+        for part in self._objects:
+            await part.close()
+        for store in list(self._stores.values()):
+            await store.close()
 
     # -- registry -----------------------------------------------------------------------
 

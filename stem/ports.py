@@ -216,13 +216,55 @@ class TransactionalPublisher(Protocol):
 
 
 @runtime_checkable
-class ResultAwareBroker(Protocol):
-    """A broker that can store results and ack in one transaction when it shares the
-    result backend's store (the worker's completer then saves a round-trip per batch)."""
+class Store(Protocol):
+    """Everything Stem keeps at one URL, over one set of connections.
 
-    def shares_store_with(self, backend: object) -> bool:
-        """True when ``ack_with_results`` may replace ``backend.set_many`` + ``ack``."""
+    A store owns the connections for its URL (one Postgres pool and one LISTEN
+    connection, one Redis client and pub/sub connection, one SQLite database handle)
+    and hands out the stores built on them: :attr:`broker`, :attr:`backend` (and
+    more as Stem grows). ``Stem`` asks :func:`stem.adapters.store_from_url` for one
+    store per distinct URL, so a broker and a backend on the same URL share it.
+    Nothing connects until first use; ``async with store:`` closes it on exit.
+    """
+
+    #: The URL this store was built from (may hold a password: show it masked).
+    url: str
+
+    @property
+    def broker(self) -> Broker:
+        """The broker on this store's connections."""
         ...
+
+    @property
+    def backend(self) -> ResultBackend:
+        """The result backend on this store's connections."""
+        ...
+
+    async def ping(self) -> None:
+        """Check the store is reachable; raise ServiceUnavailableError saying what to fix."""
+        ...
+
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the store's schema now; return the migrations applied."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection the store opened (a later use reopens them)."""
+        ...
+
+    async def __aenter__(self) -> Store: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class AtomicAckStore(Protocol):
+    """A store that can write results and ack deliveries in one transaction.
+
+    The worker's completer uses it when its broker and backend come from the same
+    store: a result and its ack cannot be split by a crash, and a batch costs one
+    round-trip instead of two.
+    """
 
     async def ack_with_results(
         self,

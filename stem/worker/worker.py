@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from stem import signals
 from stem._time import now_iso
@@ -27,7 +27,7 @@ from stem.envelope import Envelope, payload_limit, peek_task_id
 from stem.errors import EnvelopeDecodeError, UnsettledDeliveriesError
 from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
-from stem.ports import Delivery, ResultAwareBroker
+from stem.ports import AtomicAckStore, Delivery
 from stem.retry import RetryStrategy
 from stem.status import TaskError, TaskState, TaskStatus
 from stem.worker.executor import Executor
@@ -138,7 +138,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.processed = 0
         self._fetch_failing = False
-        self._combined_ack = False
+        self._atomic_ack: AtomicAckStore | None = None
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
         self._lost_settles = 0  # deliveries whose settle call failed while stopping
         signals.worker_init.send(self)
@@ -172,8 +172,9 @@ class Worker:
         await backend.ping()
         await self.executor.start()  # warm the process pool before taking work
         self._completer = _Completer(self)
-        self._combined_ack = isinstance(broker, ResultAwareBroker) and broker.shares_store_with(
-            backend)
+        shared = self.app.shared_store
+        # Broker and backend from one store that can ack with results atomically.
+        self._atomic_ack = shared if isinstance(shared, AtomicAckStore) else None
         log.info("worker.started", consumer=self.consumer_name, queues=self.queues,
                  concurrency=self.concurrency, tasks=len(self.app.tasks))
         keeper = asyncio.create_task(self._lease_keeper())
@@ -682,10 +683,11 @@ class _Completer:
         if rejected:
             await self._add_reject_statuses(statuses, rejected)
         backoff = 0.05
-        if statuses and acks and self.worker._combined_ack:
+        atomic = self.worker._atomic_ack
+        if statuses and acks and atomic is not None:
             # Same store: results and acks in one transaction, one round-trip.
             try:
-                await cast(ResultAwareBroker, broker).ack_with_results(
+                await atomic.ack_with_results(
                     acks, list(statuses.values()), default_ttl=app.backend.default_ttl)
                 statuses, acks_done = {}, acks
                 acks = []

@@ -608,31 +608,6 @@ async def test_expired_results_are_hidden_then_purged(
     assert await raw_conn.fetchval(f'SELECT count(*) FROM "{namespace}".stem_results') == 1
 
 
-async def test_ack_with_results_writes_and_acks_in_one_go(
-    broker: PostgresBroker, backend: PostgresResultBackend
-) -> None:
-    assert broker.shares_store_with(backend)
-    await broker.publish([env(), env()])
-    deliveries = await broker.fetch(["q"], 2, block=0, consumer="w")
-    statuses = [
-        (TaskStatus(id=d.envelope.id, state=TaskState.SUCCEEDED, payload=i), None)  # type: ignore[union-attr]
-        for i, d in enumerate(deliveries)
-    ]
-    waiting = asyncio.create_task(backend.wait(statuses[0][0].id, 5))
-    await broker.ack_with_results(deliveries, statuses)
-    assert (await broker.stats("q")).in_flight == 0
-    assert (await asyncio.wait_for(waiting, 5)) is not None
-    assert len(await backend.get_many([s.id for s, _ in statuses])) == 2
-
-
-async def test_shares_store_only_with_the_same_schema(
-    broker: PostgresBroker, postgres_url: str
-) -> None:
-    other = PostgresResultBackend(with_params(postgres_url, schema="elsewhere"))
-    assert not broker.shares_store_with(other)
-    assert not broker.shares_store_with(object())
-
-
 async def test_older_schema_is_upgraded_on_connect(
     pg_url: str, raw_conn: asyncpg.Connection, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

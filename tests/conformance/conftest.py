@@ -1,8 +1,8 @@
 """The conformance suite runs every test in this folder once per adapter.
 
 An adapter joins by adding its name to ADAPTERS and a branch to ``adapter_url``;
-adapters are built through ``stem.adapters.broker_from_url`` / ``backend_from_url``,
-exactly as users build them.
+broker and backend come from one store per URL (``stem.adapters.store_from_url``),
+exactly as an app builds them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stem.adapters import backend_from_url, broker_from_url
-from stem.ports import Broker, ResultBackend
+from stem.adapters import store_from_url
+from stem.ports import Broker, ResultBackend, Store
 from tests.services import drop_pg_schema, drop_redis_keys
 
 ADAPTERS = ["memory", "sqlite", "postgres", "redis"]
@@ -47,20 +47,22 @@ def store_url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path) ->
 
 
 @pytest.fixture
-async def broker(store_url: str, namespace: str) -> AsyncIterator[Broker]:
-    """A broker on an isolated store."""
-    b = broker_from_url(store_url, namespace=namespace)
+async def store(store_url: str, namespace: str) -> AsyncIterator[Store]:
+    """The store for an isolated URL (closed after the test)."""
+    st = store_from_url(store_url, namespace=namespace)
     try:
-        yield b
+        yield st
     finally:
-        await b.close()
+        await st.close()
 
 
 @pytest.fixture
-async def backend(store_url: str, namespace: str) -> AsyncIterator[ResultBackend]:
-    """A result backend on an isolated store."""
-    b = backend_from_url(store_url, namespace=namespace)
-    try:
-        yield b
-    finally:
-        await b.close()
+def broker(store: Store) -> Broker:
+    """The store's broker."""
+    return store.broker
+
+
+@pytest.fixture
+def backend(store: Store) -> ResultBackend:
+    """The store's result backend."""
+    return store.backend

@@ -14,12 +14,16 @@ from urllib.parse import urlsplit
 
 from stem._urls import mask_url
 from stem.adapters._shared import check_namespace, check_no_query
+from stem.adapters._store import BaseStore
 from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
 from .broker import MemoryBroker
 
-__all__ = ["MemoryBackend", "MemoryBroker", "backend_from_url", "broker_from_url", "reset"]
+__all__ = [
+    "MemoryBackend", "MemoryBroker", "MemoryStore", "backend_from_url", "broker_from_url",
+    "reset", "store_from_url",
+]
 
 _lock = threading.Lock()
 _brokers: dict[tuple[str, str], MemoryBroker] = {}
@@ -52,6 +56,25 @@ def backend_from_url(url: str, *, namespace: str = "stem") -> MemoryBackend:
         if backend is None:
             backend = _backends[key] = MemoryBackend(key[1])
         return backend
+
+
+class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
+    """The process-wide memory broker and backend named by a ``memory://NAME`` URL."""
+
+    def __init__(self, url: str = "memory://", *, namespace: str = "stem") -> None:
+        super().__init__(url, check_namespace(namespace))
+        _name(url)  # refuse a bad URL now, not on first use
+
+    def _make_broker(self) -> MemoryBroker:
+        return broker_from_url(self.url, namespace=self.namespace)
+
+    def _make_backend(self) -> MemoryBackend:
+        return backend_from_url(self.url, namespace=self.namespace)
+
+
+def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
+    """A :class:`MemoryStore` for ``url`` (the data is shared process-wide by name)."""
+    return MemoryStore(url, namespace=namespace)
 
 
 def reset() -> None:

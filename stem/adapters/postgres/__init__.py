@@ -5,25 +5,24 @@ URLs are ``postgres://`` or ``postgresql://``; Stem reads and removes these quer
 parameters before the rest goes to asyncpg:
 
 - ``schema`` — the schema holding Stem's tables (default: the namespace, ``stem``);
-- ``pool_size`` — most connections in each adapter's pool (default 10);
+- ``pool_size`` — most connections in the store's pool (default 10);
 - ``connect_timeout`` — seconds to wait for a connection (default 5).
 """
 
 from __future__ import annotations
 
-import asyncpg
-
-from stem.adapters.postgres import migrations
-from stem.adapters.postgres._pool import parse_url, unavailable
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
+from stem.adapters.postgres.store import PostgresStore, store_from_url
 
 __all__ = [
     "PostgresBroker",
     "PostgresResultBackend",
+    "PostgresStore",
     "backend_from_url",
     "broker_from_url",
     "migrate",
+    "store_from_url",
 ]
 
 
@@ -43,12 +42,6 @@ async def migrate(url: str, *, namespace: str = "stem") -> list[int]:
     Returns the migration versions applied now (empty when already current). Safe to
     run while workers are running and from several processes at once.
     """
-    settings = parse_url(url, namespace)
-    try:
-        conn = await asyncpg.connect(settings.dsn, timeout=settings.connect_timeout)
-    except Exception as exc:
-        raise unavailable(settings, exc, "database") from exc
-    try:
-        return await migrations.apply(conn, settings.quoted_schema)
-    finally:
-        await conn.close()
+    async with PostgresStore(url, namespace=namespace) as store:
+        applied: list[int] = await store.migrate()
+        return applied

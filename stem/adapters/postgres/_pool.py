@@ -195,9 +195,12 @@ class Connector:
     #: Seconds an operation keeps retrying through an outage before giving up.
     reconnect_window: float = 15.0
 
-    def __init__(self, settings: PgSettings, role: str) -> None:
+    def __init__(self, settings: PgSettings, role: str, *, pool: Any = None) -> None:
         self.settings = settings
         self.role = role
+        # A pool the application passed in is used as is (migrated on first use) and
+        # never closed here.
+        self._external = pool
         self._pool: Any = None
         self._lock: asyncio.Lock | None = None
         self._ever_connected = False
@@ -209,6 +212,10 @@ class Connector:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            if self._pool is None and self._external is not None:
+                async with self._external.acquire() as conn:
+                    await migrations.apply(conn, self.settings.quoted_schema)
+                self._pool = self._external
             if self._pool is None:
                 pool = await asyncpg.create_pool(
                     self.settings.dsn,
@@ -305,9 +312,9 @@ class Connector:
             raise unavailable(self.settings, exc, self.role) from exc
 
     async def close(self) -> None:
-        """Close the pool; a later operation would open a new one."""
+        """Close the pool (not an application's own); a later operation opens a new one."""
         pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is not None and pool is not self._external:
             await pool.close()
 
 
@@ -330,25 +337,19 @@ def _server_settings(dsn: str) -> dict[str, str]:
     return {k: v for k, v in out.items() if k not in given}
 
 
-class Listener:
-    """One dedicated connection LISTENing on one channel, re-established after it drops.
+class ListenHub:
+    """One dedicated connection LISTENing on every channel a store's parts watch.
 
-    ``on_notify(payload)`` runs for each notification; ``on_reset()`` runs whenever
-    the connection is lost or re-established, because notifications may have been
-    missed meanwhile and waiters must look at the database again.
+    Re-established after it drops. Each channel has ``on_notify(payload)`` for its
+    notifications and ``on_reset()``, which runs whenever the connection is lost or
+    re-established, because notifications may have been missed meanwhile and waiters
+    must look at the database again.
     """
 
-    def __init__(
-        self,
-        connector: Connector,
-        channel: str,
-        on_notify: Callable[[str], None],
-        on_reset: Callable[[], None],
-    ) -> None:
+    def __init__(self, connector: Connector) -> None:
         self._connector = connector
-        self._channel = channel
-        self._on_notify = on_notify
-        self._on_reset = on_reset
+        self._channels: dict[str, tuple[Callable[[str], None], Callable[[], None]]] = {}
+        self._listening: set[str] = set()
         self._conn: Any = None
         self._lock: asyncio.Lock | None = None
         self._closing = False
@@ -360,27 +361,45 @@ class Listener:
         """True while the LISTEN connection is up."""
         return self._conn is not None and not self._conn.is_closed()
 
-    async def ensure(self) -> bool:
-        """Make sure LISTEN is active; return False (never raise) when it can't be now.
+    def channel(self, name: str, on_notify: Callable[[str], None], on_reset: Callable[[], None]
+                ) -> Listener:
+        """Watch channel ``name`` (LISTEN starts at the next :meth:`Listener.ensure`)."""
+        listener = Listener(self, name, on_notify, on_reset)
+        listener.register()
+        return listener
+
+    async def ensure(self, channel: str) -> bool:
+        """Make sure ``channel`` is LISTENed on; False (never raise) when it can't be now.
 
         Callers fall back to a short poll while this returns False; reconnect attempts
         are spaced with backoff so a down server is not hammered.
         """
-        if self.active:
+        if self.active and channel in self._listening:
             return True
-        if self._closing or time.monotonic() < self._retry_at:
+        if self._closing or channel not in self._channels or (
+                not self.active and time.monotonic() < self._retry_at):
             return False
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self.active:
+            if self.active and channel in self._listening:
                 return True
+            fresh = not self.active
             try:
-                conn = await self._connector.connect_dedicated()
+                if fresh:
+                    self._listening.clear()
+                    conn = await self._connector.connect_dedicated()
+                else:
+                    conn = self._conn
                 try:
-                    await conn.add_listener(self._channel, self._dispatch)
+                    for name in self._channels:
+                        if name not in self._listening:
+                            await conn.add_listener(name, self._dispatch)
+                            self._listening.add(name)
                 except BaseException:
-                    await conn.close()
+                    if fresh:
+                        self._listening.clear()
+                        await conn.close()
                     raise
             except Exception as exc:
                 if not is_connection_error(exc) and not isinstance(exc, ServiceUnavailableError):
@@ -389,37 +408,90 @@ class Listener:
                 self._failures += 1
                 if self._failures == 1:
                     log.warning(
-                        "postgres LISTEN connection unavailable; polling until it is back",
-                        channel=self._channel,
+                        "postgres.listen_unavailable",
+                        channel=channel,
                         server=self._connector.settings.display,
                         error=redact(str(exc) or type(exc).__name__,
                                      self._connector.settings.dsn),
                     )
                 return False
-            conn.add_termination_listener(self._terminated)
-            self._conn = conn
-            if self._failures:
-                log.info("postgres LISTEN connection restored", channel=self._channel)
-            self._failures = 0
+            if fresh:
+                conn.add_termination_listener(self._terminated)
+                self._conn = conn
+                if self._failures:
+                    log.info("postgres.listen_restored", channels=sorted(self._listening))
+                self._failures = 0
         # Anything published while we were not listening must be looked for now.
-        self._on_reset()
+        if fresh:
+            self._reset_all()
+        else:
+            self._channels[channel][1]()
         return True
 
-    def _dispatch(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._on_notify(payload)
+    def _reset_all(self) -> None:
+        for _, on_reset in list(self._channels.values()):
+            on_reset()
+
+    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        handlers = self._channels.get(channel)
+        if handlers is not None:
+            handlers[0](payload)
 
     def _terminated(self, conn: Any) -> None:
         if conn is self._conn:
             self._conn = None
+            self._listening.clear()
         if not self._closing:
-            self._on_reset()
+            self._reset_all()
+
+    async def drop(self, channel: str) -> None:
+        """Stop watching ``channel``; the connection closes with the last one."""
+        self._channels.pop(channel, None)
+        if self._channels:
+            if channel in self._listening and self.active:
+                self._listening.discard(channel)
+                with contextlib.suppress(Exception):
+                    await self._conn.remove_listener(channel, self._dispatch)
+            return
+        await self.close()
 
     async def close(self) -> None:
         """Stop listening and close the connection."""
         self._closing = True
+        self._listening.clear()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), timeout=2.0)
             except Exception:
                 conn.terminate()
+
+
+class Listener:
+    """One part's channel on a :class:`ListenHub` (a store's, or a part's own)."""
+
+    def __init__(self, hub: ListenHub, channel: str, on_notify: Callable[[str], None],
+                 on_reset: Callable[[], None]) -> None:
+        self.hub = hub
+        self.channel = channel
+        self._handlers = (on_notify, on_reset)
+
+    def register(self) -> None:
+        """(Re-)add this channel to the hub (after a close, the part may be used again)."""
+        self.hub._channels[self.channel] = self._handlers
+        self.hub._closing = False
+
+    @property
+    def active(self) -> bool:
+        """True while this channel is being listened on."""
+        return self.hub.active and self.channel in self.hub._listening
+
+    async def ensure(self) -> bool:
+        """See :meth:`ListenHub.ensure`."""
+        if self.channel not in self.hub._channels:
+            self.register()
+        return await self.hub.ensure(self.channel)
+
+    async def close(self) -> None:
+        """Stop watching the channel (the hub closes its connection with the last one)."""
+        await self.hub.drop(self.channel)

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from stem.adapters.postgres._pool import Connector, Listener, PgSettings, parse_url
+from stem.adapters.postgres._pool import Connector, ListenHub, PgSettings, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL
@@ -59,15 +59,19 @@ class PostgresResultBackend:
     purge_interval: float = 300.0
 
     def __init__(
-        self, url: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL
+        self, url: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL,
+        connector: Connector | None = None, hub: ListenHub | None = None,
     ) -> None:
         self.settings = parse_url(url, namespace)
         self.namespace = namespace
         self.default_ttl = default_ttl
-        self._db = Connector(self.settings, "result backend")
+        # A store passes the pool and LISTEN connection its parts share; alone, own them.
+        self._owns_db = connector is None
+        self._db = Connector(self.settings, "result backend") if connector is None else connector
+        self._hub = ListenHub(self._db) if hub is None else hub
         self._sql = Statements(self.settings.quoted_schema)
         self._channel = results_channel(self.settings)
-        self._listener = Listener(self._db, self._channel, self._on_notify, self._wake_all)
+        self._listener = self._hub.channel(self._channel, self._on_notify, self._wake_all)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._written = 0
         self._last_purge = time.monotonic()
@@ -188,4 +192,5 @@ class PostgresResultBackend:
         if self._purge_task is not None:
             await asyncio.gather(self._purge_task, return_exceptions=True)
         await self._listener.close()
-        await self._db.close()
+        if self._owns_db:
+            await self._db.close()

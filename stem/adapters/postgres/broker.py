@@ -30,9 +30,9 @@ from stem.adapters._shared import (
     extend_seconds,
     lease_seconds,
 )
-from stem.adapters.postgres._pool import Connector, Listener, parse_url
+from stem.adapters.postgres._pool import Connector, ListenHub, parse_url
 from stem.adapters.postgres._sql import Statements
-from stem.adapters.postgres.backend import PostgresResultBackend, results_channel, status_arrays
+from stem.adapters.postgres.backend import results_channel, status_arrays
 from stem.envelope import Envelope, peek_task_id
 from stem.limits import clamp_priority
 from stem.log import get_logger
@@ -134,7 +134,7 @@ class PostgresBroker:
 
     Beyond the port: :meth:`publish_with_connection` (transactional enqueue through
     the caller's connection) and :meth:`ack_with_results` (ack plus result write in
-    one statement, when the result backend lives in the same schema).
+    one statement, what :class:`PostgresStore` offers as its atomic ack).
     """
 
     def __init__(
@@ -143,14 +143,19 @@ class PostgresBroker:
         *,
         namespace: str = "stem",
         default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+        connector: Connector | None = None,
+        hub: ListenHub | None = None,
     ) -> None:
         self.settings = parse_url(url, namespace)
         self.namespace = namespace
         self.default_visibility_timeout = default_visibility_timeout
-        self._db = Connector(self.settings, "broker")
+        # A store passes the pool and LISTEN connection its parts share; alone, own them.
+        self._owns_db = connector is None
+        self._db = Connector(self.settings, "broker") if connector is None else connector
+        self._hub = ListenHub(self._db) if hub is None else hub
         self._sql = Statements(self.settings.quoted_schema)
         self._channel = self.settings.channel("jobs")
-        self._listener = Listener(self._db, self._channel, self._on_notify, self._wake_all)
+        self._listener = self._hub.channel(self._channel, self._on_notify, self._wake_all)
         # Queues some fetch has asked for; notifications for other queues are ignored
         # so a busy unrelated queue does not make idle fetchers re-query.
         self._watched: set[str] = set()
@@ -558,18 +563,10 @@ class PostgresBroker:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._listener.close()
-        await self._db.close()
+        if self._owns_db:
+            await self._db.close()
 
     # -- beyond the port --------------------------------------------------------
-
-    def shares_store_with(self, backend: object) -> bool:
-        """True when ``backend`` is a Postgres result backend on this broker's schema,
-        i.e. when :meth:`ack_with_results` may replace ``set_many`` + ``ack``."""
-        return (
-            isinstance(backend, PostgresResultBackend)
-            and backend.settings.dsn == self.settings.dsn
-            and backend.settings.schema == self.settings.schema
-        )
 
     async def ack_with_results(
         self,
@@ -581,9 +578,10 @@ class PostgresBroker:
         """Write ``statuses`` (as ``ResultBackend.set_many`` would) and ack
         ``deliveries``, in one statement and so one transaction.
 
-        For the worker's completer when :meth:`shares_store_with` says the result
-        backend is in the same schema: a result and its ack can't be split by a crash,
-        and it saves a round-trip per batch. Waiters are notified as by the backend.
+        For :meth:`PostgresStore.ack_with_results` (the worker's completer, when broker
+        and result backend come from one store): a result and its ack can't be split by
+        a crash, and it saves a round-trip per batch. Waiters are notified as by the
+        backend.
         """
         if not deliveries and not statuses:
             return

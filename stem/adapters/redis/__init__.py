@@ -11,9 +11,13 @@ unreachable server clearly.
 
 from __future__ import annotations
 
+from typing import Any
+
+from stem.adapters._shared import check_namespace
+from stem.adapters._store import BaseStore
 from stem.ports import DEFAULT_RESULT_TTL, DEFAULT_VISIBILITY_TIMEOUT
 
-from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisSettings, parse_redis_url
+from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings, parse_redis_url
 from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
 
@@ -21,15 +25,16 @@ __all__ = [
     "RedisBackend",
     "RedisBroker",
     "RedisSettings",
+    "RedisStore",
     "backend_from_url",
     "broker_from_url",
     "parse_redis_url",
+    "store_from_url",
 ]
 
 
-def broker_from_url(url: str, *, namespace: str = "stem") -> RedisBroker:
-    """A :class:`RedisBroker` for ``url`` (not connected yet)."""
-    settings = parse_redis_url(url)
+def _broker(settings: RedisSettings, namespace: str,
+            connector: RedisConnector | None = None) -> RedisBroker:
     return RedisBroker(
         settings,
         namespace=namespace,
@@ -39,14 +44,52 @@ def broker_from_url(url: str, *, namespace: str = "stem") -> RedisBroker:
             "default_visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT
         ),
         dead_letter_max=settings.count("dead_letter_max", DEFAULT_DEAD_LETTER_MAX),
+        connector=connector,
     )
 
 
-def backend_from_url(url: str, *, namespace: str = "stem") -> RedisBackend:
-    """A :class:`RedisBackend` for ``url`` (not connected yet)."""
-    settings = parse_redis_url(url)
+def _backend(settings: RedisSettings, namespace: str,
+             connector: RedisConnector | None = None) -> RedisBackend:
     return RedisBackend(
         settings,
         namespace=namespace,
         default_ttl=settings.seconds("result_ttl", DEFAULT_RESULT_TTL),
+        connector=connector,
     )
+
+
+class RedisStore(BaseStore[RedisBroker, RedisBackend]):
+    """Broker and result backend for one Redis URL, sharing one client (connection pool).
+
+    ``client=`` takes a ``redis.asyncio.Redis`` (or ``RedisCluster``) the application
+    already has; the store then uses it and leaves closing it to the application.
+    """
+
+    def __init__(self, url: str, *, namespace: str = "stem", client: Any = None) -> None:
+        super().__init__(url, check_namespace(namespace))
+        self.settings = parse_redis_url(url)
+        self.connector = RedisConnector(self.settings, client=client)
+
+    def _make_broker(self) -> RedisBroker:
+        return _broker(self.settings, self.namespace, self.connector)
+
+    def _make_backend(self) -> RedisBackend:
+        return _backend(self.settings, self.namespace, self.connector)
+
+    async def _close_shared(self) -> None:
+        await self.connector.close()
+
+
+def store_from_url(url: str, *, namespace: str = "stem") -> RedisStore:
+    """A :class:`RedisStore` for ``url`` (not connected yet)."""
+    return RedisStore(url, namespace=namespace)
+
+
+def broker_from_url(url: str, *, namespace: str = "stem") -> RedisBroker:
+    """A :class:`RedisBroker` for ``url`` with a client of its own (not connected yet)."""
+    return _broker(parse_redis_url(url), namespace)
+
+
+def backend_from_url(url: str, *, namespace: str = "stem") -> RedisBackend:
+    """A :class:`RedisBackend` for ``url`` with a client of its own (not connected yet)."""
+    return _backend(parse_redis_url(url), namespace)

@@ -382,9 +382,11 @@ class BlockingConn:
 class RedisConnector:
     """The lazily built client of one broker or backend, plus connection helpers."""
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings, *, client: Client | None = None) -> None:
         self.settings = settings
-        self._client: Client | None = None
+        # A client the application passed in is used as is and never closed here.
+        self._external = client
+        self._client: Client | None = client
         self._cluster_ready = False
 
     @property
@@ -451,7 +453,9 @@ class RedisConnector:
 
     async def close(self) -> None:
         """Close the client and its connections."""
-        client, self._client = self._client, None
+        client, self._client = self._client, self._external
+        if client is self._external:
+            return  # the application's own client: it closes it
         self._cluster_ready = False
         if client is not None:
             await client.aclose()

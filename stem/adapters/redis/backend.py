@@ -214,10 +214,13 @@ class RedisBackend:
         *,
         namespace: str = "stem",
         default_ttl: float = DEFAULT_RESULT_TTL,
+        connector: RedisConnector | None = None,
     ) -> None:
         self.namespace = check_namespace(namespace)
         self.default_ttl = default_ttl
-        self._conn = RedisConnector(settings)
+        # A store passes the client its parts share; alone, the backend owns one.
+        self._owns_conn = connector is None
+        self._conn = RedisConnector(settings) if connector is None else connector
         self._prefix = f"{namespace}:result:"
         self._notifier: _Notifier | None = None
         self._set_script: AsyncScript | None = None
@@ -343,4 +346,5 @@ class RedisBackend:
         if notifier is not None:
             await notifier.close()
         self._set_script = None
-        await self._conn.close()
+        if self._owns_conn:
+            await self._conn.close()

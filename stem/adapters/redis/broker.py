@@ -151,6 +151,7 @@ class RedisBroker:
         claim_interval: float = DEFAULT_CLAIM_INTERVAL,
         default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
         dead_letter_max: int = DEFAULT_DEAD_LETTER_MAX,
+        connector: RedisConnector | None = None,
     ) -> None:
         if isinstance(dead_letter_max, bool) or not isinstance(dead_letter_max, int) or (
             dead_letter_max < 1
@@ -163,7 +164,9 @@ class RedisBroker:
         self.block_time = block_time
         self.claim_interval = claim_interval
         self.default_visibility_timeout = default_visibility_timeout
-        self._conn = RedisConnector(settings)
+        # A store passes the client its parts share; alone, the broker owns one.
+        self._owns_conn = connector is None
+        self._conn = RedisConnector(settings) if connector is None else connector
         self._keys: dict[str, QueueKeys] = {}
         self._scripts: dict[str, AsyncScript] | None = None
         self._ready_groups: set[str] = set()
@@ -853,4 +856,5 @@ class RedisBroker:
         self._consumers.clear()
         self._scripts = None
         self._ready_groups.clear()
-        await self._conn.close()
+        if self._owns_conn:
+            await self._conn.close()

@@ -11,8 +11,12 @@ from __future__ import annotations
 from ._db import path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker
+from .store import SqliteStore, store_from_url
 
-__all__ = ["SqliteBackend", "SqliteBroker", "backend_from_url", "broker_from_url"]
+__all__ = [
+    "SqliteBackend", "SqliteBroker", "SqliteStore", "backend_from_url", "broker_from_url",
+    "store_from_url",
+]
 
 
 def broker_from_url(url: str, *, namespace: str = "stem") -> SqliteBroker:

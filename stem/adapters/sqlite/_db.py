@@ -151,11 +151,23 @@ class Database:
     on first use and reopened after :meth:`close`, so an adapter object stays usable.
     """
 
-    def __init__(self, path: str, setup: Callable[[sqlite3.Connection], None]) -> None:
+    def __init__(self, path: str, setup: Callable[[sqlite3.Connection], None] | None = None
+                 ) -> None:
         self.path = path
-        self._setup = setup
+        self._setups: list[Callable[[sqlite3.Connection], None]] = [setup] if setup else []
+        self._pending: list[Callable[[sqlite3.Connection], None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+
+    def add_setup(self, setup: Callable[[sqlite3.Connection], None]) -> None:
+        """Also run ``setup`` on the connection (now on its thread if it is already open).
+
+        How a store's parts (broker, backend, ...) create their tables on the one
+        connection they share.
+        """
+        self._setups.append(setup)
+        if self._conn is not None:
+            self._pending.append(setup)
 
     def _connect(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -168,7 +180,8 @@ class Database:
             # NORMAL is durable across application crashes in WAL mode; only a power
             # loss can drop the last commits, which a task queue on one host accepts.
             conn.execute("PRAGMA synchronous = NORMAL")
-            self._setup(conn)
+            for setup in self._setups:
+                setup(conn)
         except BaseException:
             conn.close()
             raise
@@ -180,7 +193,11 @@ class Database:
         for attempt in range(LOCK_RETRIES + 1):
             try:
                 if self._conn is None:
+                    self._pending.clear()
                     self._conn = self._connect()
+                while self._pending:
+                    self._pending[0](self._conn)
+                    self._pending.pop(0)
                 return fn(self._conn)
             except sqlite3.OperationalError as exc:
                 # A failed COMMIT leaves its transaction open; the retry needs a clean slate.

@@ -42,14 +42,18 @@ class SqliteBackend:
     """
 
     def __init__(
-        self, path: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL
+        self, path: str, *, namespace: str = "stem", default_ttl: float = DEFAULT_RESULT_TTL,
+        db: Database | None = None,
     ) -> None:
         self.path = path
         self.default_ttl = default_ttl
         prefix = table_prefix(namespace)
         self._prefix = prefix
         self._results = quote(f"{prefix}_results")
-        self._db = Database(path, self._create)
+        # A store passes the database its parts share (one connection); alone, own one.
+        self._owns_db = db is None
+        self._db = Database(path) if db is None else db
+        self._db.add_setup(self._create)
         self._hub = hub_for(path, prefix)
         self._next_purge = 0.0
 
@@ -81,27 +85,39 @@ class SqliteBackend:
         """Upsert statuses in one transaction; terminal ones wake local waiters."""
         if not items:
             return
-        rows = [
-            (s.id, s.state.value, s.to_json(), self.default_ttl if ttl is None else ttl)
-            for s, ttl in items
-        ]
-        table = self._results
+        rows = self.rows(items, self.default_ttl)
 
         def write(conn: sqlite3.Connection) -> None:
-            now = now_epoch()
             with immediate(conn):
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO {table} (id, state, data, expires_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    [(i, state, data, now + ttl) for i, state, data, ttl in rows],
-                )
-                if now >= self._next_purge:
-                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
-            # Only after the commit: a failed write must not postpone the purge.
-            if now >= self._next_purge:
-                self._next_purge = now + PURGE_INTERVAL
+                self.write_rows(conn, rows)
 
         await self._db.run(write)
+        self.written(items)
+
+    @staticmethod
+    def rows(items: Sequence[tuple[TaskStatus, float | None]], default_ttl: float
+             ) -> list[tuple[str, str, bytes, float]]:
+        """Statuses encoded for :meth:`write_rows` (done off the database thread)."""
+        return [(s.id, s.state.value, s.to_json(), default_ttl if ttl is None else ttl)
+                for s, ttl in items]
+
+    def write_rows(self, conn: sqlite3.Connection, rows: list[tuple[str, str, bytes, float]]
+                   ) -> None:
+        """Upsert encoded statuses inside the caller's transaction (the store's atomic
+        ack shares it); purges expired rows at most every ``PURGE_INTERVAL``."""
+        now = now_epoch()
+        conn.executemany(
+            f"INSERT OR REPLACE INTO {self._results} (id, state, data, expires_at) "
+            "VALUES (?, ?, ?, ?)",
+            [(i, state, data, now + ttl) for i, state, data, ttl in rows],
+        )
+        if now >= self._next_purge:
+            conn.execute(f"DELETE FROM {self._results} WHERE expires_at <= ?", (now,))
+            # Set before the commit: at worst one purge is skipped, never repeated per write.
+            self._next_purge = now + PURGE_INTERVAL
+
+    def written(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
+        """After a commit: wake this process's waiters on the terminal statuses."""
         self._hub.results_done([s.id for s, _ in items if s.state.is_terminal])
 
     async def get(self, task_id: str) -> TaskStatus | None:
@@ -185,4 +201,5 @@ class SqliteBackend:
 
     async def close(self) -> None:
         """Close the connection and its thread (the backend reopens them if used again)."""
-        await self._db.close()
+        if self._owns_db:
+            await self._db.close()

@@ -54,7 +54,7 @@ _Sql = Callable[[sqlite3.Connection], None]
 
 
 
-def _leases(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
+def leases_of(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
     """(row id, token) of each well-formed receipt."""
     out = []
     for d in deliveries:
@@ -100,6 +100,7 @@ class SqliteBroker:
         *,
         namespace: str = "stem",
         visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+        db: Database | None = None,
     ) -> None:
         self.path = path
         self.default_visibility_timeout = visibility_timeout
@@ -107,7 +108,10 @@ class SqliteBroker:
         self._prefix = prefix
         self._jobs = quote(f"{prefix}_jobs")
         self._dead = quote(f"{prefix}_dead_letters")
-        self._db = Database(path, self._create)
+        # A store passes the database its parts share (one connection); alone, own one.
+        self._owns_db = db is None
+        self._db = Database(path) if db is None else db
+        self._db.add_setup(self._create)
         self._hub = hub_for(path, prefix)
         self._order = FairOrder()
 
@@ -330,20 +334,23 @@ class SqliteBroker:
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Delete rows whose lease the caller still holds."""
-        leases = _leases(deliveries)
+        leases = leases_of(deliveries)
         if not leases:
             return
-        jobs = self._jobs
 
         def ack(conn: sqlite3.Connection) -> None:
             with immediate(conn):
-                conn.executemany(f"DELETE FROM {jobs} WHERE id = ? AND lease_token = ?", leases)
+                self.delete_leased(conn, leases)
 
         await self._db.run(ack)
 
+    def delete_leased(self, conn: sqlite3.Connection, leases: list[tuple[int, str]]) -> None:
+        """Delete rows whose lease is still held, inside the caller's transaction."""
+        conn.executemany(f"DELETE FROM {self._jobs} WHERE id = ? AND lease_token = ?", leases)
+
     async def nack(self, deliveries: Sequence[Delivery]) -> None:
         """Release still-held leases; the rows are fetchable at once, in their old place."""
-        leases = _leases(deliveries)
+        leases = leases_of(deliveries)
         if not leases:
             return
         await self._db.run(self._unlease(leases))
@@ -357,7 +364,7 @@ class SqliteBroker:
         """
         work: list[tuple[tuple[int, str], _NewJob]] = []
         for d, env in items:
-            lease = _leases([d])
+            lease = leases_of([d])
             if lease:
                 work.append((lease[0], _job(env)))
         if not work:
@@ -380,7 +387,7 @@ class SqliteBroker:
 
     async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         """Move still-held rows to the dead-letter table with ``reason``."""
-        work = [(*lease, reason) for d, reason in items for lease in _leases([d])]
+        work = [(*lease, reason) for d, reason in items for lease in leases_of([d])]
         if not work:
             return
         jobs, dead = self._jobs, self._dead
@@ -405,7 +412,7 @@ class SqliteBroker:
 
     async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         """Push still-held leases to ``now + seconds`` (and update ``lease_expires_at``)."""
-        leases = [(d, lease) for d in deliveries for lease in _leases([d])]
+        leases = [(d, lease) for d in deliveries for lease in leases_of([d])]
         if not leases:
             return
         jobs = self._jobs
@@ -550,4 +557,5 @@ class SqliteBroker:
 
     async def close(self) -> None:
         """Close the connection and its thread (the broker reopens them if used again)."""
-        await self._db.close()
+        if self._owns_db:
+            await self._db.close()

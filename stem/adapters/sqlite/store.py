@@ -1,0 +1,69 @@
+"""The SQLite store: one database handle (one connection on its own thread) per URL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from stem.adapters._shared import check_namespace
+from stem.adapters._store import BaseStore
+from stem.ports import DEFAULT_RESULT_TTL, Delivery
+from stem.status import TaskStatus
+
+from ._db import Database, immediate, path_from_url
+from .backend import SqliteBackend
+from .broker import SqliteBroker, leases_of
+
+
+class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
+    """Broker and result backend on one SQLite file, sharing one connection.
+
+    Results and acks of a batch go in one transaction (:meth:`ack_with_results`).
+    """
+
+    def __init__(self, url: str, *, namespace: str = "stem") -> None:
+        super().__init__(url, check_namespace(namespace))
+        self.path = path_from_url(url)
+        self.db = Database(self.path)
+
+    def _make_broker(self) -> SqliteBroker:
+        return SqliteBroker(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_backend(self) -> SqliteBackend:
+        return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
+
+    async def _close_shared(self) -> None:
+        await self.db.close()
+
+    async def migrate(self) -> list[int]:
+        """Create both parts' tables now (they are also created on first use)."""
+        _ = self.broker, self.backend
+        await self.db.run(lambda conn: conn.execute("SELECT 1").fetchone())
+        return []
+
+    async def ack_with_results(
+        self,
+        deliveries: Sequence[Delivery],
+        statuses: Sequence[tuple[TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> None:
+        """Write ``statuses`` and ack ``deliveries`` in one ``BEGIN IMMEDIATE`` transaction."""
+        broker, backend = self.broker, self.backend
+        rows = backend.rows(statuses, default_ttl)
+        leases = leases_of(deliveries)
+
+        def write(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                if rows:
+                    backend.write_rows(conn, rows)
+                if leases:
+                    broker.delete_leased(conn, leases)
+
+        await self.db.run(write)
+        backend.written(statuses)
+
+
+def store_from_url(url: str, *, namespace: str = "stem") -> SqliteStore:
+    """A :class:`SqliteStore` on the file named by ``url`` (nothing opened yet)."""
+    return SqliteStore(url, namespace=namespace)
