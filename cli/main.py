@@ -17,6 +17,7 @@ from stem._urls import mask_url
 from stem.app import Stem
 from stem.errors import ConfigurationError, StemError
 from stem.log import configure_logging, parse_level
+from stem.task import isolation_for
 from stem.worker import Worker
 from stem_cli._app import between, error_line, fail, load_app
 from stem_cli.ops import dlq_app, observe_app
@@ -124,15 +125,27 @@ def worker_start(
 
 
 @tasks_app.command("ls")
-def tasks_ls(app_spec: AppOpt) -> None:
-    """List the tasks registered on the app."""
+def tasks_ls(
+    app_spec: AppOpt,
+    pool: Annotated[int | None, typer.Option("--pool", callback=between(1, MAX_POOL),
+                    help="Show the isolation of a worker started with --pool N (as "
+                         "`stem worker start --pool N`). Default: a worker without it.")] = None,
+) -> None:
+    """List the tasks registered on the app, with where a worker runs each.
+
+    The isolation column is what a worker started with the same ``--pool`` option
+    does (the rule is :func:`stem.task.isolation_for`); a call that overrides
+    ``time_limit`` (``with_options``, ``Retry(time_limit=...)``) sends a ``def``
+    handler to the process pool.
+    """
     stem_app = load_app(app_spec)
     table = Table("name", "queue", "max_retries", "priority", "isolation", "handler")
     for name in sorted(stem_app.tasks):
         d = stem_app.tasks[name]
         handler = f"{d.func.__module__}.{d.func.__qualname__}" if d.func else "-"
+        isolation = isolation_for(d, d.options.time_limit, pool is not None)
         table.add_row(name, d.options.queue, str(d.options.max_retries), str(d.options.priority),
-                      d.effective_isolation, handler)
+                      isolation, handler)
     Console().print(table)
 
 
@@ -184,15 +197,16 @@ def migrate(
     targets = [check_url(url, "--url")] if url else list(dict.fromkeys(
         u for u in (config.broker_url, config.backend_url) if u))
     for target in targets:
-        scheme = target.split(":", 1)[0].lower()
-        if scheme in ("postgres", "postgresql"):
-            from stem.adapters.postgres import migrate as pg_migrate
+        applied = asyncio.run(_migrate(target, config.namespace))
+        done = ", ".join(map(str, applied)) if applied else "none (already current)"
+        typer.echo(f"{mask_url(target)}: applied migrations {done}")
 
-            applied = asyncio.run(pg_migrate(target, namespace=config.namespace))
-            done = ", ".join(map(str, applied)) if applied else "none (already current)"
-            typer.echo(f"{mask_url(target)}: applied migrations {done}")
-        else:
-            typer.echo(f"{mask_url(target)}: {scheme} needs no migrations")
+
+async def _migrate(url: str, namespace: str) -> list[int]:
+    from stem.adapters import store_from_url
+
+    async with store_from_url(url, namespace=namespace) as store:
+        return await store.migrate()
 
 
 @app.command("bench")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -55,7 +56,8 @@ def test_bad_broker_url_fails_fast_with_a_fix() -> None:
     assert out.stderr.count("\n") <= 2
 
 
-def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: str) -> None:
+def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: str,
+                                                  tmp_path: Path) -> None:
     import asyncio
 
     from tests.services import drop_pg_schema
@@ -67,8 +69,9 @@ def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: 
         assert "applied migrations 1, 2, 3" in first.stdout
         again = run_stem("migrate", "--url", url)
         assert "none (already current)" in again.stdout
-        other = run_stem("migrate", "--url", "sqlite:///x.db")
-        assert "sqlite needs no migrations" in other.stdout
+        other = run_stem("migrate", "--url", f"sqlite:///{tmp_path / 'x.db'}")
+        assert "none (already current)" in other.stdout  # tables created, nothing versioned
+        assert (tmp_path / "x.db").exists()
     finally:
         asyncio.run(drop_pg_schema(postgres_url, namespace))
 
