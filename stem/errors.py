@@ -20,7 +20,10 @@ class EnvelopeDecodeError(StemError, ValueError):
 
 
 class UnknownTaskError(StemError, LookupError):
-    """No handler is registered under the envelope's task name."""
+    """No handler is registered under the envelope's task name.
+
+    A worker dead-letters such a delivery; its status's ``error.type`` is this name.
+    """
 
 
 class TaskArgumentError(StemError, TypeError):
@@ -45,10 +48,6 @@ class TimeLimitExceeded(StemError, TimeoutError):
 
 class WorkerLostError(StemError):
     """The process running the task died (crash, ``os._exit``, signal) before it finished."""
-
-
-class TaskRevokedError(StemError):
-    """The task was revoked before or while it ran."""
 
 
 class PayloadTooLargeError(EnvelopeDecodeError):

@@ -60,6 +60,15 @@ class TaskOptions:
     result_encoder: TaskPayloadEncoder | None = None
 
     def __post_init__(self) -> None:
+        # Accepted-but-ignored would be worst of all (a card charged twice with no
+        # warning): refuse until uniqueness and rate limits are built.
+        for option, unset in (("rate_limit", self.rate_limit is None),
+                              ("unique", not self.unique),
+                              ("unique_for", self.unique_for is None)):
+            if not unset:
+                raise ConfigurationError(
+                    f"task option {option!r} is not supported yet; remove it (Stem would "
+                    "otherwise accept it and not enforce it)")
         if not 0 <= self.priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {self.priority}")
         _check_max_retries(self.max_retries)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from stem._time import to_epoch, utcnow
 from stem.encoding import ARGS_ENCODER_HEADER, ARGS_ENCODER_META
 from stem.envelope import MAX_ATTEMPTS, Envelope
-from stem.errors import PayloadEncodingError, TaskArgumentError
+from stem.errors import PayloadEncodingError, TaskArgumentError, UnknownTaskError
 from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy, clamp_delay
 from stem.status import TaskError
 from stem.task import META_MAX_RETRIES, META_SOFT_TIME_LIMIT, META_TIME_LIMIT, TaskDefinition
@@ -135,7 +135,7 @@ class Processor:
         definition = self.app.tasks.get(envelope.name)
         if definition is None or definition.func is None:
             return Rejected(f"unknown task {envelope.name!r}: no handler registered in this "
-                            "worker's app", "UnknownTaskError")
+                            "worker's app", UnknownTaskError.__name__)
         if envelope.meta:
             problem = meta_problem(envelope.meta)
             if problem is not None:

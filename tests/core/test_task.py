@@ -63,6 +63,70 @@ def test_default_isolation_and_names() -> None:
         "inline", "thread", "process")
 
 
+@pytest.mark.parametrize("pool_default", [False, True])
+@pytest.mark.parametrize("hard", [None, 2.0])
+def test_one_isolation_rule_for_the_worker_and_tasks_ls(hard: float | None,
+                                                       pool_default: bool) -> None:
+    """stem.task.isolation_for is the rule; effective_isolation and the executor use it."""
+    from stem.task import isolation_for
+    from stem.worker.executor import Executor
+
+    app = make_app()
+
+    @app.task
+    async def coro() -> None: ...
+
+    @app.task
+    def sync() -> None: ...
+
+    @app.task(isolation="process")
+    async def coro_process() -> None: ...
+
+    @app.task(isolation="thread")
+    def sync_thread() -> None: ...
+
+    @app.task(isolation="inline")
+    def sync_inline() -> None: ...
+
+    expected = {
+        # async def: inline whatever the limit or pool (cancellation stops it).
+        coro: "inline",
+        # def: a thread, unless a hard limit (threads can't be killed) or --pool.
+        sync: "process" if hard is not None or pool_default else "thread",
+        # explicit isolation always wins.
+        coro_process: "process",
+        sync_thread: "thread",
+        sync_inline: "inline",
+    }
+    executor = Executor(threads=1, app=app, pool_default=pool_default)
+    for definition, where in expected.items():
+        assert isolation_for(definition, hard, pool_default) == where, definition.name
+        assert executor.isolation_for(definition, hard) == where, definition.name
+
+
+def test_effective_isolation_is_the_rule_for_a_worker_without_pool() -> None:
+    from stem.task import isolation_for
+
+    app = make_app()
+
+    @app.task(time_limit=3)
+    def limited() -> None: ...
+
+    @app.task
+    def plain() -> None: ...
+
+    for d in (limited, plain):
+        assert d.effective_isolation == isolation_for(d, d.options.time_limit, False)
+    assert (limited.effective_isolation, plain.effective_isolation) == ("process", "thread")
+
+
+def test_async_handler_cannot_ask_for_a_thread() -> None:
+    app = make_app()
+    with pytest.raises(ConfigurationError, match="async handlers run inline or in the process"):
+        @app.task(isolation="thread")
+        async def nope() -> None: ...
+
+
 def test_invalid_options_are_configuration_errors() -> None:
     app = make_app()
     with pytest.raises(ConfigurationError):
@@ -158,3 +222,11 @@ def test_retry_delays_are_clamped_into_a_documented_range() -> None:
     assert clamp_delay(-5) == 0.0 and clamp_delay(12.5) == 12.5
     assert clamp_delay(1e300) == clamp_delay(float("inf")) == MAX_RETRY_DELAY
     assert clamp_delay(float("nan")) == MAX_RETRY_DELAY
+
+
+@pytest.mark.parametrize("option", [{"rate_limit": "10/s"}, {"unique": True},
+                                    {"unique_for": 60.0}])
+def test_options_not_built_yet_are_refused_not_ignored(option: dict[str, object]) -> None:
+    app = stem.Stem("t", broker="memory://opts")
+    with pytest.raises(stem.ConfigurationError, match="not supported yet"):
+        app.task(name="charge", **option)(lambda: None)
