@@ -26,8 +26,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n 2 -q
 
+# The raw floor scripts live beside the repository during development only.
+FLOORS ?= ../shared/bench
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run --floor-dir $(FLOORS)
 
 clean:
 	rm -rf $(VENV) .stem .pytest_cache .mypy_cache .ruff_cache

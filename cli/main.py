@@ -209,37 +209,6 @@ async def _migrate(url: str, namespace: str) -> list[int]:
         return await store.migrate()
 
 
-@app.command("bench")
-def bench(
-    url: Annotated[str, typer.Option("--url", help="Broker (and result backend) URL.")] = (
-        "redis://127.0.0.1:6379/14"),
-    n: Annotated[int, typer.Option("--n", callback=between(1, MAX_COUNT),
-                 help="Tasks for W1/W2.")] = 10_000,
-    workload: Annotated[list[str] | None, typer.Option("--workload", "-w",
-                        help="W1..W4 (repeatable; default all).")] = None,
-    floor_dir: Annotated[str | None, typer.Option("--floor-dir",
-                         help="Folder with floor_redis.py / floor_postgres.py.")] = None,
-    counter_redis: Annotated[str | None, typer.Option("--counter-redis",
-                             help="Redis for the per-task INCR (peers.md parity).")] = (
-        "redis://127.0.0.1:6379/14"),
-    concurrency: Annotated[int, typer.Option("-c", callback=between(1, MAX_CONCURRENCY),
-                           help="Worker concurrency for W2/W3.")] = 100,
-) -> None:
-    """Measure W1-W4 against a broker, next to the raw floor in the same run."""
-    from pathlib import Path
-
-    from stem_cli import bench as bench_mod
-
-    configure_logging("WARNING")
-    floor = Path(floor_dir) if floor_dir else next(
-        (p for p in (Path("../shared/bench"), Path("shared/bench")) if p.exists()), None)
-    wl = {w.upper() for w in (workload or ["W1", "W2", "W3", "W4"])}
-    fig = asyncio.run(bench_mod.run(url, n=n, workloads=wl, floor_dir=floor,
-                                    redis_counter_url=counter_redis or None,
-                                    concurrency=concurrency))
-    bench_mod.report(bench_mod._kind(url), fig, Console())
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 

@@ -1,4 +1,4 @@
-"""``stem bench``: workloads W1-W4 against a broker, next to the raw floor in the same run.
+"""The benchmark workloads W1-W4 against a broker, next to the raw floor in the same run.
 
 W1 enqueue N one-by-one and with enqueue_many; W2 drain an N-task backlog with one
 worker process; W3 enqueue→start latency on an idle worker (300 sequential trips);
@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 import stem
-from stem_cli import bench_app
+from bench import bench_app
 
-PEERS = {  # shared/bench/peers.md: best peer per figure on this kind of machine
+PEERS = {  # the peers' published figures: best peer per figure on this kind of machine
     "redis": {"drain": 3436, "enqueue_one": 8986, "enqueue_bulk": 9261, "p50": 0.25, "p99": 0.73},
     "postgres": {"drain": 894, "enqueue_one": 1403, "enqueue_bulk": 21634, "p50": 2.85,
                  "p99": 7.03},
@@ -48,7 +48,7 @@ def _kind(url: str) -> str:
 
 
 def run_floor(kind: str, url: str, floor_dir: Path, n: int) -> dict[str, float]:
-    """Run shared/bench/floor_<kind>.py against the same server and parse its line."""
+    """Run the floor script floor_<kind>.py of ``floor_dir`` against the same server; parse its line."""
     script = floor_dir / f"floor_{kind}.py"
     if not script.exists():
         return {}
@@ -146,7 +146,7 @@ class Bench:
             env["BENCH_REDIS_URL"] = self.redis_counter_url
         return subprocess.Popen(
             [sys.executable, "-m", "stem_cli", "worker", "start", "--app",
-             "stem_cli.bench_app:app", "-c", str(concurrency), "--log-level", "WARNING",
+             "bench.bench_app:app", "-c", str(concurrency), "--log-level", "WARNING",
              "--block-time", "1"], env=env)
 
     @staticmethod
@@ -240,7 +240,7 @@ def report(kind: str, fig: Figures, console: Console) -> None:
     """Print our figures next to the floor and the best peer."""
     peer = PEERS.get(kind, {})
     t = Table("figure", "stem", "floor (same run)", "stem / floor", "best peer", "stem / peer",
-              title=f"stem bench — {kind}")
+              title=f"make bench — {kind}")
     rows = [("W1 enqueue one-by-one /s", "enqueue_one"), ("W1 enqueue_many /s", "enqueue_bulk"),
             ("W2 drain no-op /s (vs floor)", "drain"),
             ("W2 drain +INCR /s (vs peers)", "drain_incr")]

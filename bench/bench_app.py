@@ -1,7 +1,7 @@
-"""Tasks the benchmark's worker process runs (``--app stem_cli.bench_app:app``).
+"""Tasks the benchmark's worker process runs (``--app bench.bench_app:app``).
 
 Each task does one Redis INCR when ``BENCH_REDIS_URL`` is set, the same extra work
-the peer measurements in shared/bench/peers.md carry, and returns timestamps so the
+the published peer measurements carry, and returns timestamps so the
 harness computes rates from first to last completion across processes.
 """
 
