@@ -38,7 +38,9 @@ class TaskOptions:
     ``max_retries`` counts retries after the first attempt. ``priority`` is 0-9,
     higher first. Times are seconds. ``isolation`` None means: inline for
     ``async def``, thread for ``def`` (process when a sync task has a hard
-    ``time_limit``, because a thread cannot be killed). ``visibility_timeout`` must lie
+    ``time_limit``, because a thread cannot be killed, or when the worker runs a
+    ``--pool``; see :func:`isolation_for`); an ``async def`` handler cannot ask for
+    ``"thread"`` (a ConfigurationError when it is registered). ``visibility_timeout`` must lie
     within the lease bounds of :mod:`stem.limits` (0.1 s to 7 days) and
     ``max_retries`` within ``0..MAX_ATTEMPTS``; anything else is a ConfigurationError.
     """
@@ -123,6 +125,10 @@ class TaskDefinition(Generic[P, R]):
         self.signature: inspect.Signature | None = None
         if func is not None:
             self.is_async = inspect.iscoroutinefunction(func)
+            if self.is_async and self.options.isolation == "thread":
+                raise ConfigurationError(
+                    f"task {name!r}: async handlers run inline or in the process pool, "
+                    "not with isolation='thread'")
             sig = inspect.signature(func)
             ps = list(sig.parameters.values())
             if ps and _is_context_param(ps[0]):
@@ -166,12 +172,9 @@ class TaskDefinition(Generic[P, R]):
 
     @property
     def effective_isolation(self) -> Isolation:
-        """Where the handler runs when the options don't say (see TaskOptions)."""
-        if self.options.isolation is not None:
-            return self.options.isolation
-        if self.is_async:
-            return "inline"
-        return "process" if self.options.time_limit is not None else "thread"
+        """Where the handler runs in a worker started without ``--pool``, for a call
+        that does not override ``time_limit`` (:func:`isolation_for`)."""
+        return isolation_for(self, self.options.time_limit, False)
 
     # -- argument mapping ---------------------------------------------------------------
 
@@ -242,6 +245,29 @@ class TaskDefinition(Generic[P, R]):
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
         """Wait for ``task_id`` to finish and return its typed result."""
         return await self._require_app().wait(task_id, timeout=timeout, decode=self.decode)
+
+
+def isolation_for(definition: TaskDefinition[Any, Any], hard_limit: float | None,
+                  pool_default: bool = False) -> Isolation:
+    """Where one attempt of ``definition`` runs: the one rule the worker applies.
+
+    ``hard_limit`` is the attempt's hard time limit (the task's ``time_limit``, or a
+    per-call override from ``with_options`` / ``Retry(time_limit=...)``);
+    ``pool_default`` is whether the worker was started with a process pool for ``def``
+    handlers (``--pool N``, ``Worker(pool_size=N)``).
+
+    An explicit ``TaskOptions.isolation`` always wins (an ``async def`` handler is
+    refused ``"thread"`` when it is registered). Otherwise ``async def`` handlers run
+    inline (with or without a pool: they cooperate, so they need no process to be
+    stopped), and ``def`` handlers in a thread — or in the process pool when the
+    attempt has a hard limit (a thread cannot be killed) or the worker has a pool.
+    """
+    explicit = definition.options.isolation
+    if explicit is not None:
+        return explicit
+    if definition.is_async:
+        return "inline"
+    return "process" if hard_limit is not None or pool_default else "thread"
 
 
 @dataclass(frozen=True, slots=True)

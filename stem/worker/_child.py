@@ -49,8 +49,8 @@ from stem.errors import SoftTimeLimitExceeded, StemError, TaskArgumentError
 from stem.retry import Retry
 from stem.status import TaskError
 from stem.worker._ipc import GROUP_SIGNALS, FrameReader, call_to_wire, frame
-from stem.worker.executor import run_coroutine, soft_limit_message
 from stem.worker.processor import Prepared, Processor, Rejected, Success
+from stem.worker.timelimits import run_coroutine, soft_limit_message
 
 if TYPE_CHECKING:
     from stem.task import TaskCall

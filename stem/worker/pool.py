@@ -23,7 +23,7 @@ oldest unanswered) and when it started (when it was sent to an idle child, or wh
 the previous result arrived). The soft limit is armed by the child itself at the
 start of each task (``setitimer`` → SIGALRM → SoftTimeLimitExceeded raised in its
 main thread; for ``async def`` handlers, the inline cancellation mechanism of
-:mod:`stem.worker.executor`) and reported back once so the worker sends the
+:mod:`stem.worker.timelimits`) and reported back once so the worker sends the
 ``task_timeout`` signal. Doing it in the child means the signal can never hit the
 *next* task. At the hard limit the parent fails the attempt with TimeLimitExceeded
 at once, sends the child a ``terminate`` frame (which raises SystemExit in it, so
@@ -80,8 +80,8 @@ from stem.log import get_logger
 from stem.retry import Retry
 from stem.status import TaskError
 from stem.worker._ipc import GROUP_SIGNALS, FrameReader, call_from_wire, frame
-from stem.worker.executor import TimeoutCallback, hard_limit_message
 from stem.worker.processor import EncodedResult, Prepared, RemoteError
+from stem.worker.timelimits import TimeoutCallback, hard_limit_message
 
 if TYPE_CHECKING:
     from stem.app import Stem

@@ -30,6 +30,20 @@ def test_tasks_ls_lists_registered_tasks() -> None:
     assert "thread" in out.stdout and "inline" in out.stdout
 
 
+def test_tasks_ls_shows_the_isolation_of_a_worker_with_the_same_pool_option() -> None:
+    def isolation(out: str, name: str) -> str:
+        line = next(x for x in out.splitlines() if name in x)
+        return next(w for w in ("inline", "thread", "process") if w in line.split())
+
+    plain = run_stem("tasks", "ls", "--app", "tests.e2e.e2e_app:app")
+    pooled = run_stem("tasks", "ls", "--app", "tests.e2e.e2e_app:app", "--pool", "2")
+    assert plain.returncode == 0 and pooled.returncode == 0, plain.stderr + pooled.stderr
+    # e2e.flaky is a def handler: a thread, or the pool under --pool; async ones stay inline.
+    assert (isolation(plain.stdout, "e2e.flaky"), isolation(pooled.stdout, "e2e.flaky")) == (
+        "thread", "process")
+    assert isolation(pooled.stdout, "e2e.add") == "inline"
+
+
 async def test_result_shows_state_value_attempt_and_progress(
         sqlite_url: str, start_worker: Callable[..., subprocess.Popen[bytes]]) -> None:
     producer = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
