@@ -567,7 +567,7 @@ async def test_wait_is_woken_by_the_terminal_write(
 
 
 async def _has_waiter(backend: PostgresResultBackend, task_id: str) -> bool:
-    return bool(backend._waiters.get(task_id))
+    return task_id in backend._waiters.ids() and backend._listener.active
 
 
 async def test_wait_times_out_with_none(backend: PostgresResultBackend) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Sequence
 
 from stem._time import now_epoch
-from stem.adapters._shared import Waiter
+from stem.adapters._waiting import ResultWaiters, Watch, wait_for_terminal
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
 
@@ -28,7 +27,7 @@ class MemoryBackend:
         self.default_ttl = default_ttl
         self._lock = threading.Lock()
         self._data: dict[str, tuple[bytes, float]] = {}
-        self._waiters: dict[str, set[Waiter]] = {}
+        self._waiters = ResultWaiters()
         self._next_sweep = now_epoch() + SWEEP_INTERVAL
 
     def __repr__(self) -> str:
@@ -55,18 +54,14 @@ class MemoryBackend:
             )
             for s, ttl in items
         ]
-        woken: list[Waiter] = []
         with self._lock:
-            for task_id, raw, expires, terminal in rows:
+            for task_id, raw, expires, _ in rows:
                 self._data[task_id] = (raw, expires)
-                if terminal:
-                    woken.extend(self._waiters.get(task_id, ()))
             if now >= self._next_sweep:
                 self._next_sweep = now + SWEEP_INTERVAL
                 for key in [k for k, (_, exp) in self._data.items() if exp <= now]:
                     del self._data[key]
-        for w in woken:
-            w.wake()
+        self._waiters.wake([task_id for task_id, _, _, terminal in rows if terminal])
 
     async def get(self, task_id: str) -> TaskStatus | None:
         """The stored status, or None if unknown or expired."""
@@ -82,26 +77,11 @@ class MemoryBackend:
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
         """Return the terminal status as soon as ``set_many`` stores one, else None on timeout."""
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
-        while True:
-            with self._lock:
-                status = self._read(task_id, now_epoch())
-                if status is not None and status.state.is_terminal:
-                    return status
-                waiter = Waiter()
-                self._waiters.setdefault(task_id, set()).add(waiter)
-            try:
-                remaining = None if give_up is None else give_up - loop.time()
-                if not await waiter.wait(remaining):
-                    return None
-            finally:
-                with self._lock:
-                    waiters = self._waiters.get(task_id)
-                    if waiters is not None:
-                        waiters.discard(waiter)
-                        if not waiters:
-                            del self._waiters[task_id]
+
+        async def arm() -> Watch:
+            return self._waiters.watch(task_id)
+
+        return await wait_for_terminal(arm, lambda: self.get(task_id), timeout)
 
     async def close(self) -> None:
         """Nothing to release: the data lives as long as the process (see ``memory://NAME``)."""

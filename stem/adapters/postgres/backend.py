@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from stem.adapters._waiting import ResultWaiters, Watch, wait_for_terminal
 from stem.adapters.postgres._pool import Connector, ListenHub, PgSettings, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.log import get_logger
@@ -72,7 +73,7 @@ class PostgresResultBackend:
         self._sql = Statements(self.settings.quoted_schema)
         self._channel = results_channel(self.settings)
         self._listener = self._hub.channel(self._channel, self._on_notify, self._wake_all)
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters = ResultWaiters()
         self._written = 0
         self._last_purge = time.monotonic()
         self._purge_task: asyncio.Task[int] | None = None
@@ -108,53 +109,20 @@ class PostgresResultBackend:
         return out
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
-        """Wait on LISTEN for ``task_id`` to reach a terminal state.
+        """Wait on LISTEN for ``task_id`` to reach a terminal state (a slow poll while the
+        LISTEN connection is down)."""
 
-        The waiter is registered before the row is read, so a notification sent
-        between the read and the sleep wakes it instead of being missed.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(task_id, set()).add(waiter)
-            try:
-                listening = await self._listener.ensure()
-                status = await self.get(task_id)
-                if status is not None and status.state.is_terminal:
-                    return status
-                pause = None if deadline is None else deadline - time.monotonic()
-                if pause is not None and pause <= 0:
-                    return None
-                if not listening:
-                    pause = FALLBACK_POLL if pause is None else min(pause, FALLBACK_POLL)
-                try:
-                    await asyncio.wait_for(waiter, pause)
-                except TimeoutError:
-                    pass
-            finally:
-                self._forget(task_id, waiter)
+        async def arm() -> Watch:
+            return _ListenWatch(self, task_id)
 
-    def _forget(self, task_id: str, waiter: asyncio.Future[None]) -> None:
-        waiters = self._waiters.get(task_id)
-        if waiters is not None:
-            waiters.discard(waiter)
-            if not waiters:
-                del self._waiters[task_id]
+        return await wait_for_terminal(arm, lambda: self.get(task_id), timeout)
 
     def _on_notify(self, payload: str) -> None:
-        if not self._waiters:
-            return
-        for task_id in payload.split(","):
-            for fut in self._waiters.get(task_id, ()):
-                if not fut.done():
-                    fut.set_result(None)
+        if self._waiters:
+            self._waiters.wake(payload.split(","))
 
     def _wake_all(self) -> None:
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        self._waiters.wake(self._waiters.ids())
 
     def _maybe_purge(self) -> None:
         if self._purge_task is not None and not self._purge_task.done():
@@ -194,3 +162,22 @@ class PostgresResultBackend:
         await self._listener.close()
         if self._owns_db:
             await self._db.close()
+
+
+class _ListenWatch:
+    """A :class:`~stem.adapters._waiting.Watch` woken by NOTIFY on the results channel."""
+
+    def __init__(self, backend: PostgresResultBackend, task_id: str) -> None:
+        self._backend = backend
+        self._local = backend._waiters.watch(task_id)
+
+    async def changed(self, seconds: float | None) -> bool:
+        if await self._backend._listener.ensure():
+            return await self._local.changed(seconds)
+        # No LISTEN connection now: poll slowly until it is back.
+        step = FALLBACK_POLL if seconds is None else min(FALLBACK_POLL, seconds)
+        await self._local.changed(step)
+        return True
+
+    async def close(self) -> None:
+        await self._local.close()

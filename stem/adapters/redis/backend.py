@@ -20,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from stem.adapters._shared import check_namespace
+from stem.adapters._waiting import Watch, wait_for_terminal
 from stem.errors import ServiceUnavailableError
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL
@@ -303,42 +304,36 @@ class RedisBackend:
         return {i: from_json(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
-        """Return the terminal status as soon as it is written, else None on timeout."""
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
+        """Return the terminal status as soon as it is written, else None on timeout.
+
+        The write publishes the status on the task's channel, so a waiter usually gets
+        it without reading; it re-reads every ``RECHECK_INTERVAL`` as a safety net.
+        """
         if self._notifier is None:
             self._notifier = _Notifier(self._conn)
         notifier = self._notifier
         channel = (self._prefix + task_id).encode()
-        try:
-            waiter = await notifier.add(channel)
-        except CONNECTION_ERRORS as exc:
-            raise self._conn.unavailable(exc, "Stem result backend wait") from exc
-        try:
-            status = await self.get(task_id)
-            while True:
-                if status is not None and status.state.is_terminal:
-                    return status
-                remaining = None if give_up is None else give_up - loop.time()
-                if remaining is not None and remaining <= 0:
-                    return None
-                step = RECHECK_INTERVAL if remaining is None else min(remaining, RECHECK_INTERVAL)
-                try:
-                    await asyncio.wait_for(waiter.event.wait(), step)
-                except TimeoutError:
-                    pass
-                waiter.event.clear()
-                data, waiter.data = waiter.data, None
-                if data is not None:
-                    status = TaskStatus.from_json(data)
-                    continue
-                try:
-                    status = await self.get(task_id)
-                except ServiceUnavailableError as exc:  # an outage: wait on until the deadline
-                    log.debug("redis.backend.wait_recheck_failed", error=repr(exc))
-                    status = None
-        finally:
-            await notifier.remove(channel, waiter)
+
+        async def arm() -> Watch:
+            try:
+                return _ChannelWatch(notifier, channel, await notifier.add(channel))
+            except CONNECTION_ERRORS as exc:
+                raise self._conn.unavailable(exc, "Stem result backend wait") from exc
+
+        reads = 0
+
+        async def read() -> TaskStatus | None:
+            nonlocal reads
+            reads += 1
+            if reads == 1:
+                return await self.get(task_id)  # the first read fails fast (a wrong URL)
+            try:
+                return await self.get(task_id)
+            except ServiceUnavailableError as exc:  # an outage: wait on until the deadline
+                log.debug("redis.backend.wait_recheck_failed", error=repr(exc))
+                return None
+
+        return await wait_for_terminal(arm, read, timeout)
 
     async def close(self) -> None:
         """Close the pub/sub connection and the client (a later call reconnects)."""
@@ -348,3 +343,27 @@ class RedisBackend:
         self._set_script = None
         if self._owns_conn:
             await self._conn.close()
+
+
+class _ChannelWatch:
+    """A :class:`~stem.adapters._waiting.Watch` on one task's pub/sub channel."""
+
+    def __init__(self, notifier: _Notifier, channel: bytes, waiter: _Waiter) -> None:
+        self._notifier = notifier
+        self._channel = channel
+        self._waiter = waiter
+
+    async def changed(self, seconds: float | None) -> TaskStatus | bool:
+        step = RECHECK_INTERVAL if seconds is None else min(seconds, RECHECK_INTERVAL)
+        try:
+            await asyncio.wait_for(self._waiter.event.wait(), step)
+        except TimeoutError:
+            pass
+        self._waiter.event.clear()
+        data, self._waiter.data = self._waiter.data, None
+        if data is not None:
+            return TaskStatus.from_json(data)
+        return True  # woken without data, or the recheck interval passed: read again
+
+    async def close(self) -> None:
+        await self._notifier.remove(self._channel, self._waiter)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Sequence
 
 from stem._time import now_epoch
 from stem.adapters._shared import Waiter
+from stem.adapters._waiting import Watch, wait_for_terminal
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskState, TaskStatus
 
@@ -171,35 +171,40 @@ class SqliteBackend:
         hub.results_done(done)
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
-        """Return the terminal status once stored, or None when ``timeout`` passes first."""
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
-        # Armed before the first read, so a write between the read and the wait wakes us.
-        waiter: Waiter = self._hub.watch_result(task_id)
-        try:
-            while True:
-                status = await self.get(task_id)
-                if status is not None and status.state.is_terminal:
-                    return status
-                while True:
-                    remaining = None if give_up is None else give_up - loop.time()
-                    if remaining is not None and remaining <= 0:
-                        return None
-                    interval = (
-                        WAIT_POLL_INTERVAL
-                        if remaining is None
-                        else min(WAIT_POLL_INTERVAL, remaining)
-                    )
-                    if await waiter.wait(interval):
-                        break
-                    await self._db.run(self._poll_watched)
-                    if await waiter.wait(0):
-                        break
-                waiter = self._hub.watch_result(task_id, waiter)
-        finally:
-            self._hub.unwatch_result(task_id, waiter)
+        """Return the terminal status once stored, or None when ``timeout`` passes first.
+
+        A write by this process wakes the waiter at once; writes by other processes
+        are found by one query per ``WAIT_POLL_INTERVAL`` shared by every waiter.
+        """
+
+        async def arm() -> Watch:
+            return _HubWatch(self, task_id)
+
+        return await wait_for_terminal(arm, lambda: self.get(task_id), timeout)
 
     async def close(self) -> None:
         """Close the connection and its thread (the backend reopens them if used again)."""
         if self._owns_db:
             await self._db.close()
+
+
+class _HubWatch:
+    """A :class:`~stem.adapters._waiting.Watch` on the process-wide hub of the file."""
+
+    def __init__(self, backend: SqliteBackend, task_id: str) -> None:
+        self._backend = backend
+        self._task_id = task_id
+        self._waiter: Waiter = backend._hub.watch_result(task_id)
+
+    async def changed(self, seconds: float | None) -> bool:
+        step = WAIT_POLL_INTERVAL if seconds is None else min(WAIT_POLL_INTERVAL, seconds)
+        woken = await self._waiter.wait(step)
+        if not woken and (seconds is None or step < seconds):
+            await self._backend._db.run(self._backend._poll_watched)
+            woken = await self._waiter.wait(0)
+        if woken:
+            self._waiter = self._backend._hub.watch_result(self._task_id, self._waiter)
+        return woken
+
+    async def close(self) -> None:
+        self._backend._hub.unwatch_result(self._task_id, self._waiter)
