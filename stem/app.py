@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from stem._time import utcnow
+from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.config import StemConfig, check_url
 from stem.context import TaskContext
@@ -131,8 +132,6 @@ class Stem:
         ] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        from stem._urls import mask_url
-
         return f"<Stem {self.name!r} broker={mask_url(self.broker_url)!r} tasks={len(self.tasks)}>"
 
     @classmethod
@@ -398,7 +397,7 @@ class Stem:
             raise ConfigurationError(
                 "enqueue(..., connection=...) publishes inside your database transaction and "
                 f"needs the Postgres broker; this app's broker is {type(self.broker).__name__} "
-                f"({self.broker_url})"
+                f"({mask_url(self.broker_url)})"
             )
         await broker.publish_with_connection(connection, envelopes)
 

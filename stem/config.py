@@ -48,6 +48,12 @@ class StemConfig:
             namespace=e.get("STEM_NAMESPACE") or "stem",
         )
 
+    def __repr__(self) -> str:
+        # URLs may hold passwords: never show them unmasked.
+        backend = None if self.backend_url is None else mask_url(self.backend_url)
+        return (f"StemConfig(broker_url={mask_url(self.broker_url)!r}, "
+                f"backend_url={backend!r}, namespace={self.namespace!r})")
+
     @property
     def resolved_backend_url(self) -> str:
         """The result backend URL (the broker's when unset)."""

@@ -141,3 +141,21 @@ def test_raw_password_in_query_never_appears(pw: str, template: str) -> None:
 def test_mask_url_is_total(s: str) -> None:
     assert isinstance(mask_url(s), str)
     assert isinstance(mask_urls_in(s), str)
+
+
+def test_config_repr_and_the_transactional_enqueue_error_are_masked() -> None:
+    import asyncio
+
+    import stem
+    from stem.config import StemConfig
+
+    cfg = StemConfig(broker_url="redis://:hunter2@h/0", backend_url="postgresql://u:hunter2@h/d")
+    assert "hunter2" not in repr(cfg) and "***" in repr(cfg)
+    app = stem.Stem("t", broker="redis://:hunter2@127.0.0.1:1/0")
+
+    @app.task(name="t.x")
+    async def x() -> None: ...
+
+    with pytest.raises(stem.ConfigurationError) as info:
+        asyncio.run(app.enqueue("t.x", connection=object()))
+    assert "hunter2" not in str(info.value)
