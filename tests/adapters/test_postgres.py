@@ -411,18 +411,6 @@ async def test_bulk_publish_and_priority_order(broker: PostgresBroker) -> None:
     assert (await broker.stats("q")).pending == 0
 
 
-async def test_several_queues_no_queue_starves(broker: PostgresBroker) -> None:
-    await broker.publish([env("busy") for _ in range(20)])
-    await broker.publish([env("quiet")])
-    seen = []
-    for _ in range(3):
-        got = await broker.fetch(["busy", "quiet"], 1, block=0, consumer="w")
-        seen.append(got[0].queue)
-        await broker.ack(got)
-    assert seen[0] == "busy"  # earlier queue first
-    assert "quiet" in seen
-
-
 async def test_undecodable_bytes_are_delivered_for_dead_lettering(
     broker: PostgresBroker,
 ) -> None:

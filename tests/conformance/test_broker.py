@@ -202,6 +202,27 @@ async def test_earlier_queue_is_preferred(broker: Broker) -> None:
     assert d.queue == "high"
 
 
+async def test_queue_order_comes_before_priority(broker: Broker) -> None:
+    """An earlier queue's jobs go first, whatever the priorities of a later queue's;
+    priority orders the jobs within each queue."""
+    await broker.publish([
+        env(1, queue="later", priority=9),
+        env(2, queue="first", priority=0),
+        env(3, queue="first", priority=5),
+        env(4, queue="later", priority=5),
+        env(5, queue="first", priority=1),
+    ])
+    got = await broker.fetch(["first", "later"], 2, block=0, consumer="c")
+    assert [(d.queue, d.envelope.args["i"]) for d in got if d.envelope] == [
+        ("first", 3), ("first", 5)
+    ]
+    await broker.nack(got)
+    got = await broker.fetch(["first", "later"], 10, block=0, consumer="c")
+    assert [(d.queue, d.envelope.args["i"]) for d in got if d.envelope] == [
+        ("first", 3), ("first", 5), ("first", 2), ("later", 1), ("later", 4)
+    ]
+
+
 async def test_busy_first_queue_does_not_starve_the_others(broker: Broker) -> None:
     await broker.publish([env(i, queue="busy") for i in range(30)])
     await broker.publish([env(99, queue="quiet")])

@@ -130,13 +130,15 @@ class Statements:
             SELECT id, queue, envelope, date_part('epoch', locked_until) AS until, deliveries,
                    {_ASYNC_COMMIT}
             FROM upd ORDER BY priority DESC, not_before, id"""
-        # Same with $1 a text[] of queues in the order to prefer them. Each queue's
-        # best rows come from the index (a LATERAL probe per queue, so the index order
-        # is used instead of sorting every ready row); the merge takes priority first,
-        # then the queue's rank, then age.
+        # Same with $1 a text[] of queues in the order to serve them (stem.ports.Broker:
+        # queue order first, then priority, then age). Each queue's best rows come
+        # from the index (a LATERAL probe per queue, in list order, so the ORDER BY
+        # only sorts within a queue: an incremental sort on the ordinality); once $2
+        # rows are found the later queues are not even probed, so no more rows are
+        # locked than one queue's probe past the batch.
         self.fetch_many_queues = f"""
-            WITH cand AS (
-                SELECT c.id, c.priority, c.not_before, q.rank
+            WITH picked AS (
+                SELECT c.id
                 FROM unnest($1::text[]) WITH ORDINALITY AS q(name, rank)
                 CROSS JOIN LATERAL (
                     SELECT id, priority, not_before FROM {jobs}
@@ -145,12 +147,12 @@ class Statements:
                     LIMIT $2
                     FOR UPDATE SKIP LOCKED
                 ) c
-            ), picked AS (
-                SELECT id FROM cand ORDER BY priority DESC, rank, not_before, id LIMIT $2
+                ORDER BY q.rank, c.priority DESC, c.not_before, c.id
+                LIMIT $2
             ), {lease_update}
             SELECT id, queue, envelope, date_part('epoch', locked_until) AS until, deliveries,
                    {_ASYNC_COMMIT}
-            FROM upd ORDER BY priority DESC, array_position($1::text[], queue), not_before, id"""
+            FROM upd ORDER BY array_position($1::text[], queue), priority DESC, not_before, id"""
         # Seconds until the earliest not-yet-available job of $1 (text[]) becomes
         # available — a delayed job coming due or a lease expiring; NULL when none.
         self.next_due = f"""

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from stem.adapters._shared import (
+    FairOrder,
     check_publishable,
     decode_stored,
     extend_seconds,
@@ -126,11 +127,10 @@ def _row_count(status: str) -> int:
 class PostgresBroker:
     """:class:`stem.ports.Broker` on a Postgres schema (see the module docstring).
 
-    Multiple queues: within one fetch, higher priority wins, then earlier queues in
-    the list, then older jobs. The list's starting point rotates by one after every
-    fetch that returned work, as kombu does, so a busy queue listed first cannot
-    starve the others: every queue with ready work is served at least once every
-    ``len(queues)`` fetches.
+    Multiple queues: within one fetch, earlier queues in the list first, then higher
+    priority, then older jobs; like every adapter, every few fetches start at a later
+    queue (:class:`stem.adapters._shared.FairOrder`), so a busy queue listed first
+    cannot starve the others.
 
     Beyond the port: :meth:`publish_with_connection` (transactional enqueue through
     the caller's connection) and :meth:`ack_with_results` (ack plus result write in
@@ -164,7 +164,7 @@ class PostgresBroker:
         # waiting) is not lost: the next fetch sees the bump and queries again.
         self._generation = 0
         self._waiters: set[asyncio.Future[None]] = set()
-        self._rotation: dict[tuple[str, ...], int] = {}
+        self._order = FairOrder()
         self._background: set[asyncio.Task[Any]] = set()
         self._churn = 0
         self._last_vacuum = 0.0
@@ -331,7 +331,7 @@ class PostgresBroker:
         """
         if max_count <= 0 or not queues:
             return []
-        names = list(dict.fromkeys(queues))
+        names = self._order(queues)
         self._watched.update(names)
         deadline = time.monotonic() + max(block, 0.0)
         # LISTEN must be active before the first look at the table, or a job
@@ -388,10 +388,7 @@ class PostgresBroker:
         if len(names) == 1:
             sql, order = self._sql.fetch_one_queue, names[0]
         else:
-            key = tuple(names)
-            shift = self._rotation.get(key, 0) % len(names)
-            order = names[shift:] + names[:shift]
-            sql = self._sql.fetch_many_queues
+            sql, order = self._sql.fetch_many_queues, names
         rows = await self._db.run(
             lambda c: c.fetch(
                 sql, order, max_count, self.default_visibility_timeout, consumer, lease
@@ -399,9 +396,6 @@ class PostgresBroker:
         )
         if rows:
             self._touched(len(rows))
-            if len(names) > 1:
-                key = tuple(names)
-                self._rotation[key] = self._rotation.get(key, 0) + 1
         return [self._delivery(r, lease) for r in rows]
 
     @staticmethod
