@@ -102,13 +102,17 @@ class Broker(Protocol):
     ) -> list[Delivery]:
         """Lease up to ``max_count`` ready envelopes from ``queues``.
 
-        Higher ``priority`` first within a queue; across queues, earlier queues are
-        preferred but no queue with ready work is starved forever. Each delivery is
+        Queue order first: an earlier queue's envelopes before a later queue's, and
+        higher ``priority`` first within a queue; no queue with ready work is starved
+        forever (every few fetches start at a later queue). Each delivery is
         leased for the envelope's ``visibility_timeout`` (else the default); an
         unacked lease that expires makes the envelope visible again. Waits up to
         ``block`` seconds when nothing is ready, returning early when work arrives.
-        During an outage an adapter retries within ``block`` and then raises
-        ServiceUnavailableError; the worker backs off and calls again.
+        A fetch that is cancelled holds nothing once it has ended: what the store
+        leased for it meanwhile is given back (as by ``nack``) before the
+        CancelledError propagates. During an outage an adapter retries within
+        ``block`` and then raises ServiceUnavailableError; the worker backs off and
+        calls again.
         """
         ...
 

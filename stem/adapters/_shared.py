@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from stem._urls import mask_url
@@ -17,6 +18,10 @@ from stem.limits import (
     MIN_VISIBILITY_TIMEOUT,
     visibility_timeout_problem,
 )
+from stem.log import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
 
 #: Every FAIR_EVERY-th multi-queue fetch starts at a later queue, so a busy first
 #: queue delays the others but never starves them.
@@ -39,6 +44,65 @@ class FairOrder:
                 start = 1 + (self._turn // FAIR_EVERY) % (len(order) - 1)
                 order = order[start:] + order[:start]
         return order
+
+
+#: How long a cancelled fetch waits for its claim to end and be handed back before
+#: it leaves the rest to a background task (a store that stopped answering must not
+#: hold a cancellation up for long).
+GIVE_BACK_WAIT = 5.0
+
+
+async def claim_safely(
+    claim: Awaitable[T],
+    give_back: Callable[[T], Awaitable[object]],
+    pending: set[asyncio.Task[Any]],
+    *,
+    abandon: Callable[[], Awaitable[object]] | None = None,
+) -> T:
+    """Await ``claim`` (a step of ``fetch`` that leases messages in the store) so that
+    cancelling the caller never strands what the store leased.
+
+    The claim runs in its own task, so a cancellation cannot cut it off between the
+    store leasing messages and the adapter receiving them. A cancelled caller asks
+    the claim to stop waiting for work (``abandon``), waits for it to end, hands what
+    it got back with ``give_back`` (a nack) and only then re-raises: once ``fetch``
+    has raised CancelledError, another consumer can take those messages at once.
+    After GIVE_BACK_WAIT, or when the caller is cancelled again, the hand-back goes
+    on in the background, in ``pending`` (which the adapter's ``close`` awaits).
+    """
+    task = asyncio.ensure_future(claim)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        handback = asyncio.get_running_loop().create_task(_hand_back(task, give_back, abandon))
+        pending.add(handback)
+        handback.add_done_callback(pending.discard)
+        try:
+            await asyncio.wait((handback,), timeout=GIVE_BACK_WAIT)
+        except asyncio.CancelledError:
+            pass  # cancelled again: the hand-back finishes on its own
+        raise
+
+
+async def _hand_back(
+    task: asyncio.Future[T],
+    give_back: Callable[[T], Awaitable[object]],
+    abandon: Callable[[], Awaitable[object]] | None,
+) -> None:
+    if abandon is not None:
+        try:
+            await abandon()
+        except Exception as exc:  # the claim then ends by itself, a little later
+            log.debug("broker.abandon_failed", error=repr(exc))
+    try:
+        claimed = await task
+    except Exception:
+        return  # the claim failed, and its caller is gone: nothing to hand back
+    try:
+        await give_back(claimed)
+    except Exception as exc:
+        # What the claim leased comes back when the lease expires.
+        log.warning("broker.give_back_failed", error=repr(exc))
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

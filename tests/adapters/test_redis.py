@@ -254,6 +254,52 @@ async def test_nack_keeps_the_entry_and_its_place(broker: RedisBroker, raw: aior
     assert await raw.xlen(broker.keys(Q).streams[0]) == 0
 
 
+async def test_a_fetch_cancelled_after_its_claim_script_ran_hands_the_entries_back(
+    broker: RedisBroker,
+) -> None:
+    await broker.publish([env(i, visibility_timeout=60) for i in range(3)])
+    scripts = broker._script
+    real_fetch = scripts["fetch"]
+    claimed, release = asyncio.Event(), asyncio.Event()
+
+    async def held_fetch(keys: list[str], args: list[object]) -> object:
+        reply = await real_fetch(keys, args)
+        claimed.set()
+        await release.wait()  # the entries are leased; the fetch is cancelled here
+        return reply
+
+    scripts["fetch"] = held_fetch  # type: ignore[assignment]
+    fetch = asyncio.create_task(broker.fetch([Q], 3, block=0, consumer="c1"))
+    await asyncio.wait_for(claimed.wait(), 5)
+    assert (await broker.stats(Q)).in_flight == 3
+    fetch.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    scripts["fetch"] = real_fetch
+    # Handed back before the cancelled fetch ended, not when the 60 s leases expire.
+    assert (await broker.stats(Q)).in_flight == 0
+    assert len(await broker.fetch([Q], 3, block=0, consumer="c2")) == 3
+
+
+async def test_a_cancelled_blocking_read_ends_at_once(make_broker: object) -> None:
+    broker: RedisBroker = make_broker(block_time=30)  # type: ignore[operator]
+    fetch = asyncio.create_task(broker.fetch([Q], 1, block=30, consumer="c1"))
+
+    async def reading() -> bool:
+        return any(r.client_id is not None for r in broker._readers)
+
+    await eventually(reading, timeout=5)
+    started = time.monotonic()
+    fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    assert time.monotonic() - started < 1.0  # CLIENT UNBLOCK, not the 30 s read timeout
+    assert not broker._readers
+    await broker.publish([env()])
+    assert len(await broker.fetch([Q], 1, block=0, consumer="c2")) == 1
+
+
 # -- delayed work -----------------------------------------------------------------------
 
 

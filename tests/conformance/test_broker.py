@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 
 from stem._time import now_epoch, utcnow
@@ -385,6 +385,88 @@ async def test_concurrent_consumers_never_share_a_lease(broker: Broker) -> None:
     flat = [i for ids in results for i in ids]
     assert len(flat) == len(set(flat)) == 200
     assert set(flat) == {e.id for e in envelopes}
+
+
+async def _turns(fetch: Awaitable[list[Delivery]]) -> tuple[int, list[Delivery]]:
+    """Run ``fetch`` to the end: how many event-loop turns it took, and its result."""
+    task = asyncio.ensure_future(fetch)
+    turns = 0
+    while not task.done():
+        await asyncio.sleep(0)
+        turns += 1
+    return turns, task.result()
+
+
+async def _cancel_after(fetch: asyncio.Task[list[Delivery]], turns: int) -> list[Delivery]:
+    """Cancel ``fetch`` after ``turns`` event-loop turns: its result when it finished
+    first, [] when the cancellation ended it."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    fetch.cancel()
+    try:
+        return await fetch
+    except asyncio.CancelledError:
+        return []
+
+
+def _cancel_points(longest: int) -> list[int]:
+    """The loop turns to cancel a fetch at when an uncancelled one took up to ``longest``:
+    each of the first 200, then 100 spread over the rest of twice ``longest``."""
+    end = 2 * longest + 2
+    return list(range(min(end, 200))) + list(range(200, end, max(1, (end - 200) // 100)))
+
+
+async def test_a_cancelled_fetch_never_strands_what_it_claimed(broker: Broker) -> None:
+    """Cancelled at any point of its life (before, while or after the store leases the
+    message), a fetch that has ended holds nothing: another consumer takes the message
+    at once, not when the 60 s lease expires. The cancellation is tried at every
+    event-loop turn an uncancelled fetch takes (see _cancel_points)."""
+    await broker.publish([env(1, visibility_timeout=60)])
+    longest = 0
+    for _ in range(3):
+        turns, got = await _turns(broker.fetch([Q], 1, block=0, consumer="victim"))
+        assert len(got) == 1
+        await broker.nack(got)
+        longest = max(longest, turns)
+    for turns in _cancel_points(longest):
+        fetch = asyncio.create_task(broker.fetch([Q], 1, block=0, consumer="victim"))
+        await broker.nack(await _cancel_after(fetch, turns))
+        [d] = await broker.fetch([Q], 1, block=0, consumer="other")
+        await broker.nack([d])
+
+
+async def test_a_cancelled_blocking_fetch_never_strands_what_woke_it(broker: Broker) -> None:
+    """As above for a fetch waiting on an empty queue, cancelled at every turn of its
+    wake-up by a publish."""
+    await broker.ping()
+    # A head start long enough for a fetch to be waiting when the publish comes.
+    head_start = 2 * max([(await _turns(fetch_now(broker)))[0] for _ in range(3)]) + 2
+
+    async def woken(cancel_at: int | None) -> tuple[int, list[Delivery]]:
+        fetch = asyncio.create_task(broker.fetch([Q], 1, block=10, consumer="victim"))
+        for _ in range(head_start):
+            await asyncio.sleep(0)
+        publish = asyncio.ensure_future(broker.publish([env(visibility_timeout=60)]))
+        if cancel_at is None:
+            turns, got = await _turns(fetch)
+        else:
+            turns, got = cancel_at, await _cancel_after(fetch, cancel_at)
+        await publish
+        return turns, got
+
+    longest = 0
+    for _ in range(3):
+        turns, got = await woken(None)
+        assert len(got) == 1
+        await broker.ack(got)
+        longest = max(longest, turns)
+    for turns in _cancel_points(longest):
+        _, got = await woken(turns)
+        if not got:
+            got = await broker.fetch([Q], 1, block=0, consumer="other")
+        assert len(got) == 1
+        await broker.ack(got)
+    assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
 
 
 async def test_ping_and_close(broker: Broker) -> None:

@@ -27,6 +27,7 @@ import asyncpg
 from stem.adapters._shared import (
     FairOrder,
     check_publishable,
+    claim_safely,
     decode_stored,
     extend_seconds,
     lease_seconds,
@@ -340,7 +341,11 @@ class PostgresBroker:
         loop = asyncio.get_running_loop()
         while True:
             generation = self._generation
-            deliveries = await self._lease_shielded(names, max_count, consumer)
+            # If the caller is cancelled (shutdown) while the UPDATE runs, the rows
+            # it leases are given back at once instead of after the lease.
+            deliveries = await claim_safely(
+                self._lease(names, max_count, consumer), self.nack, self._background
+            )
             if deliveries:
                 return deliveries
             remaining = deadline - time.monotonic()
@@ -362,25 +367,6 @@ class PostgresBroker:
                 finally:
                     self._waiters.discard(waiter)
             listening = await self._listener.ensure()
-
-    async def _lease_shielded(
-        self, names: list[str], max_count: int, consumer: str
-    ) -> list[Delivery]:
-        # If the caller is cancelled (shutdown) while the UPDATE runs, its rows may
-        # already be leased; give them back at once instead of after the timeout.
-        task = asyncio.ensure_future(self._lease(names, max_count, consumer))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_orphans)
-            raise
-
-    def _release_orphans(self, task: asyncio.Task[list[Delivery]]) -> None:
-        if task.cancelled() or task.exception() is not None or not task.result():
-            return
-        nack = asyncio.ensure_future(self.nack(task.result()))
-        self._background.add(nack)
-        nack.add_done_callback(self._background.discard)
 
     async def _lease(self, names: list[str], max_count: int, consumer: str) -> list[Delivery]:
         lease = uuid.uuid4()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import redis.exceptions as rexc
@@ -32,6 +33,7 @@ from stem.adapters._shared import (
     FairOrder,
     check_namespace,
     check_publishable,
+    claim_safely,
     decode_stored,
     extend_seconds,
     lease_seconds,
@@ -130,6 +132,14 @@ class _Reader:
     unblock_sent: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class _Reads:
+    """The blocking reads of one fetch, so a cancelled fetch can end them early."""
+
+    readers: list[_Reader] = field(default_factory=list)
+    stopped: bool = False
+
+
 class RedisBroker:
     """A :class:`stem.ports.Broker` on Redis Streams (standalone, Sentinel or Cluster).
 
@@ -175,6 +185,8 @@ class RedisBroker:
         self._closing = False
         self._order = FairOrder()
         self._readers: set[_Reader] = set()
+        # Hand-backs of cancelled fetches still running (close waits for them).
+        self._background: set[asyncio.Task[Any]] = set()
         # Earliest due time of delayed work this process published since the last
         # fetch script run: a blocking read must not sleep past it.
         self._due_hint: float | None = None
@@ -346,7 +358,13 @@ class RedisBroker:
         give_up = time.monotonic() + max(0.0, block)
         while not self._closing:
             try:
-                out, next_due = await self._fetch_ready(self._order(queues), max_count, consumer)
+                # Both steps run as claims (claim_safely): a fetch cancelled while
+                # the server leases entries for it hands them back at once.
+                out, next_due = await claim_safely(
+                    self._fetch_ready(self._order(queues), max_count, consumer),
+                    lambda got: self.nack(got[0]),
+                    self._background,
+                )
                 if out:
                     self._recovered()
                     return out
@@ -361,7 +379,13 @@ class RedisBroker:
                     self._recovered()
                     return []
                 if wait >= 0.001:
-                    out = await self._block(queues, max_count, consumer, wait)
+                    reads = _Reads()
+                    out = await claim_safely(
+                        self._block(queues, max_count, consumer, wait, reads),
+                        self.nack,
+                        self._background,
+                        abandon=partial(self._stop_reads, reads),
+                    )
                     self._recovered()
                     if out:
                         return out
@@ -438,25 +462,37 @@ class RedisBroker:
                 )
             )
 
+    async def _stop_reads(self, reads: _Reads) -> None:
+        """End the blocking reads of ``reads`` now (and any it starts later)."""
+        reads.stopped = True
+        for reader in list(reads.readers):
+            await self._unblock(reader)
+
     async def _block(
-        self, queues: Sequence[str], max_count: int, consumer: str, wait: float
+        self,
+        queues: Sequence[str],
+        max_count: int,
+        consumer: str,
+        wait: float,
+        reads: _Reads | None = None,
     ) -> list[Delivery]:
-        """Wait up to ``wait`` s for new entries in any band of any queue."""
+        """Wait up to ``wait`` s for new entries in any band of any queue (``reads``
+        collects the reads, so a cancelled fetch can end them)."""
+        if reads is None:
+            reads = _Reads()
         order = list(dict.fromkeys(queues))
         if not self._conn.is_cluster or len(order) == 1:
-            got = await self._block_read(order, max_count, consumer, wait)
+            got = await self._block_read(order, max_count, consumer, wait, reads)
         else:
             # Streams of different queues live in different slots: one read per queue,
             # and the first to return data ends the others with CLIENT UNBLOCK.
-            readers: list[_Reader] = []
             tasks = [
-                asyncio.ensure_future(self._block_read([q], max_count, consumer, wait, readers))
+                asyncio.ensure_future(self._block_read([q], max_count, consumer, wait, reads))
                 for q in order
             ]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for reader in readers:
-                    await self._unblock(reader)
+                await self._stop_reads(reads)
                 results = await asyncio.gather(*tasks, return_exceptions=True)
             except BaseException:
                 for t in tasks:
@@ -480,7 +516,7 @@ class RedisBroker:
         max_count: int,
         consumer: str,
         wait: float,
-        readers: list[_Reader] | None = None,
+        reads: _Reads,
     ) -> list[Delivery]:
         streams: list[str] = []
         owner: dict[bytes, tuple[str, int]] = {}
@@ -491,9 +527,8 @@ class RedisBroker:
                 owner[k.streams[band].encode()] = (q, band)
         block_ms = max(1, int(wait * 1000))
         blocking = await self._conn.blocking_conn(streams[0])
-        reader = _Reader(blocking, now_epoch() + wait)
-        if readers is not None:
-            readers.append(reader)
+        reader = _Reader(blocking, now_epoch() + wait, stop=reads.stopped)
+        reads.readers.append(reader)
         conn = blocking.conn
         try:
             await conn.send_packed_command(
@@ -845,6 +880,8 @@ class RedisBroker:
         self._closing = True
         for reader in list(self._readers):
             await self._unblock(reader)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._consumers and self._ready_groups and self._conn.has_client:
             # Forget our consumers (and long-idle ones of crashed workers) when they hold
             # nothing, so groups don't collect a consumer per worker ever started.

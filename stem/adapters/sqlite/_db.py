@@ -230,11 +230,6 @@ class Database:
         """Run ``fn(conn)`` on the database thread and return its result."""
         return await self.submit(fn)
 
-    def run_detached(self, fn: Callable[[sqlite3.Connection], object]) -> None:
-        """Queue ``fn(conn)`` without awaiting it (clean-up after a cancelled call)."""
-        if self._executor is not None:
-            self._executor.submit(self._call, fn)
-
     async def close(self) -> None:
         """Close the connection and stop the thread (a later call reopens them)."""
         executor, self._executor = self._executor, None

@@ -16,11 +16,13 @@ import asyncio
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from stem._time import now_epoch
 from stem.adapters._shared import (
     FairOrder,
     check_publishable,
+    claim_safely,
     decode_stored,
     extend_seconds,
     lease_seconds,
@@ -114,6 +116,8 @@ class SqliteBroker:
         self._db.add_setup(self._create)
         self._hub = hub_for(path, prefix)
         self._order = FairOrder()
+        # Hand-backs of cancelled fetches still running (close waits for them).
+        self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         return f"SqliteBroker({self.path!r})"
@@ -301,22 +305,20 @@ class SqliteBroker:
     async def _claim_safely(
         self, order: Sequence[str], max_count: int, consumer: str, precheck: bool
     ) -> list[Delivery]:
-        future = self._db.submit(self._claim(order, max_count, consumer, precheck))
-        try:
-            token, claimed = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # The claim may commit after we stopped waiting (worker shutdown); give
-            # those rows back now rather than after their visibility timeout.
-            future.add_done_callback(self._give_back)
-            raise
+        # The claim may commit after a cancelled caller stopped waiting (worker
+        # shutdown); those rows are given back at once, not after their lease.
+        token, claimed = await claim_safely(
+            self._db.submit(self._claim(order, max_count, consumer, precheck)),
+            self._give_back,
+            self._background,
+        )
         return [self._delivery(queue, token, row) for queue, row in claimed]
 
-    def _give_back(self, future: asyncio.Future[_ClaimResult]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        token, claimed = future.result()
+    async def _give_back(self, result: _ClaimResult) -> None:
+        token, claimed = result
         if claimed:
-            self._db.run_detached(self._unlease([(r[0], token) for _, r in claimed]))
+            await self._db.run(self._unlease([(r[0], token) for _, r in claimed]))
+            self._hub.queues_changed()
 
     @staticmethod
     def _delivery(queue: str, token: str, row: _Claimed) -> Delivery:
@@ -557,5 +559,7 @@ class SqliteBroker:
 
     async def close(self) -> None:
         """Close the connection and its thread (the broker reopens them if used again)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._owns_db:
             await self._db.close()
