@@ -94,16 +94,6 @@ async def test_deliveries_are_fresh_objects() -> None:
     assert again.envelope is not None and again.envelope.args == {"items": [1]}
 
 
-async def test_extend_lease_updates_the_delivery() -> None:
-    broker = broker_from_url("memory://x")
-    await broker.publish([Envelope(name="t", visibility_timeout=1)])
-    [d] = await broker.fetch(["default"], 1, block=0, consumer="c")
-    assert d.lease_expires_at is not None
-    before = d.lease_expires_at
-    await broker.extend_lease([d], 100)
-    assert d.lease_expires_at >= before + 90
-
-
 async def test_publish_from_another_thread_wakes_a_blocked_fetch() -> None:
     broker = broker_from_url("memory://x")
     published_at: list[float] = []

@@ -180,17 +180,6 @@ async def test_extend_lease_past_the_horizon_is_kept_until_its_deadline(
     assert again.envelope is not None and again.redelivered
 
 
-async def test_extend_lease_shorter_than_the_horizon(make_broker: object) -> None:
-    broker: RedisBroker = make_broker()  # type: ignore[operator]  # horizon: 30 s
-    await broker.publish([env()])
-    [d] = await broker.fetch([Q], 1, block=0, consumer="c1")
-    await broker.extend_lease([d], 0.2)
-    start = time.monotonic()
-    [again] = await fetch_within(broker, "c2", timeout=3)
-    assert 0.15 <= time.monotonic() - start < 1.0
-    assert again.envelope is not None
-
-
 async def test_envelope_visibility_timeout_longer_than_the_horizon(make_broker: object) -> None:
     broker: RedisBroker = make_broker(default_visibility_timeout=0.2)  # type: ignore[operator]
     await broker.publish([env(visibility_timeout=1.0)])

@@ -289,18 +289,6 @@ async def test_cancelled_fetch_gives_its_claim_back(
     await eventually(given_back, timeout=5)
 
 
-async def test_extend_lease_updates_the_delivery(
-    db: Path, adapters: list[SqliteBroker | SqliteBackend]
-) -> None:
-    broker = open_broker(adapters, db)
-    await broker.publish([Envelope(name="t", visibility_timeout=1)])
-    [d] = await broker.fetch(["default"], 1, block=0, consumer="c")
-    assert d.lease_expires_at is not None
-    before = d.lease_expires_at
-    await broker.extend_lease([d], 100)
-    assert d.lease_expires_at >= before + 90
-
-
 async def test_expired_results_are_purged_by_a_later_write(
     db: Path, adapters: list[SqliteBroker | SqliteBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -123,8 +123,14 @@ async def test_stale_lease_holder_cannot_touch_the_new_lease(broker: Broker) -> 
     await broker.nack([stale])
     await broker.dead_letter([(stale, "stale")])
     await broker.retry([(stale, env(attempt=1))])
+    stale_until = stale.lease_expires_at
     await broker.extend_lease([stale], 60)
+    assert stale.lease_expires_at == stale_until  # a lost lease's deadline is left alone
     assert stats_tuple(await broker.stats(Q)) == (0, 0, 1, 0)
+    # The current holder's calls still work.
+    await broker.extend_lease([current], 60)
+    assert current.lease_expires_at is not None
+    assert current.lease_expires_at > now_epoch() + 50
     await broker.ack([current])
     assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
 
@@ -138,6 +144,27 @@ async def test_extend_lease_prevents_redelivery(broker: Broker) -> None:
     assert (await broker.stats(Q)).in_flight == 1
     await broker.ack([d])
     assert stats_tuple(await broker.stats(Q)) == (0, 0, 0, 0)
+
+
+async def test_extend_lease_moves_the_deadline_of_the_delivery(broker: Broker) -> None:
+    await broker.publish([env(visibility_timeout=1)])
+    [d] = await fetch_now(broker)
+    assert d.lease_expires_at is not None
+    before = d.lease_expires_at
+    await broker.extend_lease([d], 100)
+    assert before + 90 <= d.lease_expires_at <= now_epoch() + 101
+
+
+async def test_extend_lease_can_shorten_a_lease(broker: Broker) -> None:
+    """``now + seconds`` also when that is sooner than the lease it replaces."""
+    await broker.publish([env(visibility_timeout=60)])
+    [d] = await fetch_now(broker)
+    await broker.extend_lease([d], 0.3)
+    assert d.lease_expires_at is not None and d.lease_expires_at <= now_epoch() + 0.5
+    extended = time.monotonic()
+    [again] = await fetch_within(broker, consumer="c2")
+    assert time.monotonic() - extended >= 0.25
+    assert again.envelope is not None and again.redelivered
 
 
 async def test_nack_makes_envelope_visible_at_once(broker: Broker) -> None:
