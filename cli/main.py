@@ -16,7 +16,7 @@ from rich.table import Table
 from stem._urls import mask_url
 from stem.app import Stem
 from stem.errors import ConfigurationError, StemError
-from stem.log import configure_logging, parse_level
+from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
 from stem.worker import Worker
 from stem_cli._app import between, error_line, fail, load_app
@@ -57,6 +57,16 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
+def _log_format(value: str) -> str:
+    if value.lower() not in LOG_FORMATS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_FORMATS)}")
+    return value.lower()
+
+
+#: ``--log-format`` -> ``configure_logging(json=...)``: None lets it look at the terminal.
+_JSON_FOR_FORMAT: dict[str, bool | None] = {"auto": None, "pretty": False, "json": True}
+
+
 @worker_app.command("start")
 def worker_start(
     app_spec: AppOpt,
@@ -88,9 +98,16 @@ def worker_start(
                                         f"(1..{MAX_PREFETCH_MULTIPLIER}).")] = 4,
     log_level: Annotated[str, typer.Option("--log-level", callback=_log_level,
                          help="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")] = "INFO",
+    log_format: Annotated[str, typer.Option("--log-format", callback=_log_format,
+                          help="auto (pretty on a terminal, JSON lines otherwise), pretty "
+                               "or json.")] = "auto",
 ) -> None:
-    """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0."""
-    configure_logging(log_level)
+    """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0.
+
+    Logs go to stderr: a ``worker.started`` banner (app, masked broker and backend URLs,
+    queues, concurrency, prefetch, pool), then one line per finished task at INFO.
+    """
+    configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
     worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
                     block_time=block_time, pool_size=pool, app_spec=app_spec,

@@ -1,10 +1,12 @@
 """The worker: fetch → dispatch → execute → complete, with leases and graceful shutdown.
 
-Pipeline (see DESIGN.md): one fetcher asks the broker for up to the number of free
-slots; each delivery runs as its own asyncio task; outcomes go to the completer,
-which flushes everything produced in one loop tick together — statuses first
-(results are written before the ack), then acks, retry re-publishes and dead
-letters. A lease keeper renews the leases of everything still in flight.
+Pipeline: one fetcher asks the broker for up to the number of free slots; each
+delivery runs as its own asyncio task; outcomes go to the completer
+(:mod:`stem.worker.completer`), which flushes everything produced in one loop tick
+together — statuses first (results are written before the ack), then acks, retry
+re-publishes and dead letters. A lease keeper renews the leases of everything still
+in flight. Handlers reach the worker through their TaskContext, whose operations
+live in :mod:`stem.worker.context_ops`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 from stem import signals
 from stem._time import now_iso
+from stem._urls import mask_url
+from stem.adapters.sqlite._db import path_from_url
 from stem.context import TaskContext
-from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope, payload_limit, peek_task_id
-from stem.errors import EnvelopeDecodeError, UnsettledDeliveriesError
+from stem.errors import UnsettledDeliveriesError
 from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
 from stem.retry import RetryStrategy
-from stem.status import TaskError, TaskState, TaskStatus
+from stem.status import TaskState, TaskStatus
+from stem.worker.completer import Completer
+from stem.worker.context_ops import ContextRuntime, WorkerContextOps
 from stem.worker.executor import Executor
 from stem.worker.pool import PoolConfig
 from stem.worker.processor import (
@@ -43,8 +48,9 @@ from stem.worker.processor import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from stem.app import Stem
-    from stem.task import TaskCall, TaskDefinition
 
 log = get_logger(__name__)
 
@@ -53,6 +59,16 @@ _KEEPER_MAX_SLEEP = 1.0
 #: At shutdown, results and acks still being written get at least this long (seconds)
 #: even when running tasks used up the whole grace.
 _FINAL_FLUSH_MIN = 2.0
+
+
+def shown_url(url: str) -> str:
+    """``url`` as logs show it: secrets masked, a SQLite file as an absolute path."""
+    if url.split(":", 1)[0].lower() == "sqlite":
+        try:
+            return "sqlite:///" + path_from_url(url)
+        except Exception:
+            pass  # not a usable SQLite URL: show it masked as it is
+    return mask_url(url)
 
 
 @dataclass(slots=True)
@@ -113,6 +129,8 @@ class Worker:
             raise ValueError("prefetch_multiplier must be >= 1")
         self.prefetch_multiplier = prefetch_multiplier
         self.app = app
+        self.app_spec = app_spec
+        self.pool_size = pool_size
         self.queues = list(queues) if queues else self._default_queues(app)
         self.concurrency = concurrency
         self.block_time = block_time
@@ -134,13 +152,11 @@ class Worker:
         self._waiting: deque[tuple[Delivery, Prepared]] = deque()
         self._stop = asyncio.Event()
         self._lease_changed = asyncio.Event()
-        self._completer: _Completer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._completer: Completer | None = None
+        self._context_runtime: ContextRuntime | None = None
         self.processed = 0
         self._fetch_failing = False
-        self._atomic_ack: AtomicAckStore | None = None
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
-        self._lost_settles = 0  # deliveries whose settle call failed while stopping
         signals.worker_init.send(self)
 
     @staticmethod
@@ -150,6 +166,28 @@ class Worker:
             if d.options.queue not in queues:
                 queues.append(d.options.queue)
         return queues
+
+    def describe(self) -> dict[str, Any]:
+        """What the startup banner (the ``worker.started`` event) shows.
+
+        The app (its ``module:attribute`` spec when known), broker and backend URLs with
+        passwords masked and SQLite paths made absolute, queues, concurrency, prefetch
+        (tasks leased at once), where ``def`` handlers without explicit isolation run
+        (``pool``: thread or process) and the process pool's children (0 when none runs).
+        """
+        process_pool = self.executor.process_pool
+        return {
+            "app": self.app_spec or self.app.name,
+            "consumer": self.consumer_name,
+            "broker": shown_url(self.app.broker_url),
+            "backend": shown_url(self.app.backend_url),
+            "queues": list(self.queues),
+            "concurrency": self.concurrency,
+            "prefetch": self.concurrency * self.prefetch_multiplier,
+            "pool": "process" if self.pool_size is not None else "thread",
+            "processes": process_pool.config.size if process_pool is not None else 0,
+            "tasks": len(self.app.tasks),
+        }
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -164,19 +202,22 @@ class Worker:
         Raises :class:`~stem.errors.UnsettledDeliveriesError` when deliveries were left
         unsettled because the grace ran out while the store was unreachable.
         """
-        self._loop = asyncio.get_running_loop()
         broker, backend = self.app.broker, self.app.backend
         payload_limit()  # a bad STEM_MAX_PAYLOAD_BYTES fails here, not in every fetch
         check_visibility_timeout(broker.default_visibility_timeout)
         await broker.ping()
         await backend.ping()
         await self.executor.start()  # warm the process pool before taking work
-        self._completer = _Completer(self)
         shared = self.app.shared_store
         # Broker and backend from one store that can ack with results atomically.
-        self._atomic_ack = shared if isinstance(shared, AtomicAckStore) else None
-        log.info("worker.started", consumer=self.consumer_name, queues=self.queues,
-                 concurrency=self.concurrency, tasks=len(self.app.tasks))
+        self._completer = completer = Completer(
+            broker, backend, on_settled=self._settled, stopping=self._stop.is_set,
+            atomic_ack=shared if isinstance(shared, AtomicAckStore) else None, sender=self)
+        self._context_runtime = ContextRuntime(
+            app=self.app, loop=asyncio.get_running_loop(), record_status=completer.status,
+            lease_length=self._lease_length, extend_lease=self.extend_lease,
+            spawn=self._spawn, sender=self)
+        log.info("worker.started", **self.describe())
         keeper = asyncio.create_task(self._lease_keeper())
         signals.worker_ready.send(self)
         try:
@@ -214,7 +255,7 @@ class Worker:
                       unsettled=len(self._active))
         except Exception as exc:
             log.error("worker.flush_failed", error=repr(exc), unsettled=len(self._active))
-        left = len(self._active) + self._lost_settles
+        left = len(self._active) + self._completer.lost_settles
         if left:
             log.error("worker.unsettled", count=left)
         return left
@@ -383,8 +424,8 @@ class Worker:
         self._slot_free.set()
 
     async def _run(self, d: Delivery, prepared: Prepared) -> None:
-        completer = self._completer
-        assert completer is not None
+        completer, runtime = self._completer, self._context_runtime
+        assert completer is not None and runtime is not None
         env = prepared.envelope
         holding_slot = True
         try:
@@ -392,8 +433,7 @@ class Worker:
             # The keys the Dart worker writes into status meta, so tooling of either reads both.
             base_meta = {**env.meta, "task": env.name, "queue": env.queue,
                          "worker": self.consumer_name, "startedAt": now_iso()}
-            ops = _WorkerContextOps(self, d, base_meta)
-            ctx = TaskContext(env, ops)
+            ctx = TaskContext(env, WorkerContextOps(runtime, d, base_meta))
             if signals.task_prerun.has_receivers:
                 signals.task_prerun.send(self, envelope=env, context=ctx)
             if options.track_started:
@@ -402,20 +442,23 @@ class Worker:
                                meta=dict(base_meta)),
                     options.result_ttl,
                 )
+            started = time.perf_counter()
             try:
                 value = await self.executor.execute(prepared, ctx)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
+                elapsed = time.perf_counter() - started
                 holding_slot = False
                 self._free_slot()
                 outcome: Outcome = self.processor.failure(prepared, exc)
             else:
+                elapsed = time.perf_counter() - started
                 holding_slot = False
                 self._free_slot()
                 outcome = self.processor.success(prepared, value)
             self.processed += 1
-            completer.outcome(d, prepared, ctx, outcome, base_meta)
+            completer.outcome(d, prepared, ctx, outcome, base_meta, elapsed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -470,6 +513,17 @@ class Worker:
                 for f in items:
                     f.deadline = deadline
 
+    def _lease_length(self, d: Delivery) -> float:
+        """The length of ``d``'s current lease (the broker's default once it settled)."""
+        f = self._active.get(d.receipt)
+        return f.visibility_timeout if f else self.app.broker.default_visibility_timeout
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` on the loop as work the drain waits for (a lease extension)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def extend_lease(self, d: Delivery, seconds: float) -> None:
         """Extend one delivery's lease now (TaskContext.extend_lease / heartbeat).
 
@@ -500,275 +554,3 @@ def _emit_outcome(worker: Worker, env: Envelope, outcome: Outcome) -> None:
         return
     if signals.task_postrun.has_receivers:
         signals.task_postrun.send(worker, envelope=env, state=state)
-
-
-class _WorkerContextOps:
-    """TaskContext operations for tasks running in this worker (any thread)."""
-
-    def __init__(self, worker: Worker, delivery: Delivery, base_meta: dict[str, Any]) -> None:
-        self.worker = worker
-        self.delivery = delivery
-        self.base_meta = base_meta
-
-    def _on_loop(self, fn: Any, *args: Any) -> None:
-        loop = self.worker._loop
-        assert loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            fn(*args)
-        else:
-            loop.call_soon_threadsafe(fn, *args)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.worker._tasks.add(task)
-        task.add_done_callback(self.worker._tasks.discard)
-
-    def extend_lease(self, ctx: TaskContext, seconds: float | None) -> None:
-        f = self.worker._active.get(self.delivery.receipt)
-        secs = check_visibility_timeout(seconds) if seconds is not None else (
-            f.visibility_timeout if f else self.worker.app.broker.default_visibility_timeout
-        )
-        self._on_loop(lambda: self._spawn(self.worker.extend_lease(self.delivery, secs)))
-
-    def progress(self, ctx: TaskContext, percent: float, data: Any) -> None:
-        env = ctx.envelope
-        meta = {**self.base_meta, **ctx.meta, "progress": {"percent": percent, "data": data}}
-        status = TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=meta)
-        completer = self.worker._completer
-        assert completer is not None
-
-        def record() -> None:
-            completer.status(status, None)
-            if signals.task_progress.has_receivers:
-                signals.task_progress.send(self.worker, envelope=env, percent=percent, data=data)
-
-        self._on_loop(record)
-
-    def resolve(self, name: str) -> TaskDefinition[Any, Any]:
-        return self.worker.app.definition(name)
-
-    async def enqueue_call(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
-        return await self.worker.app.enqueue_call(call)
-
-    def enqueue_call_sync(self, ctx: TaskContext, call: TaskCall[Any]) -> str:
-        loop = self.worker._loop
-        assert loop is not None
-        fut = asyncio.run_coroutine_threadsafe(self.worker.app.enqueue_call(call), loop)
-        return fut.result()
-
-
-class _Completer:
-    """Collects outcomes and flushes them once per loop tick (see module docstring).
-
-    Flushes never overlap, so a later status for the same task always lands after an
-    earlier one. If the result backend is down, the batch is retried with backoff and
-    nothing is acked until its statuses are stored.
-
-    A rejected delivery (unknown task, bad arguments, undecodable) records a FAILED
-    status only when the store holds no terminal status for that id: a bogus or stale
-    envelope reusing a finished task's id must not overwrite its result. The check is
-    one ``get_many`` per flush that has rejects (rare), so another attempt finishing
-    between that read and our write can still be overwritten — a window of one
-    round-trip, accepted to keep the common path free of extra reads.
-    """
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self._statuses: dict[str, tuple[TaskStatus, float | None]] = {}
-        self._reject_statuses: dict[str, TaskStatus] = {}
-        self._acks: list[Delivery] = []
-        self._retries: list[tuple[Delivery, Envelope]] = []
-        self._dead: list[tuple[Delivery, str]] = []
-        self.pending_receipts: set[str] = set()
-        self._scheduled = False
-        self._flushing: asyncio.Task[None] | None = None
-
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._kick)
-
-    def _kick(self) -> None:
-        self._scheduled = False
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    def status(self, status: TaskStatus, ttl: float | None) -> None:
-        existing = self._statuses.get(status.id)
-        # Never let a late progress/running write overwrite a terminal one in the same batch.
-        if existing is not None and existing[0].state.is_terminal and not status.state.is_terminal:
-            return
-        self._statuses[status.id] = (status, ttl)
-        self._schedule()
-
-    def ack_only(self, d: Delivery) -> None:
-        self._acks.append(d)
-        self.pending_receipts.add(d.receipt)
-        self._schedule()
-
-    def reject(self, d: Delivery, task_id: str | None, reason: str, error_type: str,
-               env: Envelope | None) -> None:
-        log.warning("task.dead_lettered", task_id=task_id, reason=reason, queue=d.queue,
-                    task=env.name if env else None)
-        signals.task_rejected.send(self.worker, reason=reason, envelope=env, raw=d.raw)
-        if task_id is not None:
-            self._reject_statuses[task_id] = TaskStatus(
-                task_id, TaskState.FAILED, error=TaskError(type=error_type, message=reason),
-                attempt=env.attempt if env else 0, meta={"deadLetterReason": reason})
-        self._dead.append((d, reason))
-        self.pending_receipts.add(d.receipt)
-        self._schedule()
-
-    def abandon(self, d: Delivery, env: Envelope, reason: str, error_type: str) -> None:
-        """Last resort for a delivery whose outcome could not be recorded: dead-letter it.
-
-        Undoes whatever part of the outcome was queued, so it settles exactly once.
-        """
-        self._acks = [a for a in self._acks if a is not d]
-        self._retries = [r for r in self._retries if r[0] is not d]
-        self._dead = [x for x in self._dead if x[0] is not d]
-        self._statuses.pop(env.id, None)
-        self.reject(d, env.id, reason, error_type, env)
-
-    def outcome(self, d: Delivery, prepared: Prepared, ctx: TaskContext, outcome: Outcome,
-                base_meta: dict[str, Any]) -> None:
-        env = prepared.envelope
-        ttl = prepared.definition.options.result_ttl
-        # base_meta belongs to this attempt alone and is finished with here: no copy.
-        meta = base_meta
-        if ctx.meta:
-            meta.update(ctx.meta)
-        if ctx.progress_state is not None:
-            meta["progress"] = ctx.progress_state
-        if isinstance(outcome, Success):
-            meta[RESULT_ENCODER_META] = outcome.encoder_id
-            meta["completedAt"] = now_iso()
-            self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,
-                                   meta=meta, attempt=env.attempt), ttl)
-            self._acks.append(d)
-        elif isinstance(outcome, RetryLater):
-            log.info("task.retry", task_id=env.id, task=env.name, attempt=env.attempt,
-                     delay=round(outcome.delay, 3), error=outcome.error.message)
-            meta["retryDelayMs"] = round(outcome.delay * 1000)
-            self.status(TaskStatus(env.id, TaskState.RETRIED, error=outcome.error,
-                                   meta=meta, attempt=env.attempt), ttl)
-            self._retries.append((d, outcome.next_envelope))
-        elif isinstance(outcome, Failure):
-            log.warning("task.failed", task_id=env.id, task=env.name, attempt=env.attempt,
-                        error_type=outcome.error.type, error=outcome.error.message)
-            meta["failedAt"] = now_iso()
-            self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
-                                   meta=meta, attempt=env.attempt), ttl)
-            self._acks.append(d)
-        self.pending_receipts.add(d.receipt)
-        self._schedule()
-
-    async def _flush_loop(self) -> None:
-        while self._statuses or self._reject_statuses or self._acks or self._retries \
-                or self._dead:
-            await self._flush_once()
-
-    async def _flush_once(self) -> None:
-        statuses, self._statuses = self._statuses, {}
-        rejected, self._reject_statuses = self._reject_statuses, {}
-        acks, self._acks = self._acks, []
-        retries, self._retries = self._retries, []
-        dead, self._dead = self._dead, []
-        app = self.worker.app
-        broker = app.broker
-        if rejected:
-            await self._add_reject_statuses(statuses, rejected)
-        backoff = 0.05
-        atomic = self.worker._atomic_ack
-        if statuses and acks and atomic is not None:
-            # Same store: results and acks in one transaction, one round-trip.
-            try:
-                await atomic.ack_with_results(
-                    acks, list(statuses.values()), default_ttl=app.backend.default_ttl)
-                statuses, acks_done = {}, acks
-                acks = []
-            except Exception as exc:
-                log.error("worker.result_write_failed", error=repr(exc), count=len(statuses))
-                acks_done = []
-        else:
-            acks_done = []
-        while statuses:
-            try:
-                await app.backend.set_many(list(statuses.values()))
-                break
-            except Exception as exc:
-                log.error("worker.result_write_failed", error=repr(exc), count=len(statuses))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        ops: list[tuple[Any, int]] = []
-        if acks:
-            ops.append((broker.ack(acks), len(acks)))
-        if retries:
-            ops.append((self._retry(retries), len(retries)))
-        if dead:
-            ops.append((broker.dead_letter(dead), len(dead)))
-        results = await asyncio.gather(*(op for op, _ in ops), return_exceptions=True)
-        for r, (_, count) in zip(results, ops, strict=True):
-            if isinstance(r, BaseException):
-                # The lease will expire and the task be redelivered; the terminal status
-                # already stored makes the redelivery a skipped duplicate.
-                log.error("worker.settle_failed", error=repr(r), count=count)
-                if self.worker._stop.is_set():
-                    self.worker._lost_settles += count
-        receipts = [d.receipt for d in acks + acks_done] + [d.receipt for d, _ in retries] + [
-            d.receipt for d, _ in dead
-        ]
-        self.pending_receipts.difference_update(receipts)
-        self.worker._settled(receipts)
-
-    async def _add_reject_statuses(self, statuses: dict[str, tuple[TaskStatus, float | None]],
-                                   rejected: dict[str, TaskStatus]) -> None:
-        """Add the FAILED statuses of rejected deliveries that overwrite no terminal one."""
-        ids = [i for i in rejected if i not in statuses]  # a real attempt in this batch wins
-        if not ids:
-            return
-        backoff = 0.05
-        while True:
-            try:
-                stored = await self.worker.app.backend.get_many(ids)
-                break
-            except Exception as exc:
-                log.error("worker.result_read_failed", error=repr(exc), count=len(ids))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        for task_id in ids:
-            current = stored.get(task_id)
-            if current is not None and current.state.is_terminal:
-                log.info("task.reject_kept_status", task_id=task_id, state=current.state.value)
-                continue
-            statuses[task_id] = (rejected[task_id], None)
-
-    async def _retry(self, retries: list[tuple[Delivery, Envelope]]) -> None:
-        """Publish retries; one that cannot be encoded (over the size cap) is dead-lettered."""
-        broker = self.worker.app.broker
-        try:
-            await broker.retry(retries)
-            return
-        except EnvelopeDecodeError:
-            pass
-        ok: list[tuple[Delivery, Envelope]] = []
-        bad: list[tuple[Delivery, str]] = []
-        for d, env in retries:
-            try:
-                env.to_json()
-                ok.append((d, env))
-            except EnvelopeDecodeError as exc:
-                bad.append((d, f"retry could not be published: {exc}"))
-        if ok:
-            await broker.retry(ok)
-        if bad:
-            await broker.dead_letter(bad)
-
-    async def flush_all(self) -> None:
-        if self._flushing is not None and not self._flushing.done():
-            await self._flushing
-        await self._flush_loop()
