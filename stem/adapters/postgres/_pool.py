@@ -278,7 +278,7 @@ class Connector:
         if self._outage_since is None and self._ever_connected:
             self._outage_since = time.monotonic()
             log.warning(
-                "postgres connection lost; reconnecting",
+                "postgres.connection_lost",
                 role=self.role,
                 server=self.settings.display,
                 error=redact(str(exc) or type(exc).__name__, self.settings.dsn),
@@ -288,7 +288,7 @@ class Connector:
         self._ever_connected = True
         if self._outage_since is not None:
             log.info(
-                "postgres connection restored",
+                "postgres.connection_restored",
                 role=self.role,
                 server=self.settings.display,
                 outage_seconds=round(time.monotonic() - self._outage_since, 3),

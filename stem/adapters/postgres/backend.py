@@ -140,7 +140,7 @@ class PostgresResultBackend:
             return await self.purge_expired()
         except Exception as exc:
             # Housekeeping must never fail a write; the next round tries again.
-            log.warning("purging expired results failed", error=str(exc))
+            log.warning("postgres.purge_failed", error=str(exc))
             return 0
 
     async def purge_expired(self, max_batches: int = 10) -> int:

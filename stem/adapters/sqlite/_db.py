@@ -209,7 +209,7 @@ class Database:
                         "directory are writable and no other program holds a long "
                         "transaction on it"
                     ) from exc
-                log.warning("sqlite database locked, retrying", path=self.path, attempt=attempt)
+                log.warning("sqlite.database_locked", path=self.path, attempt=attempt)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
