@@ -2,7 +2,8 @@
 
 Core code talks to brokers and stores only through these Protocols; every adapter
 (memory, sqlite, redis, postgres) implements them and passes the same conformance
-suite in ``tests/conformance/``. The broker API is batch-first: every call moves a
+suite (:mod:`stem.testing.conformance`, run on each of them by ``tests/conformance/``).
+The broker API is batch-first: every call moves a
 list so an adapter can do it in one round-trip.
 
 Times are seconds (floats). ``now`` is wall-clock epoch seconds, because delayed

@@ -9,32 +9,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from stem.app import Stem
+from stem.testing import eventually as eventually  # re-exported for the tests
 from stem.worker import Worker
 
 T = TypeVar("T")
 
 
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0,
-                     interval: float = 0.02) -> T:
-    """Await ``check()`` until it returns a truthy value or ``timeout`` passes (then fail)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
-
-
 def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Sync twin of :func:`eventually`."""
+    """Sync twin of :func:`eventually` (stem.testing.eventually, which the suite shares
+    with the conformance checks)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

@@ -1,5 +1,10 @@
 """The conformance suite runs every test in this folder once per adapter.
 
+The adapter-independent checks live in :mod:`stem.testing.conformance` (so an outside
+adapter runs them too, see docs/conformance.md); this folder binds them to the
+built-in adapters through the ``broker_factory`` / ``backend_factory`` fixtures, and
+adds checks that need Stem's URLs or an app.
+
 An adapter joins by adding its name to ADAPTERS and a branch to ``adapter_url``;
 broker and backend come from one store per URL (``stem.adapters.store_from_url``),
 exactly as an app builds them.
@@ -8,7 +13,7 @@ exactly as an app builds them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,15 @@ def broker(store: Store) -> Broker:
 def backend(store: Store) -> ResultBackend:
     """The store's result backend."""
     return store.backend
+
+
+@pytest.fixture
+def broker_factory(store: Store) -> Callable[[], Broker]:
+    """What stem.testing.conformance.BrokerConformance builds its broker with."""
+    return lambda: store.broker
+
+
+@pytest.fixture
+def backend_factory(store: Store) -> Callable[[], ResultBackend]:
+    """What stem.testing.conformance.BackendConformance builds its backend with."""
+    return lambda: store.backend

@@ -1,0 +1,32 @@
+"""Helpers for testing code built on Stem, and Stem adapters.
+
+:mod:`stem.testing.conformance` holds the conformance suite an adapter runs to show it
+keeps the contracts of :mod:`stem.ports` (it needs pytest and pytest-asyncio; this
+module itself needs neither, and ``import stem`` never imports it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+__all__ = ["eventually"]
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], timeout: float = 10.0, interval: float = 0.02
+) -> T:
+    """Await ``check()`` until it returns a truthy value (returned) or ``timeout``
+    seconds pass (AssertionError): poll with a deadline instead of sleeping."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last  # type: ignore[no-any-return]
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
