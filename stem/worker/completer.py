@@ -12,8 +12,8 @@ a way to ask whether the worker is stopping (:class:`Completer`).
 
 Each finished task is logged once here (``task.succeeded`` / ``task.retried`` at
 INFO, ``task.failed`` / ``task.dead_lettered`` at WARNING) with the task name, id,
-resulting state, attempt and runtime; when the level is disabled that costs one
-``isEnabledFor`` check.
+resulting state, attempt and runtime (seconds the handler ran); when the level is
+disabled that costs one ``isEnabledFor`` check.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope
 from stem.errors import EnvelopeDecodeError
-from stem.log import get_logger
+from stem.log import emit, get_logger
 from stem.ports import AtomicAckStore, Broker, Delivery, ResultBackend
 from stem.status import TaskError, TaskState, TaskStatus
 from stem.worker.processor import Failure, Outcome, Prepared, RetryLater, Success
 
 log = get_logger(__name__)
-#: The stdlib logger behind ``log``: its ``isEnabledFor`` is the cheap level check.
+#: The stdlib logger behind ``log``, for the per-task lines: its ``isEnabledFor`` is the
+#: cheap level check, and :func:`stem.log.emit` writes the line without structlog's chain.
 _stdlog = logging.getLogger(__name__)
 _INFO, _WARNING = logging.INFO, logging.WARNING
 
@@ -114,9 +115,9 @@ class Completer:
                env: Envelope | None) -> None:
         """Dead-letter ``d`` with ``reason`` (and record FAILED, see the class docstring)."""
         if _stdlog.isEnabledFor(_WARNING):
-            log.warning("task.dead_lettered", task=env.name if env else None, task_id=task_id,
-                        state=TaskState.FAILED.value, attempt=env.attempt if env else None,
-                        queue=d.queue, reason=reason)
+            emit(_stdlog, _WARNING, "task.dead_lettered", task=env.name if env else None,
+                 task_id=task_id, state=TaskState.FAILED.value,
+                 attempt=env.attempt if env else None, queue=d.queue, reason=reason)
         signals.task_rejected.send(self._sender, reason=reason, envelope=env, raw=d.raw)
         if task_id is not None:
             self._reject_statuses[task_id] = TaskStatus(
@@ -158,25 +159,25 @@ class Completer:
                                    meta=meta, attempt=env.attempt), ttl)
             self._acks.append(d)
             if _stdlog.isEnabledFor(_INFO):
-                log.info("task.succeeded", task=env.name, task_id=env.id,
-                         state=TaskState.SUCCEEDED.value, attempt=env.attempt,
-                         runtime=round(runtime, 6))
+                emit(_stdlog, _INFO, "task.succeeded", task=env.name, task_id=env.id,
+                     state=TaskState.SUCCEEDED.value, attempt=env.attempt,
+                     runtime=round(runtime, 6))
         elif isinstance(outcome, RetryLater):
             if _stdlog.isEnabledFor(_INFO):
-                log.info("task.retried", task=env.name, task_id=env.id,
-                         state=TaskState.RETRIED.value, attempt=env.attempt,
-                         runtime=round(runtime, 6), delay=round(outcome.delay, 3),
-                         error=outcome.error.message)
+                emit(_stdlog, _INFO, "task.retried", task=env.name, task_id=env.id,
+                     state=TaskState.RETRIED.value, attempt=env.attempt,
+                     runtime=round(runtime, 6), delay=round(outcome.delay, 3),
+                     error=outcome.error.message)
             meta["retryDelayMs"] = round(outcome.delay * 1000)
             self.status(TaskStatus(env.id, TaskState.RETRIED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
             self._retries.append((d, outcome.next_envelope))
         elif isinstance(outcome, Failure):
             if _stdlog.isEnabledFor(_WARNING):
-                log.warning("task.failed", task=env.name, task_id=env.id,
-                            state=TaskState.FAILED.value, attempt=env.attempt,
-                            runtime=round(runtime, 6), error_type=outcome.error.type,
-                            error=outcome.error.message)
+                emit(_stdlog, _WARNING, "task.failed", task=env.name, task_id=env.id,
+                     state=TaskState.FAILED.value, attempt=env.attempt,
+                     runtime=round(runtime, 6), error_type=outcome.error.type,
+                     error=outcome.error.message)
             meta["failedAt"] = now_iso()
             self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)

@@ -1,4 +1,5 @@
-"""One event-name style in the library: ``log.<level>("subject.event", field=...)``."""
+"""One event-name style in the library: ``log.<level>("subject.event", field=...)`` (and
+``emit(logger, level, "subject.event", ...)`` on hot paths)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ def _log_calls() -> list[tuple[str, int, ast.expr | None]]:
     for path in sorted(STEM.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in LEVELS and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == "log"):
-                calls.append((f"{path.relative_to(STEM.parent)}", node.lineno,
-                              node.args[0] if node.args else None))
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"{path.relative_to(STEM.parent)}"
+            if (isinstance(node.func, ast.Attribute) and node.func.attr in LEVELS
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "log"):
+                calls.append((where, node.lineno, node.args[0] if node.args else None))
+            elif isinstance(node.func, ast.Name) and node.func.id == "emit":  # stem.log.emit
+                calls.append((where, node.lineno, node.args[2] if len(node.args) > 2 else None))
     return calls
 
 

@@ -85,11 +85,17 @@ async def _dead(app: stem.Stem, task_id: str) -> bool:
     return status is not None and status.state.is_terminal
 
 
-class _Refuse:
-    """Stands in for the completer's logger: any call at a disabled level is a failure."""
+class _Recorder:
+    """Stands in for the completer's logger and ``emit``: records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
-        raise AssertionError(f"log.{name} called while its level is disabled")
+        return lambda *args, **kwargs: self.calls.append(name)
+
+    def emit(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(f"emit {args[2]}")
 
 
 async def test_a_disabled_level_costs_no_logging_call(app: stem.Stem,
@@ -102,17 +108,29 @@ async def test_a_disabled_level_costs_no_logging_call(app: stem.Stem,
     async def boom() -> None:
         raise ValueError("x")
 
-    monkeypatch.setattr(completer_module, "log", _Refuse())
+    recorder = _Recorder()
+    monkeypatch.setattr(completer_module, "log", recorder)
+    monkeypatch.setattr(completer_module, "emit", recorder.emit)
     logger = logging.getLogger("stem")
     old = logger.level
     logger.setLevel(logging.ERROR)
     try:
         async with running_worker(app):
-            ids = [await app.enqueue("quiet.ok"), await app.enqueue("quiet.boom")]
-            for tid in ids:
-                await app.wait(tid, timeout=10)
+            ok_id, boom_id = await app.enqueue("quiet.ok"), await app.enqueue("quiet.boom")
+            ok_result, boom_result = (await app.wait(ok_id, timeout=10),
+                                      await app.wait(boom_id, timeout=10))
     finally:
         logger.setLevel(old)
+    assert (ok_result.value, boom_result.state) == (1, stem.TaskState.FAILED)
+    assert recorder.calls == []
+    # The same run with INFO on logs both lines through the same calls.
+    logger.setLevel(logging.INFO)
+    try:
+        async with running_worker(app):
+            await app.wait(await app.enqueue("quiet.ok"), timeout=10)
+    finally:
+        logger.setLevel(old)
+    assert recorder.calls == ["emit task.succeeded"]
 
 
 async def test_worker_started_banner_masks_urls_and_shows_the_pool(
