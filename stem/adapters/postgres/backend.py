@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from stem._urls import redact
 from stem.adapters._waiting import ResultWaiters, Watch, wait_for_terminal
 from stem.adapters.postgres._pool import Connector, ListenHub, PgSettings, parse_url
 from stem.adapters.postgres._sql import Statements
@@ -140,7 +141,8 @@ class PostgresResultBackend:
             return await self.purge_expired()
         except Exception as exc:
             # Housekeeping must never fail a write; the next round tries again.
-            log.warning("postgres.purge_failed", error=str(exc))
+            log.warning("postgres.purge_failed",
+                        error=redact(str(exc) or type(exc).__name__, self.settings.dsn))
             return 0
 
     async def purge_expired(self, max_batches: int = 10) -> int:
