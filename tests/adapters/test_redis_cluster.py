@@ -160,7 +160,9 @@ async def test_blocking_multi_queue_fetch_wakes_for_a_queue_on_another_node(
     start = time.monotonic()
     [d] = await broker.fetch(queues, 10, block=5, consumer="c1")
     await task
-    assert d.queue == queues[-1] and time.monotonic() - start < 1.5
+    # Woken by the publish, not by the 5 s block running out (no tighter bound: a
+    # loaded 2-core CI machine may take a second or two to get all readers blocked).
+    assert d.queue == queues[-1] and time.monotonic() - start < 4
     assert not broker._readers  # the other reads were ended, not left hanging
     await broker.ack([d])
 
