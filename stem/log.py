@@ -36,18 +36,34 @@ LOG_FORMATS = ("auto", "pretty", "json")
 logging.getLogger("stem").addHandler(logging.NullHandler())
 
 
+class _Message:
+    """A record's message, rendered only when a plain formatter asks for it.
+
+    Stem's own formatter reads the structured fields instead, so the common path never
+    pays for the ``event key=value ...`` string.
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: MutableMapping[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        event = str(self.fields.get("event", ""))
+        rest = " ".join(f"{k}={v}" for k, v in self.fields.items() if k != "event")
+        return f"{event} {rest}" if rest else event
+
+
 def _to_stdlib(_: Any, method: str, event_dict: MutableMapping[str, Any]
                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Last processor: ``(args, kwargs)`` for the stdlib logger's method."""
     exc_info = event_dict.pop("exc_info", None)
-    event = str(event_dict.get("event", ""))
-    fields = " ".join(f"{k}={v}" for k, v in event_dict.items() if k != "event")
-    message = f"{event} {fields}" if fields else event
-    kwargs: dict[str, Any] = {"extra": {EVENT_ATTR: dict(event_dict)}}
+    fields = dict(event_dict)
+    kwargs: dict[str, Any] = {"extra": {EVENT_ATTR: fields}}
     if exc_info:
         kwargs["exc_info"] = exc_info
-    # %-formatting is never applied to our message (no args), so a '%' in a value is safe.
-    return (message.replace("%", "%%"),), kwargs
+    # No args: %-formatting is never applied, so a '%' in a value is safe.
+    return (_Message(fields),), kwargs
 
 
 _PROCESSORS: list[Any] = [
@@ -70,8 +86,10 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     if context:
         for key, value in context.items():
             fields.setdefault(key, value)
-    args, kwargs = _to_stdlib(None, "", fields)
-    logger.log(level, *args, stacklevel=2, **kwargs)
+    # Built directly: no findCaller() stack walk (the logger's name says where it is from).
+    record = logger.makeRecord(logger.name, level, "", 0, _Message(fields), (), None,
+                               extra={EVENT_ATTR: fields})
+    logger.handle(record)
 
 
 def get_logger(name: str) -> Any:
