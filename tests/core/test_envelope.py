@@ -107,7 +107,7 @@ def test_task_ids_are_unique_time_ordered_uuid7() -> None:
     assert ids[0][:13] <= ids[-1][:13]  # the millisecond prefix never goes backwards
 
 
-# -- hardening: every field checked at decode (issue 9) -----------------------------------
+# -- hardening: every field checked at decode -----------------------------------------
 
 def _raw(**fields: object) -> bytes:
     return orjson.dumps({"id": "x1", "name": "t", "args": {}, **fields})
