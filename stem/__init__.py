@@ -12,8 +12,18 @@ Quick start::
 
     task_id = await send_email.enqueue("a@example.com")
     result = await send_email.wait(task_id, timeout=10)
+    task_id = send_email.delay("a@example.com")        # from sync code
 """
 
+from stem._default import (
+    default_app,
+    enqueue,
+    enqueue_sync,
+    get_result,
+    set_default_app,
+    wait,
+    wait_sync,
+)
 from stem.app import Stem
 from stem.config import StemConfig
 from stem.context import TaskContext
@@ -33,6 +43,7 @@ from stem.errors import (
     ServiceUnavailableError,
     SoftTimeLimitExceeded,
     StemError,
+    SyncCallInLoopError,
     TaskArgumentError,
     TimeLimitExceeded,
     UnknownTaskError,
@@ -63,6 +74,7 @@ __all__ = [
     "Stem",
     "StemConfig",
     "StemError",
+    "SyncCallInLoopError",
     "TaskArgumentError",
     "TaskCall",
     "TaskContext",
@@ -80,4 +92,11 @@ __all__ = [
     "WaitTimeoutError",
     "WorkerLostError",
     "__version__",
+    "default_app",
+    "enqueue",
+    "enqueue_sync",
+    "get_result",
+    "set_default_app",
+    "wait",
+    "wait_sync",
 ]

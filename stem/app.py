@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import re
+import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
+from fnmatch import translate
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
+from stem._sync import SyncBridge, refuse_in_event_loop
 from stem._time import utcnow
 from stem._urls import mask_url
 from stem.adapters import store_from_url
@@ -23,6 +30,7 @@ from stem.encoding import (
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, EnvelopeDecodeError, WaitTimeoutError
 from stem.limits import check_visibility_timeout, clamp_priority
+from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, Store, TransactionalPublisher
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskStatus
@@ -38,6 +46,11 @@ from stem.task import (
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+log = get_logger(__name__)
+
+#: Apps alive in this process, so a forked child can reset their locks and connections.
+_apps: weakref.WeakSet[Stem] = weakref.WeakSet()
 
 
 class TaskDecorator(Protocol):
@@ -65,11 +78,18 @@ class Stem:
 
     ``broker`` and ``backend`` take URLs, stores (:class:`stem.ports.Store`, e.g. a
     ``PostgresStore`` built on your own pool) or adapter objects. Each distinct URL
-    gets one store, so a broker and a backend on the same URL share its connections.
-    With neither, the app reads ``STEM_*`` environment variables and falls back to one
-    SQLite file (``sqlite:///.stem/stem.db``), so producer and worker need no server.
-    A broker object needs a backend too (a URL, store or object): there is no
-    silent default for it.
+    gets one store per event loop (connections belong to the loop that opened them), so
+    a broker and a backend on the same URL share its connections, and one app works from
+    several loops in turn (``asyncio.run`` twice) and from sync code (``enqueue_sync``,
+    on a background loop of its own). Stores and adapter objects passed in are used as
+    they are on every loop. With neither, the app reads ``STEM_*`` environment variables
+    and falls back to one SQLite file (``sqlite:///.stem/stem.db``), so producer and
+    worker need no server. A broker object needs a backend too (a URL, store or
+    object): there is no silent default for it.
+
+    ``routes`` maps task names to queues for tasks that do not name their queue:
+    exact names first, then glob patterns (``fnmatch``) in the mapping's order, else
+    ``default_queue`` (see :meth:`route`).
     """
 
     def __init__(
@@ -83,6 +103,7 @@ class Stem:
         default_queue: str = "default",
         result_ttl: float = DEFAULT_RESULT_TTL,
         config: StemConfig | None = None,
+        routes: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
@@ -90,15 +111,20 @@ class Stem:
         self.encoders = encoders or TaskPayloadEncoderRegistry()
         self.default_queue = default_queue
         self.result_ttl = result_ttl
+        self.routes: dict[str, str] = _check_routes(routes)
+        self._exact_routes = {k: v for k, v in self.routes.items() if not _is_glob(k)}
+        self._glob_routes = [(re.compile(translate(k)).match, v)
+                             for k, v in self.routes.items() if _is_glob(k)]
+        self._routed: dict[str, str] = {}
         self.tasks: dict[str, TaskDefinition[Any, Any]] = {}
-        self._stores: dict[str, Store] = {}
-        self._broker: Broker | None = None
-        self._backend: ResultBackend | None = None
-        self._broker_store: Store | None = None
-        self._backend_store: Store | None = None
+        self._given: dict[str, Store] = {}  # stores passed in, by URL: used on every loop
+        self._given_broker: Broker | None = None
+        self._given_backend: ResultBackend | None = None
+        self._given_broker_store: Store | None = None
+        self._given_backend_store: Store | None = None
         self._objects: list[Broker | ResultBackend] = []  # passed in; closed by close()
         if isinstance(broker, Store):
-            self._broker_store = self._adopt(broker)
+            self._given_broker_store = self._adopt(broker)
             self.broker_url = broker.url
         elif isinstance(broker, str) or broker is None:
             self.broker_url = self.config.broker_url if broker is None else check_url(
@@ -110,11 +136,11 @@ class Stem:
                     "a ResultBackend); or pass a store as broker= (stem.adapters."
                     "store_from_url(url)) and it provides both"
                 )
-            self._broker = broker
+            self._given_broker = broker
             self._objects.append(broker)
             self.broker_url = "<object>"
         if isinstance(backend, Store):
-            self._backend_store = self._adopt(backend)
+            self._given_backend_store = self._adopt(backend)
             self.backend_url = backend.url
         elif isinstance(backend, str):
             self.backend_url = check_url(backend, "result backend")
@@ -122,14 +148,22 @@ class Stem:
             # The broker's store keeps results too unless configured otherwise.
             self.backend_url = self.config.backend_url or self.broker_url
             if self.config.backend_url is None:
-                self._backend_store = self._broker_store
+                self._given_backend_store = self._given_broker_store
         else:
-            self._backend = backend
+            self._given_backend = backend
             self._objects.append(backend)
             self.backend_url = "<object>"
-        self._publishers: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, _CoalescingPublisher
-        ] = weakref.WeakKeyDictionary()
+        # What the app built per event loop (stores, broker, backend, publisher). The
+        # last loop used is cached in one tuple, so the single-loop path costs an
+        # identity check; other loops are looked up (weakly) under the lock.
+        self._lock = threading.Lock()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopParts] = (
+            weakref.WeakKeyDictionary())
+        self._unbound: _LoopParts | None = None  # built outside any loop; the next loop's
+        self._last: tuple[object, _LoopParts] = (object(), _LoopParts(self))
+        self._inherited: list[object] = []  # a forked child's copies of the parent's parts
+        self._sync = SyncBridge(self._close_current_loop)
+        _apps.add(self)
 
     def __repr__(self) -> str:
         return f"<Stem {self.name!r} broker={mask_url(self.broker_url)!r} tasks={len(self.tasks)}>"
@@ -139,50 +173,117 @@ class Stem:
         """An app configured from ``STEM_*`` environment variables."""
         return cls(name, config=StemConfig.from_env(), **kwargs)
 
-    # -- stores and adapters ------------------------------------------------------------
+    # -- stores and adapters, per event loop ---------------------------------------------
 
     def _adopt(self, store: Store) -> Store:
-        self._stores.setdefault(store.url, store)
+        self._given.setdefault(store.url, store)
+        return store
+
+    def _parts(self) -> _LoopParts:
+        """What the app built for the running loop (or, outside any loop, for the next)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._unbound_parts()
+        last = self._last
+        if last[0] is loop:
+            return last[1]
+        return self._parts_for(loop)
+
+    def _unbound_parts(self) -> _LoopParts:
+        with self._lock:
+            parts = self._unbound
+            if parts is None:
+                parts = self._unbound = _LoopParts(self)
+            return parts
+
+    def _parts_for(self, loop: asyncio.AbstractEventLoop) -> _LoopParts:
+        with self._lock:
+            parts = self._loops.get(loop)
+            if parts is None:
+                # Loops that closed without shutting down their async generators (so
+                # the guard below never ran) leave parts whose connections are dead:
+                # drop them (they cannot be closed without their loop).
+                for old in [lp for lp in self._loops if lp.is_closed()]:
+                    self._loops.pop(old).disarm()
+                parts, self._unbound = self._unbound or _LoopParts(self), None
+                self._loops[loop] = parts
+                parts.arm(self, loop)
+            self._last = (loop, parts)
+            return parts
+
+    async def _loop_closing(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop is shutting down (asyncio.run's end): close what the app built on it."""
+        with self._lock:
+            parts = self._loops.pop(loop, None)
+            if self._last[0] is loop:
+                self._last = (object(), self._last[1])
+        if parts is not None:
+            await self._close_parts(parts)
+
+    async def _close_parts(self, parts: _LoopParts) -> None:
+        for store in list(parts.stores.values()):
+            try:
+                await asyncio.wait_for(store.close(), 10)
+            except Exception as exc:  # a store already unreachable must not stop the rest
+                log.warning("app.store_close_failed", store=repr(store), error=repr(exc))
+
+    async def _close_current_loop(self) -> None:
+        await self._close_parts(self._parts())
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's connections must never be used, closed or garbage-collected here
+        # (closing them could end the parent's sessions): keep them aside, start afresh.
+        self._lock = threading.Lock()
+        self._inherited.append((list(self._loops.values()), self._unbound, self._last))
+        self._loops = weakref.WeakKeyDictionary()
+        self._unbound = None
+        self._last = (object(), self._last[1])
+        self._sync.after_fork_in_child()
+
+    def _url_store(self, parts: _LoopParts, url: str) -> Store:
+        store = self._given.get(url) or parts.stores.get(url)
+        if store is None:
+            store = parts.stores[url] = store_from_url(url, namespace=self.namespace)
         return store
 
     def store_for(self, url: str) -> Store:
-        """The app's store for ``url`` (one per distinct URL, built on first use)."""
-        store = self._stores.get(url)
-        if store is None:
-            store = self._stores[url] = store_from_url(url, namespace=self.namespace)
-        return store
+        """The app's store for ``url`` on the running loop (one per URL, built on first use)."""
+        return self._url_store(self._parts(), url)
 
     @property
     def broker_store(self) -> Store | None:
         """The store the broker comes from (None for a broker object passed in)."""
-        if self._broker_store is None and self._broker is None:
-            self._broker_store = self.store_for(self.broker_url)
-        return self._broker_store
+        if self._given_broker is not None:
+            return None
+        return self._given_broker_store or self.store_for(self.broker_url)
 
     @property
     def backend_store(self) -> Store | None:
         """The store the result backend comes from (None for a backend object passed in)."""
-        if self._backend_store is None and self._backend is None:
-            self._backend_store = self.store_for(self.backend_url)
-        return self._backend_store
+        if self._given_backend is not None:
+            return None
+        return self._given_backend_store or self.store_for(self.backend_url)
 
     @property
     def broker(self) -> Broker:
-        """The broker (built from its store on first use; connects lazily)."""
-        if self._broker is None:
-            store = self.broker_store
-            assert store is not None
-            self._broker = store.broker
-        return self._broker
+        """The broker on the running loop (built from its store on first use; connects lazily)."""
+        parts = self._parts()
+        broker = parts.broker
+        if broker is None:
+            broker = parts.broker = self._given_broker or (
+                self._given_broker_store or self._url_store(parts, self.broker_url)).broker
+        return broker
 
     @property
     def backend(self) -> ResultBackend:
-        """The result backend (built from its store on first use; connects lazily)."""
-        if self._backend is None:
-            store = self.backend_store
-            assert store is not None
-            self._backend = store.backend
-        return self._backend
+        """The result backend on the running loop (built on first use; connects lazily)."""
+        parts = self._parts()
+        backend = parts.backend
+        if backend is None:
+            backend = parts.backend = self._given_backend or (
+                self._given_backend_store or self._url_store(parts, self.backend_url)).backend
+        return backend
 
     @property
     def shared_store(self) -> Store | None:
@@ -191,11 +292,26 @@ class Stem:
         return broker if broker is not None and broker is backend else None
 
     async def close(self) -> None:
-        """Close the app's stores and any adapter objects passed in."""
+        """Close the app's stores on the running loop and any adapter objects passed in.
+
+        Stores the app built on other loops close when their loop shuts down (the end of
+        ``asyncio.run``); the sync API's loop closes at interpreter exit or with
+        :meth:`close_sync`.
+        """
         for part in self._objects:
             await part.close()
-        for store in list(self._stores.values()):
+        stores = list(self._given.values())
+        stores += [s for s in self._parts().stores.values() if s not in stores]
+        for store in stores:
             await store.close()
+
+    def close_sync(self) -> None:
+        """Close the stores of the sync API's background loop and stop its thread.
+
+        Runs by itself at interpreter exit; a later sync call starts a new loop.
+        """
+        refuse_in_event_loop("app.close_sync()", "app.close()")
+        self._sync.close()
 
     # -- registry -----------------------------------------------------------------------
 
@@ -250,14 +366,16 @@ class Stem:
         """
         name = kwargs.pop("name", None)
         decode = kwargs.pop("decode", None)
-        if kwargs.get("queue") is None:
+        routed = kwargs.get("queue") is None
+        if routed:
             kwargs["queue"] = self.default_queue
         options = TaskOptions(**kwargs)
 
         def register(fn: Callable[..., Any]) -> TaskDefinition[Any, Any]:
             task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            opts = replace(options, queue=self.route(task_name)) if routed else options
             definition: TaskDefinition[Any, Any] = TaskDefinition(
-                task_name, fn, options=options, app=self, decode=decode
+                task_name, fn, options=opts, app=self, decode=decode
             )
             return self.register(definition)
 
@@ -281,14 +399,42 @@ class Stem:
             if enc is not None:
                 self.encoders.register(enc)
 
-    def definition(self, name: str, *, params: Sequence[str] | None = None,
+    def definition(self, name: str, *, queue: str | None = None,
+                   params: Sequence[str] | None = None,
                    options: TaskOptions | None = None) -> TaskDefinition[..., Any]:
-        """The registered definition for ``name``, or a handler-less one for producers."""
+        """The registered definition for ``name``, or a handler-less one for producers.
+
+        A producer that does not import the handler declares what it needs:
+        ``app.definition("payments.charge", queue="payments", params=["amount", "to"])``
+        (``params`` lets positional arguments be bound to names). Without ``queue`` (or
+        ``options``) the queue comes from the app's :meth:`route`. A registered task is
+        returned as it is.
+        """
         found = self.tasks.get(name)
         if found is not None:
             return found
-        return TaskDefinition(name, options=options or TaskOptions(queue=self.default_queue),
-                              app=self, params=params)
+        if options is None:
+            options = TaskOptions(queue=queue or self.route(name))
+        elif queue is not None:
+            options = replace(options, queue=queue)
+        return TaskDefinition(name, options=options, app=self, params=params)
+
+    def route(self, name: str) -> str:
+        """The queue for a task ``name`` that does not name its own.
+
+        The exact name in ``routes`` first, then the first glob pattern (``fnmatch``:
+        ``*``, ``?``, ``[...]``) that matches, in the order given, else ``default_queue``.
+        """
+        queue = self._routed.get(name)
+        if queue is None:
+            queue = self._exact_routes.get(name)
+            if queue is None:
+                queue = next((q for match, q in self._glob_routes if match(name)),
+                             self.default_queue)
+            if len(self._routed) >= 4096:  # names are few in practice; bound it anyway
+                self._routed.clear()
+            self._routed[name] = queue
+        return queue
 
     # -- producing ----------------------------------------------------------------------
 
@@ -402,11 +548,64 @@ class Stem:
         await broker.publish_with_connection(connection, envelopes)
 
     def _publisher(self) -> _CoalescingPublisher:
-        loop = asyncio.get_running_loop()
-        pub = self._publishers.get(loop)
-        if pub is None:
-            pub = self._publishers[loop] = _CoalescingPublisher(self)
-        return pub
+        return self._parts().publisher
+
+    # -- producing from sync code -------------------------------------------------------
+
+    def enqueue_sync(
+        self,
+        task: str | TaskDefinition[..., Any],
+        *args: Any,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        headers: dict[str, str] | None = None,
+        meta: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """:meth:`enqueue` for sync code (scripts, WSGI views, threads); returns the id.
+
+        Runs on the app's background event loop (one thread, started on first use, closed
+        at interpreter exit); any number of threads may call it at once. From async code
+        it raises :class:`~stem.errors.SyncCallInLoopError`: ``await app.enqueue(...)``.
+        """
+        refuse_in_event_loop("app.enqueue_sync()", "app.enqueue(...)")
+        return self._sync.run(functools.partial(
+            self.enqueue, task, *args, countdown=countdown, eta=eta, headers=headers,
+            meta=meta, **kwargs))
+
+    def enqueue_call_sync(self, call: TaskCall[Any]) -> str:
+        """:meth:`enqueue_call` for sync code (see :meth:`enqueue_sync`)."""
+        refuse_in_event_loop("enqueue_call_sync()", "app.enqueue_call(...)")
+        return self._sync.run(functools.partial(self.enqueue_call, call))
+
+    def enqueue_many_sync(self, calls: Iterable[TaskCall[Any]]) -> list[str]:
+        """:meth:`enqueue_many` for sync code (see :meth:`enqueue_sync`)."""
+        refuse_in_event_loop("app.enqueue_many_sync()", "app.enqueue_many(...)")
+        return self._sync.run(functools.partial(self.enqueue_many, list(calls)))
+
+    def get_result_sync(self, task_id: str) -> TaskResult[Any] | None:
+        """:meth:`get_result` for sync code (see :meth:`enqueue_sync`)."""
+        refuse_in_event_loop("app.get_result_sync()", "app.get_result(...)")
+        return self._sync.run(functools.partial(self.get_result, task_id))
+
+    @overload
+    def wait_sync(self, task_id: str, timeout: float | None = None) -> TaskResult[Any]: ...
+
+    @overload
+    def wait_sync(
+        self, task_id: str, timeout: float | None = None, *, decode: Callable[[Any], R] | None
+    ) -> TaskResult[R]: ...
+
+    def wait_sync(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        decode: Callable[[Any], Any] | None = None,
+    ) -> TaskResult[Any]:
+        """:meth:`wait` for sync code (see :meth:`enqueue_sync`)."""
+        refuse_in_event_loop("wait_sync()", "app.wait(...)")
+        return self._sync.run(functools.partial(self.wait, task_id, timeout, decode=decode))
 
     # -- results ------------------------------------------------------------------------
 
@@ -468,17 +667,22 @@ class _CoalescingPublisher:
     own future, so a failed batch fails exactly the callers that were in it.
     """
 
-    def __init__(self, app: Stem) -> None:
+    def __init__(self, app: Stem, parts: _LoopParts) -> None:
         self._app = app
+        self._parts = parts
         self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
         self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _broker(self) -> Broker:
+        broker = self._parts.broker
+        return broker if broker is not None else self._app.broker
 
     async def publish(self, envelope: Envelope) -> None:
         if not self._busy:
             self._busy = True
             try:
-                await self._app.broker.publish([envelope])
+                await self._broker().publish([envelope])
             finally:
                 self._next()
             return
@@ -504,7 +708,7 @@ class _CoalescingPublisher:
 
     async def _send(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
         try:
-            await self._app.broker.publish([env for env, _ in batch])
+            await self._broker().publish([env for env, _ in batch])
         except EnvelopeDecodeError as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)
@@ -527,6 +731,95 @@ class _CoalescingPublisher:
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(exc)
+
+
+class _LoopParts:
+    """What an app built for one event loop: a store per URL, the broker and backend
+    taken from them, and the enqueue coalescer.
+
+    Connections belong to the loop that opened them. ``arm`` ties the parts to their
+    loop with an async generator that the loop finalises when it shuts down
+    (``shutdown_asyncgens``, as ``asyncio.run`` and anyio do), which closes the stores
+    while the loop still runs.
+    """
+
+    __slots__ = ("_guard", "backend", "broker", "publisher", "stores")
+
+    def __init__(self, app: Stem) -> None:
+        self.stores: dict[str, Store] = {}
+        self.broker: Broker | None = None
+        self.backend: ResultBackend | None = None
+        self.publisher = _CoalescingPublisher(app, self)
+        self._guard: AsyncGenerator[None, None] | None = None
+
+    def arm(self, app: Stem, loop: asyncio.AbstractEventLoop) -> None:
+        guard = _loop_guard(weakref.ref(app), loop)
+        # Start it without awaiting: the loop's first-iteration hook registers it
+        # now, and the body runs to its ``yield`` synchronously.
+        step = guard.asend(None)
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        self._guard = guard
+
+    def disarm(self) -> None:
+        """For parts dropped without their loop: finish the guard without closing."""
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            step = guard.athrow(_Disarmed())
+            try:
+                step.send(None)
+            except (StopIteration, StopAsyncIteration, _Disarmed):
+                pass
+
+
+class _Disarmed(Exception):
+    pass
+
+
+async def _loop_guard(app_ref: weakref.ref[Stem],
+                      loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    except _Disarmed:
+        return
+    except GeneratorExit:
+        app = app_ref()
+        if app is not None:
+            await app._loop_closing(loop)
+        raise
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _check_routes(routes: Mapping[str, str] | None) -> dict[str, str]:
+    """Validate ``Stem(routes=...)``: task name or glob -> queue name, both non-empty str."""
+    if routes is None:
+        return {}
+    if not isinstance(routes, Mapping):
+        raise ConfigurationError(
+            f"routes must be a mapping of task name or glob to queue, got "
+            f"{type(routes).__name__}")
+    for pattern, queue in routes.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigurationError(
+                f"routes: each key must be a task name or glob (a non-empty str), got "
+                f"{pattern!r}")
+        if not isinstance(queue, str) or not queue:
+            raise ConfigurationError(
+                f"routes[{pattern!r}] must be a queue name (a non-empty str), got {queue!r}")
+    return dict(routes)
+
+
+def _after_fork_in_child() -> None:
+    for app in list(_apps):
+        app._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 __all__ = ["Stem", "TaskContext"]

@@ -38,6 +38,11 @@ class WaitTimeoutError(StemError, TimeoutError):
     """``wait()`` gave up before the task reached a terminal state."""
 
 
+class SyncCallInLoopError(StemError, RuntimeError):
+    """A blocking sync call (``app.enqueue_sync``, ``task.delay``, ...) was made from a
+    thread running an event loop; the message names the ``await`` to use instead."""
+
+
 class SoftTimeLimitExceeded(StemError):
     """Raised inside a task when its soft time limit passes, so the handler can clean up."""
 

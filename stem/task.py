@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
+from stem._sync import refuse_in_event_loop as _refuse_in_event_loop
 from stem.encoding import TaskPayloadEncoder
 from stem.envelope import DEFAULT_QUEUE, MAX_ATTEMPTS
 from stem.errors import ConfigurationError, TaskArgumentError
@@ -245,6 +246,28 @@ class TaskDefinition(Generic[P, R]):
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
         """Wait for ``task_id`` to finish and return its typed result."""
         return await self._require_app().wait(task_id, timeout=timeout, decode=self.decode)
+
+    def enqueue_sync(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """:meth:`enqueue` for sync code (scripts, WSGI views, threads); returns the id.
+
+        Runs on the app's background event loop (see ``Stem.enqueue_sync``); from async
+        code it raises SyncCallInLoopError (use ``await task.enqueue(...)``).
+        """
+        app = self._require_app()
+        _refuse_in_event_loop(f"{self.name}.enqueue_sync()", "task.enqueue(...)")
+        return app.enqueue_call_sync(self.call(*args, **kwargs))
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Celery's spelling of :meth:`enqueue_sync`."""
+        app = self._require_app()
+        _refuse_in_event_loop(f"{self.name}.delay()", "task.enqueue(...)")
+        return app.enqueue_call_sync(self.call(*args, **kwargs))
+
+    def wait_sync(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
+        """:meth:`wait` for sync code (see :meth:`enqueue_sync`)."""
+        app = self._require_app()
+        _refuse_in_event_loop("task.wait_sync()", "task.wait(...)")
+        return app.wait_sync(task_id, timeout, decode=self.decode)
 
 
 def isolation_for(definition: TaskDefinition[Any, Any], hard_limit: float | None,
