@@ -25,3 +25,10 @@ async def produce() -> None:
     greet.call(name=3)  # E: Argument "name" to "call" of "TaskDefinition" has incompatible type "int"; expected "str"
     greet.call("ada", True)  # E: Too many positional arguments for "call" of "TaskDefinition"
     greet.call("ada").with_options(priority="high")  # E: Argument "priority" to "with_options" of "TaskCall" has incompatible type "str"; expected "int | None"
+
+
+def produce_sync() -> None:
+    add.delay("one")  # E: Argument 1 to "delay" of "TaskDefinition" has incompatible type "str"; expected "int"
+    add.enqueue_sync(1, z=2)  # E: Unexpected keyword argument "z" for "enqueue_sync" of "TaskDefinition"
+    greet.delay("ada", True)  # E: Too many positional arguments for "delay" of "TaskDefinition"
+    count: int = add.delay(1)  # E: Incompatible types in assignment (expression has type "str", variable has type "int")

@@ -63,3 +63,25 @@ async def produce() -> None:
     if receipt is not None:
         cents: float = receipt.total * 100
         del cents
+
+
+def produce_sync() -> None:
+    """From sync code: the same ParamSpec-checked arguments, the id back as a str."""
+    tid: str = add.enqueue_sync(1, y=2)
+    also: str = add.delay(3)
+    greeted: str = greet.delay("ada", loud=True)
+    by_name: str = app.enqueue_sync("math.add", 1, y=2)
+    module_level: str = stem.enqueue_sync("math.add", x=1)
+    value: int | None = add.wait_sync(tid, timeout=5).value
+    untyped = app.wait_sync(also)
+    loose: str | None = untyped.value
+    declared = app.definition("payments.charge", queue="payments", params=["amount", "to"])
+    charged: str = declared.delay(5, to="a")
+    del greeted, by_name, module_level, value, loose, charged
+
+
+async def produce_module_level() -> None:
+    tid: str = await stem.enqueue("math.add", 1, y=2)
+    done: stem.TaskResult[object] = await stem.wait(tid, timeout=5)
+    maybe: stem.TaskResult[object] | None = await stem.get_result(tid)
+    del done, maybe
