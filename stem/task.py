@@ -254,19 +254,19 @@ class TaskDefinition(Generic[P, R]):
         code it raises SyncCallInLoopError (use ``await task.enqueue(...)``).
         """
         app = self._require_app()
-        _refuse_in_event_loop(f"{self.name}.enqueue_sync()", "task.enqueue(...)")
+        _refuse_in_event_loop(f"enqueue_sync() of task {self.name!r}", "task.enqueue(...)")
         return app.enqueue_call_sync(self.call(*args, **kwargs))
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Celery's spelling of :meth:`enqueue_sync`."""
         app = self._require_app()
-        _refuse_in_event_loop(f"{self.name}.delay()", "task.enqueue(...)")
+        _refuse_in_event_loop(f"delay() of task {self.name!r}", "task.enqueue(...)")
         return app.enqueue_call_sync(self.call(*args, **kwargs))
 
     def wait_sync(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
         """:meth:`wait` for sync code (see :meth:`enqueue_sync`)."""
         app = self._require_app()
-        _refuse_in_event_loop("task.wait_sync()", "task.wait(...)")
+        _refuse_in_event_loop(f"wait_sync() of task {self.name!r}", "task.wait(...)")
         return app.wait_sync(task_id, timeout, decode=self.decode)
 
 
