@@ -824,3 +824,27 @@ def test_known_query_keys_are_accepted() -> None:
     assert isinstance(broker_from_url(url), RedisBroker)
     assert isinstance(backend_from_url(url), RedisBackend)
     assert isinstance(broker_from_url("redis://h:6379/0?ssl=1&ssl_ca_certs=/ca.pem"), RedisBroker)
+
+
+def test_closing_a_store_closes_its_connections(redis_url: str, namespace: str) -> None:
+    """No connection is left for the garbage collector (redis-py keeps a pool passed in
+    explicitly open unless asked to close it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, gc\n"
+        "from stem.adapters import store_from_url\n"
+        "async def main():\n"
+        f"    st = store_from_url({redis_url!r}, namespace={namespace!r})\n"
+        "    await st.ping()\n"
+        "    await st.broker.stats('q')\n"
+        "    await st.backend.get('x')\n"
+        "    await st.close()\n"
+        "asyncio.run(main())\n"
+        "gc.collect()\n"
+    )
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", code], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "unclosed" not in out.stderr, out.stderr

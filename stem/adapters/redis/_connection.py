@@ -457,5 +457,9 @@ class RedisConnector:
         if client is self._external:
             return  # the application's own client: it closes it
         self._cluster_ready = False
-        if client is not None:
+        if isinstance(client, aioredis.Redis):
+            # The client was built on a pool we made; redis-py leaves a pool passed in
+            # explicitly open unless told, which leaked one connection per close.
+            await client.aclose(close_connection_pool=True)
+        elif client is not None:
             await client.aclose()
