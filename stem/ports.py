@@ -33,7 +33,8 @@ class Delivery:
     ``decode_error`` says why and the worker dead-letters it (``raw`` keeps the
     original bytes so nothing is lost). ``receipt`` is the adapter's handle for
     ack/nack/extend: it names one lease and is unique across all queues of a broker
-    (the worker keys in-flight work by it). ``token`` is adapter-private bookkeeping.
+    (the worker keys in-flight work by it). ``lease`` is the adapter's own typed
+handle on the lease (e.g. ``SqliteLease(row_id, token)``), read by its settle calls.
     ``redelivered`` is False only when the adapter knows this is the message's first
     delivery (a retry's replacement and a replayed dead letter count as first); the
     worker then skips its check for an already-finished duplicate.
@@ -45,7 +46,7 @@ class Delivery:
     raw: bytes
     lease_expires_at: float | None = None
     decode_error: str | None = None
-    token: Any = None
+    lease: object = None
     redelivered: bool = True
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from stem._time import utcnow
 from stem.adapters import backend_from_url, broker_from_url
+from stem.adapters._leasing import Claim
 from stem.adapters.postgres import PostgresBroker, PostgresResultBackend, migrate, migrations
 from stem.adapters.postgres._pool import parse_url
 from stem.envelope import Envelope
@@ -264,16 +265,16 @@ async def test_notify_landing_between_look_and_sleep_is_not_lost(
     # Take the timer out of the picture so only the NOTIFY can end the wait early.
     monkeypatch.setattr(broker._sql, "next_due", "SELECT NULL::float8 WHERE $1::text[] IS NULL")
     await producer.ping()
-    real_lease = broker._lease
+    real_claim = broker._claim
     calls = 0
 
-    async def lease_then_publish(*args: object) -> list[object]:
+    async def lease_then_publish(*args: object) -> Claim:
         nonlocal calls
         calls += 1
-        got = await real_lease(*args)  # type: ignore[arg-type]
+        got = await real_claim(*args)  # type: ignore[arg-type]
         if calls == 1:
             # The table looked empty; now a job arrives before fetch goes to sleep.
-            assert got == []
+            assert got.deliveries == []
             generation = broker._generation
             await producer.publish([env()])
 
@@ -283,7 +284,7 @@ async def test_notify_landing_between_look_and_sleep_is_not_lost(
             await eventually(notified, timeout=5)
         return got
 
-    monkeypatch.setattr(broker, "_lease", lease_then_publish)
+    monkeypatch.setattr(broker, "_claim", lease_then_publish)
     started = time.monotonic()
     got = await broker.fetch(["q"], 1, block=5, consumer="w")
     assert len(got) == 1
@@ -348,14 +349,14 @@ async def test_an_expiring_lease_wakes_an_idle_fetch(
 async def test_cancelled_fetch_gives_its_leases_back(broker: PostgresBroker) -> None:
     await broker.publish([env() for _ in range(3)])
     release = asyncio.Event()
-    real_lease = broker._lease
+    real_claim = broker._claim
 
-    async def slow_lease(*args: object) -> list[object]:
-        got = await real_lease(*args)  # type: ignore[arg-type]
+    async def slow_claim(*args: object) -> Claim:
+        got = await real_claim(*args)  # type: ignore[arg-type]
         await release.wait()  # cancelled caller, lease already taken
         return got
 
-    broker._lease = slow_lease  # type: ignore[method-assign]
+    broker._claim = slow_claim  # type: ignore[method-assign]
     fetch = asyncio.create_task(broker.fetch(["q"], 3, block=0, consumer="w"))
 
     async def leased() -> bool:

@@ -28,6 +28,7 @@ from stem._time import from_epoch, now_epoch, utcnow
 from stem.adapters import backend_from_url, broker_from_url
 from stem.adapters.redis import RedisBackend, RedisBroker, parse_redis_url
 from stem.adapters.redis._connection import safe_url
+from stem.adapters.redis.broker import RedisLease
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.ports import Delivery
@@ -94,7 +95,8 @@ async def fetch_within(
 
 async def pending_row(raw: aioredis.Redis, broker: RedisBroker, d: Delivery) -> tuple[str, int]:
     """(consumer, delivery count) of a delivery's entry in the group's pending list."""
-    band, eid = d.token[0], d.token[1]
+    assert isinstance(d.lease, RedisLease)
+    band, eid = d.lease.band, d.lease.entry_id
     [row] = await raw.xpending_range(broker.keys(d.queue).streams[band], "stem", eid, eid, 1)
     return row["consumer"].decode(), row["times_delivered"]
 
@@ -218,7 +220,9 @@ async def test_stale_ack_after_reclaim_leaves_the_new_delivery(
     await broker.publish([env()])
     [stale] = await broker.fetch([Q], 1, block=0, consumer="c1")
     [current] = await fetch_within(broker, "c1")
-    assert stale.token[:3] == current.token[:3]  # same entry, same consumer
+    assert isinstance(stale.lease, RedisLease) and isinstance(current.lease, RedisLease)
+    # Same entry, same consumer.
+    assert stale.lease[:3] == current.lease[:3]
     await broker.ack([stale])
     await broker.retry([(stale, env(attempt=1))])
     await broker.dead_letter([(stale, "stale")])
@@ -238,7 +242,9 @@ async def test_nack_keeps_the_entry_and_its_place(broker: RedisBroker, raw: aior
     await broker.publish([env(3)])
     got = await broker.fetch([Q], 5, block=0, consumer="c2")
     assert [d.envelope.args["i"] for d in got if d.envelope] == [1, 3]
-    assert got[0].token[1] == b.token[1]  # the same stream entry, not a copy
+    # The same stream entry, not a copy.
+    assert isinstance(got[0].lease, RedisLease) and isinstance(b.lease, RedisLease)
+    assert got[0].lease.entry_id == b.lease.entry_id
     await broker.ack([a, c, *got])
     assert await raw.xlen(broker.keys(Q).streams[0]) == 0
 
@@ -502,7 +508,7 @@ async def test_fetch_retries_until_block_runs_out_then_raises() -> None:
             with pytest.raises(ServiceUnavailableError):
                 await broker.fetch([Q], 1, block=0.5, consumer="c")
             assert 0.45 <= time.monotonic() - start < 2.5
-        assert [e["event"] for e in logs] == ["redis.broker.unavailable"]
+        assert [e["event"] for e in logs] == ["broker.unavailable"]
     finally:
         await broker.close()
 
@@ -601,8 +607,8 @@ async def test_fetch_recovers_after_a_server_restart(private_redis: PrivateRedis
             [d] = await broker.fetch([Q], 1, block=2, consumer="c1")
         assert d.envelope is not None and d.envelope.args == {"i": 2}
         events = [e["event"] for e in logs]
-        assert events.count("redis.broker.unavailable") == 1
-        assert "redis.broker.reconnected" in events
+        assert events.count("broker.unavailable") == 1
+        assert "broker.reconnected" in events
     finally:
         await broker.close()
 

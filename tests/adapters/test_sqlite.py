@@ -261,7 +261,7 @@ async def test_cancelled_fetch_gives_its_claim_back(
 ) -> None:
     broker = open_broker(adapters, db)
     await broker.publish([Envelope(name="t", visibility_timeout=60)])
-    real_claim = broker._claim
+    real_claim = broker._claim_sql
     claiming = threading.Event()
 
     def slow_claim(*args: object) -> Callable[[sqlite3.Connection], object]:
@@ -274,13 +274,13 @@ async def test_cancelled_fetch_gives_its_claim_back(
 
         return run
 
-    broker._claim = slow_claim  # type: ignore[method-assign]
+    broker._claim_sql = slow_claim  # type: ignore[method-assign]
     fetch = asyncio.create_task(broker.fetch(["default"], 1, block=5, consumer="c"))
     await asyncio.to_thread(claiming.wait)
     fetch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await fetch
-    broker._claim = real_claim  # type: ignore[method-assign]
+    broker._claim_sql = real_claim  # type: ignore[method-assign]
 
     async def given_back() -> bool:
         s = await broker.stats("default")

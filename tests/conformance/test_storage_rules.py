@@ -5,6 +5,7 @@ no stored value can make a fetch fail for the other rows."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from stem._time import now_epoch
 from stem.adapters import backend_from_url, broker_from_url
 from stem.envelope import Envelope
-from stem.errors import ConfigurationError
+from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.limits import MAX_VISIBILITY_TIMEOUT
 from stem.ports import Broker, Delivery, ResultBackend
 from stem.status import TaskState, TaskStatus
@@ -174,3 +175,44 @@ async def test_extend_lease_to_an_absurd_length_is_bounded(broker: Broker) -> No
     assert d.lease_expires_at <= now_epoch() + MAX_VISIBILITY_TIMEOUT + 5
     await broker.ack([d])
     assert (await broker.stats(Q)).in_flight == 0
+
+
+# -- empty batches --------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unreachable_url(name: str, tmp_path: Path) -> str:
+    """A URL of ``name``'s kind whose store cannot be reached (memory always can)."""
+    if name == "memory":
+        return "memory://unreachable"
+    if name == "sqlite":
+        blocker = tmp_path / "a-file"
+        blocker.write_bytes(b"")
+        return f"sqlite:///{blocker / 'stem.db'}"  # its directory is a file
+    if name == "redis":
+        return f"redis://127.0.0.1:{_closed_port()}/0"
+    return f"postgresql://stem@127.0.0.1:{_closed_port()}/stem"
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+async def test_empty_batches_do_no_io(name: str, tmp_path: Path) -> None:
+    """Every publish/settle call with nothing in it returns at once, even when the store
+    is unreachable: it never talks to the store."""
+    broker = broker_from_url(unreachable_url(name, tmp_path))
+    try:
+        await broker.publish([])
+        await broker.ack([])
+        await broker.nack([])
+        await broker.retry([])
+        await broker.dead_letter([])
+        await broker.extend_lease([], 10.0)
+        if name != "memory":
+            with pytest.raises(ServiceUnavailableError):
+                await broker.ping()  # the store really is unreachable
+    finally:
+        await broker.close()

@@ -1,7 +1,8 @@
 """In-process broker: heaps and dicts behind one lock, woken by futures.
 
-Lease semantics: every fetch gives the message a fresh lease number and the
-delivery's ``receipt`` is ``"<message id>:<lease>"``. ``ack``, ``nack``, ``retry``,
+Lease semantics: every fetch gives the message a fresh lease number; the delivery's
+``lease`` is ``MemoryLease(message id, lease number)`` and its ``receipt`` the same
+as ``"<message id>:<lease>"``. ``ack``, ``nack``, ``retry``,
 ``dead_letter`` and ``extend_lease`` act only while that lease is the message's
 current one; once a lease has expired *and* another consumer has leased the message
 again, the old receipt is stale and every call with it is silently ignored (so a slow
@@ -17,16 +18,11 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from stem._time import now_epoch
-from stem.adapters._shared import (
-    FairOrder,
-    Waiter,
-    check_publishable,
-    decode_stored,
-    extend_seconds,
-    lease_seconds,
-)
+from stem.adapters._leasing import Claim, LeasingBroker, delivery
+from stem.adapters._shared import Waiter, decode_stored, lease_seconds
 from stem.envelope import Envelope, peek_task_id
 from stem.limits import clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -67,17 +63,42 @@ class _Queue:
     waiters: set[Waiter] = field(default_factory=set)
 
 
+class MemoryLease(NamedTuple):
+    """A memory delivery's lease: the message and its lease number at fetch."""
+
+    message_id: int
+    lease: int
 
 
-def _parse_receipt(receipt: str) -> tuple[int, int] | None:
-    mid, _, lease = receipt.partition(":")
-    try:
-        return int(mid), int(lease)
-    except ValueError:
-        return None
+class _Wakeup:
+    """A fetch's wake-up: a :class:`Waiter` registered on its queues."""
+
+    __slots__ = ("_broker", "_queues", "_waiter")
+
+    def __init__(self, broker: MemoryBroker, queues: list[str]) -> None:
+        self._broker = broker
+        self._queues = queues
+        self._waiter: Waiter | None = None
+
+    def arm(self) -> None:
+        self.close()
+        waiter = self._waiter = Waiter()
+        with self._broker._lock:
+            for name in self._queues:
+                self._broker._queue(name).waiters.add(waiter)
+
+    async def wait(self, seconds: float) -> bool:
+        return self._waiter is not None and await self._waiter.wait(seconds)
+
+    def close(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with self._broker._lock:
+                for name in self._queues:
+                    self._broker._queue(name).waiters.discard(waiter)
 
 
-class MemoryBroker:
+class MemoryBroker(LeasingBroker):
     """A :class:`stem.ports.Broker` for one process (tests, ``stem.testing``, demos).
 
     Envelopes are stored as their JSON bytes, exactly as a real broker stores them,
@@ -85,16 +106,18 @@ class MemoryBroker:
     delivery is a fresh object. Thread-safe; usable from several event loops.
     """
 
+    kind = "memory"
+
     def __init__(
         self, name: str = "default", *, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     ) -> None:
+        super().__init__()
         self.name = name
         self.default_visibility_timeout = visibility_timeout
         self._lock = threading.Lock()
         self._queues: dict[str, _Queue] = {}
         self._ids = itertools.count(1)
         self._leases = itertools.count(1)
-        self._order = FairOrder()
 
     def __repr__(self) -> str:
         return f"MemoryBroker({self.name!r})"
@@ -135,12 +158,12 @@ class MemoryBroker:
 
     def _holder(self, d: Delivery) -> tuple[_Queue, _Message] | None:
         """The queue and message if ``d`` still holds the message's current lease."""
-        parsed = _parse_receipt(d.receipt)
+        lease = d.lease
         q = self._queues.get(d.queue)
-        if parsed is None or q is None:
+        if not isinstance(lease, MemoryLease) or q is None:
             return None
-        m = q.leased.get(parsed[0])
-        if m is None or m.lease != parsed[1]:
+        m = q.leased.get(lease.message_id)
+        if m is None or m.lease != lease.lease:
             return None
         return q, m
 
@@ -153,11 +176,10 @@ class MemoryBroker:
         del q.msgs[m.mid]
         m.lease = 0
 
-    def _take(
-        self, queues: Sequence[str], max_count: int, consumer: str, now: float
-    ) -> list[tuple[str, _Message]]:
+    def _take(self, queues: Sequence[str], max_count: int, now: float
+              ) -> list[tuple[str, _Message]]:
         taken: list[tuple[str, _Message]] = []
-        for name in self._order(queues):
+        for name in queues:
             q = self._queues.get(name)
             if q is None:
                 continue
@@ -198,10 +220,8 @@ class MemoryBroker:
     async def ping(self) -> None:
         """Always reachable."""
 
-    async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Store envelopes (all or none: every one is checked and encoded before any is
-        stored); a visibility timeout out of range is a ConfigurationError."""
-        check_publishable(envelopes)
+    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
+        # All or none: every one is encoded before any is stored.
         encoded = [(e, e.to_json()) for e in envelopes]
         now = now_epoch()
         woken: list[Waiter] = []
@@ -232,57 +252,32 @@ class MemoryBroker:
             q.waiters.clear()
         self._wake(woken)
 
-    async def fetch(
-        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
-    ) -> list[Delivery]:
-        """Lease up to ``max_count`` ready messages; see :class:`stem.ports.Broker`."""
-        if max_count <= 0:
-            return []
-        give_up = now_epoch() + block
-        while True:
-            now = now_epoch()
-            with self._lock:
-                taken = self._take(queues, max_count, consumer, now)
-                if not taken:
-                    if now >= give_up:
-                        return []
-                    waiter = Waiter()
-                    for name in queues:
-                        self._queue(name).waiters.add(waiter)
-                    due = self._next_change(queues)
-            if taken:
-                return [self._delivery(name, m) for name, m in taken]
-            wake_at = give_up if due is None else min(give_up, due)
-            try:
-                await waiter.wait(max(0.0, wake_at - now_epoch()))
-            finally:
-                with self._lock:
-                    for name in queues:
-                        self._queue(name).waiters.discard(waiter)
+    async def _watch(self, queues: list[str], consumer: str, block: float) -> _Wakeup:
+        return _Wakeup(self, queues)
 
-    @staticmethod
-    def _delivery(queue: str, m: _Message) -> Delivery:
-        env, error = decode_stored(m.raw)
-        return Delivery(
-            envelope=env,
-            receipt=f"{m.mid}:{m.lease}",
-            queue=queue,
-            raw=m.raw,
-            lease_expires_at=m.deadline,
-            decode_error=error,
-            redelivered=m.deliveries > 1,
-        )
+    async def _claim(self, queues: list[str], max_count: int, consumer: str, polled: bool
+                     ) -> Claim:
+        now = now_epoch()
+        with self._lock:
+            taken = self._take(queues, max_count, now)
+            due = None if taken else self._next_change(queues)
+        if not taken:
+            return Claim([], None if due is None else max(0.0, due - now))
+        return Claim([
+            delivery(name, m.raw, f"{m.mid}:{m.lease}", MemoryLease(m.mid, m.lease), m.deadline,
+                     m.deliveries > 1)
+            for name, m in taken
+        ])
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Remove delivered messages whose lease the caller still holds."""
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         with self._lock:
             for d in deliveries:
                 held = self._holder(d)
                 if held is not None:
                     self._finish(*held)
 
-    async def nack(self, deliveries: Sequence[Delivery]) -> None:
-        """Make still-held messages ready again at once (they keep their place in line)."""
+    async def _nack(self, deliveries: Sequence[Delivery]) -> None:
+        # They keep their place in line.
         woken: list[Waiter] = []
         with self._lock:
             for d in deliveries:
@@ -296,12 +291,8 @@ class MemoryBroker:
                 q.waiters.clear()
         self._wake(woken)
 
-    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
-        """Ack each still-held delivery and publish its replacement, atomically.
-
-        A delivery whose lease was lost gets no replacement: the consumer now holding
-        the message will produce its own outcome.
-        """
+    async def _retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        # Atomically: under the one lock.
         encoded = [(d, e, e.to_json()) for d, e in items]
         now = now_epoch()
         woken: list[Waiter] = []
@@ -317,8 +308,7 @@ class MemoryBroker:
                 q.waiters.clear()
         self._wake(woken)
 
-    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
-        """Move still-held deliveries to their queue's dead letters with ``reason``."""
+    async def _dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         now = now_epoch()
         with self._lock:
             for d, reason in items:
@@ -329,10 +319,8 @@ class MemoryBroker:
                 self._finish(q, m)
                 q.dead.append(_DeadEntry(m.mid, m.raw, m.priority, reason, now))
 
-    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
-        """Push still-held leases to ``now + seconds`` (and update ``lease_expires_at``)."""
+    async def _extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         now = now_epoch()
-        seconds = extend_seconds(seconds, self.default_visibility_timeout)
         with self._lock:
             for d in deliveries:
                 held = self._holder(d)
@@ -417,8 +405,12 @@ class MemoryBroker:
             q.dead.clear()
             return n
 
-    async def close(self) -> None:
-        """Nothing to release: the data lives as long as the process (see ``memory://NAME``)."""
+    async def _interrupt(self) -> None:
+        with self._lock:
+            woken = [w for q in self._queues.values() for w in q.waiters]
+        self._wake(woken)
+
+    # close: nothing to release, the data lives as long as the process (memory://NAME).
 
 
 def _dead_letter(queue: str, e: _DeadEntry) -> DeadLetter:

@@ -20,18 +20,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
-from stem.adapters._shared import (
-    FairOrder,
-    check_publishable,
-    claim_safely,
-    decode_stored,
-    extend_seconds,
-    lease_seconds,
-)
+from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
+from stem.adapters._shared import check_publishable, decode_stored, lease_seconds
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import results_channel, status_arrays
@@ -89,20 +83,23 @@ def _publish_arrays(items: Sequence[tuple[Envelope, bytes, str]]) -> _PublishArr
     )
 
 
-def _lease_key(delivery: Delivery) -> tuple[int, uuid.UUID]:
-    token = delivery.token
-    if not (isinstance(token, tuple) and len(token) == 2 and isinstance(token[1], uuid.UUID)):
-        raise ValueError(f"delivery {delivery.receipt!r} was not fetched from a Postgres broker")
-    return int(token[0]), token[1]
+class PostgresLease(NamedTuple):
+    """A Postgres delivery's lease: its job row and the lease token the fetch wrote."""
+
+    job_id: int
+    lease: uuid.UUID
 
 
 def _keys(deliveries: Sequence[Delivery]) -> tuple[list[int], list[uuid.UUID]]:
+    """The job ids and lease tokens of ``deliveries`` (parallel arrays for the SQL)."""
     ids: list[int] = []
     leases: list[uuid.UUID] = []
     for d in deliveries:
-        job_id, lease = _lease_key(d)
-        ids.append(job_id)
-        leases.append(lease)
+        lease = d.lease
+        if not isinstance(lease, PostgresLease):
+            raise ValueError(f"delivery {d.receipt!r} was not fetched from a Postgres broker")
+        ids.append(lease.job_id)
+        leases.append(lease.lease)
     return ids, leases
 
 
@@ -125,7 +122,43 @@ def _row_count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-class PostgresBroker:
+class _Wakeup:
+    """A fetch's wake-up: a NOTIFY for one of its queues (any relevant notification
+    bumps the broker's generation, so one that lands between the claim and the wait
+    is not lost), or a slow poll while LISTEN is down."""
+
+    __slots__ = ("_broker", "_generation", "_listening")
+
+    def __init__(self, broker: PostgresBroker, listening: bool) -> None:
+        self._broker = broker
+        self._listening = listening
+        self._generation = broker._generation
+
+    def arm(self) -> None:
+        self._generation = self._broker._generation
+
+    async def wait(self, seconds: float) -> bool:
+        broker = self._broker
+        if not self._listening:
+            seconds = min(seconds, FALLBACK_POLL)
+        woken = True
+        if self._generation == broker._generation:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            broker._waiters.add(waiter)
+            try:
+                await asyncio.wait_for(waiter, seconds)
+            except TimeoutError:
+                woken = False
+            finally:
+                broker._waiters.discard(waiter)
+        self._listening = await broker._listener.ensure()
+        return woken
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresBroker(LeasingBroker):
     """:class:`stem.ports.Broker` on a Postgres schema (see the module docstring).
 
     Multiple queues: within one fetch, earlier queues in the list first, then higher
@@ -138,6 +171,8 @@ class PostgresBroker:
     one statement, what :class:`PostgresStore` offers as its atomic ack).
     """
 
+    kind = "postgres"
+
     def __init__(
         self,
         url: str,
@@ -147,6 +182,7 @@ class PostgresBroker:
         connector: Connector | None = None,
         hub: ListenHub | None = None,
     ) -> None:
+        super().__init__()
         self.settings = parse_url(url, namespace)
         self.namespace = namespace
         self.default_visibility_timeout = default_visibility_timeout
@@ -165,8 +201,6 @@ class PostgresBroker:
         # waiting) is not lost: the next fetch sees the bump and queries again.
         self._generation = 0
         self._waiters: set[asyncio.Future[None]] = set()
-        self._order = FairOrder()
-        self._background: set[asyncio.Task[Any]] = set()
         self._churn = 0
         self._last_vacuum = 0.0
         self._vacuum_failed = False
@@ -234,14 +268,8 @@ class PostgresBroker:
         """Connect (migrating on first use) and run a trivial query; fail fast."""
         await self._db.run(lambda c: c.fetchval("SELECT 1"), retry=False)
 
-    async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Insert envelopes in one statement that also NOTIFYs their queues.
-
-        A visibility timeout outside :mod:`stem.limits` is a ConfigurationError.
-        """
-        if not envelopes:
-            return
-        check_publishable(envelopes)
+    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
+        # One statement that also NOTIFYs their queues.
         items = [(e, e.to_json(), e.queue) for e in envelopes]
         await self._db.run(lambda c: self._insert(c, items))
 
@@ -321,135 +349,72 @@ class PostgresBroker:
             queues = list(dict.fromkeys(q for _, _, q in items))
             await conn.execute(self._sql.notify_queues, self._channel, queues)
 
-    async def fetch(
-        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
-    ) -> list[Delivery]:
-        """Lease up to ``max_count`` available jobs, waiting up to ``block`` seconds.
-
-        While nothing is available the fetch sleeps until a NOTIFY for one of
-        ``queues``, the next delayed job's due time or the next lease expiry,
-        whichever is first, then looks again.
-        """
-        if max_count <= 0 or not queues:
-            return []
-        names = self._order(queues)
-        self._watched.update(names)
-        deadline = time.monotonic() + max(block, 0.0)
+    async def _watch(self, queues: list[str], consumer: str, block: float) -> _Wakeup:
+        self._watched.update(queues)
         # LISTEN must be active before the first look at the table, or a job
         # published between that look and LISTEN would go unnoticed until the timer.
-        listening = block > 0 and await self._listener.ensure()
-        loop = asyncio.get_running_loop()
-        while True:
-            generation = self._generation
-            # If the caller is cancelled (shutdown) while the UPDATE runs, the rows
-            # it leases are given back at once instead of after the lease.
-            deliveries = await claim_safely(
-                self._lease(names, max_count, consumer), self.nack, self._background
-            )
-            if deliveries:
-                return deliveries
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            due = await self._db.run(lambda c: c.fetchval(self._sql.next_due, names))
-            timeout = remaining
-            if due is not None:
-                timeout = min(timeout, due if due > 0 else _CONTENDED_RETRY)
-            if not listening:
-                timeout = min(timeout, FALLBACK_POLL)
-            if generation == self._generation:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._waiters.add(waiter)
-                try:
-                    await asyncio.wait_for(waiter, timeout)
-                except TimeoutError:
-                    pass
-                finally:
-                    self._waiters.discard(waiter)
-            listening = await self._listener.ensure()
+        return _Wakeup(self, block > 0 and await self._listener.ensure())
 
-    async def _lease(self, names: list[str], max_count: int, consumer: str) -> list[Delivery]:
+    async def _claim(self, queues: list[str], max_count: int, consumer: str, polled: bool
+                     ) -> Claim:
         lease = uuid.uuid4()
         order: str | list[str]
-        if len(names) == 1:
-            sql, order = self._sql.fetch_one_queue, names[0]
+        if len(queues) == 1:
+            sql, order = self._sql.fetch_one_queue, queues[0]
         else:
-            sql, order = self._sql.fetch_many_queues, names
+            sql, order = self._sql.fetch_many_queues, queues
+        # No retries here: fetch retries an outage within its ``block``.
         rows = await self._db.run(
             lambda c: c.fetch(
                 sql, order, max_count, self.default_visibility_timeout, consumer, lease
-            )
+            ),
+            retry=False,
         )
-        if rows:
-            self._touched(len(rows))
-        return [self._delivery(r, lease) for r in rows]
-
-    @staticmethod
-    def _delivery(row: Any, lease: uuid.UUID) -> Delivery:
-        job_id, queue, raw, until, deliveries = row[:5]
-        raw = bytes(raw)
-        envelope, error = decode_stored(raw)
-        return Delivery(
-            envelope=envelope,
+        if not rows:
+            return NOTHING
+        self._touched(len(rows))
+        out = []
+        for row in rows:
+            job_id, queue, raw, until, deliveries = row[:5]
             # Unique per lease, not per job: a redelivery is a different receipt.
-            receipt=f"{job_id}:{lease}",
-            queue=queue,
-            raw=raw,
-            lease_expires_at=until,
-            decode_error=error,
-            token=(job_id, lease),
-            redelivered=deliveries > 1,
-        )
+            out.append(delivery(queue, bytes(raw), f"{job_id}:{lease}",
+                                PostgresLease(job_id, lease), until, deliveries > 1))
+        return Claim(out)
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete the jobs whose lease the deliveries still hold, in one statement."""
-        if not deliveries:
-            return
+    async def _next_due(self, queues: list[str]) -> float | None:
+        due = await self._db.run(lambda c: c.fetchval(self._sql.next_due, queues), retry=False)
+        if due is None:
+            return None
+        # Due already but not leased: another fetcher holds it locked right now.
+        return float(due) if due > 0 else _CONTENDED_RETRY
+
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        # One statement.
         ids, leases = _keys(deliveries)
         await self._db.run(lambda c: c.execute(self._sql.ack, ids, leases))
         self._touched(len(ids))
 
-    async def nack(self, deliveries: Sequence[Delivery]) -> None:
-        """Clear the leases (jobs keep their place in line) and wake idle fetchers."""
-        if not deliveries:
-            return
+    async def _nack(self, deliveries: Sequence[Delivery]) -> None:
+        # Jobs keep their place in line; the statement NOTIFYs idle fetchers.
         ids, leases = _keys(deliveries)
         await self._db.run(lambda c: c.execute(self._sql.nack, ids, leases, self._channel))
 
-    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
-        """Swap each leased job for its replacement envelope atomically.
-
-        A delivery whose lease is no longer held gets no replacement: the job is
-        somebody else's now, and publishing anyway would run it twice.
-        """
-        if not items:
-            return
+    async def _retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        # One statement swaps each still-leased job for its replacement.
         ids, leases = _keys([d for d, _ in items])
         arrays = _publish_arrays([(e, e.to_json(), e.queue) for _, e in items])
         await self._db.run(
             lambda c: c.execute(self._sql.retry, ids, leases, *arrays, self._channel)
         )
 
-    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
-        """Move still-leased jobs to the dead-letter table with their reasons."""
-        if not items:
-            return
+    async def _dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         ids, leases = _keys([d for d, _ in items])
         reasons = [r for _, r in items]
         await self._db.run(lambda c: c.execute(self._sql.dead_letter, ids, leases, reasons))
 
-    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
-        """Move ``locked_until`` to now + ``seconds`` for leases still held.
-
-        Each delivery's ``lease_expires_at`` is updated; it is left alone for a lease
-        that was lost (expired and taken by another worker).
-        """
-        if not deliveries:
-            return
+    async def _extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         ids, leases = _keys(deliveries)
-        # Bounded, so ``now() + interval`` cannot overflow.
-        secs = extend_seconds(seconds, self.default_visibility_timeout)
-        rows = await self._db.run(lambda c: c.fetch(self._sql.extend, ids, leases, secs))
+        rows = await self._db.run(lambda c: c.fetch(self._sql.extend, ids, leases, seconds))
         until = {r[0]: r[1] for r in rows}
         for d, job_id in zip(deliveries, ids, strict=True):
             if job_id in until:
@@ -535,13 +500,11 @@ class PostgresBroker:
         status = await self._db.run(lambda c: c.execute(self._sql.purge_dead_letters, queue))
         return _row_count(status)
 
-    async def close(self) -> None:
-        """Stop listening and close the pool."""
-        for fut in list(self._waiters):
-            if not fut.done():
-                fut.set_result(None)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+    async def _interrupt(self) -> None:
+        self._wake_all()
+
+    async def _close(self) -> None:
+        # Stop listening and close the pool.
         await self._listener.close()
         if self._owns_db:
             await self._db.close()

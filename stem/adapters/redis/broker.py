@@ -11,9 +11,9 @@ batch spans queues; ``fetch`` is one script per queue while work is ready, and a
 single ``XREADGROUP ... BLOCK`` across every band of every queue when it is not (per
 queue, concurrently, on Redis Cluster).
 
-A delivery's ``token`` is ``(band, entry id, consumer, delivery count, item)``;
-``item`` is the compact ``b"<band> <entry id> <count>"`` the scripts parse, built
-once at fetch so settling a batch costs the client almost nothing per delivery.
+A delivery's ``lease`` is a :class:`RedisLease`; its ``item`` is the compact
+``b"<band> <entry id> <count>"`` the scripts parse, built once at fetch so settling a
+batch costs the client almost nothing per delivery.
 """
 
 from __future__ import annotations
@@ -23,21 +23,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.exceptions as rexc
 from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
-from stem.adapters._shared import (
-    FairOrder,
-    check_namespace,
-    check_publishable,
-    claim_safely,
-    decode_stored,
-    extend_seconds,
-    lease_seconds,
-)
+from stem.adapters._leasing import Claim, LeasingBroker, delivery
+from stem.adapters._shared import check_namespace, claim_safely, decode_stored, lease_seconds
 from stem.envelope import Envelope, peek_task_id
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
@@ -64,7 +57,6 @@ DEFAULT_BLOCK_TIME = 1.0
 DEFAULT_CLAIM_INTERVAL = 1.0
 #: Delayed entries moved per fetch script run (more are moved on the next run).
 MOVER_BATCH = 512
-_MAX_BACKOFF = 2.0
 #: On close, consumers idle this long with nothing pending are deleted too (workers
 #: that crashed and never closed): one day.
 FORGET_IDLE_MS = 86_400_000
@@ -121,6 +113,36 @@ def _vt_ms(seconds: float | None) -> int | str:
     return "" if vt is None else round(vt * 1000)
 
 
+class RedisLease(NamedTuple):
+    """A Redis delivery's lease: the stream entry, the consumer holding it and its
+    delivery count (what proves the lease is still this delivery's)."""
+
+    band: int
+    entry_id: bytes
+    consumer: str
+    delivery_count: int
+    #: ``b"<band> <entry id> <count>"``, the form the scripts take.
+    item: bytes
+
+
+class _NoWakeup:
+    """Redis waits by blocking in XREADGROUP (:meth:`RedisBroker._wait_for_work`)."""
+
+    __slots__ = ()
+
+    def arm(self) -> None:
+        pass
+
+    async def wait(self, seconds: float) -> bool:
+        raise AssertionError("unused")
+
+    def close(self) -> None:
+        pass
+
+
+_NO_WAKEUP = _NoWakeup()
+
+
 @dataclass(slots=True, eq=False)
 class _Reader:
     """A blocking XREADGROUP in progress (so a local publish can end it early)."""
@@ -140,7 +162,7 @@ class _Reads:
     stopped: bool = False
 
 
-class RedisBroker:
+class RedisBroker(LeasingBroker):
     """A :class:`stem.ports.Broker` on Redis Streams (standalone, Sentinel or Cluster).
 
     ``default_visibility_timeout`` doubles as the *idle horizon* XAUTOCLAIM uses, so
@@ -151,6 +173,8 @@ class RedisBroker:
     ``?dead_letter_max=``, default 100,000): older ones are dropped as new ones
     arrive, counted (:meth:`dead_letters_trimmed`) and logged.
     """
+
+    kind = "redis"
 
     def __init__(
         self,
@@ -169,6 +193,7 @@ class RedisBroker:
             raise ConfigurationError(
                 f"dead_letter_max must be a positive whole number, got {dead_letter_max!r}"
             )
+        super().__init__()
         self.namespace = check_namespace(namespace)
         self.dead_letter_max = dead_letter_max
         self.block_time = block_time
@@ -182,16 +207,10 @@ class RedisBroker:
         self._ready_groups: set[str] = set()
         self._next_claim: dict[str, float] = {}
         self._consumers: set[str] = set()
-        self._closing = False
-        self._order = FairOrder()
         self._readers: set[_Reader] = set()
-        # Hand-backs of cancelled fetches still running (close waits for them).
-        self._background: set[asyncio.Task[Any]] = set()
         # Earliest due time of delayed work this process published since the last
         # fetch script run: a blocking read must not sleep past it.
         self._due_hint: float | None = None
-        self._outage_since: float | None = None
-        self._backoff = 0.05
 
     def __repr__(self) -> str:
         return f"RedisBroker({self._conn.settings.safe_url!r}, namespace={self.namespace!r})"
@@ -226,42 +245,20 @@ class RedisBroker:
         await asyncio.gather(*(ensure(self.keys(q).keys, [GROUP]) for q in missing))
         self._ready_groups.update(missing)
 
-    def _outage(self, err: ServiceUnavailableError) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            log.warning("redis.broker.unavailable", error=str(err))
-
-    def _recovered(self) -> None:
-        if self._outage_since is not None:
-            log.info(
-                "redis.broker.reconnected",
-                url=self._conn.settings.safe_url,
-                after=round(time.monotonic() - self._outage_since, 3),
-            )
-            self._outage_since = None
-        self._backoff = 0.05
-
     # -- Broker: publishing --------------------------------------------------------
 
     async def ping(self) -> None:
         """PING the server; raise ServiceUnavailableError naming the URL and what to check."""
         await self._conn.ping("Stem broker")
 
-    async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Store envelopes: one command for one envelope, else one script per queue.
+    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
+        """One command for one envelope, else one script per queue (also used for
+        replacements, whose leases are clamped, without the publish check).
 
         Ready envelopes are XADDed to their band stream, future ones ZADDed to the
         queue's delayed set. A batch goes as a single script call per queue (one
         round trip, and two arguments per envelope for the client to encode).
-        A visibility timeout outside :mod:`stem.limits` is a ConfigurationError.
         """
-        if not envelopes:
-            return
-        check_publishable(envelopes)
-        await self._publish(envelopes)
-
-    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
-        """:meth:`publish` without the check (replacements: their leases are clamped)."""
         if len(envelopes) == 1:
             env = envelopes[0]
             await self._store_one(
@@ -340,67 +337,44 @@ class RedisBroker:
 
     # -- Broker: fetching ----------------------------------------------------------
 
-    async def fetch(
-        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
-    ) -> list[Delivery]:
-        """Lease up to ``max_count`` envelopes; see :class:`stem.ports.Broker`.
-
-        While nothing is ready this blocks in XREADGROUP for at most ``block_time``
-        at a time (less when delayed work or a claim round comes due first), so
-        expired leases and due retries are picked up promptly. A connection failure
-        is retried with backoff until ``block`` runs out (logged once per outage),
-        then raised as ServiceUnavailableError.
-        """
-        if max_count <= 0 or not queues:
-            return []
-        self._closing = False
+    async def _watch(self, queues: list[str], consumer: str, block: float) -> _NoWakeup:
         self._consumers.add(consumer)
-        give_up = time.monotonic() + max(0.0, block)
-        while not self._closing:
-            try:
-                # Both steps run as claims (claim_safely): a fetch cancelled while
-                # the server leases entries for it hands them back at once.
-                out, next_due = await claim_safely(
-                    self._fetch_ready(self._order(queues), max_count, consumer),
-                    lambda got: self.nack(got[0]),
-                    self._background,
-                )
-                if out:
-                    self._recovered()
-                    return out
-                now = time.monotonic()
-                wait = min(give_up - now, self.block_time)
-                wait = min(wait, min(self._next_claim.get(q, now) for q in queues) - now)
-                if self._due_hint is not None:
-                    next_due = self._due_hint if next_due is None else min(next_due, self._due_hint)
-                if next_due is not None:
-                    wait = min(wait, next_due - now_epoch())
-                if give_up - now <= 0:
-                    self._recovered()
-                    return []
-                if wait >= 0.001:
-                    reads = _Reads()
-                    out = await claim_safely(
-                        self._block(queues, max_count, consumer, wait, reads),
-                        self.nack,
-                        self._background,
-                        abandon=partial(self._stop_reads, reads),
-                    )
-                    self._recovered()
-                    if out:
-                        return out
-            except CONNECTION_ERRORS as exc:
-                err = self._conn.unavailable(exc, "Stem broker fetch")
-                self._outage(err)
-                remaining = give_up - time.monotonic()
-                if remaining <= 0:
-                    raise err from exc
-                await asyncio.sleep(min(self._backoff, remaining))
-                self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
-                continue  # one more attempt, even when that sleep used up the block
-            if time.monotonic() >= give_up:
-                return []
-        return []  # closed while waiting
+        return _NO_WAKEUP
+
+    async def _claim(self, queues: list[str], max_count: int, consumer: str, polled: bool
+                     ) -> Claim:
+        """The fetch script on each queue in turn; when nothing was ready, the wait
+        before the next try: at most ``block_time``, less when delayed work (the
+        script's answer, or this process's publish) or a claim round comes due."""
+        try:
+            out, next_due = await self._fetch_ready(queues, max_count, consumer)
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker fetch") from exc
+        if out:
+            return Claim(out)
+        now = time.monotonic()
+        wait = min(self.block_time, min(self._next_claim.get(q, now) for q in queues) - now)
+        if self._due_hint is not None:
+            next_due = self._due_hint if next_due is None else min(next_due, self._due_hint)
+        if next_due is not None:
+            wait = min(wait, next_due - now_epoch())
+        return Claim(out, wait)
+
+    async def _wait_for_work(
+        self, wake: object, queues: list[str], max_count: int, consumer: str, seconds: float
+    ) -> list[Delivery]:
+        """Block in XREADGROUP for new entries (a claim too: a fetch cancelled while
+        the server leases entries for it hands them back at once)."""
+        reads = _Reads()
+        try:
+            return await claim_safely(
+                self._block(queues, max_count, consumer, seconds, reads),
+                self.nack,
+                self._background,
+                abandon=partial(self._stop_reads, reads),
+            )
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker fetch") from exc
 
     async def _fetch_ready(
         self, order: list[str], max_count: int, consumer: str
@@ -447,20 +421,18 @@ class RedisBroker:
             eid = reply[i + 1]
             raw = reply[i + 2]
             count = reply[i + 3]
-            env, error = decode_stored(raw)
-            vt = None if env is None else lease_seconds(env.visibility_timeout)
-            out.append(
-                Delivery(
-                    env,
-                    f"{queue}:{band}:{eid.decode()}:{count}",
-                    queue,
-                    raw,
-                    now + (default_vt if vt is None else vt),
-                    error,
-                    (band, eid, consumer, count, b"%d %s %d" % (band, eid, count)),
-                    count > 1,
-                )
+            d = delivery(
+                queue,
+                raw,
+                f"{queue}:{band}:{eid.decode()}:{count}",
+                RedisLease(band, eid, consumer, count, b"%d %s %d" % (band, eid, count)),
+                now + default_vt,
+                count > 1,
             )
+            env = d.envelope
+            if env is not None and env.visibility_timeout is not None:
+                d.lease_expires_at = now + (lease_seconds(env.visibility_timeout) or default_vt)
+            out.append(d)
 
     async def _stop_reads(self, reads: _Reads) -> None:
         """End the blocking reads of ``reads`` now (and any it starts later)."""
@@ -594,21 +566,21 @@ class RedisBroker:
             batch: list[Delivery] = []
             for eid, fields in entries:
                 raw = fields[1] if fields and fields[0] == b"p" else b""
-                env, error = decode_stored(raw)
-                vt = None if env is None else lease_seconds(env.visibility_timeout)
-                d = Delivery(
-                    env,
-                    f"{queue}:{band}:{eid.decode()}:1",
+                d = delivery(
                     queue,
                     raw,
-                    now + (default_vt if vt is None else vt),
-                    error,
-                    (band, eid, consumer, 1, b"%d %s 1" % (band, eid)),
+                    f"{queue}:{band}:{eid.decode()}:1",
+                    RedisLease(band, eid, consumer, 1, b"%d %s 1" % (band, eid)),
+                    now + default_vt,
                     False,
                 )
                 batch.append(d)
-                if vt is not None and vt != default_vt:
-                    own_lease.setdefault(vt, []).append(d)
+                env = d.envelope
+                vt = None if env is None else lease_seconds(env.visibility_timeout)
+                if vt is not None:
+                    d.lease_expires_at = now + vt
+                    if vt != default_vt:
+                        own_lease.setdefault(vt, []).append(d)
             per_stream.append((queue_rank[queue], -band, batch))
         per_stream.sort(key=lambda t: (t[0], t[1]))
         # The fetch script sets per-envelope leases itself; entries read here need it
@@ -623,7 +595,7 @@ class RedisBroker:
     def _by_queue(deliveries: Iterable[Delivery]) -> dict[str, list[Delivery]]:
         groups: dict[str, list[Delivery]] = {}
         for d in deliveries:
-            if isinstance(d.token, tuple):
+            if isinstance(d.lease, RedisLease):
                 groups.setdefault(d.queue, []).append(d)
         return groups
 
@@ -640,38 +612,39 @@ class RedisBroker:
 
     @staticmethod
     def _held(ds: list[Delivery]) -> tuple[list[Any], list[Delivery]]:
-        """Script arguments naming ``ds`` — (consumer, "item;item;...") pairs — and
-        ``ds`` in the order of the flags the script returns."""
-        first = ds[0].token[2]
-        if all(d.token[2] == first for d in ds):
-            return [first, b";".join([d.token[4] for d in ds])], ds
+        """Script arguments naming ``ds`` (deliveries with a :class:`RedisLease`) —
+        (consumer, "item;item;...") pairs — and ``ds`` in the order of the flags the
+        script returns."""
+        leases: list[RedisLease] = [d.lease for d in ds]  # type: ignore[misc]
+        first = leases[0].consumer
+        if all(lease.consumer == first for lease in leases):
+            return [first, b";".join([lease.item for lease in leases])], ds
         by_consumer: dict[str, list[Delivery]] = {}
-        for d in ds:
-            by_consumer.setdefault(d.token[2], []).append(d)
+        for d, lease in zip(ds, leases, strict=True):
+            by_consumer.setdefault(lease.consumer, []).append(d)
         args: list[Any] = []
         ordered: list[Delivery] = []
         for consumer, group in by_consumer.items():
-            args += (consumer, b";".join([d.token[4] for d in group]))
+            args += (consumer, b";".join([d.lease.item for d in group]))  # type: ignore[attr-defined]
             ordered += group
         return args, ordered
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         """XACK + XDEL each delivery still held by its consumer (one script per queue)."""
         calls = [(q, [GROUP, *self._held(ds)[0]]) for q, ds in self._by_queue(deliveries).items()]
         if calls:
             await self._settle("ack", calls, "ack")
 
-    async def nack(self, deliveries: Sequence[Delivery]) -> None:
-        """Give leases back: the entries are fetched again at once, keeping their place."""
+    async def _nack(self, deliveries: Sequence[Delivery]) -> None:
+        """The entries are fetched again at once, keeping their place."""
         calls = [(q, [GROUP, *self._held(ds)[0]]) for q, ds in self._by_queue(deliveries).items()]
         if calls:
             await self._settle("nack", calls, "nack")
 
-    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+    async def _retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         """Ack each held delivery and add its replacement in the same script.
 
-        A delivery whose lease was lost gets no replacement (the consumer now holding
-        it produces its own outcome). A replacement for another queue is published
+        A replacement for another queue is published
         after its delivery is acked (two steps: the queues live in different slots).
         """
         now = now_epoch()
@@ -679,7 +652,8 @@ class RedisBroker:
         other: dict[str, list[tuple[Delivery, Envelope]]] = {}
         soonest: float | None = None
         for d, env in items:
-            if not isinstance(d.token, tuple):
+            lease = d.lease
+            if not isinstance(lease, RedisLease):
                 continue
             if env.queue != d.queue:
                 other.setdefault(d.queue, []).append((d, env))
@@ -694,8 +668,8 @@ class RedisBroker:
             if args is None:
                 args = same[d.queue] = [GROUP]
             args += (
-                d.token[4],
-                d.token[2],
+                lease.item,
+                lease.consumer,
                 band_of(env.priority),
                 due_arg,
                 _vt_ms(env.visibility_timeout),
@@ -723,7 +697,7 @@ class RedisBroker:
             if held:
                 await self._publish(held)
 
-    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+    async def _dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         """Move held deliveries to their queue's dead-letter stream with ``reason``.
 
         The stream is capped at about ``dead_letter_max`` entries; the oldest dead
@@ -733,12 +707,13 @@ class RedisBroker:
         now_ms = int(now_epoch() * 1000)
         calls: dict[str, list[Any]] = {}
         for d, reason in items:
-            if not isinstance(d.token, tuple):
+            lease = d.lease
+            if not isinstance(lease, RedisLease):
                 continue
             args = calls.get(d.queue)
             if args is None:
                 args = calls[d.queue] = [GROUP, now_ms, self.dead_letter_max]
-            args += (d.token[4], d.token[2], reason)
+            args += (lease.item, lease.consumer, reason)
         if not calls:
             return
         replies = await self._settle("dead", list(calls.items()), "dead_letter")
@@ -751,13 +726,11 @@ class RedisBroker:
                     dead_letter_max=self.dead_letter_max,
                 )
 
-    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
-        """Set each held delivery's lease to ``now + seconds`` (and its ``lease_expires_at``)."""
+    async def _extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         now = now_epoch()
         groups = self._by_queue(deliveries)
         if not groups:
             return
-        seconds = extend_seconds(seconds, self.default_visibility_timeout)
         lease_ms = round(seconds * 1000)
         calls: list[tuple[str, list[Any]]] = []
         orders: list[list[Delivery]] = []
@@ -802,7 +775,7 @@ class RedisBroker:
         if limit <= 0:
             return []
         entries = await self._dead_range(queue, "-", limit)
-        return [self._dead_letter(queue, eid, fields) for eid, fields in entries]
+        return [self._dead_entry(queue, eid, fields) for eid, fields in entries]
 
     async def _dead_range(self, queue: str, start: str, count: int) -> list[Any]:
         try:
@@ -814,7 +787,7 @@ class RedisBroker:
         return list(reply or [])
 
     @staticmethod
-    def _dead_letter(queue: str, eid: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    def _dead_entry(queue: str, eid: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         raw = fields.get(b"p", b"")
         env, _ = decode_stored(raw)
         sid = eid.decode()
@@ -872,16 +845,13 @@ class RedisBroker:
             raise self._conn.unavailable(exc, "Stem broker purge_dead_letters") from exc
         return int(n)
 
-    async def close(self) -> None:
-        """End blocked fetches, drop this broker's idle consumer names, close connections.
-
-        A later call reconnects.
-        """
-        self._closing = True
+    async def _interrupt(self) -> None:
         for reader in list(self._readers):
             await self._unblock(reader)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _close(self) -> None:
+        """Drop this broker's idle consumer names, close connections (a later call
+        reconnects)."""
         if self._consumers and self._ready_groups and self._conn.has_client:
             # Forget our consumers (and long-idle ones of crashed workers) when they hold
             # nothing, so groups don't collect a consumer per worker ever started.

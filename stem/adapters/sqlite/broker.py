@@ -1,8 +1,8 @@
 """SQLite broker: one jobs table leased with ``BEGIN IMMEDIATE``, shared by processes.
 
 Lease semantics: a fetch claims rows by writing a fresh random lease token, the
-consumer name and ``locked_until`` in one write transaction, and the delivery's
-``receipt`` is ``"<row id>:<token>"``. ``ack``, ``nack``, ``retry``, ``dead_letter``
+consumer name and ``locked_until`` in one write transaction; the delivery's ``lease``
+is ``SqliteLease(row id, token)`` and its ``receipt`` ``"<row id>:<token>"``. ``ack``, ``nack``, ``retry``, ``dead_letter``
 and ``extend_lease`` only touch a row whose token still matches. An expired lease
 makes the row fetchable again; once another consumer has fetched it the token
 changed, so the first consumer's late ack/nack/retry/dead-letter/extend does nothing
@@ -12,21 +12,14 @@ was not re-leased yet is still honoured.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import NamedTuple
 
 from stem._time import now_epoch
-from stem.adapters._shared import (
-    FairOrder,
-    check_publishable,
-    claim_safely,
-    decode_stored,
-    extend_seconds,
-    lease_seconds,
-)
+from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
+from stem.adapters._shared import Waiter, decode_stored, lease_seconds
 from stem.envelope import Envelope, peek_task_id
 from stem.limits import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -34,6 +27,7 @@ from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueSt
 from ._db import (
     FETCH_POLL_INTERVAL,
     Database,
+    Hub,
     chunks,
     ensure_schema,
     hub_for,
@@ -54,16 +48,16 @@ _ClaimResult = tuple[str, list[tuple[str, _Claimed]]]
 _Sql = Callable[[sqlite3.Connection], None]
 
 
+class SqliteLease(NamedTuple):
+    """A SQLite delivery's lease: its row and the token the fetch wrote into it."""
+
+    row_id: int
+    token: str
 
 
-def leases_of(deliveries: Sequence[Delivery]) -> list[tuple[int, str]]:
-    """(row id, token) of each well-formed receipt."""
-    out = []
-    for d in deliveries:
-        row, _, token = d.receipt.partition(":")
-        if row.isdigit() and token:
-            out.append((int(row), token))
-    return out
+def leases_of(deliveries: Sequence[Delivery]) -> list[SqliteLease]:
+    """The leases of the deliveries a SQLite broker fetched."""
+    return [d.lease for d in deliveries if isinstance(d.lease, SqliteLease)]
 
 
 def _job(env: Envelope, queue: str | None = None) -> _NewJob:
@@ -88,13 +82,39 @@ def _claim_order(row: _Claimed) -> tuple[float, float, int]:
     return (-p, nb, _id)
 
 
-class SqliteBroker:
+class _Wakeup:
+    """A fetch's wake-up: the hub's publish signal (same process), else a short poll."""
+
+    __slots__ = ("_hub", "_waiter")
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._waiter: Waiter | None = None
+
+    def arm(self) -> None:
+        self.close()
+        self._waiter = self._hub.watch_queues()
+
+    async def wait(self, seconds: float) -> bool:
+        # Another process may have published: never sleep longer than one poll.
+        return self._waiter is not None and await self._waiter.wait(
+            min(FETCH_POLL_INTERVAL, seconds))
+
+    def close(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._hub.unwatch_queues(waiter)
+
+
+class SqliteBroker(LeasingBroker):
     """A :class:`stem.ports.Broker` on a SQLite file that several processes share.
 
     All SQL runs on the adapter's own thread (see :class:`Database`). Idle blocking
     fetches poll every ``FETCH_POLL_INTERVAL`` seconds with a read-only query and are
     woken at once by a publish from the same process.
     """
+
+    kind = "sqlite"
 
     def __init__(
         self,
@@ -104,6 +124,7 @@ class SqliteBroker:
         visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
         db: Database | None = None,
     ) -> None:
+        super().__init__()
         self.path = path
         self.default_visibility_timeout = visibility_timeout
         prefix = table_prefix(namespace)
@@ -115,9 +136,6 @@ class SqliteBroker:
         self._db = Database(path) if db is None else db
         self._db.add_setup(self._create)
         self._hub = hub_for(path, prefix)
-        self._order = FairOrder()
-        # Hand-backs of cancelled fetches still running (close waits for them).
-        self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         return f"SqliteBroker({self.path!r})"
@@ -168,7 +186,7 @@ class SqliteBroker:
             [(q, p, now if nb is None else nb, t, vt, raw) for q, p, nb, t, vt, raw in jobs],
         )
 
-    def _claim(
+    def _claim_sql(
         self, order: Sequence[str], max_count: int, consumer: str, precheck: bool
     ) -> Callable[[sqlite3.Connection], _ClaimResult]:
         jobs = self._jobs
@@ -220,7 +238,7 @@ class SqliteBroker:
 
         return claim
 
-    def _unlease(self, leases: Sequence[tuple[int, str]]) -> _Sql:
+    def _unlease(self, leases: Sequence[SqliteLease]) -> _Sql:
         jobs = self._jobs
 
         def unlease(conn: sqlite3.Connection) -> None:
@@ -239,11 +257,8 @@ class SqliteBroker:
         """Open (creating if needed) the file and its tables."""
         await self._db.run(lambda conn: conn.execute("SELECT 1").fetchone())
 
-    async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Insert envelopes in one transaction (all encoded before anything is written)."""
-        if not envelopes:
-            return
-        check_publishable(envelopes)
+    async def _publish(self, envelopes: Sequence[Envelope]) -> None:
+        # One transaction; all encoded before anything is written.
         jobs = [_job(e) for e in envelopes]
 
         def publish(conn: sqlite3.Connection) -> None:
@@ -275,67 +290,22 @@ class SqliteBroker:
         await self._db.run(publish)
         self._hub.queues_changed()
 
-    async def fetch(
-        self, queues: Sequence[str], max_count: int, *, block: float, consumer: str
-    ) -> list[Delivery]:
-        """Lease up to ``max_count`` ready rows; see :class:`stem.ports.Broker`."""
-        if max_count <= 0 or not queues:
-            return []
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + block
-        order = self._order(queues)
-        precheck = False
-        while True:
-            # Armed before looking, so a publish between the look and the wait still wakes us.
-            waiter = self._hub.watch_queues()
-            try:
-                claimed = await self._claim_safely(order, max_count, consumer, precheck)
-                if claimed:
-                    return claimed
-                remaining = give_up - loop.time()
-                if remaining <= 0:
-                    return []
-                woken = await waiter.wait(min(FETCH_POLL_INTERVAL, remaining))
-                # Woken by a publish here: claim straight away. Timed out: someone in
-                # another process may have published, look (read-only) first.
-                precheck = not woken
-            finally:
-                self._hub.unwatch_queues(waiter)
+    async def _watch(self, queues: list[str], consumer: str, block: float) -> _Wakeup:
+        return _Wakeup(self._hub)
 
-    async def _claim_safely(
-        self, order: Sequence[str], max_count: int, consumer: str, precheck: bool
-    ) -> list[Delivery]:
-        # The claim may commit after a cancelled caller stopped waiting (worker
-        # shutdown); those rows are given back at once, not after their lease.
-        token, claimed = await claim_safely(
-            self._db.submit(self._claim(order, max_count, consumer, precheck)),
-            self._give_back,
-            self._background,
-        )
-        return [self._delivery(queue, token, row) for queue, row in claimed]
+    async def _claim(self, queues: list[str], max_count: int, consumer: str, polled: bool
+                     ) -> Claim:
+        # After a poll that timed out, look (read-only) before taking the write lock.
+        token, claimed = await self._db.submit(self._claim_sql(queues, max_count, consumer, polled))
+        if not claimed:
+            return NOTHING
+        out = []
+        for queue, (row_id, _, _, raw, until, deliveries) in claimed:
+            out.append(delivery(queue, raw, f"{row_id}:{token}", SqliteLease(row_id, token),
+                                until, deliveries > 1))
+        return Claim(out)
 
-    async def _give_back(self, result: _ClaimResult) -> None:
-        token, claimed = result
-        if claimed:
-            await self._db.run(self._unlease([(r[0], token) for _, r in claimed]))
-            self._hub.queues_changed()
-
-    @staticmethod
-    def _delivery(queue: str, token: str, row: _Claimed) -> Delivery:
-        row_id, _, _, raw, until, deliveries = row
-        env, error = decode_stored(raw)
-        return Delivery(
-            envelope=env,
-            receipt=f"{row_id}:{token}",
-            queue=queue,
-            raw=raw,
-            lease_expires_at=until,
-            decode_error=error,
-            redelivered=deliveries > 1,
-        )
-
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete rows whose lease the caller still holds."""
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         leases = leases_of(deliveries)
         if not leases:
             return
@@ -346,29 +316,21 @@ class SqliteBroker:
 
         await self._db.run(ack)
 
-    def delete_leased(self, conn: sqlite3.Connection, leases: list[tuple[int, str]]) -> None:
+    def delete_leased(self, conn: sqlite3.Connection, leases: list[SqliteLease]) -> None:
         """Delete rows whose lease is still held, inside the caller's transaction."""
         conn.executemany(f"DELETE FROM {self._jobs} WHERE id = ? AND lease_token = ?", leases)
 
-    async def nack(self, deliveries: Sequence[Delivery]) -> None:
-        """Release still-held leases; the rows are fetchable at once, in their old place."""
+    async def _nack(self, deliveries: Sequence[Delivery]) -> None:
+        # The rows are fetchable at once, in their old place.
         leases = leases_of(deliveries)
         if not leases:
             return
         await self._db.run(self._unlease(leases))
         self._hub.queues_changed()
 
-    async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
-        """Delete each still-held row and insert its replacement, in one transaction.
-
-        A delivery whose lease was lost gets no replacement: the consumer now holding
-        the row will produce its own outcome.
-        """
-        work: list[tuple[tuple[int, str], _NewJob]] = []
-        for d, env in items:
-            lease = leases_of([d])
-            if lease:
-                work.append((lease[0], _job(env)))
+    async def _retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        # Each still-held row deleted and its replacement inserted, in one transaction.
+        work = [(d.lease, _job(env)) for d, env in items if isinstance(d.lease, SqliteLease)]
         if not work:
             return
         jobs = self._jobs
@@ -387,9 +349,8 @@ class SqliteBroker:
         await self._db.run(retry)
         self._hub.queues_changed()
 
-    async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
-        """Move still-held rows to the dead-letter table with ``reason``."""
-        work = [(*lease, reason) for d, reason in items for lease in leases_of([d])]
+    async def _dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
+        work = [(*d.lease, reason) for d, reason in items if isinstance(d.lease, SqliteLease)]
         if not work:
             return
         jobs, dead = self._jobs, self._dead
@@ -412,14 +373,11 @@ class SqliteBroker:
 
         await self._db.run(dead_letter)
 
-    async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
-        """Push still-held leases to ``now + seconds`` (and update ``lease_expires_at``)."""
-        leases = [(d, lease) for d in deliveries for lease in leases_of([d])]
+    async def _extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
+        leases = [(d, d.lease) for d in deliveries if isinstance(d.lease, SqliteLease)]
         if not leases:
             return
         jobs = self._jobs
-
-        seconds = extend_seconds(seconds, self.default_visibility_timeout)
 
         def extend(conn: sqlite3.Connection) -> tuple[float, list[bool]]:
             until = now_epoch() + seconds
@@ -557,9 +515,10 @@ class SqliteBroker:
 
         return await self._db.run(purge)
 
-    async def close(self) -> None:
-        """Close the connection and its thread (the broker reopens them if used again)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+    async def _interrupt(self) -> None:
+        self._hub.queues_changed()
+
+    async def _close(self) -> None:
+        # The connection and its thread (the broker reopens them if used again).
         if self._owns_db:
             await self._db.close()
