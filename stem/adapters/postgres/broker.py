@@ -127,12 +127,13 @@ class _Wakeup:
     bumps the broker's generation, so one that lands between the claim and the wait
     is not lost), or a slow poll while LISTEN is down."""
 
-    __slots__ = ("_broker", "_generation", "_listening")
+    __slots__ = ("_broker", "_closes", "_generation", "_listening")
 
     def __init__(self, broker: PostgresBroker, listening: bool) -> None:
         self._broker = broker
         self._listening = listening
         self._generation = broker._generation
+        self._closes = broker._closes
 
     def arm(self) -> None:
         self._generation = self._broker._generation
@@ -151,7 +152,8 @@ class _Wakeup:
                 woken = False
             finally:
                 broker._waiters.discard(waiter)
-        self._listening = await broker._listener.ensure()
+        if broker._closes == self._closes:  # a closed broker must not LISTEN again
+            self._listening = await broker._listener.ensure()
         return woken
 
     def close(self) -> None:
