@@ -6,8 +6,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests import services
+
+# Property tests judge behaviour, not speed: a loaded 2-core CI machine must not turn a
+# slow example into a failure (hypothesis' default deadline is 200 ms per example).
+settings.register_profile("stem", deadline=None)
+settings.load_profile("stem")
 
 
 @pytest.fixture
