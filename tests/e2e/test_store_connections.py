@@ -56,7 +56,7 @@ async def test_one_pool_and_one_listen_connection_per_url(
             return (await _connections(admin, worker.pid))[1] == 1
 
         await eventually(listening_once, timeout=10)
-        assert 1 <= most[0] <= POOL_SIZE, most
+        assert most[0] >= 1 and most[0] <= POOL_SIZE, most  # one pool, never two
         assert most[1] == 1, most
     finally:
         await admin.close()
