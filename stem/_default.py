@@ -64,20 +64,25 @@ async def get_result(task_id: str) -> TaskResult[Any] | None:
 
 
 @overload
-async def wait(task_id: str, timeout: float | None = None) -> TaskResult[Any]: ...
+async def wait(task_id: str, timeout: float | None = None, *,
+               raise_on_failure: bool = False) -> TaskResult[Any]: ...
 
 
 @overload
 async def wait(task_id: str, timeout: float | None = None, *,
-               decode: Callable[[Any], R] | None) -> TaskResult[R]: ...
+               decode: Callable[[Any], R] | None,
+               raise_on_failure: bool = False) -> TaskResult[R]: ...
 
 
 async def wait(task_id: str, timeout: float | None = None, *,
-               decode: Callable[[Any], Any] | None = None) -> TaskResult[Any]:
+               decode: Callable[[Any], Any] | None = None,
+               raise_on_failure: bool = False) -> TaskResult[Any]:
     """``await default_app().wait(task_id, timeout)``."""
-    return await default_app().wait(task_id, timeout, decode=decode)
+    return await default_app().wait(task_id, timeout, decode=decode,
+                                    raise_on_failure=raise_on_failure)
 
 
-def wait_sync(task_id: str, timeout: float | None = None) -> TaskResult[Any]:
+def wait_sync(task_id: str, timeout: float | None = None, *,
+              raise_on_failure: bool = False) -> TaskResult[Any]:
     """``default_app().wait_sync(task_id, timeout)``: :func:`wait` for sync code."""
-    return default_app().wait_sync(task_id, timeout)
+    return default_app().wait_sync(task_id, timeout, raise_on_failure=raise_on_failure)

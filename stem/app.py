@@ -28,12 +28,17 @@ from stem.encoding import (
     TaskPayloadEncoderRegistry,
 )
 from stem.envelope import Envelope
-from stem.errors import ConfigurationError, EnvelopeDecodeError, WaitTimeoutError
+from stem.errors import (
+    ConfigurationError,
+    EnvelopeDecodeError,
+    TaskFailedError,
+    WaitTimeoutError,
+)
 from stem.limits import check_visibility_timeout, clamp_priority
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, Store, TransactionalPublisher
 from stem.retry import RetryStrategy
-from stem.status import TaskResult, TaskStatus
+from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
     META_MAX_RETRIES,
     META_SOFT_TIME_LIMIT,
@@ -589,11 +594,13 @@ class Stem:
         return self._sync.run(functools.partial(self.get_result, task_id))
 
     @overload
-    def wait_sync(self, task_id: str, timeout: float | None = None) -> TaskResult[Any]: ...
+    def wait_sync(self, task_id: str, timeout: float | None = None, *,
+                  raise_on_failure: bool = False) -> TaskResult[Any]: ...
 
     @overload
     def wait_sync(
-        self, task_id: str, timeout: float | None = None, *, decode: Callable[[Any], R] | None
+        self, task_id: str, timeout: float | None = None, *, decode: Callable[[Any], R] | None,
+        raise_on_failure: bool = False,
     ) -> TaskResult[R]: ...
 
     def wait_sync(
@@ -602,10 +609,12 @@ class Stem:
         timeout: float | None = None,
         *,
         decode: Callable[[Any], Any] | None = None,
+        raise_on_failure: bool = False,
     ) -> TaskResult[Any]:
         """:meth:`wait` for sync code (see :meth:`enqueue_sync`)."""
         refuse_in_event_loop("wait_sync()", "app.wait(...)")
-        return self._sync.run(functools.partial(self.wait, task_id, timeout, decode=decode))
+        return self._sync.run(functools.partial(
+            self.wait, task_id, timeout, decode=decode, raise_on_failure=raise_on_failure))
 
     # -- results ------------------------------------------------------------------------
 
@@ -637,11 +646,13 @@ class Stem:
     # Two overloads so a plain ``await app.wait(id)`` is a TaskResult[Any] under mypy
     # --strict instead of an uninferable TaskResult[R].
     @overload
-    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult[Any]: ...
+    async def wait(self, task_id: str, timeout: float | None = None, *,
+                   raise_on_failure: bool = False) -> TaskResult[Any]: ...
 
     @overload
     async def wait(
-        self, task_id: str, timeout: float | None = None, *, decode: Callable[[Any], R] | None
+        self, task_id: str, timeout: float | None = None, *, decode: Callable[[Any], R] | None,
+        raise_on_failure: bool = False,
     ) -> TaskResult[R]: ...
 
     async def wait(
@@ -650,11 +661,19 @@ class Stem:
         timeout: float | None = None,
         *,
         decode: Callable[[Any], Any] | None = None,
+        raise_on_failure: bool = False,
     ) -> TaskResult[Any]:
-        """Wait until ``task_id`` succeeds, fails or is cancelled; WaitTimeoutError if not in time."""
+        """Wait until ``task_id`` succeeds, fails or is cancelled; WaitTimeoutError if not in time.
+
+        With ``raise_on_failure=True`` a failed or cancelled task raises
+        :class:`~stem.errors.TaskFailedError` (remote type, message and stack) instead
+        of returning its result.
+        """
         status = await self.backend.wait(task_id, timeout)
         if status is None:
             raise WaitTimeoutError(f"task {task_id} did not finish within {timeout} s")
+        if raise_on_failure and status.state is not TaskState.SUCCEEDED:
+            raise TaskFailedError(status.id, status.state, status.error)
         return self.to_result(status, decode)
 
 

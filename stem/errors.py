@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stem.status import TaskError, TaskState
+
 
 class StemError(Exception):
     """Base class of every error raised by Stem."""
@@ -36,6 +41,30 @@ class PayloadEncodingError(StemError, ValueError):
 
 class WaitTimeoutError(StemError, TimeoutError):
     """``wait()`` gave up before the task reached a terminal state."""
+
+
+class TaskFailedError(StemError):
+    """A task failed (or was cancelled): raised by ``wait(..., raise_on_failure=True)``
+    and ``TaskResult.unwrap()``.
+
+    Carries the remote error: ``type`` (the exception's class name in the worker),
+    ``message``, ``stack`` (the worker's traceback, or None) and the whole
+    :class:`~stem.status.TaskError` as ``error``; ``task_id`` and ``state`` say which
+    task and how it ended. ``str()`` is one line: ``task <id> failed: Type: message``.
+    """
+
+    def __init__(self, task_id: str, state: TaskState, error: TaskError | None) -> None:
+        self.task_id = task_id
+        self.state = state
+        self.error = error
+        self.type = error.type if error is not None else None
+        self.message = error.message if error is not None else None
+        self.stack = error.stack if error is not None else None
+        detail = f": {error}" if error is not None else " (no error recorded)"
+        super().__init__(f"task {task_id} {state.value}{detail}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.task_id, self.state, self.error))
 
 
 class SyncCallInLoopError(StemError, RuntimeError):

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from stem._time import from_iso, to_iso
+from stem.errors import StemError, TaskFailedError
 
 R = TypeVar("R")
 
@@ -57,6 +58,11 @@ class TaskError:
     retryable: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        """One readable line, ``Type: message`` (the stack stays in :attr:`stack`)."""
+        message = " ".join(line.strip() for line in self.message.splitlines() if line.strip())
+        return f"{self.type}: {message}" if message else self.type
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, retryable: bool = False) -> TaskError:
@@ -258,3 +264,17 @@ class TaskResult(Generic[R]):
         """Last progress report (``{'percent': float, 'data': ...}``), if any."""
         p = self.meta.get("progress")
         return p if isinstance(p, dict) else None
+
+    def unwrap(self) -> R:
+        """The value of a succeeded task; raises otherwise.
+
+        A failed or cancelled task raises :class:`~stem.errors.TaskFailedError` with
+        the remote error's type, message and stack; a task that has not finished yet
+        (queued, running, retried) raises :class:`~stem.errors.StemError`.
+        """
+        if self.state is TaskState.SUCCEEDED:
+            return self.value  # type: ignore[return-value]  # None is a valid R here
+        if self.state.is_terminal:
+            raise TaskFailedError(self.id, self.state, self.error)
+        raise StemError(f"task {self.id} has not finished (state {self.state.value}); "
+                        "wait for it first")

@@ -243,9 +243,14 @@ class TaskDefinition(Generic[P, R]):
         """Publish one call and return its task id."""
         return await self._require_app().enqueue_call(self.call(*args, **kwargs))
 
-    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
-        """Wait for ``task_id`` to finish and return its typed result."""
-        return await self._require_app().wait(task_id, timeout=timeout, decode=self.decode)
+    async def wait(self, task_id: str, timeout: float | None = None, *,
+                   raise_on_failure: bool = False) -> TaskResult[R]:
+        """Wait for ``task_id`` to finish and return its typed result.
+
+        ``raise_on_failure=True``: a failed or cancelled task raises TaskFailedError.
+        """
+        return await self._require_app().wait(task_id, timeout=timeout, decode=self.decode,
+                                              raise_on_failure=raise_on_failure)
 
     def enqueue_sync(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """:meth:`enqueue` for sync code (scripts, WSGI views, threads); returns the id.
@@ -263,11 +268,13 @@ class TaskDefinition(Generic[P, R]):
         _refuse_in_event_loop(f"delay() of task {self.name!r}", "task.enqueue(...)")
         return app.enqueue_call_sync(self.call(*args, **kwargs))
 
-    def wait_sync(self, task_id: str, timeout: float | None = None) -> TaskResult[R]:
+    def wait_sync(self, task_id: str, timeout: float | None = None, *,
+                  raise_on_failure: bool = False) -> TaskResult[R]:
         """:meth:`wait` for sync code (see :meth:`enqueue_sync`)."""
         app = self._require_app()
         _refuse_in_event_loop(f"wait_sync() of task {self.name!r}", "task.wait(...)")
-        return app.wait_sync(task_id, timeout, decode=self.decode)
+        return app.wait_sync(task_id, timeout, decode=self.decode,
+                             raise_on_failure=raise_on_failure)
 
 
 def isolation_for(definition: TaskDefinition[Any, Any], hard_limit: float | None,
