@@ -300,6 +300,26 @@ def isolation_for(definition: TaskDefinition[Any, Any], hard_limit: float | None
     return "process" if hard_limit is not None or pool_default else "thread"
 
 
+def check_schedule(countdown: float | None, eta: datetime | None) -> None:
+    """Refuse (ConfigurationError) a ``countdown`` that is negative or not a number and
+    an ``eta`` that is not a datetime or lies before 1970-01-01 UTC (a naive ``eta``
+    is local time)."""
+    if countdown is not None and (isinstance(countdown, bool)
+                                  or not isinstance(countdown, int | float)
+                                  or not countdown >= 0):
+        raise ConfigurationError(
+            f"countdown must be a number of seconds >= 0, got {countdown!r}")
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise ConfigurationError(f"eta must be a datetime, got {type(eta).__name__}")
+        try:
+            before_1970 = eta.timestamp() < 0
+        except (OverflowError, ValueError, OSError):
+            before_1970 = True  # outside what the platform converts: year 1 and the like
+        if before_1970:
+            raise ConfigurationError(f"eta must be 1970-01-01 UTC or later, got {eta.isoformat()}")
+
+
 @dataclass(frozen=True, slots=True)
 class TaskCall(Generic[R]):
     """One invocation of a task, with per-call option overrides; immutable."""
@@ -341,8 +361,9 @@ class TaskCall(Generic[R]):
         """A copy with these options set (headers and meta are merged).
 
         Refuses (ConfigurationError) a priority outside 0-9, a ``max_retries`` outside
-        ``0..MAX_ATTEMPTS`` and a ``visibility_timeout`` outside the lease bounds of
-        :mod:`stem.limits`.
+        ``0..MAX_ATTEMPTS``, a ``visibility_timeout`` outside the lease bounds of
+        :mod:`stem.limits`, a negative ``countdown`` and an ``eta`` before 1970
+        (:func:`check_schedule`).
         """
         if priority is not None and not 0 <= priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {priority}")
@@ -350,6 +371,7 @@ class TaskCall(Generic[R]):
             _check_max_retries(max_retries)
         if visibility_timeout is not None:
             check_visibility_timeout(visibility_timeout)
+        check_schedule(countdown, eta)
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(

@@ -337,7 +337,7 @@ async def test_unserialisable_args_fail_only_their_own_caller(app: stem.Stem) ->
 
     results = await asyncio.gather(app.enqueue("j", 1), app.enqueue("j", {1, 2}),
                                    app.enqueue("j", 3), return_exceptions=True)
-    assert isinstance(results[1], stem.EnvelopeDecodeError)
+    assert isinstance(results[1], stem.TaskArgumentError)
     assert isinstance(results[0], str) and isinstance(results[2], str)
     assert (await app.broker.stats("default")).pending == 2
 
