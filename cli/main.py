@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from stem import __version__
 from stem._urls import mask_url
 from stem.app import Stem
 from stem.errors import ConfigurationError, StemError
@@ -38,6 +39,27 @@ app.add_typer(observe_app, name="observe")
 
 AppOpt = Annotated[str, typer.Option("--app", "-A", help="Your app as module:attribute.")]
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"stem {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                       help="Print `stem <version>` and exit.")] = False,
+) -> None:
+    """Stem: asyncio-native background tasks."""
+
+
+def _console() -> Console:
+    """Rich output for a terminal; piped or redirected, never truncated (a table as wide
+    as its widest row, whatever ``COLUMNS`` says)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
+
 #: Bounds of the numeric options (out of range: a usage error naming the range, exit 2).
 MAX_CONCURRENCY = 10_000
 MAX_PREFETCH_MULTIPLIER = 1_000
@@ -46,6 +68,8 @@ MAX_GRACE = 86_400.0
 MIN_BLOCK_TIME, MAX_BLOCK_TIME = 0.01, 3_600.0
 MAX_COUNT = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: ``stem tasks ls``: the table's columns, in order, and the keys of each ``--json`` object.
+TASKS_LS_COLUMNS = ("name", "queue", "max_retries", "priority", "isolation", "handler")
 
 
 def _log_level(value: str) -> str:
@@ -147,8 +171,13 @@ def tasks_ls(
     pool: Annotated[int | None, typer.Option("--pool", callback=between(1, MAX_POOL),
                     help="Show the isolation of a worker started with --pool N (as "
                          "`stem worker start --pool N`). Default: a worker without it.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                        "(the table's column names as keys).")] = False,
 ) -> None:
     """List the tasks registered on the app, with where a worker runs each.
+
+    The table's columns and the ``--json`` keys are the same names
+    (:data:`TASKS_LS_COLUMNS`); piped, the table is never truncated.
 
     The isolation column is what a worker started with the same ``--pool`` option
     does (the rule is :func:`stem.task.isolation_for`); a call that overrides
@@ -156,14 +185,24 @@ def tasks_ls(
     handler to the process pool.
     """
     stem_app = load_app(app_spec)
-    table = Table("name", "queue", "max_retries", "priority", "isolation", "handler")
+    rows: list[dict[str, Any]] = []
     for name in sorted(stem_app.tasks):
         d = stem_app.tasks[name]
-        handler = f"{d.func.__module__}.{d.func.__qualname__}" if d.func else "-"
-        isolation = isolation_for(d, d.options.time_limit, pool is not None)
-        table.add_row(name, d.options.queue, str(d.options.max_retries), str(d.options.priority),
-                      isolation, handler)
-    Console().print(table)
+        rows.append({
+            "name": name,
+            "queue": d.options.queue,
+            "max_retries": d.options.max_retries,
+            "priority": d.options.priority,
+            "isolation": isolation_for(d, d.options.time_limit, pool is not None),
+            "handler": f"{d.func.__module__}.{d.func.__qualname__}" if d.func else None,
+        })
+    if json_out:
+        typer.echo(orjson.dumps(rows).decode())
+        return
+    table = Table(*TASKS_LS_COLUMNS)
+    for row in rows:
+        table.add_row(*("-" if row[c] is None else str(row[c]) for c in TASKS_LS_COLUMNS))
+    _console().print(table)
 
 
 @app.command("result")

@@ -138,3 +138,36 @@ async def test_dlq_list_replay_purge_and_observe_queues(sqlite_url: str) -> None
     purge = run_stem("dlq", "purge", "--yes", env=cli_env)
     assert "default: purged 1" in purge.stdout
     assert queue_counts()["dead"] == 0
+
+
+def test_version_prints_the_package_version() -> None:
+    out = run_stem("--version")
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"stem {stem.__version__}\n", "")
+
+
+def test_tasks_ls_piped_keeps_a_long_name_whole_and_json_uses_the_same_columns() -> None:
+    from tests.e2e.ls_app import LONG_NAME
+
+    # A narrow COLUMNS must not matter when stdout is a pipe.
+    out = subprocess.run([sys.executable, "-m", "stem_cli", "tasks", "ls", "--app",
+                          "tests.e2e.ls_app:app"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "40"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert LONG_NAME in out.stdout and "…" not in out.stdout
+    header = next(line for line in out.stdout.splitlines() if "name" in line)
+    columns = [c for c in header.replace("┃", " ").replace("│", " ").split()]
+    row = next(line for line in out.stdout.splitlines() if LONG_NAME in line)
+    cells = [c for c in row.replace("│", " ").split()]
+
+    raw = run_stem("tasks", "ls", "--app", "tests.e2e.ls_app:app", "--json")
+    assert raw.returncode == 0, raw.stderr
+    data = orjson.loads(raw.stdout)
+    assert isinstance(data, list) and [d["name"] for d in data] == sorted([LONG_NAME, "ls.short"])
+    assert all(list(d) == columns for d in data)
+    long = next(d for d in data if d["name"] == LONG_NAME)
+    assert long == {"name": LONG_NAME, "queue": "billing", "max_retries": 2, "priority": 5,
+                    "isolation": "inline", "handler": "tests.e2e.ls_app.reconcile"}
+    assert cells == [str(long[c]) for c in columns]
+    pooled = orjson.loads(run_stem("tasks", "ls", "--app", "tests.e2e.ls_app:app", "--json",
+                                   "--pool", "2").stdout)
+    assert next(d for d in pooled if d["name"] == "ls.short")["isolation"] == "process"
