@@ -14,8 +14,6 @@ from datetime import datetime, timedelta
 from fnmatch import translate
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
-import orjson
-
 from stem._sync import SyncBridge, refuse_in_event_loop
 from stem._time import utcnow
 from stem._urls import mask_url
@@ -26,7 +24,6 @@ from stem.encoding import (
     ARGS_ENCODER_HEADER,
     ARGS_ENCODER_META,
     RESULT_ENCODER_META,
-    JsonPayloadEncoder,
     TaskPayloadEncoder,
     TaskPayloadEncoderRegistry,
 )
@@ -34,7 +31,6 @@ from stem.envelope import Envelope
 from stem.errors import (
     ConfigurationError,
     EnvelopeDecodeError,
-    TaskArgumentError,
     TaskFailedError,
     WaitTimeoutError,
 )
@@ -482,8 +478,6 @@ class Stem:
             else opts.visibility_timeout
         if vt is not None:  # with_options checked it; a TaskCall built directly did not
             vt = check_visibility_timeout(vt)
-        if type(args_encoder) is JsonPayloadEncoder:
-            _check_json_args(d.name, call.args)
         return Envelope(
             name=d.name,
             args=self.encoders.encode_args(call.args, args_encoder),
@@ -683,28 +677,6 @@ class Stem:
         if raise_on_failure and status.state is not TaskState.SUCCEEDED:
             raise TaskFailedError(status.id, status.state, status.error)
         return self.to_result(status, decode)
-
-
-def _check_json_args(task: str, args: dict[str, Any]) -> None:
-    """Refuse, naming the argument, a value the JSON wire cannot carry (Decimal, a set,
-    a custom object): TaskArgumentError at enqueue, before anything is published."""
-    try:
-        orjson.dumps(args)
-    except TypeError:
-        pass
-    else:
-        return
-    for name, value in args.items():
-        try:
-            orjson.dumps(value)
-        except TypeError as exc:
-            raise TaskArgumentError(
-                f"task {task!r}: argument {name!r} ({type(value).__name__}) cannot be sent as "
-                f"JSON ({exc}); pass JSON values (str, int, float, bool, None, list, dict; "
-                "datetime, UUID, dataclasses and enums are converted) or give the task a "
-                "payload encoder (args_encoder=...)") from None
-    raise TaskArgumentError(f"task {task!r}: arguments cannot be sent as JSON "
-                            "(argument names must be strings)")
 
 
 class _CoalescingPublisher:

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from stem._time import from_iso, to_epoch, to_iso, utcnow
-from stem.errors import EnvelopeDecodeError, PayloadTooLargeError
+from stem.errors import ArgumentNotSerializableError, EnvelopeDecodeError, PayloadTooLargeError
 from stem.limits import (
     MAX_VISIBILITY_TIMEOUT,
     MIN_VISIBILITY_TIMEOUT,
@@ -146,10 +146,7 @@ class Envelope:
         try:
             raw = orjson.dumps(self.to_dict())
         except TypeError as exc:
-            raise EnvelopeDecodeError(
-                f"task {self.name!r}: arguments are not JSON-serialisable ({exc}); "
-                "pass plain JSON values or configure a payload encoder"
-            ) from exc
+            raise _not_serializable(self, exc) from None
         if len(raw) > (_payload_cap or payload_limit()):
             raise PayloadTooLargeError(f"task {self.name!r}: {_too_large(len(raw))}")
         return raw
@@ -347,3 +344,20 @@ def peek_task_id(raw: bytes | str) -> str | None:
     if isinstance(data, dict) and type(data.get("id")) is str and data["id"]:
         return str(data["id"])
     return None
+
+
+def _not_serializable(env: Envelope, exc: TypeError) -> ArgumentNotSerializableError:
+    """The error for an envelope orjson refused, naming the argument at fault (the slow
+    path runs only after the one encode of the common path failed)."""
+    for name, value in env.args.items():
+        try:
+            orjson.dumps(value)
+        except TypeError as inner:
+            return ArgumentNotSerializableError(
+                f"task {env.name!r}: argument {name!r} ({type(value).__name__}) cannot be "
+                f"sent as JSON ({inner}); pass JSON values (str, int, float, bool, None, "
+                "list, dict; datetime, UUID, dataclasses and enums are converted) or give "
+                "the task a payload encoder (args_encoder=...)")
+    return ArgumentNotSerializableError(
+        f"task {env.name!r}: the envelope cannot be sent as JSON ({exc}); headers, meta "
+        "and argument names must be JSON (string keys)")

@@ -35,6 +35,14 @@ class TaskArgumentError(StemError, TypeError):
     """Arguments do not fit the task's signature (raised at enqueue time)."""
 
 
+class ArgumentNotSerializableError(TaskArgumentError, EnvelopeDecodeError):
+    """An argument's value cannot travel as JSON (a Decimal, a set, a custom object).
+
+    Raised when the envelope is encoded, so checking costs nothing on the common path;
+    nothing is published for that call, and its batch-mates still are.
+    """
+
+
 class PayloadEncodingError(StemError, ValueError):
     """A payload encoder could not encode or decode (unknown encoder id, bad key, corrupt data)."""
 
