@@ -97,6 +97,8 @@ class LeasingBroker:
     default_visibility_timeout: float
     #: The adapter's name in log lines.
     kind = "broker"
+    #: The typed lease this adapter's deliveries carry (settle calls refuse others).
+    lease_type: type = object
 
     def __init__(self) -> None:
         self._order = FairOrder()
@@ -199,22 +201,26 @@ class LeasingBroker:
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove delivered envelopes whose lease is still held (see the port)."""
         if deliveries:
+            self._check_own(deliveries)
             await self._ack(deliveries)
 
     async def nack(self, deliveries: Sequence[Delivery]) -> None:
         """Give still-held leases back: the envelopes are ready again at once."""
         if deliveries:
+            self._check_own(deliveries)
             await self._nack(deliveries)
 
     async def retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         """Ack each still-held delivery and store its replacement, atomically where
         the store allows; a delivery whose lease was lost gets no replacement."""
         if items:
+            self._check_own([d for d, _ in items])
             await self._retry(items)
 
     async def dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         """Move still-held deliveries to their queue's dead letters with a reason."""
         if items:
+            self._check_own([d for d, _ in items])
             await self._dead_letter(items)
 
     async def extend_lease(self, deliveries: Sequence[Delivery], seconds: float) -> None:
@@ -222,7 +228,18 @@ class LeasingBroker:
         ``0..MAX_VISIBILITY_TIMEOUT``; NaN means the default) and update
         ``lease_expires_at``; a lost lease's deadline is left alone."""
         if deliveries:
+            self._check_own(deliveries)
             await self._extend(deliveries, extend_seconds(seconds, self.default_visibility_timeout))
+
+    def _check_own(self, deliveries: Sequence[Delivery]) -> None:
+        """A delivery fetched from another broker is a programming error: say so, for
+        every adapter alike, instead of ignoring it like a lost lease."""
+        lease_type = self.lease_type
+        for d in deliveries:
+            if type(d.lease) is not lease_type:
+                raise TypeError(
+                    f"delivery {d.receipt!r} was not fetched from this {self.kind} broker "
+                    f"(its lease is {type(d.lease).__name__}, not {lease_type.__name__})")
 
     async def close(self) -> None:
         """End blocked fetches (they return empty), finish hand-backs, release the store."""

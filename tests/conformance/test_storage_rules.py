@@ -216,3 +216,21 @@ async def test_empty_batches_do_no_io(name: str, tmp_path: Path) -> None:
                 await broker.ping()  # the store really is unreachable
     finally:
         await broker.close()
+
+
+async def test_a_delivery_from_another_broker_is_refused_by_every_settle_call(
+        broker: Broker) -> None:
+    """A foreign delivery is a programming error (TypeError), on every adapter alike;
+    a lost lease of this broker's own is what settle calls ignore silently."""
+    await broker.publish([Envelope(name="t", queue="q")])
+    [own] = await broker.fetch(["q"], 1, block=0, consumer="c")
+    foreign = Delivery(envelope=own.envelope, receipt="elsewhere:1", queue="q", raw=own.raw,
+                       lease=("someone", "else"))
+    for call in (lambda: broker.ack([foreign]), lambda: broker.nack([foreign]),
+                 lambda: broker.retry([(foreign, own.envelope)]),  # type: ignore[list-item]
+                 lambda: broker.dead_letter([(foreign, "x")]),
+                 lambda: broker.extend_lease([foreign], 5)):
+        with pytest.raises(TypeError, match="not fetched from this"):
+            await call()
+    assert (await broker.stats("q")).in_flight == 1  # nothing happened to the real one
+    await broker.ack([own])

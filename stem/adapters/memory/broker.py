@@ -107,6 +107,7 @@ class MemoryBroker(LeasingBroker):
     """
 
     kind = "memory"
+    lease_type = MemoryLease
 
     def __init__(
         self, name: str = "default", *, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT

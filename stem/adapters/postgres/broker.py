@@ -97,7 +97,7 @@ def _keys(deliveries: Sequence[Delivery]) -> tuple[list[int], list[uuid.UUID]]:
     for d in deliveries:
         lease = d.lease
         if not isinstance(lease, PostgresLease):
-            raise ValueError(f"delivery {d.receipt!r} was not fetched from a Postgres broker")
+            raise TypeError(f"delivery {d.receipt!r} was not fetched from a Postgres broker")
         ids.append(lease.job_id)
         leases.append(lease.lease)
     return ids, leases
@@ -174,6 +174,7 @@ class PostgresBroker(LeasingBroker):
     """
 
     kind = "postgres"
+    lease_type = PostgresLease
 
     def __init__(
         self,

@@ -175,6 +175,7 @@ class RedisBroker(LeasingBroker):
     """
 
     kind = "redis"
+    lease_type = RedisLease
 
     def __init__(
         self,

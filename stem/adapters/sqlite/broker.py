@@ -115,6 +115,7 @@ class SqliteBroker(LeasingBroker):
     """
 
     kind = "sqlite"
+    lease_type = SqliteLease
 
     def __init__(
         self,
