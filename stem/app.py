@@ -12,12 +12,13 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mappi
 from dataclasses import replace
 from datetime import datetime, timedelta
 from fnmatch import translate
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from stem._sync import SyncBridge, refuse_in_event_loop
 from stem._time import utcnow
 from stem._urls import mask_url
 from stem.adapters import store_from_url
+from stem.adapters._shared import add_then_publish
 from stem.config import StemConfig, check_url
 from stem.context import TaskContext
 from stem.encoding import (
@@ -32,11 +33,18 @@ from stem.errors import (
     ConfigurationError,
     EnvelopeDecodeError,
     TaskFailedError,
+    TaskNotFoundError,
     WaitTimeoutError,
 )
 from stem.limits import check_visibility_timeout, clamp_priority
 from stem.log import get_logger
-from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend, Store, TransactionalPublisher
+from stem.ports import (
+    AtomicPublishStore,
+    Broker,
+    ResultBackend,
+    Store,
+    TransactionalPublisher,
+)
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
@@ -93,6 +101,9 @@ class Stem:
     worker need no server. A broker object needs a backend too (a URL, store or
     object): there is no silent default for it.
 
+    ``result_ttl`` is how long statuses and results are kept (seconds) for tasks that
+    set none; by default the result backend's (one day).
+
     ``routes`` maps task names to queues for tasks that do not name their queue:
     exact names first, then glob patterns (``fnmatch``) in the mapping's order, else
     ``default_queue`` (see :meth:`route`).
@@ -107,7 +118,7 @@ class Stem:
         namespace: str | None = None,
         encoders: TaskPayloadEncoderRegistry | None = None,
         default_queue: str = "default",
-        result_ttl: float = DEFAULT_RESULT_TTL,
+        result_ttl: float | None = None,
         config: StemConfig | None = None,
         routes: Mapping[str, str] | None = None,
     ) -> None:
@@ -116,6 +127,12 @@ class Stem:
         self.namespace = namespace or self.config.namespace
         self.encoders = encoders or TaskPayloadEncoderRegistry()
         self.default_queue = default_queue
+        if result_ttl is not None and not (isinstance(result_ttl, int | float)
+                                           and 0 < result_ttl < float("inf")):
+            raise ConfigurationError(
+                f"result_ttl must be a positive number of seconds, got {result_ttl!r}")
+        #: Seconds statuses are kept when a task sets no ``result_ttl`` (None: the
+        #: backend's default, one day unless its URL says ``?result_ttl=``).
         self.result_ttl = result_ttl
         self.routes: dict[str, str] = _check_routes(routes)
         self._exact_routes = {k: v for k, v in self.routes.items() if not _is_glob(k)}
@@ -541,7 +558,7 @@ class Stem:
         if connection is not None:
             await self._publish_with_connection(connection, envelopes)
         elif envelopes:
-            await self.broker.publish(envelopes)
+            await self._publish_new(envelopes, self._parts())
         return [e.id for e in envelopes]
 
     async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]) -> None:
@@ -552,7 +569,66 @@ class Stem:
                 f"needs the Postgres broker; this app's broker is {type(self.broker).__name__} "
                 f"({mask_url(self.broker_url)})"
             )
+        store = self.shared_store
+        publish_new = getattr(store, "publish_new", None)
+        if publish_new is not None and isinstance(store, AtomicPublishStore):
+            # Statuses and jobs in the caller's transaction: idempotent ids, queued status.
+            items = self._queued_items(envelopes)
+            await publish_new(items, default_ttl=self.backend.default_ttl, connection=connection)
+            return
         await broker.publish_with_connection(connection, envelopes)
+
+    def _queued_items(self, envelopes: Sequence[Envelope]
+                      ) -> list[tuple[Envelope, TaskStatus, float | None]]:
+        """Each envelope with the ``queued`` status the producer writes for it (meta as
+        the Dart producer writes it) and that status's TTL: the result TTL plus the time
+        until the task is due. A repeated id in one batch keeps its first envelope."""
+        now = utcnow()
+        default_encoder = self.encoders.default_result_encoder.id
+        seen: set[str] = set()
+        out: list[tuple[Envelope, TaskStatus, float | None]] = []
+        for env in envelopes:
+            if env.id in seen:
+                continue
+            seen.add(env.id)
+            d = self.tasks.get(env.name)
+            opts = d.options if d is not None else None
+            encoder = opts.result_encoder.id if opts is not None and opts.result_encoder \
+                else default_encoder
+            ttl = opts.result_ttl if opts is not None else None
+            if ttl is None:
+                ttl = self.result_ttl
+            if env.not_before is not None:
+                wait = (env.not_before - now).total_seconds()
+                if wait > 0:
+                    ttl = (self.backend.default_ttl if ttl is None else ttl) + wait
+            meta = {**env.meta, "queue": env.queue, "maxRetries": env.max_retries,
+                    RESULT_ENCODER_META: encoder}
+            meta.setdefault("stem.task", env.name)
+            out.append((env, TaskStatus(id=env.id, state=TaskState.QUEUED, meta=meta), ttl))
+        return out
+
+    async def _publish_new(self, envelopes: Sequence[Envelope], parts: _LoopParts) -> None:
+        """Write each envelope's ``queued`` status and publish it, skipping ids that
+        already have a status: atomically where broker and backend share a store
+        (:class:`~stem.ports.AtomicPublishStore`), else statuses first (see
+        :func:`stem.adapters._shared.add_then_publish`)."""
+        items = self._queued_items(envelopes)
+        target = parts.publish_target
+        if target is None:
+            store = self.shared_store
+            target = parts.publish_target = (
+                store if isinstance(store, AtomicPublishStore) else False)
+        default_ttl = self.backend.default_ttl
+        if target:
+            published = await target.publish_new(items, default_ttl=default_ttl)
+        else:
+            published = await add_then_publish(self.broker, self.backend, items,
+                                               default_ttl=default_ttl)
+        if len(published) < len(envelopes):  # rare: ids that were enqueued before
+            for env in envelopes:
+                if env.id not in published:
+                    log.debug("task.duplicate", task=env.name, id=env.id)
 
     def _publisher(self) -> _CoalescingPublisher:
         return self._parts().publisher
@@ -641,7 +717,8 @@ class Stem:
         )
 
     async def get_result(self, task_id: str) -> TaskResult[Any] | None:
-        """The task's current result, or None if unknown (not started yet, or expired)."""
+        """The task's current result (state ``queued`` from the moment it is accepted), or
+        None if the id is unknown: never enqueued, or its status expired."""
         status = await self.backend.get(task_id)
         return None if status is None else self.to_result(status)
 
@@ -670,7 +747,18 @@ class Stem:
         With ``raise_on_failure=True`` a failed or cancelled task raises
         :class:`~stem.errors.TaskFailedError` (remote type, message and stack) instead
         of returning its result.
+
+        Without a ``timeout`` the id must be known: every enqueue writes a ``queued``
+        status before the task can run, so an id with no status at all was never
+        enqueued (or its status expired) and would never finish —
+        :class:`~stem.errors.TaskNotFoundError` is raised at once instead of waiting
+        forever. With a ``timeout`` an unknown id is waited for, since it may still be
+        enqueued (e.g. by a transaction that has not committed yet).
         """
+        if timeout is None and await self.backend.get(task_id) is None:
+            raise TaskNotFoundError(
+                f"no task {task_id}: it was never enqueued, or its status expired (wait "
+                "with a timeout to wait for an id that is still to be enqueued)")
         status = await self.backend.wait(task_id, timeout)
         if status is None:
             raise WaitTimeoutError(f"task {task_id} did not finish within {timeout} s")
@@ -695,15 +783,11 @@ class _CoalescingPublisher:
         self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _broker(self) -> Broker:
-        broker = self._parts.broker
-        return broker if broker is not None else self._app.broker
-
     async def publish(self, envelope: Envelope) -> None:
         if not self._busy:
             self._busy = True
             try:
-                await self._broker().publish([envelope])
+                await self._app._publish_new([envelope], self._parts)
             finally:
                 self._next()
             return
@@ -729,7 +813,7 @@ class _CoalescingPublisher:
 
     async def _send(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
         try:
-            await self._broker().publish([env for env, _ in batch])
+            await self._app._publish_new([env for env, _ in batch], self._parts)
         except EnvelopeDecodeError as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)
@@ -764,12 +848,15 @@ class _LoopParts:
     while the loop still runs.
     """
 
-    __slots__ = ("_guard", "backend", "broker", "publisher", "stores")
+    __slots__ = ("_guard", "backend", "broker", "publish_target", "publisher", "stores")
 
     def __init__(self, app: Stem) -> None:
         self.stores: dict[str, Store] = {}
         self.broker: Broker | None = None
         self.backend: ResultBackend | None = None
+        #: Where publishes go: the shared store when it publishes atomically, False
+        #: for the two-step path, None until the first publish decides.
+        self.publish_target: AtomicPublishStore | Literal[False] | None = None
         self.publisher = _CoalescingPublisher(app, self)
         self._guard: AsyncGenerator[None, None] | None = None
 

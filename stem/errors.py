@@ -24,6 +24,13 @@ class EnvelopeDecodeError(StemError, ValueError):
     """Bytes read from a broker are not a valid Stem envelope."""
 
 
+class TaskNotFoundError(StemError, LookupError):
+    """No status exists for the task id: it was never enqueued, or its status expired.
+
+    Raised by ``wait()`` without a timeout, which would otherwise wait forever.
+    """
+
+
 class UnknownTaskError(StemError, LookupError):
     """No handler is registered under the envelope's task name.
 

@@ -186,6 +186,21 @@ class ResultBackend(Protocol):
         """Write statuses, each with its TTL in seconds (None: ``default_ttl``)."""
         ...
 
+    async def add_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> set[str]:
+        """Write each status only where its id has none yet (or only an expired one);
+        return the ids written.
+
+        Atomic per id (``SET NX``, ``INSERT ... ON CONFLICT DO NOTHING``): of two
+        producers adding the same id at once exactly one gets it back. The producer
+        writes a task's ``queued`` status this way before publishing it, which makes an
+        explicit ``task_id`` an idempotency key.
+        """
+        ...
+
+    async def forget_many(self, task_ids: Sequence[str]) -> None:
+        """Delete the statuses of ``task_ids`` (unknown ids are ignored)."""
+        ...
+
     async def get(self, task_id: str) -> TaskStatus | None:
         """The stored status, or None if unknown or expired."""
         ...
@@ -261,6 +276,27 @@ class Store(Protocol):
     async def __aenter__(self) -> Store: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class AtomicPublishStore(Protocol):
+    """A store that can write ``queued`` statuses and publish in one transaction.
+
+    The producer uses it when its broker and backend come from the same store: a task
+    is published exactly when its status is new, and a crash cannot leave a status
+    without its message (or the other way round).
+    """
+
+    async def publish_new(
+        self,
+        items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> set[str]:
+        """For each envelope whose id has no status yet: write its status (with its TTL,
+        None meaning ``default_ttl``) and publish it, atomically. Return the ids published;
+        the others were already known and are left as they are."""
+        ...
 
 
 @runtime_checkable

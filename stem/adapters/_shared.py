@@ -19,6 +19,8 @@ from stem.limits import (
     visibility_timeout_problem,
 )
 from stem.log import get_logger
+from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
+from stem.status import TaskStatus
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -235,3 +237,34 @@ def check_no_query(url: str, what: str) -> None:
         raise ConfigurationError(
             f"{what} URL {mask_url(url)!r} has options but {what} takes none"
         )
+
+
+async def add_then_publish(
+    broker: Broker,
+    backend: ResultBackend,
+    items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+    *,
+    default_ttl: float = DEFAULT_RESULT_TTL,
+) -> set[str]:
+    """``publish_new`` in two steps, for a broker and backend that share no transaction.
+
+    The statuses go first (``add_many``: only new ids are written), then the envelopes
+    of the ids written. A status therefore exists before any worker can see its task,
+    so a fast worker's ``running``/``succeeded`` is never overwritten by ``queued``.
+    If the publish fails the statuses are deleted again, so enqueueing the same id
+    again can succeed. A crash between the two steps leaves a ``queued`` status with
+    no message (docs/producer.md says so); stores that share a transaction do both at
+    once instead (:class:`stem.ports.AtomicPublishStore`).
+    """
+    ttl_of = {s.id: default_ttl if ttl is None else ttl for _, s, ttl in items}
+    added = await backend.add_many([(s, ttl_of[s.id]) for _, s, _ in items])
+    fresh = [e for e, _, _ in items if e.id in added]
+    if not fresh:
+        return added
+    try:
+        await broker.publish(fresh)
+    except BaseException:
+        # Shielded: a cancelled enqueue must still not leave statuses without messages.
+        await asyncio.shield(backend.forget_many([e.id for e in fresh]))
+        raise
+    return added

@@ -67,7 +67,11 @@ class Completer:
         stopping: Callable[[], bool],
         atomic_ack: AtomicAckStore | None = None,
         sender: Any = None,
+        result_ttl: float | None = None,
     ) -> None:
+        #: TTL of statuses whose task sets none (the app's ``result_ttl``; None: the
+        #: backend's default).
+        self._result_ttl = result_ttl
         self._broker = broker
         self._backend = backend
         self._on_settled = on_settled
@@ -98,6 +102,8 @@ class Completer:
 
     def status(self, status: TaskStatus, ttl: float | None) -> None:
         """Queue a status write (RUNNING, progress) for the next flush."""
+        if ttl is None:
+            ttl = self._result_ttl
         existing = self._statuses.get(status.id)
         # Never let a late progress/running write overwrite a terminal one in the same batch.
         if existing is not None and existing[0].state.is_terminal and not status.state.is_terminal:

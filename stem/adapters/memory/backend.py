@@ -63,6 +63,26 @@ class MemoryBackend:
                     del self._data[key]
         self._waiters.wake([task_id for task_id, _, _, terminal in rows if terminal])
 
+    async def add_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> set[str]:
+        """Store each status whose id has none (or an expired one); return those ids."""
+        now = now_epoch()
+        added: set[str] = set()
+        with self._lock:
+            for s, ttl in items:
+                entry = self._data.get(s.id)
+                if (entry is None or entry[1] <= now) and s.id not in added:
+                    self._data[s.id] = (
+                        s.to_json(), now + (self.default_ttl if ttl is None else ttl))
+                    added.add(s.id)
+        self._waiters.wake([s.id for s, _ in items if s.id in added and s.state.is_terminal])
+        return added
+
+    async def forget_many(self, task_ids: Sequence[str]) -> None:
+        """Delete these statuses."""
+        with self._lock:
+            for task_id in task_ids:
+                self._data.pop(task_id, None)
+
     async def get(self, task_id: str) -> TaskStatus | None:
         """The stored status, or None if unknown or expired."""
         with self._lock:

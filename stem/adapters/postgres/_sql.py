@@ -68,6 +68,22 @@ _JOB_VALUES = (
 )
 
 
+# Insert-if-absent for statuses: a row whose TTL ran out counts as absent (it is only
+# waiting for the purge). RETURNING yields exactly the ids written.
+_ADD_RESULTS = """
+st AS (
+    INSERT INTO {s}.stem_results AS r (task_id, state, status, expires_at, updated_at)
+    SELECT t.task_id, t.state, t.status, now() + t.ttl * interval '1 second', now()
+    FROM unnest({a}::text[], {b}::text[], {c}::bytea[], {d}::float8[])
+         AS t(task_id, state, status, ttl)
+    ON CONFLICT (task_id) DO UPDATE
+       SET state = excluded.state, status = excluded.status,
+           expires_at = excluded.expires_at, updated_at = excluded.updated_at
+       WHERE r.expires_at <= now()
+    RETURNING r.task_id
+)"""
+
+
 def _publish_unnest(first: int) -> str:
     n = [f"${first + i}" for i in range(7)]
     return (
@@ -94,6 +110,26 @@ class Statements:
                 SELECT {_JOB_VALUES} FROM {_publish_unnest(1)}
                 RETURNING queue
             ) {_NOTIFY_QUEUES.format(chan="$8", src="ins")}"""
+        # Publish only the envelopes whose status is new, with that status, in one
+        # statement: $1..$7 publish arrays, $8 channel, $9 status JSON bytes, $10 TTLs
+        # (aligned with the jobs; ids unique). Returns the ids published.
+        self.publish_new = f"""
+            WITH {_ADD_RESULTS.format(s=s, a="$1", b="array_fill('queued'::text, ARRAY[cardinality($1::text[])])", c="$9", d="$10")},
+            ins AS (
+                INSERT INTO {jobs} ({_JOB_COLUMNS})
+                SELECT {_JOB_VALUES} FROM {_publish_unnest(1)}
+                WHERE t.task_id IN (SELECT task_id FROM st)
+                RETURNING queue, task_id
+            )
+            SELECT array(SELECT task_id FROM ins) AS ids,
+                   (SELECT count(pg_notify($8, q)) FROM (SELECT DISTINCT queue AS q FROM ins) n)
+                   AS notified"""
+        # The status half alone (before a COPY of the new jobs, in one transaction;
+        # also ResultBackend.add_many): $1 ids, $2 states, $3 JSON bytes, $4 TTLs.
+        self.add_results = (
+            "WITH " + _ADD_RESULTS.format(s=s, a="$1", b="$2", c="$3", d="$4")
+            + " SELECT task_id FROM st")
+        self.forget_results = f"DELETE FROM {s}.stem_results WHERE task_id = ANY($1::text[])"
         # After a COPY: wake the fetchers of each queue ($1 channel, $2 text[] queues).
         self.notify_queues = "SELECT count(pg_notify($1, q)) FROM unnest($2::text[]) AS q"
         # The common single-envelope case without array encoding; same parameters as

@@ -92,6 +92,28 @@ class PostgresResultBackend:
         self._written += len(arrays[0])
         self._maybe_purge()
 
+    async def add_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> set[str]:
+        """Insert the statuses whose id has none (or an expired one), in one statement;
+        return the ids inserted."""
+        if not items:
+            return set()
+        first: dict[str, tuple[TaskStatus, float | None]] = {}
+        for s, t in items:
+            first.setdefault(s.id, (s, t))  # a repeated id keeps its first status
+        arrays = status_arrays(list(first.values()), self.default_ttl)
+        rows = await self._db.run(lambda c: c.fetch(self._sql.add_results, *arrays))
+        added = {r[0] for r in rows}
+        terminal = [s.id for s, _ in items if s.id in added and s.state.is_terminal]
+        if terminal:  # rare (add_many is for queued statuses): wake local waiters
+            self._waiters.wake(terminal)
+        return added
+
+    async def forget_many(self, task_ids: Sequence[str]) -> None:
+        """Delete these statuses."""
+        ids = list(dict.fromkeys(task_ids))
+        if ids:
+            await self._db.run(lambda c: c.execute(self._sql.forget_results, ids))
+
     async def get(self, task_id: str) -> TaskStatus | None:
         """The stored status, or None when unknown or expired."""
         raw = await self._db.run(lambda c: c.fetchval(self._sql.get_result, task_id))

@@ -83,6 +83,14 @@ def _publish_arrays(items: Sequence[tuple[Envelope, bytes, str]]) -> _PublishArr
     )
 
 
+def _check_connection(connection: Any) -> None:
+    if not isinstance(connection, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
+        raise TypeError(
+            "publishing with connection= needs an asyncpg connection (asyncpg.Connection "
+            f"or a pool connection), got {type(connection).__name__}"
+        )
+
+
 class PostgresLease(NamedTuple):
     """A Postgres delivery's lease: its job row and the lease token the fetch wrote."""
 
@@ -285,17 +293,58 @@ class PostgresBroker(LeasingBroker):
         is migrated beforehand over the broker's own pool, never inside the caller's
         transaction.
         """
-        if not isinstance(connection, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
-            raise TypeError(
-                "publish_with_connection needs an asyncpg connection (asyncpg.Connection "
-                f"or a pool connection), got {type(connection).__name__}"
-            )
+        _check_connection(connection)
         if not envelopes:
             return
         check_publishable(envelopes)
         items = [(e, e.to_json(), e.queue) for e in envelopes]
         await self._db.ready()
         await self._insert(connection, items)
+
+    async def publish_new(
+        self,
+        items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+        connection: Any = None,
+    ) -> set[str]:
+        """Publish the envelopes whose id has no status yet, each with its status, in one
+        statement (one transaction); return the ids published.
+
+        For :meth:`PostgresStore.publish_new`. With ``connection`` (an asyncpg connection
+        of the caller's, as in :meth:`publish_with_connection`) the statuses and jobs
+        exist only if the caller's transaction commits. Ids must be unique in ``items``.
+        """
+        if not items:
+            return set()
+        if connection is not None:
+            _check_connection(connection)
+        envelopes = [e for e, _, _ in items]
+        check_publishable(envelopes)
+        jobs = [(e, e.to_json(), e.queue) for e in envelopes]
+        blobs = [s.to_json() for _, s, _ in items]
+        ttls = [default_ttl if t is None else float(t) for _, _, t in items]
+        if connection is not None:
+            await self._db.ready()
+            return await self._insert_new(connection, jobs, blobs, ttls)
+        return await self._db.run(lambda c: self._insert_new(c, jobs, blobs, ttls))
+
+    async def _insert_new(self, conn: Any, jobs: Sequence[tuple[Envelope, bytes, str]],
+                          blobs: list[bytes], ttls: list[float]) -> set[str]:
+        if len(jobs) >= COPY_MIN_BATCH:
+            # Statuses by one INSERT, then COPY only the new jobs, in one transaction.
+            ids = [e.id for e, _, _ in jobs]
+            async with conn.transaction():
+                rows = await conn.fetch(self._sql.add_results, ids, ["queued"] * len(ids),
+                                        blobs, ttls)
+                added = {r[0] for r in rows}
+                fresh = [j for j in jobs if j[0].id in added]
+                if fresh:
+                    await self._copy(conn, fresh)
+            return added
+        row = await conn.fetchrow(self._sql.publish_new, *_publish_arrays(jobs), self._channel,
+                                  blobs, ttls)
+        return set(row["ids"])
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
         """Insert bytes as they are; they are decoded (or found undecodable) at fetch.

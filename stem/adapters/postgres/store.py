@@ -12,6 +12,7 @@ from stem.adapters.postgres import migrations
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url, unavailable
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
+from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
 from stem.status import TaskStatus
 
@@ -70,6 +71,22 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
     ) -> None:
         """Write ``statuses`` and ack ``deliveries`` in one statement (one round-trip)."""
         await self.broker.ack_with_results(deliveries, statuses, default_ttl=default_ttl)
+
+
+    async def publish_new(
+        self,
+        items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+        connection: Any = None,
+    ) -> set[str]:
+        """Write each new id's ``queued`` status and publish its job in one statement;
+        ids that already have a status are skipped (stem.ports.AtomicPublishStore).
+
+        ``connection``: do it inside the caller's transaction (``enqueue(connection=)``).
+        """
+        return await self.broker.publish_new(items, default_ttl=default_ttl,
+                                             connection=connection)
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> PostgresStore:

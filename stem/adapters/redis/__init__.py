@@ -11,11 +11,14 @@ unreachable server clearly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from stem.adapters._shared import check_namespace
+from stem.adapters._shared import add_then_publish, check_namespace
 from stem.adapters._store import BaseStore
+from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, DEFAULT_VISIBILITY_TIMEOUT
+from stem.status import TaskStatus
 
 from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings, parse_redis_url
 from .backend import RedisBackend
@@ -78,6 +81,25 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
 
     async def _close_shared(self) -> None:
         await self.connector.close()
+
+    async def publish_new(
+        self,
+        items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> set[str]:
+        """Write each new id's status (``SET NX``) and publish it in one script per queue;
+        ids that already have a status are skipped (stem.ports.AtomicPublishStore).
+
+        On Redis Cluster the status keys live in other slots than the queue's, so there
+        it takes two steps (statuses first, then the envelopes; the statuses are deleted
+        again if the publish fails).
+        """
+        broker, backend = self.broker, self.backend
+        if self.connector.is_cluster:
+            return await add_then_publish(broker, backend, items, default_ttl=default_ttl)
+        return await broker.publish_new(items, [backend.key(e.id) for e, _, _ in items],
+                                        default_ttl=default_ttl)
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> RedisStore:

@@ -392,7 +392,7 @@ class RedisConnector:
     @property
     def is_cluster(self) -> bool:
         """True for Redis Cluster URLs (scripts and multi-key commands stay in one slot)."""
-        return self.settings.mode == "cluster"
+        return self.settings.mode == "cluster" or isinstance(self._external, RedisCluster)
 
     @property
     def has_client(self) -> bool:

@@ -225,6 +225,7 @@ class RedisBackend:
         self._prefix = f"{namespace}:result:"
         self._notifier: _Notifier | None = None
         self._set_script: AsyncScript | None = None
+        self._add_script: AsyncScript | None = None
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._conn.settings.safe_url!r}, namespace={self.namespace!r})"
@@ -273,6 +274,57 @@ class RedisBackend:
                 await script(keys, [b",".join(ttls), *raws])
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem result backend set") from exc
+
+    async def add_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> set[str]:
+        """``SET NX`` each status with its TTL (terminal ones are also PUBLISHed); return
+        the ids written. One script call; on a cluster a pipeline (each SET NX is still
+        atomic for its id)."""
+        if not items:
+            return set()
+        by_id: dict[str, tuple[TaskStatus, float | None]] = {}
+        for s, t in items:
+            by_id.setdefault(s.id, (s, t))  # a repeated id keeps its first status
+        unique = list(by_id.values())
+        keys = [self._prefix + s.id for s, _ in unique]
+        raws = [s.to_json() for s, _ in unique]
+        ttls = [b"%d:%d" % (max(1, round((self.default_ttl if t is None else t) * 1000)),
+                            s.state.is_terminal) for s, t in unique]
+        client = self._conn.client
+        try:
+            if isinstance(client, RedisCluster):
+                pipe = client.pipeline(transaction=False)
+                for key, raw, flag in zip(keys, raws, ttls, strict=True):
+                    pipe.execute_command("SET", key, raw, "NX", "PX", flag.partition(b":")[0])
+                replies = await pipe.execute()
+                written = [i for i, r in enumerate(replies) if r]
+                for i in written:  # rare: add_many is for queued statuses
+                    if unique[i][0].state.is_terminal:
+                        await client.execute_command("PUBLISH", keys[i], raws[i])
+            else:
+                if self._add_script is None:
+                    self._add_script = client.register_script(scripts.ADD_STATUSES)
+                script: Any = self._add_script
+                written = [int(p) - 1 for p in await script(keys, [b",".join(ttls), *raws])]
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend add") from exc
+        return {unique[i][0].id for i in written}
+
+    async def forget_many(self, task_ids: Sequence[str]) -> None:
+        """DEL these statuses (one command; on a cluster a pipeline of DELs)."""
+        keys = [self._prefix + i for i in dict.fromkeys(task_ids)]
+        if not keys:
+            return
+        client = self._conn.client
+        try:
+            if isinstance(client, RedisCluster):
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.execute_command("DEL", key)
+                await pipe.execute()
+            else:
+                await client.execute_command("DEL", *keys)  # type: ignore[no-untyped-call]
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend forget") from exc
 
     async def get(self, task_id: str) -> TaskStatus | None:
         """The stored status, or None if unknown or expired."""

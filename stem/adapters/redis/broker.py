@@ -30,11 +30,24 @@ from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
 from stem.adapters._leasing import Claim, LeasingBroker, delivery
-from stem.adapters._shared import check_namespace, claim_safely, decode_stored, lease_seconds
+from stem.adapters._shared import (
+    check_namespace,
+    check_publishable,
+    claim_safely,
+    decode_stored,
+    lease_seconds,
+)
 from stem.envelope import Envelope, peek_task_id
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
-from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
+from stem.ports import (
+    DEFAULT_RESULT_TTL,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    DeadLetter,
+    Delivery,
+    QueueStats,
+)
+from stem.status import TaskStatus
 
 from . import scripts
 from ._connection import (
@@ -286,6 +299,66 @@ class RedisBroker(LeasingBroker):
         await self._settle("publish", calls, "publish")
         if soonest is not None:
             await self._delayed_published(soonest)
+
+    async def publish_new(
+        self,
+        items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+        status_keys: Sequence[str],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> set[str]:
+        """Store each envelope whose status key (``status_keys``, in order) can be SET NX
+        to its status, atomically per queue (one script call); return the ids stored.
+
+        For :meth:`RedisStore.publish_new`; not on Redis Cluster, where the status keys
+        live in other slots than the queue's. Ids must be unique in ``items``.
+        """
+        if not items:
+            return set()
+        check_publishable([e for e, _, _ in items])
+        now = now_epoch()
+        per_queue: dict[str, tuple[list[bytes], list[bytes], list[bytes], list[str],
+                                   list[tuple[str, float | None]]]] = {}
+        for (env, status, ttl), key in zip(items, status_keys, strict=True):
+            q = per_queue.get(env.queue)
+            if q is None:
+                q = per_queue[env.queue] = ([], [], [], [], [])
+            vt = lease_seconds(env.visibility_timeout)
+            vt_ms = b"" if vt is None else b"%d" % round(vt * 1000)
+            due = env.not_before_epoch
+            ttl_ms = max(1, round((default_ttl if ttl is None else ttl) * 1000))
+            if due is not None and due > now:
+                q[0].append(b"%d:%s:%d:%d" % (band_of(env.priority), vt_ms, int(due * 1000),
+                                              ttl_ms))
+            else:
+                due = None
+                q[0].append(b"%d:%s::%d" % (band_of(env.priority), vt_ms, ttl_ms))
+            q[1].append(env.to_json())
+            q[2].append(status.to_json())
+            q[3].append(key)
+            q[4].append((env.id, due))
+        script: Any = self._script["publish_new"]
+        queues = list(per_queue)
+        try:
+            replies = await asyncio.gather(*(
+                script([*self.keys(name).keys, *per_queue[name][3]],
+                       [GROUP, b",".join(per_queue[name][0]), *per_queue[name][1],
+                        *per_queue[name][2]])
+                for name in queues))
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker publish") from exc
+        stored: set[str] = set()
+        soonest: float | None = None
+        for name, reply in zip(queues, replies, strict=True):
+            ids = per_queue[name][4]
+            for pos in reply:
+                task_id, due = ids[int(pos) - 1]
+                stored.add(task_id)
+                if due is not None:
+                    soonest = due if soonest is None else min(soonest, due)
+        if soonest is not None:
+            await self._delayed_published(soonest)
+        return stored
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
         """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured

@@ -176,6 +176,33 @@ return i
 """
 )
 
+#: PUBLISH for envelopes whose status is new: KEYS[17..] are their status keys (the
+#: result backend's, one per envelope, in order). ARGV: group, "<band>:<vt>:<due>:<ttl
+#: ms>,..." then the envelope bytes, then the status bytes. An envelope is stored only
+#: if ``SET <status key> <status> NX PX <ttl>`` succeeds. Returns the 1-based positions
+#: stored. Not for Redis Cluster (status keys live in other slots).
+PUBLISH_NEW = (
+    _PRELUDE
+    + """
+local n = #KEYS - 16
+local done = {}
+local i = 0
+for band, vt, due, ttl in string.gmatch(ARGV[2], '(%d):(%d*):(%d*):(%d+)') do
+  i = i + 1
+  if redis.call('SET', KEYS[16 + i], ARGV[2 + n + i], 'NX', 'PX', ttl) then
+    local raw = ARGV[i + 2]
+    if due == '' then
+      enqueue(tonumber(band), vt, raw)
+    else
+      redis.call('ZADD', KEYS[11], due, band .. ':' .. vt .. ':' .. raw)
+    end
+    done[#done + 1] = i
+  end
+end
+return done
+"""
+)
+
 #: Lease up to ARGV[3] entries for consumer ARGV[2].
 #: ARGV: group, consumer, want, now_ms, claim (0/1), horizon_ms, mover_batch.
 #: Returns {next_due_ms or false, band, id, raw, delivery_count, band, id, ...}.
@@ -543,10 +570,27 @@ end
 return i
 """
 
+#: SET NX each status (KEYS[i] to ARGV[i + 1] with TTL ms from ARGV[1]
+#: "ms:terminal,..."), PUBLISH the terminal ones written; returns the positions written.
+ADD_STATUSES = """
+local i = 0
+local done = {}
+for ms, terminal in string.gmatch(ARGV[1], '(%d+):(%d)') do
+  i = i + 1
+  local raw = ARGV[i + 1]
+  if redis.call('SET', KEYS[i], raw, 'NX', 'PX', ms) then
+    if terminal == '1' then redis.call('PUBLISH', KEYS[i], raw) end
+    done[#done + 1] = i
+  end
+end
+return done
+"""
+
 #: The broker's scripts by name.
 ALL = {
     "ensure": ENSURE,
     "publish": PUBLISH,
+    "publish_new": PUBLISH_NEW,
     "fetch": FETCH,
     "ack": ACK,
     "nack": NACK,

@@ -116,6 +116,50 @@ class SqliteBackend:
             # Set before the commit: at worst one purge is skipped, never repeated per write.
             self._next_purge = now + PURGE_INTERVAL
 
+    async def add_many(self, items: Sequence[tuple[TaskStatus, float | None]]) -> set[str]:
+        """Insert the statuses whose id has none (or an expired one), in one transaction;
+        return the ids inserted."""
+        if not items:
+            return set()
+        rows = self.rows(items, self.default_ttl)
+
+        def write(conn: sqlite3.Connection) -> set[str]:
+            with immediate(conn):
+                return self.add_rows(conn, rows)
+
+        added = await self._db.run(write)
+        self.written([(s, t) for s, t in items if s.id in added])
+        return added
+
+    def add_rows(self, conn: sqlite3.Connection, rows: list[tuple[str, str, bytes, float]]
+                 ) -> set[str]:
+        """Insert-if-absent inside the caller's transaction (an expired row counts as
+        absent); the ids actually written."""
+        now = now_epoch()
+        sql = (f"INSERT INTO {self._results} (id, state, data, expires_at) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (id) DO UPDATE SET state = excluded.state, data = excluded.data, "
+               "expires_at = excluded.expires_at WHERE expires_at <= ?")
+        added: set[str] = set()
+        for i, state, data, ttl in rows:
+            if i not in added and conn.execute(sql, (i, state, data, now + ttl, now)).rowcount:
+                added.add(i)
+        return added
+
+    async def forget_many(self, task_ids: Sequence[str]) -> None:
+        """Delete these statuses."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return
+        table = self._results
+
+        def delete(conn: sqlite3.Connection) -> None:
+            with immediate(conn):
+                for part in chunks(ids):
+                    conn.execute(f"DELETE FROM {table} WHERE id IN ({placeholders(len(part))})",
+                                 tuple(part))
+
+        await self._db.run(delete)
+
     def written(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
         """After a commit: wake this process's waiters on the terminal statuses."""
         self._hub.results_done([s.id for s, _ in items if s.state.is_terminal])

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from stem._time import now_epoch
 from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
-from stem.adapters._shared import Waiter, decode_stored, lease_seconds
+from stem.adapters._shared import Waiter, check_publishable, decode_stored, lease_seconds
 from stem.envelope import Envelope, peek_task_id
 from stem.limits import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -267,6 +267,19 @@ class SqliteBroker(LeasingBroker):
                 self._insert(conn, jobs, now_epoch())
 
         await self._db.run(publish)
+        self._hub.queues_changed()
+
+    def jobs_of(self, envelopes: Sequence[Envelope]) -> list[_NewJob]:
+        """Envelopes encoded for :meth:`insert_jobs` (checked as ``publish`` checks them)."""
+        check_publishable(envelopes)
+        return [_job(e) for e in envelopes]
+
+    def insert_jobs(self, conn: sqlite3.Connection, jobs: Sequence[_NewJob]) -> None:
+        """Insert encoded jobs inside the caller's transaction (the store's publish_new)."""
+        self._insert(conn, jobs, now_epoch())
+
+    def published(self) -> None:
+        """After a commit that inserted jobs: wake this process's fetchers."""
         self._hub.queues_changed()
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:

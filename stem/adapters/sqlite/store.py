@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from stem.adapters._shared import check_namespace
 from stem.adapters._store import BaseStore
+from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
 from stem.status import TaskStatus
 
@@ -62,6 +63,35 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
         await self.db.run(write)
         backend.written(statuses)
+
+
+    async def publish_new(
+        self,
+        items: Sequence[tuple[Envelope, TaskStatus, float | None]],
+        *,
+        default_ttl: float = DEFAULT_RESULT_TTL,
+    ) -> set[str]:
+        """Insert each new id's status and job in one ``BEGIN IMMEDIATE`` transaction;
+        ids that already have a status are skipped (see stem.ports.AtomicPublishStore)."""
+        if not items:
+            return set()
+        broker, backend = self.broker, self.backend
+        envelopes = [e for e, _, _ in items]
+        jobs = broker.jobs_of(envelopes)
+        rows = backend.rows([(s, ttl) for _, s, ttl in items], default_ttl)
+
+        def write(conn: sqlite3.Connection) -> set[str]:
+            with immediate(conn):
+                added = backend.add_rows(conn, rows)
+                fresh = [job for job, e in zip(jobs, envelopes, strict=True) if e.id in added]
+                if fresh:
+                    broker.insert_jobs(conn, fresh)
+                return added
+
+        added = await self.db.run(write)
+        if added:
+            broker.published()
+        return added
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> SqliteStore:

@@ -80,6 +80,45 @@ class BackendConformance:
         assert got is not None and got.to_dict() == s.to_dict()
 
 
+    async def test_add_many_writes_only_new_ids(self, backend: ResultBackend) -> None:
+        await backend.set_many([(status("old", TaskState.RUNNING), None)])
+        added = await backend.add_many([
+            (status("old", TaskState.QUEUED), None),
+            (status("new", TaskState.QUEUED), 60),
+            (status("new", TaskState.FAILED), 60),  # a repeated id keeps its first status
+        ])
+        assert added == {"new"}
+        old, new = await backend.get("old"), await backend.get("new")
+        assert old is not None and old.state is TaskState.RUNNING
+        assert new is not None and new.state is TaskState.QUEUED
+        assert await backend.add_many([]) == set()
+
+    async def test_add_many_treats_an_expired_status_as_absent(self, backend: ResultBackend
+                                                                 ) -> None:
+        await backend.set_many([(status("gone", TaskState.SUCCEEDED), 0.2)])
+
+        async def expired() -> bool:
+            return await backend.get("gone") is None
+
+        await eventually(expired, timeout=5)
+        assert await backend.add_many([(status("gone", TaskState.QUEUED), 60)]) == {"gone"}
+
+    async def test_add_many_is_atomic_per_id_under_concurrency(self, backend: ResultBackend
+                                                                ) -> None:
+        # Eight producers race for the same ten ids: each id is won exactly once.
+        ids = [f"race-{i}" for i in range(10)]
+        results = await asyncio.gather(*(
+            backend.add_many([(status(i, TaskState.QUEUED, meta={"by": n}), None) for i in ids])
+            for n in range(8)))
+        won = [task_id for r in results for task_id in r]
+        assert sorted(won) == sorted(ids)
+
+    async def test_forget_many_deletes(self, backend: ResultBackend) -> None:
+        await backend.set_many([(status("f1"), None), (status("f2"), None), (status("keep"), None)])
+        await backend.forget_many(["f1", "f2", "never-existed"])
+        assert set(await backend.get_many(["f1", "f2", "keep"])) == {"keep"}
+        await backend.forget_many([])
+
     async def test_ttl_expiry(self, backend: ResultBackend) -> None:
         await backend.set_many([(status("short"), 0.3), (status("long"), 60)])
         assert await backend.get("short") is not None
