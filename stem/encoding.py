@@ -21,6 +21,7 @@ import base64
 import binascii
 import gzip
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -89,9 +90,23 @@ def _unb64(data: Any, what: str, encoder_id: str) -> bytes:
         ) from None
 
 
+def json_default(value: Any) -> Any:
+    """orjson's ``default=`` hook for Stem's payloads: a pydantic model is written as
+    ``model_dump(mode="json")``; anything else orjson does not carry stays an error.
+
+    orjson calls it only for a value it cannot encode itself, so the common payload
+    never reaches it. pydantic is optional: a model can exist only once pydantic is
+    imported, so it is looked up in ``sys.modules``, never imported here.
+    """
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError  # orjson reports "Type is not JSON serializable: <type>"
+
+
 def _dumps(value: Any, encoder_id: str) -> bytes:
     try:
-        return orjson.dumps(value)
+        return orjson.dumps(value, default=json_default)
     except TypeError as exc:
         raise PayloadEncodingError(
             f"payload encoder {encoder_id!r}: value is not JSON-serialisable ({exc})"
@@ -442,4 +457,5 @@ __all__ = [
     "JsonPayloadEncoder",
     "TaskPayloadEncoder",
     "TaskPayloadEncoderRegistry",
+    "json_default",
 ]

@@ -16,11 +16,13 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from stem._time import from_iso, to_epoch, to_iso, utcnow
+from stem.encoding import json_default
 from stem.errors import ArgumentNotSerializableError, EnvelopeDecodeError, PayloadTooLargeError
 from stem.limits import (
     MAX_VISIBILITY_TIMEOUT,
@@ -144,7 +146,7 @@ class Envelope:
     def to_json(self) -> bytes:
         """Encode to wire bytes; PayloadTooLargeError past :func:`payload_limit`."""
         try:
-            raw = orjson.dumps(self.to_dict())
+            raw = orjson.dumps(self.to_dict(), default=json_default)
         except TypeError as exc:
             raise _not_serializable(self, exc) from None
         if len(raw) > (_payload_cap or payload_limit()):
@@ -351,13 +353,18 @@ def _not_serializable(env: Envelope, exc: TypeError) -> ArgumentNotSerializableE
     path runs only after the one encode of the common path failed)."""
     for name, value in env.args.items():
         try:
-            orjson.dumps(value)
+            orjson.dumps(value, default=json_default)
         except TypeError as inner:
+            if isinstance(value, Decimal):
+                return ArgumentNotSerializableError(
+                    f"task {env.name!r}: argument {name!r} (Decimal) cannot be sent as JSON "
+                    "(a JSON number would lose its exactness); pass str(value): a handler "
+                    "annotated Decimal gets a Decimal back")
             return ArgumentNotSerializableError(
                 f"task {env.name!r}: argument {name!r} ({type(value).__name__}) cannot be "
                 f"sent as JSON ({inner}); pass JSON values (str, int, float, bool, None, "
-                "list, dict; datetime, UUID, dataclasses and enums are converted) or give "
-                "the task a payload encoder (args_encoder=...)")
+                "list, dict; datetime, date, time, UUID, enums, dataclasses and pydantic "
+                "models are converted) or give the task a payload encoder (args_encoder=...)")
     return ArgumentNotSerializableError(
         f"task {env.name!r}: the envelope cannot be sent as JSON ({exc}); headers, meta "
         "and argument names must be JSON (string keys)")

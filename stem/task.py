@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
+from stem._convert import ArgConverter, converters_for
 from stem._sync import refuse_in_event_loop as _refuse_in_event_loop
 from stem.encoding import TaskPayloadEncoder
 from stem.envelope import DEFAULT_QUEUE, MAX_ATTEMPTS
@@ -167,6 +168,9 @@ class TaskDefinition(Generic[P, R]):
             and self._var_positional is None
             and self._var_keyword is None
         )
+        # Built on the first call (hints may name classes defined after the handler);
+        # a definition without a handler converts nothing.
+        self._converters: dict[str, ArgConverter] | None = None if func is not None else {}
 
     def __repr__(self) -> str:
         return f"<TaskDefinition {self.name!r} queue={self.options.queue!r}>"
@@ -205,11 +209,16 @@ class TaskDefinition(Generic[P, R]):
 
     def call_arguments(self, data: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Invert :meth:`bind` for the handler call; raises TaskArgumentError if they don't fit."""
+        converters = self._converters
+        if converters is None:
+            converters = self._build_converters()
         if self._simple:
             keys = data.keys()
             if keys <= self._names and self._required <= keys:
-                return [], dict(data)
-        kwargs = dict(data)
+                if not converters:
+                    return [], dict(data)
+                return [], self._convert(dict(data), converters)
+        kwargs = self._convert(dict(data), converters) if converters else dict(data)
         positional: list[Any] = [kwargs.pop(n) for n in self._positional_only if n in kwargs]
         if self._var_positional and self._var_positional in kwargs:
             extra = kwargs.pop(self._var_positional)
@@ -224,6 +233,31 @@ class TaskDefinition(Generic[P, R]):
             except TypeError as exc:
                 raise TaskArgumentError(f"task {self.name!r}: {exc}") from None
         return positional, kwargs
+
+    def _build_converters(self) -> dict[str, ArgConverter]:
+        converters: dict[str, ArgConverter] = {}
+        if self.func is not None and self.signature is not None:
+            converters = converters_for(self.func, self.signature.parameters,
+                                        self._var_positional)
+        self._converters = converters
+        return converters
+
+    def _convert(self, kwargs: dict[str, Any], converters: dict[str, ArgConverter]
+                 ) -> dict[str, Any]:
+        """Convert the arguments that have a converter, in place (see :mod:`stem._convert`)."""
+        for param, (convert, type_label) in converters.items():
+            if param in kwargs:
+                value = kwargs[param]
+                try:
+                    kwargs[param] = convert(value)
+                except Exception as exc:  # any failure is bad input: dead-letter, not retry
+                    why = str(exc) or type(exc).__name__
+                    if len(why) > 200:  # a parser may quote the whole (hostile) value
+                        why = why[:200] + "..."
+                    raise TaskArgumentError(
+                        f"task {self.name!r}: argument {param!r}: cannot convert "
+                        f"{value!r:.60} to {type_label}: {why}") from None
+        return kwargs
 
     # -- producer API -------------------------------------------------------------------
 

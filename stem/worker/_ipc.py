@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from stem._time import from_iso, to_iso
+from stem.encoding import json_default
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -40,7 +41,7 @@ GROUP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 def frame(msg: dict[str, Any]) -> bytes:
     """Encode one message (raises TypeError when it is not JSON-serialisable)."""
-    body = orjson.dumps(msg)
+    body = orjson.dumps(msg, default=json_default)
     return len(body).to_bytes(HEADER, "big") + body
 
 

@@ -51,6 +51,27 @@ async def test_values_orjson_carries_are_accepted(app: stem.Stem) -> None:
     assert (await app.broker.stats("default")).pending == 1
 
 
+async def test_a_pydantic_model_travels_as_its_json_dump(app: stem.Stem) -> None:
+    import pydantic
+
+    class Customer(pydantic.BaseModel):
+        name: str
+        since: datetime
+
+    model = Customer(name="Ada", since=datetime(2020, 1, 1, tzinfo=UTC))
+    await app.enqueue("charge", "o-1", model)
+    [delivery] = await app.broker.fetch(["default"], 1, block=0, consumer="test")
+    assert delivery.envelope is not None
+    assert delivery.envelope.args["amount"] == {"name": "Ada", "since": "2020-01-01T00:00:00Z"}
+
+
+async def test_a_decimal_says_to_pass_a_string(app: stem.Stem) -> None:
+    with pytest.raises(TaskArgumentError,
+                       match=r"argument 'amount' \(Decimal\) .*pass str\(value\): a handler "
+                             r"annotated Decimal gets a Decimal back"):
+        await app.enqueue("charge", "o-1", decimal.Decimal("9.99"), extra={"fine": [1]})
+
+
 def test_sync_enqueue_names_the_argument(app: stem.Stem) -> None:
     try:
         with pytest.raises(TaskArgumentError, match="argument 'amount' \\(Decimal\\)"):
