@@ -481,7 +481,10 @@ class Stem:
         if expires is not None:
             check_expires(expires)  # a TaskCall built without with_options
             meta[META_EXPIRES_AT] = to_iso(expires_at(expires, now))
-        if call.ignore_result if call.ignore_result is not None else opts.ignore_result:
+        if call.ignore_result is not None:
+            # An explicit False goes on the wire too: it overrides the worker's task option.
+            meta[META_IGNORE_RESULT] = call.ignore_result
+        elif opts.ignore_result:
             meta[META_IGNORE_RESULT] = True
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:

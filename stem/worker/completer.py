@@ -11,7 +11,8 @@ can ack with results atomically (if any), a callback for the receipts it settled
 a way to ask whether the worker is stopping (:class:`Completer`).
 
 Each finished task is logged once here (``task.succeeded`` / ``task.retried`` at
-INFO, ``task.failed`` / ``task.dead_lettered`` at WARNING) with the task name, id,
+INFO, ``task.failed`` / ``task.dead_lettered`` / ``task.expired`` at WARNING: work
+asked for that did not get done) with the task name, id,
 resulting state, attempt and runtime (seconds the handler ran); when the level is
 disabled that costs one ``isEnabledFor`` check.
 """
@@ -32,6 +33,7 @@ from stem.errors import EnvelopeDecodeError
 from stem.log import emit, get_logger
 from stem.ports import AtomicAckStore, Broker, Delivery, ResultBackend
 from stem.status import TaskError, TaskState, TaskStatus
+from stem.task import META_EXPIRES_AT
 from stem.worker.processor import Failure, Outcome, Prepared, RetryLater, Success
 
 log = get_logger(__name__)
@@ -107,6 +109,24 @@ class Completer:
 
     def ack_only(self, d: Delivery) -> None:
         """Ack ``d`` without writing anything (a duplicate of a finished task)."""
+        self._acks.append(d)
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
+    def expired(self, d: Delivery, env: Envelope, meta: dict[str, Any],
+                ttl: float | None) -> None:
+        """Settle a delivery past its deadline: store CANCELLED (``TaskExpired``), then ack.
+
+        Neither a retry nor a dead letter: the producer asked for the task to be dropped
+        when late, and a replay would be late again. ``meta`` is the status meta.
+        """
+        if _stdlog.isEnabledFor(_WARNING):
+            emit(_stdlog, _WARNING, "task.expired", task=env.name, task_id=env.id,
+                 state=TaskState.CANCELLED.value, attempt=env.attempt, queue=d.queue,
+                 expires_at=env.meta.get(META_EXPIRES_AT))
+        self.status(TaskStatus(env.id, TaskState.CANCELLED, error=TaskError(
+            type="TaskExpired", message="Task expired before execution"), meta=meta,
+            attempt=env.attempt), ttl)
         self._acks.append(d)
         self.pending_receipts.add(d.receipt)
         self._schedule()
