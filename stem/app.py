@@ -650,7 +650,9 @@ class Stem:
             value = self.encoders.decode_result(
                 status.payload, status.meta.get(RESULT_ENCODER_META)
             )
-            if decode is not None:
+            # An ignored result is no value for the task's decode to convert.
+            if decode is not None and not (
+                    value is None and status.meta.get(META_IGNORE_RESULT) is True):
                 value = decode(value)
         return TaskResult(
             id=status.id,

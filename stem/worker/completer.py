@@ -33,7 +33,7 @@ from stem.errors import EnvelopeDecodeError
 from stem.log import emit, get_logger
 from stem.ports import AtomicAckStore, Broker, Delivery, ResultBackend
 from stem.status import TaskError, TaskState, TaskStatus
-from stem.task import META_EXPIRES_AT
+from stem.task import META_EXPIRES_AT, META_IGNORE_RESULT
 from stem.worker.processor import Failure, Outcome, Prepared, RetryLater, Success
 
 log = get_logger(__name__)
@@ -173,6 +173,10 @@ class Completer:
         if ctx.progress_state is not None:
             meta["progress"] = ctx.progress_state
         if isinstance(outcome, Success):
+            if prepared.ignore_result:
+                # Also when only the worker's task option said so: readers then know the
+                # null payload is no value (app.wait skips the task's decode for it).
+                meta[META_IGNORE_RESULT] = True
             meta[RESULT_ENCODER_META] = outcome.encoder_id
             meta["completedAt"] = now_iso()
             self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,

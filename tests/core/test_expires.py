@@ -268,6 +268,17 @@ async def test_ignore_result_per_task_and_a_call_that_wants_the_value(app: stem.
     assert (by_name.state, by_name.value) == (TaskState.SUCCEEDED, None)
 
 
+async def test_an_ignored_result_skips_the_tasks_decode(app: stem.Stem) -> None:
+    @app.task(name="t.decoded", ignore_result=True, decode=lambda raw: int(raw["n"]))
+    async def decoded() -> dict[str, int]:
+        return {"n": 1}
+
+    async with running_worker(app):
+        res = await decoded.wait(await decoded.enqueue(), timeout=10)
+    assert (res.state, res.value) == (TaskState.SUCCEEDED, None)
+    assert res.meta[META_IGNORE_RESULT] is True
+
+
 async def test_ignore_result_still_stores_failures(app: stem.Stem) -> None:
     @app.task(name="t.fails", ignore_result=True)
     async def fails() -> None:
