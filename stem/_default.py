@@ -43,19 +43,23 @@ def default_app() -> Stem:
 async def enqueue(task: str | TaskDefinition[..., Any], *args: Any,
                   countdown: float | None = None, eta: datetime | None = None,
                   headers: dict[str, str] | None = None, meta: dict[str, Any] | None = None,
+                  expires: float | datetime | None = None, ignore_result: bool | None = None,
                   **kwargs: Any) -> str:
     """``await default_app().enqueue(...)``: publish one task by name (routed) or definition."""
     return await default_app().enqueue(task, *args, countdown=countdown, eta=eta,
-                                       headers=headers, meta=meta, **kwargs)
+                                       headers=headers, meta=meta, expires=expires,
+                                       ignore_result=ignore_result, **kwargs)
 
 
 def enqueue_sync(task: str | TaskDefinition[..., Any], *args: Any,
                  countdown: float | None = None, eta: datetime | None = None,
                  headers: dict[str, str] | None = None, meta: dict[str, Any] | None = None,
+                 expires: float | datetime | None = None, ignore_result: bool | None = None,
                  **kwargs: Any) -> str:
     """``default_app().enqueue_sync(...)``: :func:`enqueue` for sync code."""
     return default_app().enqueue_sync(task, *args, countdown=countdown, eta=eta,
-                                      headers=headers, meta=meta, **kwargs)
+                                      headers=headers, meta=meta, expires=expires,
+                                      ignore_result=ignore_result, **kwargs)
 
 
 async def get_result(task_id: str) -> TaskResult[Any] | None:

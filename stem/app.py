@@ -15,7 +15,7 @@ from fnmatch import translate
 from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from stem._sync import SyncBridge, refuse_in_event_loop
-from stem._time import utcnow
+from stem._time import to_iso, utcnow
 from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
@@ -48,6 +48,8 @@ from stem.ports import (
 from stem.retry import RetryStrategy
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
+    META_EXPIRES_AT,
+    META_IGNORE_RESULT,
     META_MAX_RETRIES,
     META_SOFT_TIME_LIMIT,
     META_TIME_LIMIT,
@@ -55,7 +57,9 @@ from stem.task import (
     TaskCall,
     TaskDefinition,
     TaskOptions,
+    check_expires,
     check_schedule,
+    expires_at,
 )
 
 P = ParamSpec("P")
@@ -377,6 +381,8 @@ class Stem:
         args_encoder: TaskPayloadEncoder | None = None,
         result_encoder: TaskPayloadEncoder | None = None,
         decode: Callable[[Any], Any] | None = None,
+        expires: float | None = None,
+        ignore_result: bool = False,
     ) -> TaskDecorator: ...
 
     def task(self, func: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
@@ -488,6 +494,15 @@ class Stem:
             meta[META_SOFT_TIME_LIMIT] = soft
         if call.max_retries is not None:
             meta[META_MAX_RETRIES] = call.max_retries
+        expires = call.expires if call.expires is not None else opts.expires
+        if expires is not None:
+            check_expires(expires)  # a TaskCall built without with_options
+            meta[META_EXPIRES_AT] = to_iso(expires_at(expires, now))
+        if call.ignore_result is not None:
+            # An explicit False goes on the wire too: it overrides the worker's task option.
+            meta[META_IGNORE_RESULT] = call.ignore_result
+        elif opts.ignore_result:
+            meta[META_IGNORE_RESULT] = True
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id
@@ -521,19 +536,24 @@ class Stem:
         headers: dict[str, str] | None = None,
         meta: dict[str, Any] | None = None,
         connection: Any = None,
+        expires: float | datetime | None = None,
+        ignore_result: bool | None = None,
         **kwargs: Any,
     ) -> str:
         """Publish one task by name or definition; returns its id.
 
         Positional arguments are bound to parameter names (a TaskArgumentError is
         raised here, before anything is published, when they don't fit).
-        ``countdown``/``eta`` delay it; ``connection`` (Postgres only) publishes inside
-        the caller's transaction. For tasks with parameters named like these options,
-        use ``enqueue_call(task.call(...).with_options(...))``.
+        ``countdown``/``eta`` delay it; ``expires`` (seconds from now or an aware
+        datetime) cancels it if no worker starts it in time; ``ignore_result=True``
+        stores its success without the value; ``connection`` (Postgres only) publishes
+        inside the caller's transaction. For tasks with parameters named like these
+        options, use ``enqueue_call(task.call(...).with_options(...))``.
         """
         definition = self.definition(task) if isinstance(task, str) else task
         call = definition.call(*args, **kwargs).with_options(
-            countdown=countdown, eta=eta, headers=headers, meta=meta
+            countdown=countdown, eta=eta, headers=headers, meta=meta, expires=expires,
+            ignore_result=ignore_result,
         )
         return await self.enqueue_call(call, connection=connection)
 
@@ -643,6 +663,8 @@ class Stem:
         eta: datetime | None = None,
         headers: dict[str, str] | None = None,
         meta: dict[str, Any] | None = None,
+        expires: float | datetime | None = None,
+        ignore_result: bool | None = None,
         **kwargs: Any,
     ) -> str:
         """:meth:`enqueue` for sync code (scripts, WSGI views, threads); returns the id.
@@ -654,7 +676,7 @@ class Stem:
         refuse_in_event_loop("app.enqueue_sync()", "app.enqueue(...)")
         return self._sync.run(functools.partial(
             self.enqueue, task, *args, countdown=countdown, eta=eta, headers=headers,
-            meta=meta, **kwargs))
+            meta=meta, expires=expires, ignore_result=ignore_result, **kwargs))
 
     def enqueue_call_sync(self, call: TaskCall[Any]) -> str:
         """:meth:`enqueue_call` for sync code (see :meth:`enqueue_sync`)."""
@@ -704,7 +726,9 @@ class Stem:
             value = self.encoders.decode_result(
                 status.payload, status.meta.get(RESULT_ENCODER_META)
             )
-            if decode is not None:
+            # An ignored result is no value for the task's decode to convert.
+            if decode is not None and not (
+                    value is None and status.meta.get(META_IGNORE_RESULT) is True):
                 value = decode(value)
         return TaskResult(
             id=status.id,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
 from stem._convert import ArgConverter, converters_for
@@ -31,6 +32,11 @@ META_SOFT_TIME_LIMIT = "softTimeLimit"
 #: Set when a call overrides ``max_retries`` explicitly; otherwise the worker's own task
 #: options count too (a producer enqueueing by name does not know them).
 META_MAX_RETRIES = "__stemMaxRetries"
+#: Envelope meta keys the Dart Stem writes for ``expires`` and ``ignoreResult``, so tasks
+#: from either producer are honoured by either worker: the absolute expiry time (an
+#: ISO-8601 UTC string) and whether the worker stores the result (true: it stores none).
+META_EXPIRES_AT = "stem.expiresAt"
+META_IGNORE_RESULT = "stem.ignoreResult"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,11 @@ class TaskOptions:
     ``"thread"`` (a ConfigurationError when it is registered). ``visibility_timeout`` must lie
     within the lease bounds of :mod:`stem.limits` (0.1 s to 7 days) and
     ``max_retries`` within ``0..MAX_ATTEMPTS``; anything else is a ConfigurationError.
+
+    ``expires`` (seconds, >= 0) gives every call a deadline that many seconds after its
+    enqueue: a worker that gets the task later cancels it instead of running it (see
+    :func:`check_expires`). ``ignore_result=True`` makes the worker store a success
+    without its value (``payload`` null); failures are stored as usual.
     """
 
     queue: str = DEFAULT_QUEUE
@@ -62,6 +73,8 @@ class TaskOptions:
     retry_strategy: RetryStrategy | None = None
     args_encoder: TaskPayloadEncoder | None = None
     result_encoder: TaskPayloadEncoder | None = None
+    expires: float | None = None
+    ignore_result: bool = False
 
     def __post_init__(self) -> None:
         # Accepted-but-ignored would be worst of all (a card charged twice with no
@@ -82,6 +95,16 @@ class TaskOptions:
             raise ConfigurationError(
                 f"isolation must be 'inline', 'thread' or 'process', got {self.isolation!r}"
             )
+        if self.expires is not None:
+            # A task default is relative: each enqueue turns it into its own deadline.
+            if isinstance(self.expires, datetime):
+                raise ConfigurationError(
+                    "the task option expires is seconds after each enqueue; pass a datetime "
+                    "per call instead (with_options(expires=...))")
+            check_expires(self.expires)
+        if type(self.ignore_result) is not bool:
+            raise ConfigurationError(
+                f"ignore_result must be True or False, got {self.ignore_result!r}")
 
 
 def _check_max_retries(value: int) -> None:
@@ -354,6 +377,42 @@ def check_schedule(countdown: float | None, eta: datetime | None) -> None:
             raise ConfigurationError(f"eta must be 1970-01-01 UTC or later, got {eta.isoformat()}")
 
 
+def check_expires(expires: float | datetime | None) -> None:
+    """Refuse (ConfigurationError) an ``expires`` that is not a finite number of seconds
+    >= 0 or an aware datetime.
+
+    A naive datetime is refused rather than guessed at: the deadline goes on the wire
+    as UTC, and a wrong guess would cancel tasks hours early or late. A time in the
+    past, or one before the call's ``eta``, is allowed: the task is then cancelled
+    when a worker gets it.
+    """
+    if expires is None:
+        return
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None or expires.utcoffset() is None:
+            raise ConfigurationError(
+                f"expires must be an aware datetime (e.g. datetime.now(UTC) + timedelta(...)) "
+                f"or seconds from now, got the naive {expires.isoformat()}")
+        return
+    if isinstance(expires, bool) or not isinstance(expires, int | float) \
+            or not math.isfinite(expires) or expires < 0:
+        raise ConfigurationError(
+            f"expires must be a finite number of seconds >= 0 or an aware datetime, "
+            f"got {expires!r}")
+
+
+def expires_at(expires: float | datetime, now: datetime) -> datetime:
+    """The absolute deadline for ``expires`` (checked by :func:`check_expires`) given the
+    enqueue time ``now``; ConfigurationError when it is beyond what a datetime holds."""
+    if isinstance(expires, datetime):
+        return expires
+    try:
+        return now + timedelta(seconds=expires)
+    except OverflowError:
+        raise ConfigurationError(
+            f"expires {expires!r} seconds from now is beyond the year 9999") from None
+
+
 @dataclass(frozen=True, slots=True)
 class TaskCall(Generic[R]):
     """One invocation of a task, with per-call option overrides; immutable."""
@@ -371,6 +430,8 @@ class TaskCall(Generic[R]):
     soft_time_limit: float | None = None
     visibility_timeout: float | None = None
     task_id: str | None = None
+    expires: float | datetime | None = None
+    ignore_result: bool | None = None
 
     @property
     def name(self) -> str:
@@ -391,13 +452,21 @@ class TaskCall(Generic[R]):
         soft_time_limit: float | None = None,
         visibility_timeout: float | None = None,
         task_id: str | None = None,
+        expires: float | datetime | None = None,
+        ignore_result: bool | None = None,
     ) -> TaskCall[R]:
         """A copy with these options set (headers and meta are merged).
+
+        ``expires`` is seconds from the enqueue or an aware datetime: a worker that gets
+        the task after that cancels it (state ``cancelled``, error ``TaskExpired``)
+        instead of running it, retries included. ``ignore_result=True`` stores a success
+        without its value; ``False`` overrides a task's ``ignore_result=True``.
 
         Refuses (ConfigurationError) a priority outside 0-9, a ``max_retries`` outside
         ``0..MAX_ATTEMPTS``, a ``visibility_timeout`` outside the lease bounds of
         :mod:`stem.limits`, a negative ``countdown`` and an ``eta`` before 1970
-        (:func:`check_schedule`).
+        (:func:`check_schedule`), and a negative, infinite or naive ``expires``
+        (:func:`check_expires`).
         """
         if priority is not None and not 0 <= priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {priority}")
@@ -406,6 +475,10 @@ class TaskCall(Generic[R]):
         if visibility_timeout is not None:
             check_visibility_timeout(visibility_timeout)
         check_schedule(countdown, eta)
+        check_expires(expires)
+        if ignore_result is not None and type(ignore_result) is not bool:
+            raise ConfigurationError(
+                f"ignore_result must be True or False, got {ignore_result!r}")
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(
@@ -418,6 +491,8 @@ class TaskCall(Generic[R]):
                 soft_time_limit=soft_time_limit,
                 visibility_timeout=visibility_timeout,
                 task_id=task_id,
+                expires=expires,
+                ignore_result=ignore_result,
             ).items()
             if v is not None
         }

@@ -281,7 +281,8 @@ class _Runner:
         try:
             env = Envelope.from_dict(msg["env"])
             name = env.name
-            prepared = self.processor.prepare(env)
+            # The parent checked the deadline just before sending it here.
+            prepared = self.processor.prepare(env, check_expiry=False)
             if isinstance(prepared, Rejected):
                 reply = {"t": "done", "seq": seq,
                          "err": TaskError(prepared.error_type, prepared.reason).to_dict()}

@@ -11,7 +11,8 @@ can ack with results atomically (if any), a callback for the receipts it settled
 a way to ask whether the worker is stopping (:class:`Completer`).
 
 Each finished task is logged once here (``task.succeeded`` / ``task.retried`` at
-INFO, ``task.failed`` / ``task.dead_lettered`` at WARNING) with the task name, id,
+INFO, ``task.failed`` / ``task.dead_lettered`` / ``task.expired`` at WARNING: work
+asked for that did not get done) with the task name, id,
 resulting state, attempt and runtime (seconds the handler ran); when the level is
 disabled that costs one ``isEnabledFor`` check.
 """
@@ -32,6 +33,7 @@ from stem.errors import EnvelopeDecodeError
 from stem.log import emit, get_logger
 from stem.ports import AtomicAckStore, Broker, Delivery, ResultBackend
 from stem.status import TaskError, TaskState, TaskStatus
+from stem.task import META_EXPIRES_AT, META_IGNORE_RESULT
 from stem.worker.processor import Failure, Outcome, Prepared, RetryLater, Success
 
 log = get_logger(__name__)
@@ -117,6 +119,24 @@ class Completer:
         self.pending_receipts.add(d.receipt)
         self._schedule()
 
+    def expired(self, d: Delivery, env: Envelope, meta: dict[str, Any],
+                ttl: float | None) -> None:
+        """Settle a delivery past its deadline: store CANCELLED (``TaskExpired``), then ack.
+
+        Neither a retry nor a dead letter: the producer asked for the task to be dropped
+        when late, and a replay would be late again. ``meta`` is the status meta.
+        """
+        if _stdlog.isEnabledFor(_WARNING):
+            emit(_stdlog, _WARNING, "task.expired", task=env.name, task_id=env.id,
+                 state=TaskState.CANCELLED.value, attempt=env.attempt, queue=d.queue,
+                 expires_at=env.meta.get(META_EXPIRES_AT))
+        self.status(TaskStatus(env.id, TaskState.CANCELLED, error=TaskError(
+            type="TaskExpired", message="Task expired before execution"), meta=meta,
+            attempt=env.attempt), ttl)
+        self._acks.append(d)
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
     def reject(self, d: Delivery, task_id: str | None, reason: str, error_type: str,
                env: Envelope | None) -> None:
         """Dead-letter ``d`` with ``reason`` (and record FAILED, see the class docstring)."""
@@ -159,6 +179,10 @@ class Completer:
         if ctx.progress_state is not None:
             meta["progress"] = ctx.progress_state
         if isinstance(outcome, Success):
+            if prepared.ignore_result:
+                # Also when only the worker's task option said so: readers then know the
+                # null payload is no value (app.wait skips the task's decode for it).
+                meta[META_IGNORE_RESULT] = True
             meta[RESULT_ENCODER_META] = outcome.encoder_id
             meta["completedAt"] = now_iso()
             self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,

@@ -7,16 +7,23 @@ this half is testable on its own and shared by every execution mode.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, overload
 
-from stem._time import to_epoch, utcnow
-from stem.encoding import ARGS_ENCODER_HEADER, ARGS_ENCODER_META
+from stem._time import from_iso, to_epoch, utcnow
+from stem.encoding import ARGS_ENCODER_HEADER, ARGS_ENCODER_META, JsonPayloadEncoder
 from stem.envelope import MAX_ATTEMPTS, Envelope
 from stem.errors import PayloadEncodingError, TaskArgumentError, UnknownTaskError
 from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy, clamp_delay
 from stem.status import TaskError
-from stem.task import META_MAX_RETRIES, META_SOFT_TIME_LIMIT, META_TIME_LIMIT, TaskDefinition
+from stem.task import (
+    META_EXPIRES_AT,
+    META_IGNORE_RESULT,
+    META_MAX_RETRIES,
+    META_SOFT_TIME_LIMIT,
+    META_TIME_LIMIT,
+    TaskDefinition,
+)
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -24,12 +31,33 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class Prepared:
-    """A validated envelope ready to run: its definition and decoded call arguments."""
+    """A validated envelope ready to run: its definition and decoded call arguments.
+
+    ``expires_at`` is the envelope's deadline (``stem.expiresAt``), so the worker can
+    check it again when the task leaves the prefetch buffer; ``ignore_result`` whether
+    a success is stored without its value (:func:`ignore_result_flag`).
+    """
 
     envelope: Envelope
     definition: TaskDefinition[Any, Any]
     args: list[Any]
     kwargs: dict[str, Any]
+    expires_at: datetime | None = None
+    ignore_result: bool = False
+
+    @property
+    def expired(self) -> bool:
+        """True when the envelope's deadline has passed (it must not run)."""
+        return self.expires_at is not None and utcnow() > self.expires_at
+
+
+@dataclass(slots=True)
+class Expired:
+    """The envelope's deadline (``stem.expiresAt``) passed before it ran: cancel and ack it."""
+
+    envelope: Envelope
+    definition: TaskDefinition[Any, Any]
+    expires_at: datetime
 
 
 @dataclass(slots=True)
@@ -99,8 +127,17 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
     """Why the per-call overrides in an envelope's meta are unusable, or None.
 
     ``__stemMaxRetries`` must be a whole number in ``0..MAX_ATTEMPTS``; ``timeLimit``
-    and ``softTimeLimit`` numbers of seconds in ``(0, MAX_TIME_LIMIT]``.
+    and ``softTimeLimit`` numbers of seconds in ``(0, MAX_TIME_LIMIT]``;
+    ``stem.expiresAt`` an ISO-8601 time (a deadline nobody can read would otherwise run
+    the task whenever, or never).
     """
+    deadline = meta.get(META_EXPIRES_AT)
+    if deadline is not None:
+        try:
+            _deadline(deadline)
+        except (TypeError, ValueError):
+            return (f"meta {META_EXPIRES_AT!r} must be an ISO-8601 time, "
+                    f"got {repr(deadline)[:80]}")
     budget = meta.get(META_MAX_RETRIES)
     if budget is not None and (type(budget) is not int or not 0 <= budget <= MAX_ATTEMPTS):
         return (f"meta {META_MAX_RETRIES!r} must be a whole number in 0..{MAX_ATTEMPTS}, "
@@ -112,6 +149,27 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
             return (f"meta {key!r} must be seconds in (0, {MAX_TIME_LIMIT:.0f}], "
                     f"got {repr(limit)[:80]}")
     return None
+
+
+def _deadline(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return from_iso(value)
+
+
+def ignore_result_flag(value: Any) -> bool:
+    """Read ``stem.ignoreResult`` as the Dart Stem's producers may write it.
+
+    True for ``true``, a number other than 0, and the strings ``"true"``, ``"1"`` and
+    ``"yes"`` (any case); anything else is False.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return False
 
 
 def effective_limits(envelope: Envelope, definition: TaskDefinition[Any, Any]
@@ -130,16 +188,40 @@ class Processor:
         self.app = app
         self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy()
 
-    def prepare(self, envelope: Envelope) -> Prepared | Rejected:
-        """Resolve the handler and decode + check arguments, or say why not."""
+    @overload
+    def prepare(self, envelope: Envelope) -> Prepared | Rejected | Expired: ...
+
+    @overload
+    def prepare(self, envelope: Envelope, *, check_expiry: Literal[False]
+                ) -> Prepared | Rejected: ...
+
+    def prepare(self, envelope: Envelope, *, check_expiry: bool = True
+                ) -> Prepared | Rejected | Expired:
+        """Resolve the handler, check the meta and the deadline, decode + check arguments.
+
+        An envelope past its ``stem.expiresAt`` is :class:`Expired` before its
+        arguments are decoded: it will not run, so they do not matter (the Dart worker
+        checks in the same place, every delivery, retries too). ``check_expiry=False``
+        is for a process-pool child, whose parent already checked.
+        """
         definition = self.app.tasks.get(envelope.name)
         if definition is None or definition.func is None:
             return Rejected(f"unknown task {envelope.name!r}: no handler registered in this "
                             "worker's app", UnknownTaskError.__name__)
+        expires: datetime | None = None
+        ignore_result = definition.options.ignore_result
         if envelope.meta:
             problem = meta_problem(envelope.meta)
             if problem is not None:
                 return Rejected(f"invalid envelope: {problem}", "EnvelopeDecodeError")
+            deadline = envelope.meta.get(META_EXPIRES_AT)
+            if deadline is not None:
+                expires = _deadline(deadline)  # meta_problem checked it reads
+                if check_expiry and utcnow() > expires:
+                    return Expired(envelope, definition, expires)
+            flag = envelope.meta.get(META_IGNORE_RESULT)
+            if flag is not None:  # the call's choice wins over the task's option
+                ignore_result = ignore_result_flag(flag)
         encoder_id = envelope.headers.get(ARGS_ENCODER_HEADER) or envelope.meta.get(
             ARGS_ENCODER_META
         )
@@ -152,10 +234,14 @@ class Processor:
             return Rejected(str(exc), "PayloadEncodingError")
         except TaskArgumentError as exc:
             return Rejected(f"bad arguments: {exc}", "TaskArgumentError")
-        return Prepared(envelope, definition, args, kwargs)
+        return Prepared(envelope, definition, args, kwargs, expires, ignore_result)
 
     def success(self, prepared: Prepared, value: Any) -> Success | Failure:
-        """Encode the handler's return value (once)."""
+        """Encode the handler's return value (once); nothing to encode if it is ignored."""
+        if prepared.ignore_result:
+            # Stored as a JSON null, which every reader decodes; a value no encoder
+            # takes is then no failure, as nobody will read it.
+            return Success(None, JsonPayloadEncoder.id)
         if isinstance(value, EncodedResult):  # already encoded where it ran (process pool)
             return Success(value.payload, value.encoder_id)
         try:

@@ -38,6 +38,7 @@ from stem.worker.context_ops import ContextRuntime, WorkerContextOps
 from stem.worker.executor import Executor
 from stem.worker.pool import PoolConfig
 from stem.worker.processor import (
+    Expired,
     Failure,
     Outcome,
     Prepared,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     from stem.app import Stem
+    from stem.task import TaskDefinition
 
 log = get_logger(__name__)
 
@@ -384,6 +386,9 @@ class Worker:
             if isinstance(prepared, Rejected):
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
                 continue
+            if isinstance(prepared, Expired):
+                self._expire(d, prepared.envelope, prepared.definition)
+                continue
             if self._running < self.concurrency:
                 self._start(d, prepared)
             else:
@@ -430,6 +435,10 @@ class Worker:
         env = prepared.envelope
         holding_slot = True
         try:
+            if prepared.expired:
+                # Its deadline passed while it waited in the prefetch buffer.
+                self._expire(d, env, prepared.definition)
+                return
             options = prepared.definition.options
             # The keys the Dart worker writes into status meta, so tooling of either reads both.
             base_meta = {**env.meta, "task": env.name, "queue": env.queue,
@@ -474,6 +483,14 @@ class Worker:
             if holding_slot:
                 self._free_slot()
         _emit_outcome(self, env, outcome)
+
+    def _expire(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any]) -> None:
+        """Cancel a delivery whose ``stem.expiresAt`` has passed, without running it."""
+        assert self._completer is not None
+        # The status meta the Dart worker writes for an expired task, so either reads it.
+        meta = {**env.meta, "task": env.name, "queue": env.queue,
+                "worker": self.consumer_name, "expiredAt": now_iso(), "stem.expired": True}
+        self._completer.expired(d, env, meta, definition.options.result_ttl)
 
     # -- leases -------------------------------------------------------------------------
 

@@ -261,3 +261,16 @@ async def test_a_child_that_cannot_import_the_app_fails_worker_start(app: stem.S
     with pytest.raises(stem.ConfigurationError, match="no_such_module"):
         await worker.run()
     assert time.monotonic() - t0 < 10
+
+
+async def test_ignore_result_and_a_future_deadline_through_the_pool(app: stem.Stem) -> None:
+    """The child re-prepares the envelope: it honours ignore_result and does not judge the
+    deadline again (the parent did, just before sending it)."""
+    async with running_worker(app, app_spec=SPEC, pool_size=1) as worker:
+        await ready_pool(worker)
+        ignored = await app.enqueue("iso.add", 1, 2, ignore_result=True)
+        kept = await app.enqueue("iso.add", 2, 2, expires=60)
+        ignored_result = await app.wait(ignored, timeout=15)
+        kept_result = await app.wait(kept, timeout=15)
+    assert (ignored_result.state, ignored_result.raw_payload) == (TaskState.SUCCEEDED, None)
+    assert (kept_result.state, kept_result.value) == (TaskState.SUCCEEDED, 4)
