@@ -122,3 +122,19 @@ class UnsettledDeliveriesError(StemError):
             "(result store or broker unreachable until the shutdown grace ran out); "
             "they run again when their leases expire")
         self.count = count
+
+
+class ScheduleConflictError(StemError):
+    """An optimistic schedule write lost: the entry changed since it was read.
+
+    ``expected`` is the version the writer read, ``actual`` the stored one (None when
+    the entry is gone). Read the entry again and re-apply the change.
+    """
+
+    def __init__(self, entry_id: str, expected: int | None, actual: int | None) -> None:
+        self.entry_id = entry_id
+        self.expected = expected
+        self.actual = actual
+        found = "does not exist" if actual is None else f"is at version {actual}"
+        super().__init__(f"schedule entry {entry_id!r} changed meanwhile: expected version "
+                         f"{expected}, but it {found}; read it again and retry")

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from stem.beat.entry import ScheduleEntry, ScheduleRun
 from stem.envelope import Envelope
 from stem.status import TaskStatus
 
@@ -219,6 +221,93 @@ class ResultBackend(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class LockStore(Protocol):
+    """Leased locks with an owner: the beat's "only one instance dispatches this entry"
+    and task uniqueness.
+
+    A lock is held by ``owner`` until ``ttl`` seconds pass or the owner releases it;
+    a holder that dies is replaced once its lease runs out. Every operation is one
+    atomic step in the store (``SET NX PX`` and compare-owner scripts on Redis, one
+    conditional statement on SQL): no read-then-write.
+    """
+
+    async def acquire(self, key: str, owner: str, ttl: float) -> bool:
+        """Take ``key`` for ``owner`` for ``ttl`` seconds if it is free or expired (or
+        already ``owner``'s, which extends it); True when ``owner`` holds it now."""
+        ...
+
+    async def renew(self, key: str, owner: str, ttl: float) -> bool:
+        """Extend ``owner``'s unexpired lock to ``ttl`` seconds from now; False if
+        ``owner`` does not hold it (it expired, or another owner took it)."""
+        ...
+
+    async def release(self, key: str, owner: str) -> bool:
+        """Free ``key`` if ``owner`` holds it; False otherwise (nothing changes)."""
+        ...
+
+    async def owner_of(self, key: str) -> str | None:
+        """Who holds ``key`` now (None when free or expired)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns (a store's shared ones close with it)."""
+        ...
+
+
+@runtime_checkable
+class ScheduleStore(Protocol):
+    """Keeps :class:`~stem.beat.ScheduleEntry` records and their bounded run history.
+
+    Writes are optimistic: every write bumps ``version``, and a write that names the
+    version it read fails with :class:`~stem.errors.ScheduleConflictError` if another
+    writer got there first. Next-run times are computed by the beat and only stored
+    here, so every store follows the same schedule rules.
+    """
+
+    async def get(self, entry_id: str) -> ScheduleEntry | None:
+        """One entry, or None."""
+        ...
+
+    async def entries(self) -> list[ScheduleEntry]:
+        """Every entry, ordered by id."""
+        ...
+
+    async def upsert(self, entry: ScheduleEntry, *, expected_version: int | None = None
+                     ) -> ScheduleEntry:
+        """Create or replace ``entry``; return it as stored (``version`` bumped,
+        ``created_at``/``updated_at`` set). With ``expected_version`` the stored version
+        must equal it (0: the entry must not exist yet), else ScheduleConflictError."""
+        ...
+
+    async def remove(self, entry_id: str) -> bool:
+        """Delete the entry and its history; False if there was none."""
+        ...
+
+    async def due(self, now: datetime, limit: int = 100) -> list[ScheduleEntry]:
+        """Enabled entries with ``next_run_at <= now``, soonest first, at most ``limit``."""
+        ...
+
+    async def mark_run(self, run: ScheduleRun, *, expected_version: int,
+                       next_run_at: datetime | None, jitter_ms: int = 0,
+                       disable: bool = False) -> ScheduleEntry | None:
+        """Record a dispatch of ``run.entry_id`` atomically, if its version is still
+        ``expected_version``: ``last_run_at = run.executed_at``, the next run (None
+        with ``disable``), counters, ``last_error``/``last_success_at``/``last_error_at``,
+        ``drift_ms = executed_at - scheduled_at``, ``last_jitter_ms``, ``version + 1``,
+        and the run appended to the bounded history. Returns the entry as stored, or
+        None when the version moved on (someone else changed the entry meanwhile)."""
+        ...
+
+    async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
+        """The entry's latest runs, newest first (at most ``limit``)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns."""
         ...
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from stem._urls import mask_url
-from stem.ports import Broker, ResultBackend
+from stem.ports import Broker, LockStore, ResultBackend, ScheduleStore
 
 B = TypeVar("B", bound=Broker)
 R = TypeVar("R", bound=ResultBackend)
@@ -25,6 +25,8 @@ class BaseStore(Generic[B, R]):
         self.namespace = namespace
         self._broker: B | None = None
         self._backend: R | None = None
+        self._locks: LockStore | None = None
+        self._schedules: ScheduleStore | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.url)!r} namespace={self.namespace!r}>"
@@ -36,6 +38,12 @@ class BaseStore(Generic[B, R]):
 
     def _make_backend(self) -> R:
         raise NotImplementedError
+
+    def _make_locks(self) -> LockStore:
+        raise NotImplementedError(f"{type(self).__name__} has no lock store yet")
+
+    def _make_schedules(self) -> ScheduleStore:
+        raise NotImplementedError(f"{type(self).__name__} has no schedule store yet")
 
     async def _close_shared(self) -> None:
         """Close the connections the parts share (after the parts closed their own)."""
@@ -56,6 +64,20 @@ class BaseStore(Generic[B, R]):
             self._backend = self._make_backend()
         return self._backend
 
+    @property
+    def locks(self) -> LockStore:
+        """The lock store on this store's connections (built on first use)."""
+        if self._locks is None:
+            self._locks = self._make_locks()
+        return self._locks
+
+    @property
+    def schedules(self) -> ScheduleStore:
+        """The schedule store on this store's connections (built on first use)."""
+        if self._schedules is None:
+            self._schedules = self._make_schedules()
+        return self._schedules
+
     async def ping(self) -> None:
         """Check the store answers (through the broker's connection)."""
         await self.broker.ping()
@@ -67,7 +89,7 @@ class BaseStore(Generic[B, R]):
 
     async def close(self) -> None:
         """Close the parts, then the shared connections (a later use reopens them)."""
-        for part in (self._broker, self._backend):
+        for part in (self._broker, self._backend, self._locks, self._schedules):
             if part is not None:
                 await part.close()
         await self._close_shared()
