@@ -224,7 +224,7 @@ def result(
 
     status, res = asyncio.run(get())
     if status is None:
-        raise fail(f"no result for task {task_id} (not started yet, unknown, or expired)", 1)
+        raise fail(f"no result for task {task_id} (never enqueued, or its status expired)", 1)
     if json_out:
         typer.echo(status.to_json().decode())
         return
