@@ -603,29 +603,33 @@ class Stem:
         """Each envelope with the ``queued`` status the producer writes for it (meta as
         the Dart producer writes it) and that status's TTL: the result TTL plus the time
         until the task is due. A repeated id in one batch keeps its first envelope."""
-        now = utcnow()
-        default_encoder = self.encoders.default_result_encoder.id
+        now: datetime | None = None
         seen: set[str] = set()
+        per_task: dict[str, tuple[str, float | None]] = {}
         out: list[tuple[Envelope, TaskStatus, float | None]] = []
+        queued = TaskState.QUEUED
         for env in envelopes:
             if env.id in seen:
                 continue
             seen.add(env.id)
-            d = self.tasks.get(env.name)
-            opts = d.options if d is not None else None
-            encoder = opts.result_encoder.id if opts is not None and opts.result_encoder \
-                else default_encoder
-            ttl = opts.result_ttl if opts is not None else None
-            if ttl is None:
-                ttl = self.result_ttl
+            name = env.name
+            known = per_task.get(name)
+            if known is None:  # once per task name in the batch
+                d = self.tasks.get(name)
+                opts = d.options if d is not None else None
+                encoder = (opts.result_encoder.id if opts is not None and opts.result_encoder
+                           else self.encoders.default_result_encoder.id)
+                base = opts.result_ttl if opts is not None else None
+                known = per_task[name] = (encoder, self.result_ttl if base is None else base)
+            encoder, ttl = known
             if env.not_before is not None:
+                now = now or utcnow()
                 wait = (env.not_before - now).total_seconds()
                 if wait > 0:
                     ttl = (self.backend.default_ttl if ttl is None else ttl) + wait
-            meta = {**env.meta, "queue": env.queue, "maxRetries": env.max_retries,
-                    RESULT_ENCODER_META: encoder}
-            meta.setdefault("stem.task", env.name)
-            out.append((env, TaskStatus(id=env.id, state=TaskState.QUEUED, meta=meta), ttl))
+            meta = {"stem.task": name, **env.meta, "queue": env.queue,
+                    "maxRetries": env.max_retries, RESULT_ENCODER_META: encoder}
+            out.append((env, TaskStatus(env.id, queued, meta=meta), ttl))
         return out
 
     async def _publish_new(self, envelopes: Sequence[Envelope], parts: _LoopParts) -> None:

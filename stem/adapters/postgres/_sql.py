@@ -124,6 +124,24 @@ class Statements:
             SELECT array(SELECT task_id FROM ins) AS ids,
                    (SELECT count(pg_notify($8, q)) FROM (SELECT DISTINCT queue AS q FROM ins) n)
                    AS notified"""
+        # The same for one envelope, with scalars (cheaper to encode than 1-element
+        # arrays): $1..$7 as publish_one, $8 channel, $9 status JSON, $10 TTL. Returns
+        # the id when published, no row when the status existed.
+        self.publish_new_one = f"""
+            WITH st AS (
+                INSERT INTO {s}.stem_results AS r (task_id, state, status, expires_at, updated_at)
+                VALUES ($1, 'queued', $9, now() + $10::float8 * interval '1 second', now())
+                ON CONFLICT (task_id) DO UPDATE
+                   SET state = excluded.state, status = excluded.status,
+                       expires_at = excluded.expires_at, updated_at = excluded.updated_at
+                   WHERE r.expires_at <= now()
+                RETURNING r.task_id
+            ), ins AS (
+                INSERT INTO {jobs} ({_JOB_COLUMNS})
+                SELECT $1, $2, $3, coalesce(to_timestamp($4::float8), now()), $5, $6, $7
+                WHERE EXISTS (SELECT 1 FROM st)
+                RETURNING queue, task_id
+            ) SELECT task_id, pg_notify($8, queue) FROM ins"""
         # The status half alone (before a COPY of the new jobs, in one transaction;
         # also ResultBackend.add_many): $1 ids, $2 states, $3 JSON bytes, $4 TTLs.
         self.add_results = (

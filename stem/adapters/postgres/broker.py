@@ -342,6 +342,11 @@ class PostgresBroker(LeasingBroker):
                 if fresh:
                     await self._copy(conn, fresh)
             return added
+        if len(jobs) == 1:
+            one = await conn.fetchrow(self._sql.publish_new_one,
+                                      *(a[0] for a in _publish_arrays(jobs)), self._channel,
+                                      blobs[0], ttls[0])
+            return set() if one is None else {one[0]}
         row = await conn.fetchrow(self._sql.publish_new, *_publish_arrays(jobs), self._channel,
                                   blobs, ttls)
         return set(row["ids"])

@@ -98,8 +98,7 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
         broker, backend = self.broker, self.backend
         if self.connector.is_cluster:
             return await add_then_publish(broker, backend, items, default_ttl=default_ttl)
-        return await broker.publish_new(items, [backend.key(e.id) for e, _, _ in items],
-                                        default_ttl=default_ttl)
+        return await broker.publish_new(items, backend.key(""), default_ttl=default_ttl)
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> RedisStore:

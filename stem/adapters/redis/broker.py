@@ -303,11 +303,11 @@ class RedisBroker(LeasingBroker):
     async def publish_new(
         self,
         items: Sequence[tuple[Envelope, TaskStatus, float | None]],
-        status_keys: Sequence[str],
+        status_prefix: str,
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
     ) -> set[str]:
-        """Store each envelope whose status key (``status_keys``, in order) can be SET NX
+        """Store each envelope whose status key (``status_prefix`` + its id) can be SET NX
         to its status, atomically per queue (one script call); return the ids stored.
 
         For :meth:`RedisStore.publish_new`; not on Redis Cluster, where the status keys
@@ -317,48 +317,76 @@ class RedisBroker(LeasingBroker):
             return set()
         check_publishable([e for e, _, _ in items])
         now = now_epoch()
-        per_queue: dict[str, tuple[list[bytes], list[bytes], list[bytes], list[str],
-                                   list[tuple[str, float | None]]]] = {}
-        for (env, status, ttl), key in zip(items, status_keys, strict=True):
+        if len(items) == 1:
+            return await self._publish_new_one(items[0], status_prefix + items[0][0].id,
+                                               default_ttl, now)
+        per_queue: dict[str, tuple[list[bytes], list[bytes], list[tuple[str, float | None]]]] = {}
+        for env, status, ttl in items:
             q = per_queue.get(env.queue)
             if q is None:
-                q = per_queue[env.queue] = ([], [], [], [], [])
+                q = per_queue[env.queue] = ([], [], [])
             vt = lease_seconds(env.visibility_timeout)
             vt_ms = b"" if vt is None else b"%d" % round(vt * 1000)
             due = env.not_before_epoch
             ttl_ms = max(1, round((default_ttl if ttl is None else ttl) * 1000))
+            task_id = env.id.encode()
+            if b"%" in task_id or b"," in task_id:
+                task_id = task_id.replace(b"%", b"%25").replace(b",", b"%2C")
             if due is not None and due > now:
-                q[0].append(b"%d:%s:%d:%d" % (band_of(env.priority), vt_ms, int(due * 1000),
-                                              ttl_ms))
+                q[0].append(b"%d:%s:%d:%d:%s" % (band_of(env.priority), vt_ms, int(due * 1000),
+                                                 ttl_ms, task_id))
             else:
                 due = None
-                q[0].append(b"%d:%s::%d" % (band_of(env.priority), vt_ms, ttl_ms))
-            q[1].append(env.to_json())
-            q[2].append(status.to_json())
-            q[3].append(key)
-            q[4].append((env.id, due))
+                q[0].append(b"%d:%s::%d:%s" % (band_of(env.priority), vt_ms, ttl_ms, task_id))
+            q[1].extend((env.to_json(), status.to_json()))
+            q[2].append((env.id, due))
         script: Any = self._script["publish_new"]
         queues = list(per_queue)
+        calls = [script(self.keys(name).keys,
+                        [GROUP, status_prefix, b",".join(per_queue[name][0]), *per_queue[name][1]])
+                 for name in queues]
         try:
-            replies = await asyncio.gather(*(
-                script([*self.keys(name).keys, *per_queue[name][3]],
-                       [GROUP, b",".join(per_queue[name][0]), *per_queue[name][1],
-                        *per_queue[name][2]])
-                for name in queues))
+            # One queue (the common case) is awaited directly: gather would wrap it in a
+            # task, which costs more than the call itself.
+            replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem broker publish") from exc
         stored: set[str] = set()
         soonest: float | None = None
         for name, reply in zip(queues, replies, strict=True):
-            ids = per_queue[name][4]
+            ids = per_queue[name][2]
             for pos in reply:
-                task_id, due = ids[int(pos) - 1]
-                stored.add(task_id)
-                if due is not None:
-                    soonest = due if soonest is None else min(soonest, due)
+                stored_id, stored_due = ids[int(pos) - 1]
+                stored.add(stored_id)
+                if stored_due is not None:
+                    soonest = stored_due if soonest is None else min(soonest, stored_due)
         if soonest is not None:
             await self._delayed_published(soonest)
         return stored
+
+    async def _publish_new_one(self, item: tuple[Envelope, TaskStatus, float | None],
+                               status_key: str, default_ttl: float, now: float) -> set[str]:
+        env, status, ttl = item
+        k = self._keys.get(env.queue) or self.keys(env.queue)
+        band = band_of(env.priority)
+        vt = lease_seconds(env.visibility_timeout)
+        due = env.not_before_epoch
+        delayed = due is not None and due > now
+        ttl_ms = max(1, round((default_ttl if ttl is None else ttl) * 1000))
+        script: Any = self._script["publish_new_one"]
+        try:
+            stored = await script(
+                [status_key, k.delayed if delayed else k.streams[band]],
+                [status.to_json(), ttl_ms, env.to_json(),
+                 b"" if vt is None else b"%d" % round(vt * 1000),
+                 int(due * 1000) if delayed and due is not None else b"", band])
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem broker publish") from exc
+        if not stored:
+            return set()
+        if delayed and due is not None:
+            await self._delayed_published(due)
+        return {env.id}
 
     async def publish_raw(self, queue: str, raw: bytes, *, priority: int = 0) -> None:
         """Store bytes as-is; a decodable ``notBefore``/``visibilityTimeout`` is honoured

@@ -176,21 +176,27 @@ return i
 """
 )
 
-#: PUBLISH for envelopes whose status is new: KEYS[17..] are their status keys (the
-#: result backend's, one per envelope, in order). ARGV: group, "<band>:<vt>:<due>:<ttl
-#: ms>,..." then the envelope bytes, then the status bytes. An envelope is stored only
-#: if ``SET <status key> <status> NX PX <ttl>`` succeeds. Returns the 1-based positions
-#: stored. Not for Redis Cluster (status keys live in other slots).
+#: PUBLISH for envelopes whose status is new. ARGV: group, the status key prefix,
+#: "<band>:<vt>:<due>:<ttl ms>:<task id>,..." (``%`` and ``,`` in an id as ``%25``,
+#: ``%2C``) then per envelope its bytes and its
+#: status bytes. An envelope is stored only if ``SET <prefix><task id> <status> NX PX
+#: <ttl>`` succeeds. Returns the 1-based positions stored. The status keys are built
+#: here rather than passed in KEYS (packing two arguments per envelope instead of
+#: three is most of a batch's client cost), so this script is not for Redis Cluster,
+#: where the status keys live in other slots anyway.
 PUBLISH_NEW = (
     _PRELUDE
     + """
-local n = #KEYS - 16
+local prefix = ARGV[2]
 local done = {}
 local i = 0
-for band, vt, due, ttl in string.gmatch(ARGV[2], '(%d):(%d*):(%d*):(%d+)') do
+for band, vt, due, ttl, id in string.gmatch(ARGV[3], '(%d):(%d*):(%d*):(%d+):([^,]*)') do
   i = i + 1
-  if redis.call('SET', KEYS[16 + i], ARGV[2 + n + i], 'NX', 'PX', ttl) then
-    local raw = ARGV[i + 2]
+  local raw = ARGV[2 + 2 * i]
+  if string.find(id, '%', 1, true) then  -- ids with ',' or '%' come percent-encoded
+    id = string.gsub(string.gsub(id, '%%2C', ','), '%%25', '%%')
+  end
+  if redis.call('SET', prefix .. id, ARGV[3 + 2 * i], 'NX', 'PX', ttl) then
     if due == '' then
       enqueue(tonumber(band), vt, raw)
     else
@@ -202,6 +208,22 @@ end
 return done
 """
 )
+
+#: PUBLISH_NEW for one envelope, lean (the common one-by-one enqueue: few arguments to
+#: pack). KEYS: the status key, then the band stream (ready) or the delayed set.
+#: ARGV: status, TTL ms, envelope, visibility ms or '', due ms or '', band.
+#: Returns 1 when stored, 0 when the status existed.
+PUBLISH_NEW_ONE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6] .. ':' .. ARGV[4] .. ':' .. ARGV[3])
+elseif ARGV[4] == '' then
+  redis.call('XADD', KEYS[2], '*', 'p', ARGV[3])
+else
+  redis.call('XADD', KEYS[2], '*', 'p', ARGV[3], 'v', ARGV[4])
+end
+return 1
+"""
 
 #: Lease up to ARGV[3] entries for consumer ARGV[2].
 #: ARGV: group, consumer, want, now_ms, claim (0/1), horizon_ms, mover_batch.
@@ -591,6 +613,7 @@ ALL = {
     "ensure": ENSURE,
     "publish": PUBLISH,
     "publish_new": PUBLISH_NEW,
+    "publish_new_one": PUBLISH_NEW_ONE,
     "fetch": FETCH,
     "ack": ACK,
     "nack": NACK,

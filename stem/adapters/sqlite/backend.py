@@ -136,13 +136,23 @@ class SqliteBackend:
         """Insert-if-absent inside the caller's transaction (an expired row counts as
         absent); the ids actually written."""
         now = now_epoch()
-        sql = (f"INSERT INTO {self._results} (id, state, data, expires_at) VALUES (?, ?, ?, ?) "
-               "ON CONFLICT (id) DO UPDATE SET state = excluded.state, data = excluded.data, "
-               "expires_at = excluded.expires_at WHERE expires_at <= ?")
+        first: dict[str, tuple[str, str, bytes, float]] = {}
+        for row in rows:
+            first.setdefault(row[0], row)  # a repeated id keeps its first status
         added: set[str] = set()
-        for i, state, data, ttl in rows:
-            if i not in added and conn.execute(sql, (i, state, data, now + ttl, now)).rowcount:
-                added.add(i)
+        # Many rows per statement (RETURNING names the ones written): one statement per
+        # row costs as much again as the rows themselves.
+        for part in chunks(list(first.values()), 200):
+            values = ", ".join(["(?, ?, ?, ?)"] * len(part))
+            params: list[object] = []
+            for i, state, data, ttl in part:
+                params += (i, state, data, now + ttl)
+            params.append(now)
+            cur = conn.execute(
+                f"INSERT INTO {self._results} (id, state, data, expires_at) VALUES {values} "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, data = excluded.data, "
+                "expires_at = excluded.expires_at WHERE expires_at <= ? RETURNING id", params)
+            added.update(r[0] for r in cur.fetchall())
         return added
 
     async def forget_many(self, task_ids: Sequence[str]) -> None:
