@@ -46,12 +46,13 @@ def test_tasks_ls_shows_the_isolation_of_a_worker_with_the_same_pool_option() ->
 
 async def test_result_shows_state_value_attempt_and_progress(
         sqlite_url: str, start_worker: Callable[..., subprocess.Popen[bytes]]) -> None:
-    producer = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    # The worker runs Stem("e2e"): its namespace is "e2e", and the producer says so.
+    producer = stem.Stem("p", broker=sqlite_url, backend=sqlite_url, namespace="e2e")
     start_worker()
     tid = await producer.enqueue("e2e.add", x=2, y=40)
     await producer.wait(tid, timeout=20)
     await producer.close()
-    env = {"STEM_BROKER_URL": sqlite_url}
+    env = {"STEM_BROKER_URL": sqlite_url, "STEM_NAMESPACE": "e2e"}
     out = run_stem("result", tid, env=env)
     assert out.returncode == 0, out.stderr
     assert "succeeded" in out.stdout and "42" in out.stdout
@@ -106,7 +107,8 @@ def test_unreachable_server_fails_fast_saying_what_to_fix(url: str, says: str) -
 async def test_dlq_list_replay_purge_and_observe_queues(sqlite_url: str) -> None:
     from stem.envelope import Envelope
 
-    app = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    # Stem() (no name) and the CLI without --app or STEM_NAMESPACE share namespace "stem".
+    app = stem.Stem(broker=sqlite_url, backend=sqlite_url)
     env = Envelope(name="e2e.add", args={"x": 1, "y": 2})
     await app.broker.publish([env])
     [d] = await app.broker.fetch(["default"], 1, block=1, consumer="t")
