@@ -128,8 +128,9 @@ def worker_start(
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0.
 
-    Logs go to stderr: a ``worker.started`` banner (app, masked broker and backend URLs,
-    queues, concurrency, prefetch, pool), then one line per finished task at INFO.
+    Logs go to stderr: a ``worker.started`` banner (app, namespace, masked broker and
+    backend URLs, queues, concurrency, prefetch, pool), then one line per finished task at
+    INFO.
     """
     configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
