@@ -38,12 +38,13 @@ def check_namespace(namespace: str, what: str = "namespace") -> str:
 def namespace_from_name(name: str) -> str:
     """The namespace an app named ``name`` uses when none is configured.
 
-    Lower case; each run of characters outside ``a-z``, ``0-9``, ``_`` and ``-`` becomes
-    one ``-``; leading ``-`` and ``_`` and trailing ``-`` are dropped; at most 63
-    characters (``"Billing API"`` -> ``billing-api``,
-    ``"shop.tasks"`` -> ``shop-tasks``). A name that leaves nothing valid, and
-    ``"__main__"`` (a script's ``__name__``, which differs between the producer and a
-    worker that imports the module), raise ConfigurationError: pass ``namespace=``.
+    A name that is a valid namespace already is used as it is. Otherwise: lower case;
+    each run of characters outside ``a-z``, ``0-9``, ``_`` and ``-`` becomes one ``-``;
+    leading ``-`` and ``_`` and trailing ``-`` are dropped; at most 63 characters
+    (``"Billing API"`` -> ``billing-api``, ``"shop.tasks"`` -> ``shop-tasks``). A name
+    that leaves nothing valid, and ``"__main__"`` (a script's ``__name__``, which
+    differs between the producer and a worker that imports the module), raise
+    ConfigurationError: pass ``namespace=``.
     """
     if not isinstance(name, str):
         raise ConfigurationError(f"app name must be a string, not {type(name).__name__}")
@@ -56,6 +57,10 @@ def namespace_from_name(name: str) -> str:
         )
     from stem.adapters._shared import NAMESPACE_RULE
 
+    try:
+        return check_namespace(name)
+    except ConfigurationError:
+        pass
     derived = _NOT_KEPT.sub("-", name.lower()).lstrip("-_")[:_MAX_NAMESPACE].rstrip("-")
     try:
         return check_namespace(derived)
