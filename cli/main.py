@@ -128,8 +128,9 @@ def worker_start(
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0.
 
-    Logs go to stderr: a ``worker.started`` banner (app, masked broker and backend URLs,
-    queues, concurrency, prefetch, pool), then one line per finished task at INFO.
+    Logs go to stderr: a ``worker.started`` banner (app, namespace, masked broker and
+    backend URLs, queues, concurrency, prefetch, pool), then one line per finished task at
+    INFO.
     """
     configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
@@ -244,18 +245,45 @@ def result(
 @app.command("migrate")
 def migrate(
     url: Annotated[str | None, typer.Option("--url",
-                   help="Store URL (default: STEM_BROKER_URL, then STEM_RESULT_BACKEND_URL).")] = None,
+                   help="Store URL (default: the app's broker and backend URLs with --app, "
+                        "else STEM_BROKER_URL, then STEM_RESULT_BACKEND_URL).")] = None,
+    app_spec: Annotated[str | None, typer.Option("--app", "-A",
+                        help="Your app as module:attribute: migrate its stores, in its "
+                             "namespace.")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace",
+                         help="Namespace to migrate (default: the app's with --app, else "
+                              "STEM_NAMESPACE, else 'stem').")] = None,
 ) -> None:
-    """Create or upgrade Stem's tables now (Postgres also does it on first connect)."""
-    from stem.config import StemConfig, check_url
+    """Create or upgrade Stem's tables now (Postgres also does it on first connect).
 
+    Tables live in a namespace (a Postgres schema, an SQLite table prefix), so say whose:
+    ``--app`` (the app's URLs and namespace), ``--namespace``, or ``STEM_NAMESPACE``;
+    without any of them it is ``stem``, the namespace of ``Stem()`` with no name.
+    """
+    from stem.config import StemConfig, check_namespace, check_url
+
+    if app_spec is not None and namespace is not None:
+        raise fail("give --app or --namespace, not both: the app's namespace is its own "
+                   "(Stem(name, namespace=...) or STEM_NAMESPACE)", 2)
+    checked_url = check_url(url, "--url") if url else None
+    if namespace is not None:
+        check_namespace(namespace, "--namespace")
+    if app_spec is not None:
+        stem_app = load_app(app_spec)
+        for target, applied in asyncio.run(_migrate_app(stem_app, checked_url)):
+            _say_migrated(target, stem_app.namespace, applied)
+        return
     config = StemConfig.from_env()
-    targets = [check_url(url, "--url")] if url else list(dict.fromkeys(
+    ns = namespace or config.namespace_for(None)
+    targets = [checked_url] if checked_url else list(dict.fromkeys(
         u for u in (config.broker_url, config.backend_url) if u))
     for target in targets:
-        applied = asyncio.run(_migrate(target, config.namespace))
-        done = ", ".join(map(str, applied)) if applied else "none (already current)"
-        typer.echo(f"{mask_url(target)}: applied migrations {done}")
+        _say_migrated(target, ns, asyncio.run(_migrate(target, ns)))
+
+
+def _say_migrated(url: str, namespace: str, applied: list[int]) -> None:
+    done = ", ".join(map(str, applied)) if applied else "none (already current)"
+    typer.echo(f"{mask_url(url)} (namespace {namespace}): applied migrations {done}")
 
 
 async def _migrate(url: str, namespace: str) -> list[int]:
@@ -263,6 +291,24 @@ async def _migrate(url: str, namespace: str) -> list[int]:
 
     async with store_from_url(url, namespace=namespace) as store:
         return await store.migrate()
+
+
+async def _migrate_app(stem_app: Stem, url: str | None) -> list[tuple[str, list[int]]]:
+    """Migrate ``url`` in the app's namespace, else the app's own broker and backend stores
+    (stores passed to the app as objects included; adapter objects have none)."""
+    if url is not None:
+        return [(url, await _migrate(url, stem_app.namespace))]
+    done: list[tuple[str, list[int]]] = []
+    try:
+        stores = [s for s in (stem_app.broker_store, stem_app.backend_store) if s is not None]
+        if not stores:
+            raise fail("the app's broker and backend are adapter objects, not stores: "
+                       "nothing to migrate (pass --url)", 2)
+        for store in [s for i, s in enumerate(stores) if s not in stores[:i]]:
+            done.append((store.url, await store.migrate()))
+    finally:
+        await stem_app.close()
+    return done
 
 
 def run(argv: Sequence[str] | None = None) -> int:

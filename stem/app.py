@@ -19,7 +19,7 @@ from stem._time import to_iso, utcnow
 from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
-from stem.config import StemConfig, check_url
+from stem.config import StemConfig, check_namespace, check_url
 from stem.context import TaskContext
 from stem.encoding import (
     ARGS_ENCODER_HEADER,
@@ -108,6 +108,11 @@ class Stem:
     ``result_ttl`` is how long statuses and results are kept (seconds) for tasks that
     set none; by default the result backend's (one day).
 
+    ``namespace`` keeps apps sharing one store apart: ``namespace=``, else
+    ``STEM_NAMESPACE``, else derived from ``name`` (``Stem("Billing API")`` uses
+    ``billing-api``; ``Stem()`` uses ``stem``), so a producer and its workers must agree
+    on the name or the namespace (see :func:`stem.config.namespace_from_name`).
+
     ``routes`` maps task names to queues for tasks that do not name their queue:
     exact names first, then glob patterns (``fnmatch``) in the mapping's order, else
     ``default_queue`` (see :meth:`route`).
@@ -128,7 +133,10 @@ class Stem:
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
-        self.namespace = namespace or self.config.namespace
+        # Explicit argument, else STEM_NAMESPACE, else derived from the name ("stem" for
+        # Stem()): two apps on one store keep apart unless told to share (docs/storage.md).
+        self.namespace = (self.config.namespace_for(name) if namespace is None
+                          else check_namespace(namespace))
         self.encoders = encoders or TaskPayloadEncoderRegistry()
         self.default_queue = default_queue
         if result_ttl is not None and not (isinstance(result_ttl, int | float)

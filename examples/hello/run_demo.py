@@ -16,7 +16,8 @@ from examples.hello.app import app, flaky, greet, report  # noqa: E402
 
 
 async def main() -> int:
-    print(f"broker: {app.broker_url} (the SQLite default; no server needed)")
+    print(f"broker: {app.broker_url} (the SQLite default; no server needed), "
+          f"namespace: {app.namespace} (the worker runs this same app)")
     await app.broker.purge("default")
     worker = subprocess.Popen(  # noqa: ASYNC220 - a child we signal and wait for by hand
         [sys.executable, "-m", "stem_cli", "worker", "start", "--app", "examples.hello.app:app",

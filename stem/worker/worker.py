@@ -172,14 +172,16 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         """What the startup banner (the ``worker.started`` event) shows.
 
-        The app (its ``module:attribute`` spec when known), broker and backend URLs with
-        passwords masked and SQLite paths made absolute, queues, concurrency, prefetch
+        The app (its ``module:attribute`` spec when known), its namespace, broker and
+        backend URLs with passwords masked and SQLite paths made absolute, queues,
+        concurrency, prefetch
         (tasks leased at once), where ``def`` handlers without explicit isolation run
         (``pool``: thread or process) and the process pool's children (0 when none runs).
         """
         process_pool = self.executor.process_pool
         return {
             "app": self.app_spec or self.app.name,
+            "namespace": self.app.namespace,
             "consumer": self.consumer_name,
             "broker": shown_url(self.app.broker_url),
             "backend": shown_url(self.app.backend_url),

@@ -143,7 +143,7 @@ async def test_worker_started_banner_masks_urls_and_shows_the_pool(
                                   app_spec="somewhere:app", queues=["a", "b"]):
             pass
     (banner,) = [e for e in logs if e["event"] == "worker.started"]
-    assert banner["app"] == "somewhere:app"
+    assert (banner["app"], banner["namespace"]) == ("somewhere:app", "banner")
     assert banner["broker"] == f"memory://{namespace}"
     assert banner["backend"] == f"sqlite:///{tmp_path / 'relative' / 'results.db'}"
     assert (banner["queues"], banner["concurrency"], banner["prefetch"]) == (["a", "b"], 3, 6)

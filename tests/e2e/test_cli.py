@@ -46,12 +46,13 @@ def test_tasks_ls_shows_the_isolation_of_a_worker_with_the_same_pool_option() ->
 
 async def test_result_shows_state_value_attempt_and_progress(
         sqlite_url: str, start_worker: Callable[..., subprocess.Popen[bytes]]) -> None:
-    producer = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    # The worker runs Stem("e2e"): its namespace is "e2e", and the producer says so.
+    producer = stem.Stem("p", broker=sqlite_url, backend=sqlite_url, namespace="e2e")
     start_worker()
     tid = await producer.enqueue("e2e.add", x=2, y=40)
     await producer.wait(tid, timeout=20)
     await producer.close()
-    env = {"STEM_BROKER_URL": sqlite_url}
+    env = {"STEM_BROKER_URL": sqlite_url, "STEM_NAMESPACE": "e2e"}
     out = run_stem("result", tid, env=env)
     assert out.returncode == 0, out.stderr
     assert "succeeded" in out.stdout and "42" in out.stdout
@@ -90,6 +91,57 @@ def test_migrate_applies_postgres_migrations_once(postgres_url: str, namespace: 
         asyncio.run(drop_pg_schema(postgres_url, namespace))
 
 
+def test_migrate_works_in_the_apps_namespace_or_the_one_named(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "ns.db"
+    env = {"STEM_BROKER_URL": f"sqlite:///{db}", "STEM_RESULT_BACKEND_URL": "",
+           "STEM_NAMESPACE": ""}
+
+    def tables() -> set[str]:
+        with sqlite3.connect(db) as conn:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+
+    by_app = run_stem("migrate", "--app", "tests.e2e.e2e_app:app", env=env)
+    assert by_app.returncode == 0, by_app.stderr
+    assert "(namespace e2e)" in by_app.stdout  # Stem("e2e"): its name is its namespace
+    assert "e2e_jobs" in tables() and "stem_jobs" not in tables()
+    named = run_stem("migrate", "--namespace", "billing", env=env)
+    assert "(namespace billing)" in named.stdout and "billing_jobs" in tables()
+    plain = run_stem("migrate", env=env)
+    assert "(namespace stem)" in plain.stdout and "stem_jobs" in tables()
+    from_env = run_stem("migrate", env={**env, "STEM_NAMESPACE": "shipping"})
+    assert "(namespace shipping)" in from_env.stdout and "shipping_jobs" in tables()
+    both = run_stem("migrate", "-A", "tests.e2e.e2e_app:app", "--namespace", "x", env=env)
+    assert both.returncode == 2 and "--app or --namespace" in both.stderr
+    bad = run_stem("migrate", "--namespace", "Bad.NS", env=env)
+    assert bad.returncode == 2 and "--namespace: namespace 'Bad.NS' is not allowed" in bad.stderr
+
+
+def test_migrate_namespace_is_the_postgres_schema(postgres_url: str, namespace: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from tests.services import drop_pg_schema
+
+    async def schemas() -> set[str]:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            return {r[0] for r in await conn.fetch(
+                "SELECT schema_name FROM information_schema.schemata")}
+        finally:
+            await conn.close()
+
+    try:
+        out = run_stem("migrate", "--url", postgres_url, "--namespace", namespace)
+        assert out.returncode == 0, out.stderr
+        assert f"(namespace {namespace}): applied migrations 1, 2, 3" in out.stdout
+        assert namespace in asyncio.run(schemas())
+    finally:
+        asyncio.run(drop_pg_schema(postgres_url, namespace))
+
+
 @pytest.mark.parametrize("url,says", [
     ("redis://127.0.0.1:1/0", "127.0.0.1:1"),
     ("postgresql://postgres@127.0.0.1:1/test", "127.0.0.1"),
@@ -106,7 +158,8 @@ def test_unreachable_server_fails_fast_saying_what_to_fix(url: str, says: str) -
 async def test_dlq_list_replay_purge_and_observe_queues(sqlite_url: str) -> None:
     from stem.envelope import Envelope
 
-    app = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    # Stem() (no name) and the CLI without --app or STEM_NAMESPACE share namespace "stem".
+    app = stem.Stem(broker=sqlite_url, backend=sqlite_url)
     env = Envelope(name="e2e.add", args={"x": 1, "y": 2})
     await app.broker.publish([env])
     [d] = await app.broker.fetch(["default"], 1, block=1, consumer="t")

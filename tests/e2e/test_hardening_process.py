@@ -45,7 +45,8 @@ def start(workers: WorkerProcesses, sqlite_url: str, marks: Path) -> Start:
 
 @pytest.fixture
 async def producer(sqlite_url: str) -> AsyncIterator[stem.Stem]:
-    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url)
+    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url,
+                    namespace="hostile")  # the worker's app: Stem("hostile")
     yield app
     await app.close()
 

@@ -74,6 +74,7 @@ async def test_banner_and_task_lines_as_json(
                                      None), timeout=30)
     assert banner["level"] == "info"
     assert banner["app"] == "tests.e2e.e2e_app:app"
+    assert banner["namespace"] == namespace  # STEM_NAMESPACE beats the app's name
     assert banner["broker"] == f"redis://:***@127.0.0.1:{port}/0"
     assert banner["backend"] == f"sqlite:///{cwd / 'data' / 'results.db'}"
     assert Path(str(banner["backend"]).removeprefix("sqlite:///")).is_absolute()

@@ -23,7 +23,8 @@ Start = Callable[..., subprocess.Popen[bytes]]
 
 @pytest.fixture
 async def producer(sqlite_url: str) -> AsyncIterator[stem.Stem]:
-    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url)
+    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url,
+                    namespace="e2e")  # the worker's app: Stem("e2e")
     yield app
     await app.close()
 

@@ -70,8 +70,8 @@ def start_worker(sqlite_url: str, tmp_path: Path) -> Iterator[Callable[[str], No
 @pytest.fixture
 async def producer(sqlite_url: str) -> AsyncIterator[stem.Stem]:
     """A producer that does not import the tasks; same registry as the worker."""
-    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url,
-                    encoders=build_registry(KEYS_2026))
+    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url, namespace="cross",
+                    encoders=build_registry(KEYS_2026))  # the worker's app: Stem("cross")
     yield app
     await app.close()
 
@@ -111,7 +111,7 @@ async def test_a_worker_without_the_key_dead_letters_with_the_reason(
     start_worker: Callable[[str], None], sqlite_url: str
 ) -> None:
     start_worker(KEYS_2026)
-    producer = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url,
+    producer = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url, namespace="cross",
                          encoders=build_registry(KEYS_2025))
     try:
         tid = await producer.enqueue("cross.invoice", customer="acme", lines=[])

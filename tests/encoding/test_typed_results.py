@@ -60,7 +60,7 @@ async def test_a_producer_without_the_handler_decodes_with_its_own_definition(
     app: stem.Stem, namespace: str
 ) -> None:
     producer = stem.Stem("producer", broker=f"memory://{namespace}",
-                         backend=f"memory://{namespace}")
+                         backend=f"memory://{namespace}", namespace=app.namespace)
     charge: TaskDefinition[[str, float], Receipt] = TaskDefinition(
         "billing.charge", params=("order", "amount"), decode=Receipt.from_json, app=producer)
     async with running_worker(app):

@@ -45,7 +45,8 @@ def start_worker(sqlite_url: str, marks: Path, tmp_path: Path) -> Iterator[Start
 
 @pytest.fixture
 async def producer(sqlite_url: str) -> AsyncIterator[stem.Stem]:
-    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url)
+    app = stem.Stem("producer", broker=sqlite_url, backend=sqlite_url,
+                    namespace="iso")  # the worker's app: Stem("iso")
     yield app
     await app.close()
 

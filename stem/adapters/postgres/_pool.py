@@ -70,9 +70,9 @@ class PgSettings:
 def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
     """Split a ``postgres://`` / ``postgresql://`` URL into asyncpg's DSN and Stem options.
 
-    Without ``?schema=`` the schema is the namespace (``STEM_NAMESPACE``, default
-    ``stem``) verbatim, so apps with different namespaces on one database never share
-    queues. The namespace must follow the one namespace rule (at most 63 characters,
+    Without ``?schema=`` the schema is the namespace (the app's: ``namespace=``,
+    ``STEM_NAMESPACE`` or its name; see docs/storage.md) verbatim, so apps with
+    different namespaces on one database never share queues. The namespace must follow the one namespace rule (at most 63 characters,
     within Postgres' identifier limit), else ConfigurationError.
     """
     parts = urlsplit(url)
