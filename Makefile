@@ -12,6 +12,10 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
+	@# setuptools serves this editable install through an import hook, which type
+	@# checkers cannot follow; a path entry lets a project's mypy find stem and its
+	@# py.typed too (tests/typing/test_installed_package.py).
+	$(BIN)/python -c "import sys, sysconfig; open(sysconfig.get_paths()['purelib'] + '/stem-tasks-typing.pth', 'w').write(sys.argv[1] + '\\n')" "$(CURDIR)"
 	touch $(STAMP)
 
 venv: $(STAMP)

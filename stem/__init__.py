@@ -55,12 +55,13 @@ from stem.errors import (
 )
 from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
 from stem.status import TaskError, TaskResult, TaskState, TaskStatus
-from stem.task import TaskCall, TaskDefinition, TaskOptions
+from stem.task import AsyncTaskDefinition, SyncTaskDefinition, TaskCall, TaskDefinition, TaskOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AesGcmPayloadEncoder",
+    "AsyncTaskDefinition",
     "ConfigurationError",
     "Envelope",
     "EnvelopeDecodeError",
@@ -77,6 +78,7 @@ __all__ = [
     "StemConfig",
     "StemError",
     "SyncCallInLoopError",
+    "SyncTaskDefinition",
     "TaskArgumentError",
     "TaskCall",
     "TaskContext",

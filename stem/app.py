@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import os
 import re
 import threading
@@ -12,7 +13,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mappi
 from dataclasses import replace
 from datetime import datetime, timedelta
 from fnmatch import translate
-from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from stem._sync import SyncBridge, refuse_in_event_loop
 from stem._time import to_iso, utcnow
@@ -53,7 +54,9 @@ from stem.task import (
     META_MAX_RETRIES,
     META_SOFT_TIME_LIMIT,
     META_TIME_LIMIT,
+    AsyncTaskDefinition,
     Isolation,
+    SyncTaskDefinition,
     TaskCall,
     TaskDefinition,
     TaskOptions,
@@ -61,6 +64,9 @@ from stem.task import (
     check_schedule,
     expires_at,
 )
+
+if TYPE_CHECKING:
+    from stem.testing._eager import EagerRunner
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,21 +80,24 @@ _apps: weakref.WeakSet[Stem] = weakref.WeakSet()
 class TaskDecorator(Protocol):
     """What ``@app.task(...)`` returns: turns a handler into a TaskDefinition."""
 
+    # An async handler matches the sync overloads too (R = its coroutine); the first
+    # match wins, so it gets the AsyncTaskDefinition: the overlap is intended.
     @overload
-    def __call__(
+    def __call__(  # type: ignore[overload-overlap]
         self, func: Callable[Concatenate[TaskContext, P], Awaitable[R]], /
-    ) -> TaskDefinition[P, R]: ...
+    ) -> AsyncTaskDefinition[P, R]: ...
 
     @overload
     def __call__(
         self, func: Callable[Concatenate[TaskContext, P], R], /
-    ) -> TaskDefinition[P, R]: ...
+    ) -> SyncTaskDefinition[P, R]: ...
 
     @overload
-    def __call__(self, func: Callable[P, Awaitable[R]], /) -> TaskDefinition[P, R]: ...
+    def __call__(  # type: ignore[overload-overlap]
+        self, func: Callable[P, Awaitable[R]], /) -> AsyncTaskDefinition[P, R]: ...
 
     @overload
-    def __call__(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
+    def __call__(self, func: Callable[P, R], /) -> SyncTaskDefinition[P, R]: ...
 
 
 class Stem:
@@ -116,6 +125,11 @@ class Stem:
     ``routes`` maps task names to queues for tasks that do not name their queue:
     exact names first, then glob patterns (``fnmatch``) in the mapping's order, else
     ``default_queue`` (see :meth:`route`).
+
+    ``eager=True`` (for tests) runs each task in this process when it is enqueued,
+    through the worker's own pipeline, and stores its result in the backend; with
+    ``eager_propagates=True`` a task that fails raises its exception from the enqueue.
+    See :func:`stem.testing.eager` and docs/testing.md.
     """
 
     def __init__(
@@ -130,6 +144,8 @@ class Stem:
         result_ttl: float | None = None,
         config: StemConfig | None = None,
         routes: Mapping[str, str] | None = None,
+        eager: bool = False,
+        eager_propagates: bool = False,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
@@ -198,7 +214,20 @@ class Stem:
         self._last: tuple[object, _LoopParts] = (object(), _LoopParts(self))
         self._inherited: list[object] = []  # a forked child's copies of the parent's parts
         self._sync = SyncBridge(self._close_current_loop)
+        #: Set while enqueues run their task in-process (``eager=True``, stem.testing.eager).
+        self._eager: EagerRunner | None = None
+        if eager_propagates and not eager:
+            raise ConfigurationError("eager_propagates=True needs eager=True")
+        if eager:
+            from stem.testing._eager import EagerRunner  # test tooling: loaded only when asked
+
+            self._eager = EagerRunner(self, propagate=eager_propagates)
         _apps.add(self)
+
+    @property
+    def eager(self) -> bool:
+        """Whether an enqueue runs its task in this process at once (see :mod:`stem.testing`)."""
+        return self._eager is not None
 
     def __repr__(self) -> str:
         return f"<Stem {self.name!r} broker={mask_url(self.broker_url)!r} tasks={len(self.tasks)}>"
@@ -350,21 +379,23 @@ class Stem:
 
     # -- registry -----------------------------------------------------------------------
 
+    # Async handlers match the sync overloads too; the first match wins (see TaskDecorator).
     @overload
-    def task(
+    def task(  # type: ignore[overload-overlap]
         self, func: Callable[Concatenate[TaskContext, P], Awaitable[R]], /
-    ) -> TaskDefinition[P, R]: ...
+    ) -> AsyncTaskDefinition[P, R]: ...
 
     @overload
     def task(
         self, func: Callable[Concatenate[TaskContext, P], R], /
-    ) -> TaskDefinition[P, R]: ...
+    ) -> SyncTaskDefinition[P, R]: ...
 
     @overload
-    def task(self, func: Callable[P, Awaitable[R]], /) -> TaskDefinition[P, R]: ...
+    def task(  # type: ignore[overload-overlap]
+        self, func: Callable[P, Awaitable[R]], /) -> AsyncTaskDefinition[P, R]: ...
 
     @overload
-    def task(self, func: Callable[P, R], /) -> TaskDefinition[P, R]: ...
+    def task(self, func: Callable[P, R], /) -> SyncTaskDefinition[P, R]: ...
 
     @overload
     def task(
@@ -411,7 +442,9 @@ class Stem:
         def register(fn: Callable[..., Any]) -> TaskDefinition[Any, Any]:
             task_name = name or f"{fn.__module__}.{fn.__qualname__}"
             opts = replace(options, queue=self.route(task_name)) if routed else options
-            definition: TaskDefinition[Any, Any] = TaskDefinition(
+            # The subclass types a direct call: the value, or the coroutine to await.
+            cls = AsyncTaskDefinition if inspect.iscoroutinefunction(fn) else SyncTaskDefinition
+            definition: TaskDefinition[Any, Any] = cls(
                 task_name, fn, options=opts, app=self, decode=decode
             )
             return self.register(definition)
@@ -572,6 +605,9 @@ class Stem:
         with :class:`~stem.errors.PayloadTooLargeError` and nothing is published.
         """
         envelope = self.build_envelope(call)
+        if self._eager is not None:  # tests: run it here, now (no coalescing: it may nest)
+            await self._eager.run([envelope])
+            return envelope.id
         if connection is not None:
             await self._publish_with_connection(connection, [envelope])
             return envelope.id
@@ -583,7 +619,9 @@ class Stem:
     ) -> list[str]:
         """Publish many calls in one broker round-trip; returns their ids in order."""
         envelopes = [self.build_envelope(c) for c in calls]
-        if connection is not None:
+        if self._eager is not None:
+            await self._eager.run(envelopes)
+        elif connection is not None:
             await self._publish_with_connection(connection, envelopes)
         elif envelopes:
             await self._publish_new(envelopes, self._parts())

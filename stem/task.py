@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, cast
 
 from stem._convert import ArgConverter, converters_for
 from stem._sync import refuse_in_event_loop as _refuse_in_event_loop
@@ -282,6 +282,30 @@ class TaskDefinition(Generic[P, R]):
                         f"{value!r:.60} to {type_label}: {why}") from None
         return kwargs
 
+    # -- calling the handler directly (tests) ---------------------------------------------
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Call the handler here and now, as a plain function (Celery's ``task(...)``).
+
+        Nothing is enqueued, encoded, converted, retried or stored: this is the handler
+        itself, for unit tests. A ``def`` handler returns its value; an ``async def``
+        one returns its coroutine (``await charge(1)``). A handler that takes a
+        :class:`~stem.context.TaskContext` gets a fresh recording one from
+        :func:`stem.testing.make_context` (to pass your own, call
+        ``task.func(ctx, ...)``). ``@app.task`` returns a :class:`SyncTaskDefinition` or
+        an :class:`AsyncTaskDefinition`, whose ``__call__`` is typed precisely.
+        """
+        func = self.func
+        if func is None:
+            raise ConfigurationError(
+                f"task {self.name!r} has no handler in this process: enqueue it instead")
+        if self.takes_context:
+            # Imported here: `import stem` does not import the testing helpers.
+            from stem.testing import make_context
+
+            return func(make_context(name=self.name, app=self.app), *args, **kwargs)
+        return func(*args, **kwargs)
+
     # -- producer API -------------------------------------------------------------------
 
     def _require_app(self) -> Stem:
@@ -332,6 +356,22 @@ class TaskDefinition(Generic[P, R]):
         _refuse_in_event_loop(f"wait_sync() of task {self.name!r}", "task.wait(...)")
         return app.wait_sync(task_id, timeout, decode=self.decode,
                              raise_on_failure=raise_on_failure)
+
+
+class SyncTaskDefinition(TaskDefinition[P, R]):
+    """A task whose handler is a ``def``: calling it returns the handler's value (``R``)."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the handler now and return its value (see :meth:`TaskDefinition.__call__`)."""
+        return cast(R, super().__call__(*args, **kwargs))
+
+
+class AsyncTaskDefinition(TaskDefinition[P, R]):
+    """A task whose handler is an ``async def``: calling it returns the coroutine to await."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        """The handler's coroutine, to await (see :meth:`TaskDefinition.__call__`)."""
+        return cast("Coroutine[Any, Any, R]", super().__call__(*args, **kwargs))
 
 
 def isolation_for(definition: TaskDefinition[Any, Any], hard_limit: float | None,
