@@ -7,9 +7,11 @@ import asyncio
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from stem._time import utcnow
 from stem._urls import mask_url
 from stem.envelope import Envelope, decode_envelope
 from stem.errors import ConfigurationError
@@ -20,6 +22,7 @@ from stem.limits import (
 )
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
+from stem.retry import clamp_delay
 from stem.status import TaskStatus
 
 log = get_logger(__name__)
@@ -268,3 +271,11 @@ async def add_then_publish(
         await asyncio.shield(backend.forget_many([e.id for e in fresh]))
         raise
     return added
+
+
+def replayed(env: Envelope, delay: float | None) -> Envelope:
+    """What a replayed dead letter is published as: attempt 0 (a fresh run with its whole
+    retry budget), due now, or ``delay`` seconds from now (clamped to at most a year)."""
+    if delay is None:
+        return env.copy(attempt=0, not_before=None)
+    return env.copy(attempt=0, not_before=utcnow() + timedelta(seconds=clamp_delay(delay)))
