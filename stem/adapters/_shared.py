@@ -279,3 +279,27 @@ def replayed(env: Envelope, delay: float | None) -> Envelope:
     if delay is None:
         return env.copy(attempt=0, not_before=None)
     return env.copy(attempt=0, not_before=utcnow() + timedelta(seconds=clamp_delay(delay)))
+
+
+#: How long SQL stores keep dead letters (seven days, as in the Dart Stem); URL option
+#: ``?dead_letter_retention=`` (seconds, or with a unit: ``12h``, ``30d``).
+DEFAULT_DEAD_LETTER_RETENTION = 7 * 86_400.0
+#: How often a SQL broker deletes dead letters past their retention (at most once per
+#: this many seconds, when it dead-letters something or lists its dead letters).
+DEAD_LETTER_SWEEP_INTERVAL = 60.0
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def parse_retention(value: str, what: str) -> float:
+    """``?dead_letter_retention=`` as seconds > 0: ``604800``, ``36h``, ``7d``..."""
+    text = value.strip().lower()
+    unit = text[-1:] if text[-1:] in ("s", "m", "h", "d") else ""
+    try:
+        seconds = float(text[: len(text) - len(unit)]) * _UNIT_SECONDS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 100 * 365 * 86_400.0:  # NaN fails too
+        raise ConfigurationError(
+            f"{what} URL: ?dead_letter_retention={value!r} must be a duration > 0 "
+            "(seconds, or with a unit: 12h, 7d)")
+    return seconds

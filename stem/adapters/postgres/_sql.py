@@ -299,6 +299,9 @@ class Statements:
             FOR UPDATE SKIP LOCKED"""
         self.delete_dead_letters = f"DELETE FROM {dead} WHERE id = ANY($1::int8[])"
         self.purge_dead_letters = f"DELETE FROM {dead} WHERE queue = $1"
+        # $1 retention in seconds: dead letters older than that, of every queue.
+        self.sweep_dead_letters = f"""
+            DELETE FROM {dead} WHERE dead_at < now() - make_interval(secs => $1::float8)"""
 
         # -- results -----------------------------------------------------------
         # $1 task ids, $2 states, $3 status JSON bytes, $4 TTL seconds; $5 channel.

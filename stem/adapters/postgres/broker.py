@@ -25,7 +25,13 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
-from stem.adapters._shared import check_publishable, decode_stored, lease_seconds, replayed
+from stem.adapters._shared import (
+    DEAD_LETTER_SWEEP_INTERVAL,
+    check_publishable,
+    decode_stored,
+    lease_seconds,
+    replayed,
+)
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import results_channel, status_arrays
@@ -233,6 +239,7 @@ class PostgresBroker(LeasingBroker):
         self._generation = 0
         self._waiters: set[asyncio.Future[None]] = set()
         self._churn = 0
+        self._last_sweep = float("-inf")
         self._last_vacuum = 0.0
         self._vacuum_failed = False
 
@@ -488,6 +495,22 @@ class PostgresBroker(LeasingBroker):
         ids, leases = _keys([d for d, _ in items])
         reasons = [r for _, r in items]
         await self._db.run(lambda c: c.execute(self._sql.dead_letter, ids, leases, reasons))
+        await self._maybe_sweep()
+
+    async def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep >= DEAD_LETTER_SWEEP_INTERVAL:
+            self._last_sweep = now
+            await self.sweep_dead_letters()
+
+    async def sweep_dead_letters(self) -> int:
+        """Delete the dead letters (of every queue) older than the URL's
+        ``dead_letter_retention`` (default 7 days) now; return how many. Also done at most
+        once a minute as the broker dead-letters or lists dead letters."""
+        self._last_sweep = time.monotonic()
+        status = await self._db.run(lambda c: c.execute(
+            self._sql.sweep_dead_letters, self.settings.dead_letter_retention))
+        return _row_count(status)
 
     async def _extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         ids, leases = _keys(deliveries)
@@ -516,6 +539,7 @@ class PostgresBroker(LeasingBroker):
     async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
                            since: float | None = None) -> list[DeadLetter]:
         """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""
+        await self._maybe_sweep()
         rows = await self._db.run(lambda c: c.fetch(
             self._sql.dead_letters, queue, max(0, limit), max(0, offset), since))
         return [_letter(r) for r in rows]

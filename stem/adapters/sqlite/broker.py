@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from stem._time import now_epoch
 from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
 from stem.adapters._shared import (
+    DEAD_LETTER_SWEEP_INTERVAL,
+    DEFAULT_DEAD_LETTER_RETENTION,
     Waiter,
     check_publishable,
     decode_stored,
@@ -156,10 +159,14 @@ class SqliteBroker(LeasingBroker):
         namespace: str = "stem",
         visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
         db: Database | None = None,
+        dead_letter_retention: float = DEFAULT_DEAD_LETTER_RETENTION,
     ) -> None:
         super().__init__()
         self.path = path
         self.default_visibility_timeout = visibility_timeout
+        #: Dead letters older than this many seconds are deleted (see sweep_dead_letters).
+        self.dead_letter_retention = dead_letter_retention
+        self._last_sweep = float("-inf")
         prefix = table_prefix(namespace)
         self._prefix = prefix
         self._jobs = quote(f"{prefix}_jobs")
@@ -401,9 +408,13 @@ class SqliteBroker(LeasingBroker):
             return
         jobs, dead = self._jobs, self._dead
 
+        sweep = self._sweep_due()
+
         def dead_letter(conn: sqlite3.Connection) -> None:
             now = now_epoch()
             with immediate(conn):
+                if sweep:
+                    self._sweep(conn, now)
                 for row_id, token, reason in work:
                     row = conn.execute(
                         f"DELETE FROM {jobs} WHERE id = ? AND lease_token = ? "
@@ -482,10 +493,36 @@ class SqliteBroker(LeasingBroker):
 
         return await self._db.run(purge)
 
+    def _sweep_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_sweep < DEAD_LETTER_SWEEP_INTERVAL:
+            return False
+        self._last_sweep = now
+        return True
+
+    def _sweep(self, conn: sqlite3.Connection, now: float) -> int:
+        n: int = conn.execute(f"DELETE FROM {self._dead} WHERE dead_at < ?",
+                              (now - self.dead_letter_retention,)).rowcount
+        return n
+
+    async def sweep_dead_letters(self) -> int:
+        """Delete the dead letters (of every queue) older than ``dead_letter_retention``
+        now; return how many. Also done at most once a minute as the broker dead-letters
+        or lists dead letters, so a store keeps about a week of them by default."""
+        self._last_sweep = time.monotonic()
+
+        def sweep(conn: sqlite3.Connection) -> int:
+            with immediate(conn):
+                return self._sweep(conn, now_epoch())
+
+        return await self._db.run(sweep)
+
     async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
                            since: float | None = None) -> list[DeadLetter]:
         """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""
         dead = self._dead
+        if self._sweep_due():
+            await self.sweep_dead_letters()
 
         def read(conn: sqlite3.Connection) -> list[_DeadRow]:
             rows: list[_DeadRow] = conn.execute(
