@@ -68,6 +68,11 @@ class TaskOptions:
     enqueue: a worker that gets the task later cancels it instead of running it (see
     :func:`check_expires`). ``ignore_result=True`` makes the worker store a success
     without its value (``payload`` null); failures are stored as usual.
+
+    ``autoretry_for`` / ``dont_autoretry_for`` (exception classes) choose which errors
+    are retried (:meth:`retries`); ``retry_policy`` (a :class:`~stem.retry.RetryPolicy`)
+    sets budget, delay and name filters together, the Dart Stem's way. See
+    docs/reliability.md, "Retries and failures".
     """
 
     queue: str = DEFAULT_QUEUE
