@@ -11,9 +11,9 @@ from stem.task import META_PARENT_TASK_ID, META_ROOT_TASK_ID
 if TYPE_CHECKING:
     from stem.task import TaskCall, TaskDefinition
 
-#: Headers older releases linked child tasks with (still read for the root id; the
-#: lineage is now written as the Dart Stem's meta keys ``stem.parentTaskId`` and
-#: ``stem.rootTaskId``, see :mod:`stem.task`).
+#: Headers older releases linked child tasks with: still written (for workers of those
+#: releases) and read, but the Dart Stem's meta keys ``stem.parentTaskId`` and
+#: ``stem.rootTaskId`` (:mod:`stem.task`) come first.
 PARENT_ID_HEADER = "stem-parent-id"
 ROOT_ID_HEADER = "stem-root-id"
 
@@ -108,8 +108,11 @@ class TaskContext:
     def _child(self, task: str | TaskDefinition[Any, Any], args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> TaskCall[Any]:
         definition = self._ops.resolve(task) if isinstance(task, str) else task
+        root = self.root_id
+        # The Dart Stem's meta keys, and the headers older releases read (rolling upgrades).
         return definition.call(*args, **kwargs).with_options(
-            meta={META_PARENT_TASK_ID: self.id, META_ROOT_TASK_ID: self.root_id})
+            meta={META_PARENT_TASK_ID: self.id, META_ROOT_TASK_ID: root},
+            headers={PARENT_ID_HEADER: self.id, ROOT_ID_HEADER: root})
 
     @property
     def parent_id(self) -> str | None:

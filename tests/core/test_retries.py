@@ -310,5 +310,5 @@ async def test_children_carry_dart_lineage_and_old_headers_are_read(namespace: s
         assert (await final(app, old)).value == "root0"
     assert envelopes[0].meta[META_PARENT_TASK_ID] == parent_id
     assert envelopes[0].meta[META_ROOT_TASK_ID] == parent_id
-    assert "stem-parent-id" not in envelopes[0].headers
+    assert envelopes[0].headers["stem-parent-id"] == parent_id  # for older workers too
     await app.close()
