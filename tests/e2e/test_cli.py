@@ -197,7 +197,7 @@ async def test_dlq_show_pages_and_replay_by_id_filter_dry_run_and_confirmation(
         sqlite_url: str) -> None:
     from stem.envelope import Envelope
 
-    app = stem.Stem("p", broker=sqlite_url, backend=sqlite_url)
+    app = stem.Stem(broker=sqlite_url, backend=sqlite_url)  # namespace "stem", as the CLI's
     envs = [Envelope(name="e2e.add", args={"x": i, "y": 1}, attempt=2, max_retries=2)
             for i in range(3)]
     await app.broker.publish(envs)
