@@ -69,7 +69,8 @@ def _when(epoch: float) -> str:
 
 
 def _letter_json(d: DeadLetter) -> dict[str, Any]:
-    return {"id": d.id, "queue": d.queue, "reason": d.reason, "deadAt": d.dead_at,
+    return {"id": d.id, "queue": d.queue, "reason": d.reason, "error": d.meta.get("error"),
+            "deadAt": d.dead_at,
             "task": d.envelope.name if d.envelope else None,
             "attempt": d.envelope.attempt if d.envelope else None,
             "raw": d.raw.decode("utf-8", "replace")}
@@ -120,10 +121,11 @@ def dlq_list(
         for d in letters:
             typer.echo(orjson.dumps(_letter_json(d)).decode())
         return
-    table = Table("id", "queue", "task", "dead at (UTC)", "reason", title="dead letters")
+    table = Table("id", "queue", "task", "dead at (UTC)", "reason", "error",
+                  title="dead letters")
     for d in letters:
         table.add_row(d.id, d.queue, d.envelope.name if d.envelope else "(undecodable)",
-                      _when(d.dead_at), d.reason)
+                      _when(d.dead_at), d.reason, d.meta.get("error") or "")
     Console().print(table)
 
 
@@ -157,6 +159,8 @@ def dlq_show(
         typer.echo(f"attempt:  {d.envelope.attempt} (max retries {d.envelope.max_retries})")
     typer.echo(f"dead at:  {_when(d.dead_at)} UTC")
     typer.echo(f"reason:   {d.reason}")
+    if d.meta.get("error"):
+        typer.echo(f"error:    {d.meta['error']}")
     if d.envelope is not None:
         body = orjson.dumps(orjson.loads(d.envelope.to_json()), option=orjson.OPT_INDENT_2)
         typer.echo("envelope:\n" + body.decode())

@@ -78,6 +78,19 @@ class DeadLetter:
     envelope: Envelope | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Stores keep one reason text, "<code>: <error>" for the codes the Dart Stem
+        # pairs with an error in the dead letter's meta; read back as Dart shows them.
+        code, sep, error = self.reason.partition(": ")
+        if sep and code in DEAD_LETTER_CODES_WITH_ERROR and "error" not in self.meta:
+            self.reason = code
+            self.meta = {**self.meta, "error": error}
+
+
+#: Dead-letter reasons stored as ``"<code>: <error>"`` and read back as ``reason=code``
+#: with ``meta["error"]`` (the Dart Stem's shape).
+DEAD_LETTER_CODES_WITH_ERROR = frozenset({"max-retries-exhausted", "signature-invalid"})
+
 
 @runtime_checkable
 class Broker(Protocol):

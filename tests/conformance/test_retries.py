@@ -71,13 +71,13 @@ async def test_filters_reject_and_exhausted_retries_then_replay(app: Stem) -> No
         letters = await _dead(app, 4)
         assert runs == {"io0": 2, "io1": 2, "io2": 2, "reject1": 1, "missing1": 1,
                         "reject0": 1}
-        reasons = {d.id: d.reason for d in letters}
-        assert reasons == {**{t: f"max-retries-exhausted: ConnectionError: down {n}"
+        reasons = {d.id: (d.reason, d.meta.get("error")) for d in letters}
+        assert reasons == {**{t: ("max-retries-exhausted", f"ConnectionError: down {n}")
                               for n, t in enumerate(io)},
-                           other["reject"]: "bad order"}
+                           other["reject"]: ("bad order", None)}
         status = await app.get_result(io[0])
         assert status is not None and status.attempt == 1
-        assert status.meta["deadLetterReason"] == reasons[io[0]]
+        assert status.meta["deadLetterReason"] == "max-retries-exhausted: ConnectionError: down 0"
 
         healthy["yes"] = True
         # By id...

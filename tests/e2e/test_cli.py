@@ -208,7 +208,8 @@ async def test_dlq_show_pages_and_replay_by_id_filter_dry_run_and_confirmation(
     shown = run_stem("dlq", "show", envs[1].id, env=cli_env)
     assert shown.returncode == 0, shown.stderr
     assert f"id:       {envs[1].id}" in shown.stdout
-    assert "reason:   max-retries-exhausted: RuntimeError: down" in shown.stdout
+    assert "reason:   max-retries-exhausted\n" in shown.stdout
+    assert "error:    RuntimeError: down" in shown.stdout
     assert '"x": 1' in shown.stdout and "attempt:  2 (max retries 2)" in shown.stdout
     missing = run_stem("dlq", "show", "nope", env=cli_env)
     assert missing.returncode == 1 and "no dead letter 'nope'" in missing.stderr

@@ -295,6 +295,8 @@ async def test_retry_rules_apply_to_errors_raised_in_a_child(app: stem.Stem) -> 
     finally:
         signals.task_prerun.disconnect(count)
     assert attempts == {"reject": 1, "fatal": 1, "missing": 1, "io": 2}
-    dead = {d.id: d.reason for d in await app.broker.dead_letters("default")}
-    assert dead == {ids["reject"]: "refused in the child",
-                    ids["io"]: "max-retries-exhausted: ConnectionResetError: retried: an OSError"}
+    dead = {d.id: (d.reason, d.meta.get("error"))
+            for d in await app.broker.dead_letters("default")}
+    assert dead == {ids["reject"]: ("refused in the child", None),
+                    ids["io"]: ("max-retries-exhausted",
+                                "ConnectionResetError: retried: an OSError")}
