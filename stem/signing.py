@@ -458,6 +458,12 @@ class PayloadSigner:
         self.algorithm = config.algorithm
         self.active_key = config.active_key if config.can_sign else None
         self.invalid = 0
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes, hmac
+
+        self._invalid_signature = InvalidSignature
+        self._hmac = hmac.HMAC
+        self._sha256 = hashes.SHA256()
         self._hmac_keys: dict[str, bytes] = {}
         self._public: dict[str, Any] = {}
         self._private: Any = None
@@ -486,13 +492,12 @@ class PayloadSigner:
                 f"signing: this process can only verify (no {ENV_ACTIVE_KEY} with its "
                 f"private key in {ENV_PRIVATE_KEYS}); it cannot sign")
         if self._private is not None:
-            sig: bytes = self._private.sign(data)
-            return sig
-        from cryptography.hazmat.primitives import hashes, hmac
-
-        mac = hmac.HMAC(self._hmac_keys[self.active_key], hashes.SHA256())
+            signed: bytes = self._private.sign(data)
+            return signed
+        mac = self._hmac(self._hmac_keys[self.active_key], self._sha256)
         mac.update(data)
-        return mac.finalize()
+        sig: bytes = mac.finalize()
+        return sig
 
     def sign(self, envelope: Envelope) -> None:
         """Set the two signature headers of ``envelope`` for its current fields."""
@@ -534,20 +539,17 @@ class PayloadSigner:
             sig = decode_base64(encoded)
         except ValueError:
             return SignatureProblem("signature is not valid base64", key_id)
-        from cryptography.exceptions import InvalidSignature
-
+        invalid_signature = self._invalid_signature
         data = canonical_bytes(envelope)
         if self.algorithm == HMAC_SHA256:
             secret = self._hmac_keys.get(key_id)
             if secret is None:
                 return SignatureProblem("unknown signing key", key_id)
-            from cryptography.hazmat.primitives import hashes, hmac
-
-            mac = hmac.HMAC(secret, hashes.SHA256())
+            mac = self._hmac(secret, self._sha256)
             mac.update(data)
             try:
                 mac.verify(sig)
-            except InvalidSignature:
+            except invalid_signature:
                 return SignatureProblem("signature mismatch", key_id)
             return None
         public = self._public.get(key_id)
@@ -555,7 +557,7 @@ class PayloadSigner:
             return SignatureProblem("unknown signing key", key_id)
         try:
             public.verify(sig, data)
-        except InvalidSignature:
+        except invalid_signature:
             return SignatureProblem("signature mismatch", key_id)
         return None
 
