@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--yes", action="store_true",
                         help="allow a server that is not on this machine (the benchmark "
                              "writes, times and deletes its own keys/rows there)")
+    parser.add_argument("--signing", choices=["none", "hmac", "ed25519"], default="none",
+                        help="sign every envelope (fresh random keys; the worker verifies)")
     args = parser.parse_args(argv)
     unknown = [b for b in args.backends if b not in URLS]
     if unknown:
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             counter = url if kind == "redis" else (URLS["redis"] if not args.url else None)
         fig = asyncio.run(workloads.run(url, n=args.n, workloads=wl, floor_dir=args.floor_dir,
                                         redis_counter_url=counter or None,
-                                        concurrency=args.concurrency))
+                                        concurrency=args.concurrency,
+                                        signing=args.signing))
         workloads.report(workloads._kind(url), fig, Console())
 
 

@@ -8,6 +8,7 @@ W4 2,000 tasks of ``asyncio.sleep(0.05)`` at concurrency 200 (ideal ≈ 0.5 s).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ from rich.table import Table
 
 import stem
 from bench import bench_app
+from stem.signing import SigningConfig
 
 PEERS = {  # the peers' published figures: best peer per figure on this kind of machine
     "redis": {"drain": 3436, "enqueue_one": 8986, "enqueue_bulk": 9261, "p50": 0.25, "p99": 0.73},
@@ -142,13 +144,17 @@ class Bench:
     """One benchmark run against ``url`` (broker and result backend on the same store)."""
 
     def __init__(self, url: str, *, n: int, redis_counter_url: str | None,
-                 concurrency: int = 100) -> None:
+                 concurrency: int = 100, signing: str = "none") -> None:
         self.url = url
         self.n = n
         self.namespace = "bench" + uuid.uuid4().hex[:8]
         self.redis_counter_url = redis_counter_url
         self.concurrency = concurrency
-        self.app = stem.Stem("bench-producer", broker=url, backend=url, namespace=self.namespace)
+        # The producer signs with the whole config; the worker gets what a worker needs
+        # (Ed25519: the public key alone).
+        producer_env, self.worker_env = signing_env(signing)
+        self.app = stem.Stem("bench-producer", broker=url, backend=url, namespace=self.namespace,
+                             signing=SigningConfig.from_env(producer_env))
         for d in bench_app.app.tasks.values():
             self.app.register(stem.TaskDefinition(d.name, d.func, options=d.options))
 
@@ -172,7 +178,7 @@ class Bench:
     def _worker(self, concurrency: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "STEM_BROKER_URL": self.url, "STEM_NAMESPACE": self.namespace,
                "BENCH_COUNTER": f"{self.namespace}:counter",
-               "BENCH_POOL": str(max(concurrency, 32))}
+               "BENCH_POOL": str(max(concurrency, 32)), **self.worker_env}
         env.pop("STEM_RESULT_BACKEND_URL", None)
         if self.redis_counter_url:
             env["BENCH_REDIS_URL"] = self.redis_counter_url
@@ -299,14 +305,37 @@ def report(kind: str, fig: Figures, console: Console) -> None:
         console.print(f"[yellow]{note}[/yellow]")
 
 
+def signing_env(kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Fresh random keys as ``STEM_SIGNING_*`` for the producer and for the worker."""
+    if kind == "none":
+        return {}, {}
+    if kind == "hmac":
+        env = {"STEM_SIGNING_ALGORITHM": "hmac-sha256", "STEM_SIGNING_ACTIVE_KEY": "b1",
+               "STEM_SIGNING_KEYS": "b1:" + base64.b64encode(os.urandom(32)).decode()}
+        return env, env
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    seed = os.urandom(32)
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    worker = {"STEM_SIGNING_ALGORITHM": "ed25519",
+              "STEM_SIGNING_PUBLIC_KEYS": "b1:" + base64.b64encode(public).decode()}
+    producer = {**worker, "STEM_SIGNING_ACTIVE_KEY": "b1",
+                "STEM_SIGNING_PRIVATE_KEYS": "b1:" + base64.b64encode(seed).decode()}
+    return producer, worker
+
+
 async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
-              redis_counter_url: str | None, concurrency: int) -> Figures:
+              redis_counter_url: str | None, concurrency: int,
+              signing: str = "none") -> Figures:
     """Run the selected workloads (and the floor) and return the figures."""
     fig = Figures()
     kind = _kind(url)
     if floor_dir is not None and kind in ("redis", "postgres"):
         fig.floor = run_floor(kind, url, floor_dir, max(n, 20000))
-    bench = Bench(url, n=n, redis_counter_url=redis_counter_url, concurrency=concurrency)
+    bench = Bench(url, n=n, redis_counter_url=redis_counter_url, concurrency=concurrency,
+                  signing=signing)
     try:
         await bench.app.broker.purge("default")
         if "W1" in workloads:

@@ -288,8 +288,10 @@ def _say_migrated(url: str, namespace: str, applied: list[int]) -> None:
 
 async def _migrate(url: str, namespace: str) -> list[int]:
     from stem.adapters import store_from_url
+    from stem.tls import TlsConfig
 
-    async with store_from_url(url, namespace=namespace) as store:
+    tls = TlsConfig.from_env()  # STEM_TLS_* apply to a bare URL too
+    async with store_from_url(url if tls is None else tls.apply(url), namespace=namespace) as store:
         return await store.migrate()
 
 

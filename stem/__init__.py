@@ -61,8 +61,10 @@ from stem.retry import (
     RetryPolicy,
     RetryStrategy,
 )
+from stem.signing import SigningConfig
 from stem.status import TaskError, TaskResult, TaskState, TaskStatus
 from stem.task import AsyncTaskDefinition, SyncTaskDefinition, TaskCall, TaskDefinition, TaskOptions
+from stem.tls import TlsConfig
 
 __version__ = "0.1.0"
 
@@ -83,6 +85,7 @@ __all__ = [
     "RetryPolicy",
     "RetryStrategy",
     "ServiceUnavailableError",
+    "SigningConfig",
     "SoftTimeLimitExceeded",
     "Stem",
     "StemConfig",
@@ -103,6 +106,7 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "TimeLimitExceeded",
+    "TlsConfig",
     "UnknownTaskError",
     "UnsettledDeliveriesError",
     "WaitTimeoutError",

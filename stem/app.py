@@ -47,6 +47,7 @@ from stem.ports import (
     TransactionalPublisher,
 )
 from stem.retry import RetryPolicy, RetryStrategy
+from stem.signing import PayloadSigner, SigningConfig, signer_for
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
     META_EXPIRES_AT,
@@ -66,6 +67,7 @@ from stem.task import (
     expires_at,
     limit_ms,
 )
+from stem.tls import TlsConfig
 
 if TYPE_CHECKING:
     from stem.testing._eager import EagerRunner
@@ -148,9 +150,17 @@ class Stem:
         routes: Mapping[str, str] | None = None,
         eager: bool = False,
         eager_propagates: bool = False,
+        signing: SigningConfig | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
+        #: Signs every envelope this app publishes and verifies what its workers run
+        #: (``signing=``, else ``STEM_SIGNING_*``); None when signing is off.
+        self.signer: PayloadSigner | None = signer_for(
+            signing if signing is not None else self.config.signing)
+        #: TLS settings applied to Redis and Postgres URLs (``tls=``, else ``STEM_TLS_*``).
+        self.tls = tls if tls is not None else self.config.tls
         # Explicit argument, else STEM_NAMESPACE, else derived from the name ("stem" for
         # Stem()): two apps on one store keep apart unless told to share (docs/storage.md).
         self.namespace = (self.config.namespace_for(name) if namespace is None
@@ -310,7 +320,8 @@ class Stem:
     def _url_store(self, parts: _LoopParts, url: str) -> Store:
         store = self._given.get(url) or parts.stores.get(url)
         if store is None:
-            store = parts.stores[url] = store_from_url(url, namespace=self.namespace)
+            tls_url = url if self.tls is None else self.tls.apply(url)
+            store = parts.stores[url] = store_from_url(tls_url, namespace=self.namespace)
         return store
 
     def store_for(self, url: str) -> Store:
@@ -559,7 +570,7 @@ class Stem:
             else opts.visibility_timeout
         if vt is not None:  # with_options checked it; a TaskCall built directly did not
             vt = check_visibility_timeout(vt)
-        return Envelope(
+        envelope = Envelope(
             name=d.name,
             args=self.encoders.encode_args(call.args, args_encoder),
             headers=headers,
@@ -575,6 +586,9 @@ class Stem:
             meta=meta,
             **kwargs,
         )
+        if self.signer is not None:
+            self.signer.sign(envelope)
+        return envelope
 
     async def enqueue(
         self,

@@ -138,7 +138,8 @@ class Completer:
         self._schedule()
 
     def reject(self, d: Delivery, task_id: str | None, reason: str, error_type: str,
-               env: Envelope | None) -> None:
+               env: Envelope | None, *, meta: dict[str, Any] | None = None,
+               error_meta: dict[str, Any] | None = None) -> None:
         """Dead-letter ``d`` with ``reason`` (and record FAILED, see the class docstring)."""
         if _stdlog.isEnabledFor(_WARNING):
             emit(_stdlog, _WARNING, "task.dead_lettered", task=env.name if env else None,
@@ -147,8 +148,10 @@ class Completer:
         signals.task_rejected.send(self._sender, reason=reason, envelope=env, raw=d.raw)
         if task_id is not None:
             self._reject_statuses[task_id] = TaskStatus(
-                task_id, TaskState.FAILED, error=TaskError(type=error_type, message=reason),
-                attempt=env.attempt if env else 0, meta={"deadLetterReason": reason})
+                task_id, TaskState.FAILED,
+                error=TaskError(type=error_type, message=reason, meta=error_meta or {}),
+                attempt=env.attempt if env else 0,
+                meta={"deadLetterReason": reason, **(meta or {})})
         self._dead.append((d, reason))
         self.pending_receipts.add(d.receipt)
         self._schedule()

@@ -24,6 +24,7 @@ from stem.retry import (
     clamp_delay,
     is_retryable,
 )
+from stem.signing import PayloadSigner
 from stem.status import TaskError
 from stem.task import (
     META_EXPIRES_AT,
@@ -79,6 +80,9 @@ class Rejected:
 
     reason: str
     error_type: str
+    #: Extra status meta and stored-error meta (a refused signature names its key).
+    meta: dict[str, Any] | None = None
+    error_meta: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -246,21 +250,27 @@ class Processor:
         self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy()
 
     @overload
-    def prepare(self, envelope: Envelope) -> Prepared | Rejected | Expired: ...
+    def prepare(self, envelope: Envelope, *, verify: bool = True
+                ) -> Prepared | Rejected | Expired: ...
 
     @overload
-    def prepare(self, envelope: Envelope, *, check_expiry: Literal[False]
+    def prepare(self, envelope: Envelope, *, check_expiry: Literal[False], verify: bool = True
                 ) -> Prepared | Rejected: ...
 
-    def prepare(self, envelope: Envelope, *, check_expiry: bool = True
+    def prepare(self, envelope: Envelope, *, check_expiry: bool = True, verify: bool = True
                 ) -> Prepared | Rejected | Expired:
         """Resolve the handler, check the meta and the deadline, decode + check arguments.
 
         An envelope past its ``stem.expiresAt`` is :class:`Expired` before its
         arguments are decoded: it will not run, so they do not matter (the Dart worker
         checks in the same place, every delivery, retries too). ``check_expiry=False``
-        is for a process-pool child, whose parent already checked.
+        is for a process-pool child, whose parent already checked; ``verify=False`` too
+        (the parent verified the signature, see :mod:`stem.signing`).
         """
+        if verify and self.app.signer is not None:
+            refused = signature_rejection(self.app.signer, envelope)
+            if refused is not None:
+                return refused
         definition = self.app.tasks.get(envelope.name)
         if definition is None or definition.func is None:
             return Rejected(f"unknown task {envelope.name!r}: no handler registered in this "
@@ -382,6 +392,8 @@ class Processor:
             meta=next_meta,
             max_retries=budget,
         )
+        if self.app.signer is not None:  # the old signature covers the old attempt
+            self.app.signer.sign_or_strip(next_env)
         return RetryLater(next_env, _task_error(cause, retryable=True), delay)
 
 
@@ -397,6 +409,15 @@ def _describe(error: TaskError) -> str:
     """``Type: message`` of an error, at most 500 characters (for a dead-letter reason)."""
     text = f"{error.type}: {error.message}" if error.message else error.type
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+def signature_rejection(signer: PayloadSigner, envelope: Envelope) -> Rejected | None:
+    """A :class:`Rejected` (dead letter ``signature-invalid``) unless the signature verifies."""
+    problem = signer.verify(envelope)
+    if problem is None:
+        return None
+    return Rejected(problem.reason, "SignatureInvalid", meta=problem.status_meta(),
+                    error_meta=problem.error_meta())
 
 
 def _task_error(exc: BaseException, *, retryable: bool) -> TaskError:

@@ -386,7 +386,8 @@ class Worker:
                                        type(exc).__name__, env)
                 continue
             if isinstance(prepared, Rejected):
-                self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
+                self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env,
+                                       meta=prepared.meta, error_meta=prepared.error_meta)
                 continue
             if isinstance(prepared, Expired):
                 self._expire(d, prepared.envelope, prepared.definition)

@@ -31,6 +31,7 @@ from stem.adapters._shared import (
 from stem.adapters.postgres import migrations
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
+from stem.tls import tls_hint
 
 log = get_logger(__name__)
 
@@ -163,7 +164,10 @@ def is_connection_error(exc: BaseException) -> bool:
 
 def unavailable(settings: PgSettings, exc: BaseException, role: str) -> ServiceUnavailableError:
     """A ServiceUnavailableError naming the server (no password) and what to check."""
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+    tls = tls_hint(exc, settings.dsn)
+    if tls is not None:
+        hint = tls
+    elif isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
         hint = "the server rejected the login; check the user and password in the URL"
     elif isinstance(exc, asyncpg.InvalidCatalogNameError):
         hint = "the database does not exist; create it or fix the database name in the URL"
