@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_two_beats_dispatch_each_second_once_and_fail_over(
                 b.wait(10)
     scheduled, pending = asyncio.run(_runs(store_url, broker, namespace))
     assert len(scheduled) == len(set(scheduled)), "a second was recorded twice"
-    gaps = [(b - a).total_seconds() for a, b in zip(scheduled, scheduled[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in pairwise(scheduled)]
     assert all(g >= 1 for g in gaps)
     missing = sum(round(g) - 1 for g in gaps)
     assert missing <= 1, f"more than one second missing: {gaps}"
