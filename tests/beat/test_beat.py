@@ -24,8 +24,8 @@ def app(namespace: str) -> stem.Stem:
 
 
 @pytest.fixture
-def store(namespace: str) -> MemoryStore:
-    return MemoryStore(f"memory://{namespace}")
+def store(app: stem.Stem, namespace: str) -> MemoryStore:
+    return MemoryStore(f"memory://{namespace}", namespace=app.namespace)
 
 
 def entry(entry_id: str, spec: Any, **kw: Any) -> ScheduleEntry:
