@@ -352,10 +352,11 @@ class Store(Protocol):
 
     A store owns the connections for its URL (one Postgres pool and one LISTEN
     connection, one Redis client and pub/sub connection, one SQLite database handle)
-    and hands out the stores built on them: :attr:`broker`, :attr:`backend` (and
-    more as Stem grows). ``Stem`` asks :func:`stem.adapters.store_from_url` for one
-    store per distinct URL, so a broker and a backend on the same URL share it.
-    Nothing connects until first use; ``async with store:`` closes it on exit.
+    and hands out the stores built on them: :attr:`broker`, :attr:`backend`,
+    :attr:`locks` and :attr:`schedules`. ``Stem`` asks
+    :func:`stem.adapters.store_from_url` for one store per distinct URL, so a broker and
+    a backend on the same URL share it. Nothing connects until first use;
+    ``async with store:`` closes it on exit.
     """
 
     #: The URL this store was built from (may hold a password: show it masked).
@@ -369,6 +370,16 @@ class Store(Protocol):
     @property
     def backend(self) -> ResultBackend:
         """The result backend on this store's connections."""
+        ...
+
+    @property
+    def locks(self) -> LockStore:
+        """The lock store on this store's connections (the beat's entry locks)."""
+        ...
+
+    @property
+    def schedules(self) -> ScheduleStore:
+        """The schedule store on this store's connections (the beat's entries)."""
         ...
 
     async def ping(self) -> None:

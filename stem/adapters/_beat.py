@@ -3,7 +3,10 @@ adapters share it without importing each other): argument checks, the millisecon
 rule for stored times, and what ``mark_run`` and ``upsert`` write.
 
 Stores do the compare-and-write atomically in the store (a script, one statement, one
-``BEGIN IMMEDIATE`` transaction); these helpers only compute values.
+``BEGIN IMMEDIATE`` transaction); these helpers only compute values. The stores that
+keep entries as Python values (memory, and the beat's file store) use
+:func:`upserted`, :func:`run_applied` and :func:`is_due` whole, so there is one
+implementation of the port's rules.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from stem._time import utcnow
 from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.errors import ScheduleConflictError
 
 __all__ = [
     "check_history_max",
@@ -21,9 +25,11 @@ __all__ = [
     "drift_ms",
     "epoch_ms",
     "from_ms",
+    "is_due",
     "ms_time",
     "run_applied",
     "stored_entry",
+    "upserted",
 ]
 
 
@@ -121,3 +127,23 @@ def run_applied(entry: ScheduleEntry, run: ScheduleRun, *, next_run_at: datetime
         out.last_error = run.error
         out.last_error_at = executed
     return out
+
+
+def upserted(existing: ScheduleEntry | None, entry: ScheduleEntry,
+             expected_version: int | None, now: datetime) -> ScheduleEntry:
+    """``entry`` as ``upsert`` stores it over ``existing`` (None: a new entry): the
+    version check (ScheduleConflictError), ``version = stored + 1`` (``entry.version``
+    is not read), ``created_at`` kept, ``updated_at = now``, times to the millisecond."""
+    actual = None if existing is None else existing.version
+    if expected_version is not None and (actual or 0) != expected_version:
+        raise ScheduleConflictError(entry.id, expected_version, actual)
+    created = existing.created_at if existing is not None else entry.created_at
+    return stored_entry(entry, version=(actual or 0) + 1, created_at=created,
+                        updated_at=ms_time(now) or now)
+
+
+def is_due(entry: ScheduleEntry, now: datetime) -> bool:
+    """Enabled with ``next_run_at <= now`` (``now`` is the caller's clock, to the ms)."""
+    cutoff = ms_time(now)
+    return (entry.enabled and entry.next_run_at is not None and cutoff is not None
+            and entry.next_run_at <= cutoff)

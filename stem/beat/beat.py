@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 from stem._time import to_iso, utcnow
 from stem.beat.entry import ScheduleEntry, ScheduleRun
-from stem.beat.records import is_due
 from stem.beat.specs import next_run
 from stem.errors import ConfigurationError, ScheduleConflictError
 from stem.log import get_logger
@@ -202,12 +201,7 @@ class Beat:
             return False
         keeper = asyncio.create_task(self._keep_lock(key)) if self.locks is not None else None
         try:
-            # Re-read under the lock: a beat that held it before us may have run it.
-            fresh = await self.schedules.get(entry.id)
-            if fresh is None or fresh.version != entry.version or not is_due(fresh, utcnow()):
-                self._known.pop(entry.id, None)
-                return False
-            return await self._fire(fresh, now)
+            return await self._fire(entry, now)
         finally:
             if keeper is not None:
                 keeper.cancel()

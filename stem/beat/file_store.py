@@ -29,8 +29,16 @@ import orjson
 
 from stem._extras import require
 from stem._time import from_iso, to_iso, utcnow
+from stem.adapters._beat import (
+    check_history_max,
+    check_limit,
+    drift_ms,
+    is_due,
+    ms_time,
+    run_applied,
+    upserted,
+)
 from stem.beat.entry import ScheduleEntry, ScheduleRun
-from stem.beat.records import after_mark_run, after_upsert, is_due
 from stem.beat.specs import normalize_spec, parse_duration
 from stem.errors import ConfigurationError
 
@@ -40,8 +48,9 @@ __all__ = ["DEFAULT_SCHEDULE_FILE", "FileScheduleStore", "entries_from_document"
 T = TypeVar("T")
 #: The file used when neither ``STEM_SCHEDULE_STORE_URL`` nor ``STEM_SCHEDULE_FILE`` is set.
 DEFAULT_SCHEDULE_FILE = ".stem/schedules.json"
-#: Runs kept per entry in a file (a file is rewritten whole on every run).
-FILE_HISTORY_LIMIT = 50
+#: Runs kept per entry in a file unless built with another bound (smaller than other
+#: stores' default: a file is rewritten whole on every run).
+FILE_HISTORY_MAX = 50
 _YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -143,10 +152,16 @@ def entry_from_file(data: Any, *, entry_id: str | None = None,
 
 class FileScheduleStore:
     """A :class:`stem.ports.ScheduleStore` in one file (JSON; YAML for ``.yaml``/``.yml``
-    when PyYAML is installed). Safe for several processes on one host."""
+    when PyYAML is installed). Safe for several processes on one host.
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    The port's rules (versions, times to the millisecond, what ``mark_run`` writes) are
+    :mod:`stem.adapters._beat`'s, as in every other store.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 history_max: int = FILE_HISTORY_MAX) -> None:
         self.path = Path(path or os.environ.get("STEM_SCHEDULE_FILE") or DEFAULT_SCHEDULE_FILE)
+        self.history_max = check_history_max(history_max)
         self.url = f"file://{self.path}"
 
     def __repr__(self) -> str:
@@ -226,8 +241,10 @@ class FileScheduleStore:
     async def upsert(self, entry: ScheduleEntry, *, expected_version: int | None = None
                      ) -> ScheduleEntry:
         """Create or replace ``entry`` (optimistic with ``expected_version``)."""
+        now = utcnow()
+
         def change(entries: dict[str, ScheduleEntry], _: Any) -> ScheduleEntry:
-            stored = after_upsert(entries.get(entry.id), entry, expected_version, utcnow())
+            stored = upserted(entries.get(entry.id), entry, expected_version, now)
             entries[entry.id] = stored
             return stored
         return await asyncio.to_thread(self._change, change)
@@ -240,7 +257,8 @@ class FileScheduleStore:
         return await asyncio.to_thread(self._change, change)
 
     async def due(self, now: datetime, limit: int = 100) -> list[ScheduleEntry]:
-        """Enabled entries with ``next_run_at <= now``, soonest first."""
+        """Enabled entries with ``next_run_at <= now`` (the caller's clock), soonest first."""
+        check_limit(limit)
         found = await asyncio.to_thread(self._snapshot)
         due = sorted((e for e in found.values() if is_due(e, now)),
                      key=lambda e: (e.next_run_at, e.id))
@@ -250,22 +268,31 @@ class FileScheduleStore:
                        next_run_at: datetime | None, jitter_ms: int = 0,
                        disable: bool = False) -> ScheduleEntry | None:
         """Record a dispatch if the entry is still at ``expected_version``."""
+        now = utcnow()
+        drift_ms(run)  # a bad run fails before the file is touched
+        kept = ScheduleRun(run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
+                           ms_time(run.executed_at) or run.executed_at, run.success,
+                           run.duration_ms, run.error).to_dict()
+        bound = self.history_max
+
         def change(entries: dict[str, ScheduleEntry],
                    history: dict[str, list[dict[str, Any]]]) -> ScheduleEntry | None:
             entry = entries.get(run.entry_id)
             if entry is None or entry.version != expected_version:
                 return None
-            stored = after_mark_run(entry, run, next_run_at=next_run_at, jitter_ms=jitter_ms,
-                                    disable=disable, now=utcnow())
+            stored = run_applied(entry, run, next_run_at=next_run_at, jitter_ms=jitter_ms,
+                                 disable=disable, now=now)
             entries[entry.id] = stored
             runs = history.setdefault(entry.id, [])
-            runs.insert(0, run.to_dict())
-            del runs[FILE_HISTORY_LIMIT:]
+            runs.insert(0, kept)
+            del runs[bound:]
             return stored
         return await asyncio.to_thread(self._change, change)
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The latest runs, newest first."""
+        check_limit(limit)
+
         def read() -> list[dict[str, Any]]:
             with self._locked():
                 return list(self._read()[1].get(entry_id, []))

@@ -53,7 +53,7 @@ async def running(app: stem.Stem, store: MemoryStore) -> AsyncIterator[Beat]:
 
 async def test_a_due_entry_is_enqueued_with_the_beat_headers_and_bookkeeping(
         app: stem.Stem, store: MemoryStore) -> None:
-    now = datetime.now(UTC)
+    now = datetime.now(UTC).replace(microsecond=123_000)  # stores keep milliseconds
     await store.schedules.upsert(entry(
         "nightly", {"kind": "interval", "everyMs": 60_000}, args={"to": "ops"},
         kwargs={"legacy": 1}, queue="reports", meta={"team": "ops"},

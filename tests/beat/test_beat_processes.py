@@ -52,7 +52,7 @@ def start_beat(url: str, broker: str, namespace: str, log: Path) -> subprocess.P
 async def _setup(url: str, namespace: str) -> None:
     store = store_from_url(url, namespace=namespace)
     first = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
-    await store.schedules.upsert(ScheduleEntry(  # type: ignore[attr-defined]
+    await store.schedules.upsert(ScheduleEntry(
         id="tick", task="beat.tick", spec={"kind": "interval", "everyMs": 1000},
         next_run_at=first))
     await store.close()
@@ -60,7 +60,7 @@ async def _setup(url: str, namespace: str) -> None:
 
 async def _runs(url: str, broker: str, namespace: str) -> tuple[list[datetime], int]:
     store = store_from_url(url, namespace=namespace)
-    runs = await store.schedules.history("tick", 1000)  # type: ignore[attr-defined]
+    runs = await store.schedules.history("tick", 1000)
     await store.close()
     async with store_from_url(broker, namespace=namespace) as b:
         pending = (await b.broker.stats("default")).pending

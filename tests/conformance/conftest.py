@@ -85,16 +85,13 @@ def backend_factory(store: Store) -> Callable[[], ResultBackend]:
     return lambda: store.backend
 
 
-# The lock and schedule stores are BaseStore parts (``store.locks``/``store.schedules``);
-# the Store protocol lists them once every adapter has them.
-
 @pytest.fixture
 def lock_store_factory(store: Store) -> Callable[[], LockStore]:
     """What stem.testing.conformance.LockConformance builds its lock store with."""
-    return lambda: store.locks  # type: ignore[attr-defined,no-any-return]
+    return lambda: store.locks
 
 
 @pytest.fixture
 def schedule_store_factory(store: Store) -> Callable[[], ScheduleStore]:
     """What stem.testing.conformance.ScheduleStoreConformance builds its store with."""
-    return lambda: store.schedules  # type: ignore[attr-defined,no-any-return]
+    return lambda: store.schedules

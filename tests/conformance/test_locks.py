@@ -76,5 +76,5 @@ async def test_acquirers_in_two_processes_exactly_one_wins(
     assert await asyncio.to_thread(_race, store_url, namespace, tmp_path, keys) == [1, 1, 1]
     async with store_from_url(store_url, namespace=namespace) as store:
         for key in keys:
-            owner = await eventually(lambda k=key: store.locks.owner_of(k))  # type: ignore[attr-defined]
+            owner = await eventually(lambda k=key: store.locks.owner_of(k))
             assert owner.rsplit("-", 1)[0] in ("left", "right")

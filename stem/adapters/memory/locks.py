@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from stem.adapters._beat import check_ttl
+
 
 class MemoryLockStore:
     """A :class:`stem.ports.LockStore` in a dict; thread-safe, shared by name in a process.
@@ -15,7 +17,7 @@ class MemoryLockStore:
     def __init__(self, name: str = "default") -> None:
         self.name = name
         self._lock = threading.Lock()
-        self._held: dict[str, tuple[str, float]] = {}  # key -> (owner, expires, monotonic)
+        self._held: dict[str, tuple[str, float]] = {}  # key -> (owner, monotonic expiry)
 
     def __repr__(self) -> str:
         return f"MemoryLockStore({self.name!r})"
@@ -31,21 +33,23 @@ class MemoryLockStore:
 
     async def acquire(self, key: str, owner: str, ttl: float) -> bool:
         """Take ``key`` for ``owner`` for ``ttl`` seconds if free, expired or already its own."""
+        seconds = check_ttl(ttl)
         now = time.monotonic()
         with self._lock:
             current = self._live(key, now)
             if current is not None and current != owner:
                 return False
-            self._held[key] = (owner, now + ttl)
+            self._held[key] = (owner, now + seconds)
             return True
 
     async def renew(self, key: str, owner: str, ttl: float) -> bool:
         """Extend ``owner``'s unexpired lock; False when it does not hold it."""
+        seconds = check_ttl(ttl)
         now = time.monotonic()
         with self._lock:
             if self._live(key, now) != owner:
                 return False
-            self._held[key] = (owner, now + ttl)
+            self._held[key] = (owner, now + seconds)
             return True
 
     async def release(self, key: str, owner: str) -> bool:
