@@ -12,7 +12,7 @@ import pytest
 import stem
 from stem.adapters.memory import MemoryStore
 from stem.beat import Beat, ScheduleEntry
-from stem.beat.beat import lock_key, sync_entries
+from stem.beat.beat import LEADER_KEY, sync_entries
 from stem.beat.specs import normalize_spec
 from stem.envelope import Envelope
 from tests.helpers import capture_stem_logs, eventually
@@ -53,7 +53,8 @@ async def running(app: stem.Stem, store: MemoryStore) -> AsyncIterator[Beat]:
 
 async def test_a_due_entry_is_enqueued_with_the_beat_headers_and_bookkeeping(
         app: stem.Stem, store: MemoryStore) -> None:
-    now = datetime.now(UTC).replace(microsecond=123_000)  # stores keep milliseconds
+    now = datetime.now(UTC)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # stores keep milliseconds
     await store.schedules.upsert(entry(
         "nightly", {"kind": "interval", "everyMs": 60_000}, args={"to": "ops"},
         kwargs={"legacy": 1}, queue="reports", meta={"team": "ops"},
@@ -75,7 +76,7 @@ async def test_a_due_entry_is_enqueued_with_the_beat_headers_and_bookkeeping(
     assert (await app.get_result(env.id)) is not None      # a status exists: "queued"
     dispatched = [e for e in logs if e["event"] == "beat.dispatched"]
     assert dispatched and dispatched[0]["drift_ms"] >= 1000
-    assert await store.locks.owner_of(lock_key("nightly")) is None   # released
+    assert await store.locks.owner_of(LEADER_KEY) == beat.id   # the leader lease
 
 
 async def test_down_for_five_periods_fires_once_then_follows_the_schedule(
@@ -116,12 +117,15 @@ async def test_clocked_fires_once_and_disables(app: stem.Stem, store: MemoryStor
     assert stored is not None and not stored.enabled and stored.next_run_at is None
 
 
-async def test_a_contended_entry_is_skipped(app: stem.Stem, store: MemoryStore) -> None:
+async def test_only_the_leader_dispatches(app: stem.Stem, store: MemoryStore) -> None:
     await store.schedules.upsert(entry("held", "every:1s",
                                        next_run_at=datetime.now(UTC) - timedelta(seconds=1)))
-    assert await store.locks.acquire(lock_key("held"), "another-beat", 5)
-    assert await Beat(app, schedules=store.schedules, locks=store.locks).run_once() == 0
+    assert await store.locks.acquire(LEADER_KEY, "another-beat", 5)
+    follower = Beat(app, schedules=store.schedules, locks=store.locks)
+    assert await follower.run_once() == 0 and not follower.is_leader
     assert await queued(store) == []
+    assert await store.locks.release(LEADER_KEY, "another-beat")  # the leader stops
+    assert await follower.run_once() == 1 and follower.is_leader
 
 
 async def test_an_enqueue_failure_is_recorded_and_the_beat_goes_on(
