@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
@@ -47,15 +48,27 @@ def _kind(url: str) -> str:
     return {"postgresql": "postgres", "rediss": "redis"}.get(scheme, scheme)
 
 
+def is_local(url: str) -> bool:
+    """True for a URL whose server is on this machine (loopback or a Unix socket)."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite" or parts.scheme == "memory":
+        return True
+    hosts = [parts.hostname or ""]
+    query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
+    if "host" in query:
+        hosts = [query["host"]]
+    return all(h in ("", "localhost", "127.0.0.1", "::1") or h.startswith("/") for h in hosts)
+
+
 def run_floor(kind: str, url: str, floor_dir: Path, n: int) -> dict[str, float]:
-    """Run the floor script floor_<kind>.py of ``floor_dir`` against the same server; parse its line."""
+    """Run the floor script floor_<kind>.py of ``floor_dir`` against the same server and
+    database (it keeps to keys under a random prefix and deletes them); parse its line."""
     script = floor_dir / f"floor_{kind}.py"
     if not script.exists():
         return {}
     env = {**os.environ, "N": str(n)}
     if kind == "redis":
-        base = url.rsplit("/", 1)[0] if re.search(r"/\d+$", url) else url.rstrip("/")
-        env["URL"] = base + "/15"
+        env["URL"] = url.split("?", 1)[0]
     else:
         env["DSN"] = url.split("?", 1)[0]
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
@@ -81,14 +94,15 @@ import redis.asyncio as redis
 
 async def main():
     r = redis.from_url(sys.argv[1])
+    key = sys.argv[2]
     while True:
-        resp = await r.xreadgroup("g", "c", {"stem-w3-floor": ">"}, count=10, block=1000)
+        resp = await r.xreadgroup("g", "c", {key: ">"}, count=10, block=1000)
         if not resp:
             continue
         now = time.time()
         p = r.pipeline(transaction=False)
-        p.rpush("stem-w3-floor:done", repr(now))
-        p.xack("stem-w3-floor", "g", *[m for m, _ in resp[0][1]])
+        p.rpush(key + ":done", repr(now))
+        p.xack(key, "g", *[m for m, _ in resp[0][1]])
         await p.execute()
 
 asyncio.run(main())
@@ -101,23 +115,23 @@ async def w3_floor_redis(url: str, trips: int = 300) -> dict[str, float]:
     import redis.asyncio as redis
 
     r = redis.from_url(url)
-    await r.delete("stem-w3-floor", "stem-w3-floor:done")
-    await r.xgroup_create("stem-w3-floor", "g", id="0", mkstream=True)
+    key = f"stem-w3-floor-{uuid.uuid4().hex[:8]}"  # only keys of our own
+    await r.xgroup_create(key, "g", id="0", mkstream=True)
     proc = subprocess.Popen(  # noqa: ASYNC220 - a child we kill, never wait on
-        [sys.executable, "-c", _W3_FLOOR_CONSUMER, url])
+        [sys.executable, "-c", _W3_FLOOR_CONSUMER, url, key])
     try:
-        await r.xadd("stem-w3-floor", {"p": b"warm-up"})
-        await r.blpop(["stem-w3-floor:done"], timeout=30)
+        await r.xadd(key, {"p": b"warm-up"})
+        await r.blpop([key + ":done"], timeout=30)
         lat: list[float] = []
         for _ in range(trips):
             t0 = time.time()
-            await r.xadd("stem-w3-floor", {"p": b'{"id":"x"}'})
-            got = await r.blpop(["stem-w3-floor:done"], timeout=10)
+            await r.xadd(key, {"p": b'{"id":"x"}'})
+            got = await r.blpop([key + ":done"], timeout=10)
             if got:
                 lat.append((float(got[1]) - t0) * 1000)
     finally:
         proc.kill()
-        await r.delete("stem-w3-floor", "stem-w3-floor:done")
+        await r.delete(key, key + ":done")
         await r.aclose()
     lat.sort()
     return {"p50": statistics.median(lat), "p95": lat[int(0.95 * len(lat)) - 1],
@@ -138,9 +152,27 @@ class Bench:
         for d in bench_app.app.tasks.values():
             self.app.register(stem.TaskDefinition(d.name, d.func, options=d.options))
 
+    async def cleanup(self) -> None:
+        """Delete what this run wrote: its namespace's keys and the INCR counter (Redis);
+        on Postgres the queue was purged and the tables are the schema's own."""
+        import redis.asyncio as redis
+
+        targets = [u for u in (self.url if _kind(self.url) == "redis" else None,
+                               self.redis_counter_url) if u]
+        for url in dict.fromkeys(targets):
+            r = redis.from_url(url.split("?", 1)[0])
+            try:
+                for pattern in (f"{self.namespace}:*", f"{{{self.namespace}:*"):
+                    batch = [k async for k in r.scan_iter(match=pattern, count=1000)]
+                    for s in range(0, len(batch), 500):
+                        await r.delete(*batch[s:s + 500])
+            finally:
+                await r.aclose()
+
     def _worker(self, concurrency: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "STEM_BROKER_URL": self.url, "STEM_NAMESPACE": self.namespace,
-               "BENCH_COUNTER": f"{self.namespace}:counter"}
+               "BENCH_COUNTER": f"{self.namespace}:counter",
+               "BENCH_POOL": str(max(concurrency, 32))}
         env.pop("STEM_RESULT_BACKEND_URL", None)
         if self.redis_counter_url:
             env["BENCH_REDIS_URL"] = self.redis_counter_url
@@ -286,12 +318,12 @@ async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
         if "W3" in workloads:
             await bench.w3(fig)
             if kind == "redis" and floor_dir is not None:
-                base = url.rsplit("/", 1)[0] if re.search(r"/\d+$", url) else url.rstrip("/")
-                floor = await w3_floor_redis(base + "/15")
+                floor = await w3_floor_redis(url.split("?", 1)[0])
                 fig.floor.update({f"w3_{k}": v for k, v in floor.items()})
         if "W4" in workloads:
             await bench.w4(fig)
     finally:
         await bench.app.broker.purge("default")
         await bench.app.close()
+        await bench.cleanup()
     return fig

@@ -53,7 +53,14 @@ from stem.errors import (
     WaitTimeoutError,
     WorkerLostError,
 )
-from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
+from stem.retry import (
+    ExponentialJitterRetryStrategy,
+    NonRetryableError,
+    Reject,
+    Retry,
+    RetryPolicy,
+    RetryStrategy,
+)
 from stem.status import TaskError, TaskResult, TaskState, TaskStatus
 from stem.task import AsyncTaskDefinition, SyncTaskDefinition, TaskCall, TaskDefinition, TaskOptions
 
@@ -68,9 +75,12 @@ __all__ = [
     "ExponentialJitterRetryStrategy",
     "GzipJsonPayloadEncoder",
     "JsonPayloadEncoder",
+    "NonRetryableError",
     "PayloadEncodingError",
     "PayloadTooLargeError",
+    "Reject",
     "Retry",
+    "RetryPolicy",
     "RetryStrategy",
     "ServiceUnavailableError",
     "SoftTimeLimitExceeded",

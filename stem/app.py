@@ -47,14 +47,15 @@ from stem.ports import (
     Store,
     TransactionalPublisher,
 )
-from stem.retry import RetryStrategy
+from stem.retry import RetryPolicy, RetryStrategy
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
     META_EXPIRES_AT,
     META_IGNORE_RESULT,
     META_MAX_RETRIES,
-    META_SOFT_TIME_LIMIT,
-    META_TIME_LIMIT,
+    META_RETRY_POLICY,
+    META_SOFT_TIME_LIMIT_MS,
+    META_TIME_LIMIT_MS,
     AsyncTaskDefinition,
     Isolation,
     SyncTaskDefinition,
@@ -64,6 +65,7 @@ from stem.task import (
     check_expires,
     check_schedule,
     expires_at,
+    limit_ms,
 )
 
 if TYPE_CHECKING:
@@ -426,6 +428,9 @@ class Stem:
         decode: Callable[[Any], Any] | None = None,
         expires: float | None = None,
         ignore_result: bool = False,
+        autoretry_for: tuple[type[BaseException], ...] = (),
+        dont_autoretry_for: tuple[type[BaseException], ...] = (),
+        retry_policy: RetryPolicy | None = None,
     ) -> TaskDecorator: ...
 
     def task(self, func: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
@@ -575,11 +580,14 @@ class Stem:
         time_limit = call.time_limit if call.time_limit is not None else opts.time_limit
         soft = call.soft_time_limit if call.soft_time_limit is not None else opts.soft_time_limit
         if time_limit is not None:
-            meta[META_TIME_LIMIT] = time_limit
+            meta[META_TIME_LIMIT_MS] = limit_ms(time_limit)
         if soft is not None:
-            meta[META_SOFT_TIME_LIMIT] = soft
+            meta[META_SOFT_TIME_LIMIT_MS] = limit_ms(soft)
         if call.max_retries is not None:
             meta[META_MAX_RETRIES] = call.max_retries
+        policy = call.retry_policy or opts.retry_policy
+        if policy is not None:
+            meta[META_RETRY_POLICY] = policy.to_meta()
         expires = call.expires if call.expires is not None else opts.expires
         if expires is not None:
             check_expires(expires)  # a TaskCall built without with_options

@@ -156,14 +156,33 @@ class Broker(Protocol):
         """Drop every ready and delayed envelope of ``queue``; return how many."""
         ...
 
-    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """List dead letters of ``queue``, oldest first."""
+    async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
+                           since: float | None = None) -> list[DeadLetter]:
+        """List dead letters of ``queue``, oldest first: at most ``limit``, after skipping
+        ``offset``, only those dead-lettered at or after ``since`` (epoch seconds)."""
         ...
 
-    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Re-publish dead letters of ``queue`` (attempt reset to 0, due now); return how many.
+    async def get_dead_letter(self, queue: str, dead_letter_id: str) -> DeadLetter | None:
+        """The dead letter of ``queue`` with this :attr:`DeadLetter.id` (the newest, if a
+        task id was dead-lettered more than once), or None."""
+        ...
 
-        Undecodable dead letters stay where they are; a replayed one is a first delivery.
+    async def replay_dead_letters(
+        self,
+        queue: str,
+        limit: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        since: float | None = None,
+        delay: float | None = None,
+    ) -> int:
+        """Re-publish dead letters of ``queue``, oldest first; return how many.
+
+        Only those whose id is in ``ids`` (when given) and that were dead-lettered at or
+        after ``since`` (epoch seconds), at most ``limit``. Each is taken out of the dead
+        letters and published again with attempt 0 (a fresh run with the whole retry
+        budget), due now or ``delay`` seconds from now. Undecodable dead letters stay
+        where they are; a replayed one is a first delivery.
         """
         ...
 

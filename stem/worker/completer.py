@@ -209,9 +209,16 @@ class Completer:
                      runtime=round(runtime, 6), error_type=outcome.error.type,
                      error=outcome.error.message)
             meta["failedAt"] = now_iso()
+            if outcome.dead_letter is not None:
+                meta["deadLetterReason"] = outcome.dead_letter
             self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
-            self._acks.append(d)
+            if outcome.dead_letter is None:
+                self._acks.append(d)
+            else:
+                # Out of retries (or Reject(dead_letter=True)): the status says FAILED
+                # and the message waits in the dead letters for a replay once fixed.
+                self._dead.append((d, outcome.dead_letter))
         self.pending_receipts.add(d.receipt)
         self._schedule()
 

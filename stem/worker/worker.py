@@ -444,6 +444,7 @@ class Worker:
             options = prepared.definition.options
             # The keys the Dart worker writes into status meta, so tooling of either reads both.
             base_meta = {**env.meta, "task": env.name, "queue": env.queue,
+                         "stem.task": env.name, "stem.queue": env.queue,
                          "worker": self.consumer_name, "startedAt": now_iso()}
             ctx = TaskContext(env, WorkerContextOps(runtime, d, base_meta))
             if signals.task_prerun.has_receivers:

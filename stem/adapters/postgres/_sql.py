@@ -275,20 +275,33 @@ class Statements:
             FROM {jobs} WHERE queue = $1"""
         self.purge = f"""
             DELETE FROM {jobs} WHERE queue = $1 AND (locked_until IS NULL OR locked_until < now())"""
-        # $2 limit.
+        # $2 limit, $3 offset, $4 since (epoch seconds or NULL).
         self.dead_letters = f"""
             SELECT id, queue, envelope, reason, date_part('epoch', dead_at) AS dead_at,
                    attempt, owner, task_id
-            FROM {dead} WHERE queue = $1 ORDER BY id LIMIT $2"""
+            FROM {dead} WHERE queue = $1
+              AND ($4::float8 IS NULL OR dead_at >= to_timestamp($4::float8))
+            ORDER BY id LIMIT $2 OFFSET $3"""
+        # $2 dead letter id (a task id), $3 a row id (an id made up for unreadable bytes).
+        self.dead_letter_by_id = f"""
+            SELECT id, queue, envelope, reason, date_part('epoch', dead_at) AS dead_at,
+                   attempt, owner, task_id
+            FROM {dead} WHERE queue = $1 AND (task_id = $2 OR id = $3)
+            ORDER BY id DESC"""
         # Replay reads candidates in id order, page by page ($2 = last id seen, $3 page
         # size), locking them; the caller decodes them, deletes the replayable ones
         # ($1 ids) and re-publishes those, all in one transaction.
         self.dead_letter_page = f"""
             SELECT id, queue, envelope FROM {dead}
-            WHERE queue = $1 AND id > $2 ORDER BY id LIMIT $3
+            WHERE queue = $1 AND id > $2
+              AND ($4::float8 IS NULL OR dead_at >= to_timestamp($4::float8))
+            ORDER BY id LIMIT $3
             FOR UPDATE SKIP LOCKED"""
         self.delete_dead_letters = f"DELETE FROM {dead} WHERE id = ANY($1::int8[])"
         self.purge_dead_letters = f"DELETE FROM {dead} WHERE queue = $1"
+        # $1 retention in seconds: dead letters older than that, of every queue.
+        self.sweep_dead_letters = f"""
+            DELETE FROM {dead} WHERE dead_at < now() - make_interval(secs => $1::float8)"""
 
         # -- results -----------------------------------------------------------
         # $1 task ids, $2 states, $3 status JSON bytes, $4 TTL seconds; $5 channel.

@@ -532,16 +532,22 @@ return {removed, 0}
 """
 )
 
-#: ARGV: group, then per dead letter: dead entry id, band, visibility ms, bytes.
-#: Moves each dead letter that still exists back to its band stream (a concurrent
-#: replay or purge cannot make it run twice). Returns how many moved.
+#: ARGV: group, then per dead letter: dead entry id, band, visibility ms, due ms (empty:
+#: now), bytes. Moves each dead letter that still exists back to its band stream, or to
+#: the delayed set when it has a due time (a concurrent replay or purge cannot make it
+#: run twice). Returns how many moved.
 REPLAY = (
     _PRELUDE
     + """
 local n = 0
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 5 do
   if redis.call('XDEL', KEYS[14], ARGV[i]) == 1 then
-    enqueue(tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3])
+    local band, vt, due, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if due == '' then
+      enqueue(tonumber(band), vt, raw)
+    else
+      redis.call('ZADD', KEYS[11], due, band .. ':' .. vt .. ':' .. raw)
+    end
     n = n + 1
   end
 end

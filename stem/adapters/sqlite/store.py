@@ -11,7 +11,7 @@ from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
 from stem.status import TaskStatus
 
-from ._db import Database, immediate, path_from_url
+from ._db import Database, dead_letter_retention_from_url, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
 from .locks import SqliteLockStore
@@ -28,10 +28,12 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
     def __init__(self, url: str, *, namespace: str = "stem") -> None:
         super().__init__(url, check_namespace(namespace))
         self.path = path_from_url(url)
+        self.dead_letter_retention = dead_letter_retention_from_url(url)
         self.db = Database(self.path)
 
     def _make_broker(self) -> SqliteBroker:
-        return SqliteBroker(self.path, namespace=self.namespace, db=self.db)
+        return SqliteBroker(self.path, namespace=self.namespace, db=self.db,
+                            dead_letter_retention=self.dead_letter_retention)
 
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
