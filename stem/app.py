@@ -20,6 +20,7 @@ from stem._time import to_iso, utcnow
 from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
+from stem.beat.entry import ScheduleEntry
 from stem.config import StemConfig, check_namespace, check_url
 from stem.context import TaskContext
 from stem.encoding import (
@@ -180,6 +181,9 @@ class Stem:
                              for k, v in self.routes.items() if _is_glob(k)]
         self._routed: dict[str, str] = {}
         self.tasks: dict[str, TaskDefinition[Any, Any]] = {}
+        #: Schedule entries declared in code (``@app.periodic``, :meth:`add_periodic_task`);
+        #: ``stem beat`` merges them into its schedule store when it starts.
+        self.periodic_tasks: list[ScheduleEntry] = []
         self._given: dict[str, Store] = {}  # stores passed in, by URL: used on every loop
         self._given_broker: Broker | None = None
         self._given_backend: ResultBackend | None = None
@@ -504,6 +508,47 @@ class Stem:
         elif queue is not None:
             options = replace(options, queue=queue)
         return TaskDefinition(name, options=options, app=self, params=params)
+
+    def periodic(self, spec: str | Mapping[str, Any] | float | timedelta, *,
+                 name: str | None = None, **options: Any
+                 ) -> Callable[[TaskDefinition[P, R]], TaskDefinition[P, R]]:
+        """Run the decorated task on a schedule (put it above ``@app.task``).
+
+        ``spec``: a cron string (``"*/5 * * * *"``, in ``tz``, UTC by default),
+        ``"every:30s"``, a number of seconds, or a Dart spec object. ``name`` is the
+        entry id (default: the task name); other options as :meth:`add_periodic_task`.
+        """
+        def attach(definition: TaskDefinition[P, R]) -> TaskDefinition[P, R]:
+            self.add_periodic_task(spec, definition, name=name, **options)
+            return definition
+        return attach
+
+    def add_periodic_task(self, spec: str | Mapping[str, Any] | float | timedelta,
+                          task: str | TaskDefinition[..., Any], *, name: str | None = None,
+                          args: Sequence[Any] | Mapping[str, Any] | None = None,
+                          kwargs: Mapping[str, Any] | None = None, queue: str | None = None,
+                          tz: str | None = None, enabled: bool = True,
+                          jitter: float | str | timedelta | None = None,
+                          catch_up: Literal["once", "skip"] = "once",
+                          expire_at: datetime | None = None,
+                          meta: Mapping[str, Any] | None = None) -> ScheduleEntry:
+        """Declare a schedule entry for ``task`` (a definition or a name); returns it.
+
+        ``args``/``kwargs`` are the task's arguments (checked against its signature now);
+        ``jitter`` delays each dispatch by up to that long at random; ``catch_up="skip"``
+        fires none of the runs missed while no beat ran. See docs/beat.md.
+        """
+        from stem.beat.declare import periodic_entry
+
+        definition = self.definition(task) if isinstance(task, str) else task
+        entry = periodic_entry(spec, definition, name=name, args=args, kwargs=kwargs,
+                               queue=queue, tz=tz, enabled=enabled, jitter=jitter,
+                               catch_up=catch_up, expire_at=expire_at, meta=meta)
+        if any(e.id == entry.id for e in self.periodic_tasks):
+            raise ConfigurationError(f"periodic task {entry.id!r} is declared twice (give "
+                                     "each schedule of one task its own name=)")
+        self.periodic_tasks.append(entry)
+        return entry
 
     def route(self, name: str) -> str:
         """The queue for a task ``name`` that does not name its own.

@@ -23,10 +23,14 @@ from stem.status import TaskStatus
 from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings, parse_redis_url
 from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
+from .locks import RedisLockStore
+from .schedules import RedisScheduleStore
 
 __all__ = [
     "RedisBackend",
     "RedisBroker",
+    "RedisLockStore",
+    "RedisScheduleStore",
     "RedisSettings",
     "RedisStore",
     "backend_from_url",
@@ -62,7 +66,8 @@ def _backend(settings: RedisSettings, namespace: str,
 
 
 class RedisStore(BaseStore[RedisBroker, RedisBackend]):
-    """Broker and result backend for one Redis URL, sharing one client (connection pool).
+    """Broker, result backend, lock and schedule stores for one Redis URL, sharing one
+    client (connection pool).
 
     ``client=`` takes a ``redis.asyncio.Redis`` (or ``RedisCluster``) the application
     already has; the store then uses it and leaves closing it to the application.
@@ -78,6 +83,13 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
 
     def _make_backend(self) -> RedisBackend:
         return _backend(self.settings, self.namespace, self.connector)
+
+    def _make_locks(self) -> RedisLockStore:
+        return RedisLockStore(self.settings, namespace=self.namespace, connector=self.connector)
+
+    def _make_schedules(self) -> RedisScheduleStore:
+        return RedisScheduleStore(self.settings, namespace=self.namespace,
+                                  connector=self.connector)
 
     async def _close_shared(self) -> None:
         await self.connector.close()

@@ -1,11 +1,12 @@
 """SQLite adapters: ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``.
 
 Several processes on one host share the file (WAL mode, ``BEGIN IMMEDIATE`` claims).
-The broker and the backend may use the same file: their tables have distinct names
-(``<namespace>_jobs``, ``<namespace>_dead_letters``, ``<namespace>_results``). Nothing
-is opened until first use; parent directories are created then. The one URL option,
-``?dead_letter_retention=`` (seconds, or ``12h``, ``30d``; default 7 days), is how long
-dead letters are kept.
+The broker, the backend and the beat's lock and schedule stores may use the same file:
+their tables have distinct names (``<namespace>_jobs``, ``<namespace>_dead_letters``,
+``<namespace>_results``, ``<namespace>_locks``, ``<namespace>_schedules``,
+``<namespace>_schedule_runs``). Nothing is opened until first use; parent directories
+are created then. The one URL option, ``?dead_letter_retention=`` (seconds, or ``12h``,
+``30d``; default 7 days), is how long dead letters are kept.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 from ._db import dead_letter_retention_from_url, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker
+from .locks import SqliteLockStore
+from .schedules import SqliteScheduleStore
 from .store import SqliteStore, store_from_url
 
 __all__ = [
-    "SqliteBackend", "SqliteBroker", "SqliteStore", "backend_from_url", "broker_from_url",
-    "store_from_url",
+    "SqliteBackend", "SqliteBroker", "SqliteLockStore", "SqliteScheduleStore", "SqliteStore",
+    "backend_from_url", "broker_from_url", "store_from_url",
 ]
 
 

@@ -14,10 +14,13 @@ from stem.status import TaskStatus
 from ._db import Database, dead_letter_retention_from_url, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
+from .locks import SqliteLockStore
+from .schedules import SqliteScheduleStore
 
 
 class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
-    """Broker and result backend on one SQLite file, sharing one connection.
+    """Broker, result backend, lock and schedule stores on one SQLite file, sharing one
+    connection.
 
     Results and acks of a batch go in one transaction (:meth:`ack_with_results`).
     """
@@ -35,12 +38,18 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
 
+    def _make_locks(self) -> SqliteLockStore:
+        return SqliteLockStore(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_schedules(self) -> SqliteScheduleStore:
+        return SqliteScheduleStore(self.path, namespace=self.namespace, db=self.db)
+
     async def _close_shared(self) -> None:
         await self.db.close()
 
     async def migrate(self) -> list[int]:
-        """Create both parts' tables now (they are also created on first use)."""
-        _ = self.broker, self.backend
+        """Create every part's tables now (they are also created on first use)."""
+        _ = self.broker, self.backend, self.locks, self.schedules
         await self.db.run(lambda conn: conn.execute("SELECT 1").fetchone())
         return []
 
