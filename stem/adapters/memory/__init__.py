@@ -19,15 +19,17 @@ from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
 from .broker import MemoryBroker
+from .ratelimit import MemoryRateLimiter
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryStore", "backend_from_url", "broker_from_url",
+    "MemoryBackend", "MemoryBroker", "MemoryRateLimiter", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
 
 _lock = threading.Lock()
 _brokers: dict[tuple[str, str], MemoryBroker] = {}
 _backends: dict[tuple[str, str], MemoryBackend] = {}
+_rate_limiters: dict[tuple[str, str], MemoryRateLimiter] = {}
 
 
 def _name(url: str) -> str:
@@ -71,6 +73,14 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
     def _make_backend(self) -> MemoryBackend:
         return backend_from_url(self.url, namespace=self.namespace)
 
+    def _make_rate_limiter(self) -> MemoryRateLimiter:
+        key = (self.namespace, _name(self.url))
+        with _lock:
+            limiter = _rate_limiters.get(key)
+            if limiter is None:
+                limiter = _rate_limiters[key] = MemoryRateLimiter(key[1])
+            return limiter
+
 
 def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
     """A :class:`MemoryStore` for ``url`` (the data is shared process-wide by name)."""
@@ -82,3 +92,4 @@ def reset() -> None:
     with _lock:
         _brokers.clear()
         _backends.clear()
+        _rate_limiters.clear()

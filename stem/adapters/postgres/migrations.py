@@ -83,6 +83,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        4,
+        "rate limits",
+        """
+        -- One row per rate-limit key: its GCRA theoretical arrival time
+        -- (stem.adapters.postgres.ratelimit).
+        CREATE TABLE {s}.stem_rate_limits (
+            key text PRIMARY KEY,
+            tat timestamptz NOT NULL
+        );
+        """,
+    ),
 ]
 
 #: Latest schema version this code knows.

@@ -14,6 +14,7 @@ from stem.status import TaskStatus
 from ._db import Database, dead_letter_retention_from_url, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
+from .ratelimit import SqliteRateLimiter
 
 
 class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
@@ -34,6 +35,9 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_rate_limiter(self) -> SqliteRateLimiter:
+        return SqliteRateLimiter(self.db, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.db.close()

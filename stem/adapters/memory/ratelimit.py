@@ -1,0 +1,38 @@
+"""The in-process rate limiter: GCRA state in a dict, shared by every store of one
+``memory://NAME`` in the process (like the broker and backend)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from stem.ports import RateLimitDecision
+from stem.ratelimit import gcra
+
+
+class MemoryRateLimiter:
+    """:class:`stem.ports.RateLimiter` for one process (the wall clock, a lock)."""
+
+    def __init__(self, name: str = "default") -> None:
+        self.name = name
+        self._tat: dict[str, float] = {}
+        # The sync API's loop runs on another thread: one lock makes each step atomic.
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryRateLimiter({self.name!r})"
+
+    async def acquire(self, key: str, limit: int, period: float, *, max_wait: float = 0.0
+                      ) -> RateLimitDecision:
+        with self._lock:
+            now = time.time()
+            new_tat, decision = gcra(self._tat.get(key), now, limit, period, max_wait)
+            if new_tat is not None:
+                self._tat[key] = new_tat
+            if len(self._tat) > 10_000:  # forget keys whose state is back to "fresh"
+                for k in [k for k, t in self._tat.items() if t < now]:
+                    del self._tat[k]
+            return decision
+
+    async def close(self) -> None:
+        """Nothing to release: the state lives as long as the process (or reset())."""

@@ -1,0 +1,81 @@
+"""Rate limits: the ``"10/s"`` syntax and the GCRA arithmetic every limiter shares.
+
+A limit of ``N`` per period ``P`` is enforced with the generic cell rate algorithm
+(GCRA): one number per key, the *theoretical arrival time* ``tat``. Each admitted
+request moves it on by the emission interval ``T = P / N``; a request is admitted
+when ``max(tat, now) + T - P <= now``, so up to ``N`` requests pass at once after a
+quiet period and then one every ``T`` seconds: never more than ``N`` in any window of
+``P`` seconds. It is exact (no window edges where twice the limit passes) and takes
+one key per limit, updated in one atomic step in each store (a Lua script on Redis,
+one statement on Postgres, one ``BEGIN IMMEDIATE`` transaction on SQLite).
+
+A request may also *reserve* a slot: with ``max_wait > 0`` a request that would
+have to wait at most that long is counted now and told how long to wait
+(``RateLimitDecision.reserved``). The worker uses that to re-schedule each denied
+delivery at its own slot, so denied deliveries come back spread over time, one per
+emission interval, instead of all at once when the window opens.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from stem.errors import ConfigurationError
+from stem.ports import RateLimitDecision
+
+__all__ = ["Rate", "gcra", "parse_rate"]
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"\s*([0-9]+)\s*/\s*([smh])\s*")
+#: A wait this small is no wait (clock arithmetic in floats and microseconds).
+EPSILON = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``tokens`` requests per ``period`` seconds."""
+
+    tokens: int
+    period: float
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the steady rate (the emission interval)."""
+        return self.period / self.tokens
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.period]
+        return f"{self.tokens}/{unit}"
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_rate(text: str) -> Rate:
+    """Parse ``"<count>/<s|m|h>"`` (``"10/s"``, ``"100/m"``, ``"500/h"``); the count is a
+    whole number >= 1. Anything else is a ConfigurationError."""
+    match = _RATE.fullmatch(text) if isinstance(text, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ConfigurationError(
+            f"rate limit {text!r} is not '<count>/<unit>' with a whole count >= 1 and a "
+            "unit of s, m or h (e.g. '10/s', '100/m', '500/h')")
+    return Rate(int(match.group(1)), _UNITS[match.group(2)])
+
+
+def gcra(tat: float | None, now: float, limit: int, period: float, max_wait: float = 0.0
+         ) -> tuple[float | None, RateLimitDecision]:
+    """One GCRA step: ``(new tat or None when unchanged, decision)``.
+
+    ``tat`` is the stored theoretical arrival time (None: no state), ``now`` the
+    store's clock; times in seconds. The memory and SQLite limiters call it; the Redis
+    script and the Postgres statement do the same arithmetic in the store.
+    """
+    interval = period / limit
+    start = now if tat is None or tat < now else tat
+    new_tat = start + interval
+    wait = new_tat - period - now
+    if wait <= EPSILON:
+        return new_tat, RateLimitDecision(True)
+    if wait <= max_wait:
+        return new_tat, RateLimitDecision(False, wait, reserved=True)
+    return None, RateLimitDecision(False, wait - max_wait)
