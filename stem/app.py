@@ -42,6 +42,7 @@ from stem.log import get_logger
 from stem.ports import (
     AtomicPublishStore,
     Broker,
+    RateLimiter,
     ResultBackend,
     Store,
     TransactionalPublisher,
@@ -58,6 +59,7 @@ from stem.task import (
     META_TIME_LIMIT_MS,
     AsyncTaskDefinition,
     Isolation,
+    RateLimitFailure,
     SyncTaskDefinition,
     TaskCall,
     TaskDefinition,
@@ -134,6 +136,10 @@ class Stem:
     through the worker's own pipeline, and stores its result in the backend; with
     ``eager_propagates=True`` a task that fails raises its exception from the enqueue.
     See :func:`stem.testing.eager` and docs/testing.md.
+
+    ``rate_limit_url`` is the store whose :class:`~stem.ports.RateLimiter` workers use
+    for ``rate_limit`` / ``group_rate_limit``: ``rate_limit_url=``, else
+    ``STEM_RATE_LIMIT_URL``, else the broker's store (see docs/rate-limits.md).
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class Stem:
         eager_propagates: bool = False,
         signing: SigningConfig | None = None,
         tls: TlsConfig | None = None,
+        rate_limit_url: str | None = None,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
@@ -174,6 +181,9 @@ class Stem:
         #: Seconds statuses are kept when a task sets no ``result_ttl`` (None: the
         #: backend's default, one day unless its URL says ``?result_ttl=``).
         self.result_ttl = result_ttl
+        #: The store keeping rate-limit state (None: the broker's; see :attr:`rate_limiter`).
+        self.rate_limit_url = (self.config.rate_limit_url if rate_limit_url is None
+                               else check_url(rate_limit_url, "rate limiter"))
         self.routes: dict[str, str] = _check_routes(routes)
         self._exact_routes = {k: v for k, v in self.routes.items() if not _is_glob(k)}
         self._glob_routes = [(re.compile(translate(k)).match, v)
@@ -363,6 +373,19 @@ class Stem:
         return backend
 
     @property
+    def rate_limiter(self) -> RateLimiter:
+        """The rate limiter workers use (on the running loop): that of the
+        ``rate_limit_url`` store, else of the broker's store."""
+        store = (self.store_for(self.rate_limit_url) if self.rate_limit_url is not None
+                 else self.broker_store)
+        limiter = getattr(store, "rate_limiter", None)
+        if limiter is None:
+            raise ConfigurationError(
+                "rate-limited tasks need a store with a rate limiter: the broker is an "
+                "object without one; pass rate_limit_url= (or set STEM_RATE_LIMIT_URL)")
+        return limiter  # type: ignore[no-any-return]
+
+    @property
     def shared_store(self) -> Store | None:
         """The store when broker and backend come from the same one, else None."""
         broker, backend = self.broker_store, self.backend_store
@@ -425,6 +448,11 @@ class Stem:
         time_limit: float | None = None,
         isolation: Isolation | None = None,
         rate_limit: str | None = None,
+        rate_limit_key_header: str | None = "tenant",
+        group_rate_limit: str | None = None,
+        group_rate_key: str | None = None,
+        group_rate_key_header: str | None = "tenant",
+        rate_limit_failure: RateLimitFailure = "open",
         unique: bool = False,
         unique_for: float | None = None,
         result_ttl: float | None = None,

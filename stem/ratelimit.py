@@ -1,13 +1,15 @@
 """Rate limits: the ``"10/s"`` syntax and the GCRA arithmetic every limiter shares.
 
 A limit of ``N`` per period ``P`` is enforced with the generic cell rate algorithm
-(GCRA): one number per key, the *theoretical arrival time* ``tat``. Each admitted
-request moves it on by the emission interval ``T = P / N``; a request is admitted
-when ``max(tat, now) + T - P <= now``, so up to ``N`` requests pass at once after a
-quiet period and then one every ``T`` seconds: never more than ``N`` in any window of
-``P`` seconds. It is exact (no window edges where twice the limit passes) and takes
-one key per limit, updated in one atomic step in each store (a Lua script on Redis,
-one statement on Postgres, one ``BEGIN IMMEDIATE`` transaction on SQLite).
+(GCRA, a token bucket of ``N`` tokens refilled at ``N`` per ``P``): one number per key,
+the *theoretical arrival time* ``tat``. Each admitted request moves it on by the
+emission interval ``T = P / N``; a request is admitted when ``max(tat, now) + T - P <=
+now``. So after a quiet period up to ``N`` requests pass at once (the burst), and then
+one every ``T`` seconds: over any stretch of time ``t`` at most ``N + t / T`` pass, the
+long-run rate is exactly ``N / P``, and there are no window edges where a fixed-window
+counter lets ``2N`` through in a moment. It takes one key per limit, updated in one
+atomic step in each store (a Lua script on Redis, one statement on Postgres, one
+``BEGIN IMMEDIATE`` transaction on SQLite).
 
 A request may also *reserve* a slot: with ``max_wait > 0`` a request that would
 have to wait at most that long is counted now and told how long to wait
