@@ -59,13 +59,14 @@ class RateLimiterConformance:
         assert (await limiter.acquire("a:b", 1, 60.0)).allowed
 
     async def test_tokens_come_back_at_the_rate(self, limiter: RateLimiter) -> None:
-        # 20 per second: after the burst, one more every 50 ms.
+        # 20 per 10 s: after the burst, one more every 0.5 s.
         for _ in range(20):
-            assert (await limiter.acquire("fast", 20, 1.0)).allowed
-        denied = await limiter.acquire("fast", 20, 1.0)
-        assert not denied.allowed and 0 < denied.retry_after <= 0.06, denied
-        await asyncio.sleep(denied.retry_after + 0.02)
-        assert (await limiter.acquire("fast", 20, 1.0)).allowed
+            assert (await limiter.acquire("steady", 20, 10.0)).allowed
+        denied = await limiter.acquire("steady", 20, 10.0)
+        assert not denied.allowed and 0 < denied.retry_after <= 0.5, denied
+        await asyncio.sleep(denied.retry_after + 0.05)
+        assert (await limiter.acquire("steady", 20, 10.0)).allowed
+        assert not (await limiter.acquire("steady", 20, 10.0)).allowed
 
     async def test_concurrent_acquirers_never_exceed_the_limit(
             self, limiter: RateLimiter) -> None:
@@ -92,10 +93,10 @@ class RateLimiterConformance:
 
     async def test_concurrent_reservations_are_distinct(self, limiter: RateLimiter) -> None:
         decisions = await asyncio.gather(
-            *(limiter.acquire("c", 10, 1.0, max_wait=1.0) for _ in range(30)))
+            *(limiter.acquire("c", 10, 10.0, max_wait=10.0) for _ in range(30)))
         assert sum(d.allowed for d in decisions) == 10
         reserved = sorted(d.retry_after for d in decisions if d.reserved)
         assert len(reserved) == 10, decisions
-        # One per emission interval (0.1 s), give or take the time the calls took.
+        # One per emission interval (1 s), give or take the time the calls took.
         gaps = [b - a for a, b in itertools.pairwise(reserved)]
-        assert all(0.05 < g < 0.15 for g in gaps), reserved
+        assert all(0.7 < g < 1.3 for g in gaps), reserved
