@@ -378,6 +378,13 @@ class RateLimiter(Protocol):
         says when asking again can succeed."""
         ...
 
+    async def acquire_many(self, key: str, limit: int, period: float, count: int, *,
+                           max_wait: float = 0.0) -> list[RateLimitDecision]:
+        """``count`` acquisitions of ``key`` in one atomic step (one round trip): the
+        decisions of ``count`` calls of :meth:`acquire` made one after another at one
+        instant, in order. How a worker asks for all the deliveries it starts at once."""
+        ...
+
     async def close(self) -> None:
         """Release connections this part owns (a store's shared ones close with it)."""
         ...

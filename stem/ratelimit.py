@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from stem.errors import ConfigurationError
 from stem.ports import RateLimitDecision
 
-__all__ = ["Rate", "gcra", "parse_rate"]
+__all__ = ["Rate", "decisions", "gcra", "gcra_many", "granted_count", "parse_rate"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"\s*([0-9]+)\s*/\s*([smh])\s*")
@@ -66,18 +66,46 @@ def parse_rate(text: str) -> Rate:
 
 def gcra(tat: float | None, now: float, limit: int, period: float, max_wait: float = 0.0
          ) -> tuple[float | None, RateLimitDecision]:
-    """One GCRA step: ``(new tat or None when unchanged, decision)``.
+    """One GCRA step: ``(new tat or None when unchanged, decision)`` (see :func:`gcra_many`)."""
+    new_tat, decisions = gcra_many(tat, now, limit, period, 1, max_wait)
+    return new_tat, decisions[0]
+
+
+def gcra_many(tat: float | None, now: float, limit: int, period: float, count: int,
+              max_wait: float = 0.0) -> tuple[float | None, list[RateLimitDecision]]:
+    """``count`` GCRA steps on one key at one instant: ``(new tat or None when unchanged,
+    one decision per request, in order)``.
 
     ``tat`` is the stored theoretical arrival time (None: no state), ``now`` the
-    store's clock; times in seconds. The memory and SQLite limiters call it; the Redis
-    script and the Postgres statement do the same arithmetic in the store.
+    store's clock; times in seconds. The requests are admitted (or reserved) in order
+    while a slot lies within ``max_wait``; the rest are denied, all told to ask again
+    when the first of them could succeed. The memory and SQLite limiters call this; the
+    Redis script and the Postgres statement do the same arithmetic in the store
+    (:func:`decisions`).
     """
     interval = period / limit
     start = now if tat is None or tat < now else tat
-    new_tat = start + interval
-    wait = new_tat - period - now
-    if wait <= EPSILON:
-        return new_tat, RateLimitDecision(True)
-    if wait <= max_wait:
-        return new_tat, RateLimitDecision(False, wait, reserved=True)
-    return None, RateLimitDecision(False, wait - max_wait)
+    taken = granted_count(start - now, interval, period + max_wait, count)
+    return (start + taken * interval if taken else None,
+            decisions(start - now, interval, period, max_wait, taken, count))
+
+
+def granted_count(start_in: float, interval: float, reach: float, count: int) -> int:
+    """How many of ``count`` requests get a slot: those whose slot ``start_in + i *
+    interval`` (seconds from now, i = 1..) is at most ``reach`` (period + max_wait) away."""
+    return max(0, min(count, int((reach - start_in) / interval + EPSILON)))
+
+
+def decisions(start_in: float, interval: float, period: float, max_wait: float, taken: int,
+              count: int) -> list[RateLimitDecision]:
+    """The decisions of ``count`` requests of which the first ``taken`` got the slots
+    after ``start_in`` (seconds from now of ``max(tat, now)`` before they came)."""
+    out: list[RateLimitDecision] = []
+    for i in range(1, taken + 1):
+        wait = start_in + i * interval - period
+        out.append(RateLimitDecision(True) if wait <= EPSILON
+                   else RateLimitDecision(False, wait, reserved=True))
+    if taken < count:
+        again = max(start_in + (taken + 1) * interval - period - max_wait, EPSILON)
+        out.extend([RateLimitDecision(False, again)] * (count - taken))
+    return out

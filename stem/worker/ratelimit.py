@@ -102,6 +102,11 @@ class RateGate:
         self._limiter = limiter
         self._down_until = 0.0  # monotonic; calls before it fail at once
         self._error: BaseException | None = None
+        # Requests waiting for the next call, per (key, limit, period), and the keys
+        # with a call under way: one call per key at a time, taking all that came.
+        self._queued: dict[tuple[str, int, float], list[asyncio.Future[RateLimitDecision]]] = {}
+        self._calling: set[tuple[str, int, float]] = set()
+        self._calls: set[asyncio.Task[None]] = set()  # held, so none is collected mid-call
         #: Limiter calls made (for tests and the benchmark).
         self.calls = 0
 
@@ -139,25 +144,56 @@ class RateGate:
         return None
 
     async def _acquire(self, key: str, rate: Rate) -> RateLimitDecision | BaseException:
-        """The limiter's decision, or the error that stands for "unreachable"."""
+        """The limiter's decision, or the error that stands for "unreachable".
+
+        Requests for one key made while a call for it is under way (or in the same
+        loop tick) go together in its next call (``acquire_many``): a worker starting a
+        hundred deliveries of a limited task makes one round trip, not a hundred, and
+        holds one connection of the store's pool, not a hundred.
+        """
         if self._error is not None and time.monotonic() < self._down_until:
             return self._error  # do not make every delivery wait for a dead store
-        self.calls += 1
+        spec = (key, rate.tokens, rate.period)
+        waiter: asyncio.Future[RateLimitDecision] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(spec, []).append(waiter)
+        if spec not in self._calling:
+            self._calling.add(spec)
+            task = asyncio.get_running_loop().create_task(self._call(spec, rate))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
         try:
-            decision = await asyncio.wait_for(
-                self._limiter().acquire(key, rate.tokens, rate.period,
-                                        max_wait=horizon(rate)),
-                LIMITER_TIMEOUT)
+            return await waiter
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
-            if self._error is None:
-                log.error("rate_limiter.unavailable", error=repr(exc))
-            self._error = exc
-            self._down_until = time.monotonic() + OUTAGE_PAUSE
             return exc
-        if self._error is not None:
-            log.info("rate_limiter.recovered")
-            self._error = None
-        return decision
+
+    async def _call(self, spec: tuple[str, int, float], rate: Rate) -> None:
+        try:
+            while waiters := self._queued.pop(spec, None):
+                self.calls += 1
+                try:
+                    got = await asyncio.wait_for(
+                        self._limiter().acquire_many(spec[0], rate.tokens, rate.period,
+                                                     len(waiters), max_wait=horizon(rate)),
+                        LIMITER_TIMEOUT)
+                except Exception as exc:
+                    if self._error is None:
+                        log.error("rate_limiter.unavailable", error=repr(exc))
+                    self._error = exc
+                    self._down_until = time.monotonic() + OUTAGE_PAUSE
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                    continue
+                if self._error is not None:
+                    log.info("rate_limiter.recovered")
+                    self._error = None
+                for w, decision in zip(waiters, got, strict=True):
+                    if not w.done():  # a cancelled waiter's slot goes unused
+                        w.set_result(decision)
+        finally:
+            self._calling.discard(spec)
 
 
 def _holds_slot(slot: Any, rate: Rate) -> bool:

@@ -7,7 +7,7 @@ import threading
 import time
 
 from stem.ports import RateLimitDecision
-from stem.ratelimit import gcra
+from stem.ratelimit import gcra_many
 
 
 class MemoryRateLimiter:
@@ -24,15 +24,20 @@ class MemoryRateLimiter:
 
     async def acquire(self, key: str, limit: int, period: float, *, max_wait: float = 0.0
                       ) -> RateLimitDecision:
+        return (await self.acquire_many(key, limit, period, 1, max_wait=max_wait))[0]
+
+    async def acquire_many(self, key: str, limit: int, period: float, count: int, *,
+                           max_wait: float = 0.0) -> list[RateLimitDecision]:
         with self._lock:
             now = time.time()
-            new_tat, decision = gcra(self._tat.get(key), now, limit, period, max_wait)
+            new_tat, decisions = gcra_many(self._tat.get(key), now, limit, period, count,
+                                           max_wait)
             if new_tat is not None:
                 self._tat[key] = new_tat
             if len(self._tat) > 10_000:  # forget keys whose state is back to "fresh"
                 for k in [k for k, t in self._tat.items() if t < now]:
                     del self._tat[k]
-            return decision
+            return decisions
 
     async def close(self) -> None:
         """Nothing to release: the state lives as long as the process (or reset())."""

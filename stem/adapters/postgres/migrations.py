@@ -87,11 +87,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         4,
         "rate limits",
         """
-        -- One row per rate-limit key: its GCRA theoretical arrival time
+        -- One row per rate-limit key: its GCRA theoretical arrival time in epoch
+        -- seconds and the tokens the last acquisition took
         -- (stem.adapters.postgres.ratelimit).
         CREATE TABLE {s}.stem_rate_limits (
-            key text PRIMARY KEY,
-            tat timestamptz NOT NULL
+            key   text PRIMARY KEY,
+            tat   float8 NOT NULL,
+            taken integer NOT NULL
         );
         """,
     ),

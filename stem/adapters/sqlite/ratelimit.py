@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from stem.ports import RateLimitDecision
-from stem.ratelimit import gcra
+from stem.ratelimit import gcra_many
 
 from ._db import Database, ensure_schema, immediate, quote, table_prefix
 
@@ -34,18 +34,22 @@ class SqliteRateLimiter:
 
     async def acquire(self, key: str, limit: int, period: float, *, max_wait: float = 0.0
                       ) -> RateLimitDecision:
+        return (await self.acquire_many(key, limit, period, 1, max_wait=max_wait))[0]
+
+    async def acquire_many(self, key: str, limit: int, period: float, count: int, *,
+                           max_wait: float = 0.0) -> list[RateLimitDecision]:
         table = self._table
 
-        def step(conn: sqlite3.Connection) -> RateLimitDecision:
+        def step(conn: sqlite3.Connection) -> list[RateLimitDecision]:
             with immediate(conn):  # the write lock first: read-compute-write is atomic
                 row = conn.execute(f"SELECT tat FROM {table} WHERE key = ?", (key,)).fetchone()
-                new_tat, decision = gcra(None if row is None else row[0], time.time(),
-                                         limit, period, max_wait)
+                new_tat, decisions = gcra_many(None if row is None else row[0], time.time(),
+                                               limit, period, count, max_wait)
                 if new_tat is not None:
                     conn.execute(
                         f"INSERT INTO {table} (key, tat) VALUES (?, ?) "
                         "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat", (key, new_tat))
-            return decision
+            return decisions
 
         return await self._db.run(step)
 

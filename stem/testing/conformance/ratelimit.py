@@ -100,3 +100,27 @@ class RateLimiterConformance:
         # One per emission interval (1 s), give or take the time the calls took.
         gaps = [b - a for a, b in itertools.pairwise(reserved)]
         assert all(0.7 < g < 1.3 for g in gaps), reserved
+
+    async def test_acquire_many_is_acquire_in_a_row(self, limiter: RateLimiter) -> None:
+        # 10 per minute (a slot every 6 s), 15 at once with max_wait 20 s: ten pass,
+        # three get the slots 6, 12 and 18 s ahead, two are told to ask again in ~4 s.
+        got = await limiter.acquire_many("m", 10, 60.0, 15, max_wait=20.0)
+        assert len(got) == 15
+        assert all(d.allowed for d in got[:10]), got
+        reserved = got[10:13]
+        assert all(d.reserved and not d.allowed for d in reserved), got
+        for n, d in enumerate(reserved, 1):
+            assert 6.0 * n - 1.0 < d.retry_after <= 6.0 * n + 0.01, got
+        assert all(not d.allowed and not d.reserved and 3.0 < d.retry_after <= 4.01
+                   for d in got[13:]), got
+        # The slots taken count for the next caller too.
+        after = await limiter.acquire("m", 10, 60.0, max_wait=20.0)
+        assert not after.allowed and not after.reserved
+        assert (await limiter.acquire_many("m", 10, 60.0, 0)) == []
+
+    async def test_concurrent_batches_never_exceed_the_limit(
+            self, limiter: RateLimiter) -> None:
+        batches = await asyncio.gather(
+            *(limiter.acquire_many("cb", 25, 60.0, 7) for _ in range(10)))
+        assert sum(d.allowed for batch in batches for d in batch) == 25
+
