@@ -54,6 +54,7 @@ from stem.task import (
     META_EXPIRES_AT,
     META_IGNORE_RESULT,
     META_MAX_RETRIES,
+    META_RATE_LIMIT,
     META_RETRY_POLICY,
     META_SOFT_TIME_LIMIT_MS,
     META_TIME_LIMIT_MS,
@@ -591,6 +592,8 @@ class Stem:
             meta[META_IGNORE_RESULT] = call.ignore_result
         elif opts.ignore_result:
             meta[META_IGNORE_RESULT] = True
+        if call.rate_limit is not None:
+            meta[META_RATE_LIMIT] = call.rate_limit
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id

@@ -53,6 +53,9 @@ META_ROOT_TASK_ID = "stem.rootTaskId"
 #: ISO-8601 UTC string) and whether the worker stores the result (true: it stores none).
 META_EXPIRES_AT = "stem.expiresAt"
 META_IGNORE_RESULT = "stem.ignoreResult"
+#: Envelope meta key of a per-call ``rate_limit`` (``with_options(rate_limit="5/s")``),
+#: which the worker applies instead of the task's own.
+META_RATE_LIMIT = "stem.rateLimit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,6 +576,7 @@ class TaskCall(Generic[R]):
     expires: float | datetime | None = None
     ignore_result: bool | None = None
     retry_policy: RetryPolicy | None = None
+    rate_limit: str | None = None
 
     @property
     def name(self) -> str:
@@ -596,6 +600,7 @@ class TaskCall(Generic[R]):
         expires: float | datetime | None = None,
         ignore_result: bool | None = None,
         retry_policy: RetryPolicy | None = None,
+        rate_limit: str | None = None,
     ) -> TaskCall[R]:
         """A copy with these options set (headers and meta are merged).
 
@@ -605,6 +610,8 @@ class TaskCall(Generic[R]):
         without its value; ``False`` overrides a task's ``ignore_result=True``.
         ``retry_policy`` (a :class:`~stem.retry.RetryPolicy`) replaces the task's for
         this call (it travels as the meta ``stem.retryPolicy``).
+        ``rate_limit`` (``"5/s"``) replaces the task's own rate limit for this call (same
+        key: the task and tenant); an unparsable one is a ConfigurationError.
 
         Refuses (ConfigurationError) a priority outside 0-9, a ``max_retries`` outside
         ``0..MAX_ATTEMPTS``, a ``visibility_timeout`` outside the lease bounds of
@@ -626,6 +633,11 @@ class TaskCall(Generic[R]):
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise ConfigurationError(
                 f"retry_policy must be a stem.RetryPolicy, got {retry_policy!r}")
+        if rate_limit is not None:
+            try:
+                parse_rate(rate_limit)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"rate_limit: {exc}") from None
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(
@@ -641,6 +653,7 @@ class TaskCall(Generic[R]):
                 expires=expires,
                 ignore_result=ignore_result,
                 retry_policy=retry_policy,
+                rate_limit=rate_limit,
             ).items()
             if v is not None
         }

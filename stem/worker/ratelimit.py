@@ -31,10 +31,11 @@ from typing import Any
 
 from stem._time import utcnow
 from stem.envelope import Envelope
+from stem.errors import ConfigurationError
 from stem.log import get_logger
 from stem.ports import RateLimitDecision, RateLimiter
 from stem.ratelimit import Rate, parse_rate
-from stem.task import TaskOptions
+from stem.task import META_RATE_LIMIT, TaskOptions
 from stem.worker.processor import Prepared
 
 log = get_logger(__name__)
@@ -63,9 +64,22 @@ class Deferral:
     meta: dict[str, Any]
 
 
-def limits_of(options: TaskOptions) -> bool:
-    """True when the task has a rate limit or a group rate limit."""
-    return options.rate_limit is not None or options.group_rate_limit is not None
+def limits_of(options: TaskOptions, meta: dict[str, Any]) -> bool:
+    """True when the task, or this call (``meta``), has a rate limit or a group rate limit."""
+    return (options.rate_limit is not None or options.group_rate_limit is not None
+            or META_RATE_LIMIT in meta)
+
+
+def _task_rate(env: Envelope, options: TaskOptions) -> Rate | None:
+    """The call's own rate (``stem.rateLimit``) if it has a usable one, else the task's."""
+    override = env.meta.get(META_RATE_LIMIT)
+    if override is not None:
+        try:
+            return parse_rate(override)
+        except ConfigurationError:
+            log.warning("rate_limiter.bad_call_rate", task=env.name, task_id=env.id,
+                        rate=repr(override)[:80])
+    return None if options.rate_limit is None else parse_rate(options.rate_limit)
 
 
 def _limits(env: Envelope, options: TaskOptions) -> list[tuple[str, Rate, dict[str, Any]]]:
@@ -77,10 +91,11 @@ def _limits(env: Envelope, options: TaskOptions) -> list[tuple[str, Rate, dict[s
             env.headers.get(header) if header is not None else None) or "global"
         out.append((f"group:{group}", parse_rate(options.group_rate_limit),
                     {"groupRateLimited": True, "groupKey": group}))
-    if options.rate_limit is not None:
+    rate = _task_rate(env, options)
+    if rate is not None:
         header = options.rate_limit_key_header
         tenant = (env.headers.get(header) if header is not None else None) or "global"
-        out.append((f"task:{env.name}:{tenant}", parse_rate(options.rate_limit), {}))
+        out.append((f"task:{env.name}:{tenant}", rate, {}))
     return out
 
 

@@ -215,7 +215,7 @@ class Worker:
         await broker.ping()
         await backend.ping()
         await self.executor.start()  # warm the process pool before taking work
-        if any(limits_of(d.options) for d in self.app.tasks.values()):
+        if any(limits_of(d.options, {}) for d in self.app.tasks.values()):
             _ = self.app.rate_limiter  # no limiter for rate-limited tasks: fail at start
         shared = self.app.shared_store
         # Broker and backend from one store that can ack with results atomically.
@@ -448,7 +448,7 @@ class Worker:
                 self._expire(d, env, prepared.definition)
                 return
             options = prepared.definition.options
-            if limits_of(options) and await self._rate_limited(d, prepared):
+            if limits_of(options, env.meta) and await self._rate_limited(d, prepared):
                 return
             env = prepared.envelope  # without the rate-limit slot it may have used
             # The keys the Dart worker writes into status meta, so tooling of either reads both.

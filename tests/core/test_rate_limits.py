@@ -282,3 +282,20 @@ async def test_limiter_calls_for_deliveries_started_together_are_batched(
             assert (await app.wait(tid, timeout=10)).state is TaskState.SUCCEEDED
     # One call per key per batch started together, not one per delivery.
     assert worker.rate_gate.calls <= 20, worker.rate_gate.calls
+
+
+async def test_a_call_can_set_its_own_rate_limit(app: stem.Stem) -> None:
+    @app.task(name="plain")
+    async def plain() -> None: ...
+
+    with pytest.raises(stem.ConfigurationError, match="rate_limit: rate limit"):
+        plain.call().with_options(rate_limit="often")
+    call = plain.call().with_options(rate_limit="1/m")
+    envelope = app.build_envelope(call)
+    assert envelope.meta["stem.rateLimit"] == "1/m"
+    async with running_worker(app):
+        first, second = await app.enqueue_call(call), await app.enqueue_call(call)
+        free = await plain.enqueue()  # calls without it are not limited
+        assert (await app.wait(first, timeout=5)).state is TaskState.SUCCEEDED
+        assert (await app.wait(free, timeout=5)).state is TaskState.SUCCEEDED
+        await eventually(lambda: _state_is(app, second, TaskState.RETRIED), timeout=5)
