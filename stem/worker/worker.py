@@ -503,6 +503,8 @@ class Worker:
         if deferral is None:
             return False
         env = prepared.envelope
+        if self.app.signer is not None:  # the old signature covers the old notBefore/meta
+            self.app.signer.sign_or_strip(deferral.envelope)
         meta = {**deferral.meta, "task": env.name, "queue": env.queue,
                 "worker": self.consumer_name}
         self._completer.reschedule(d, env, deferral.envelope, meta,

@@ -299,3 +299,21 @@ async def test_a_call_can_set_its_own_rate_limit(app: stem.Stem) -> None:
         assert (await app.wait(first, timeout=5)).state is TaskState.SUCCEEDED
         assert (await app.wait(free, timeout=5)).state is TaskState.SUCCEEDED
         await eventually(lambda: _state_is(app, second, TaskState.RETRIED), timeout=5)
+
+
+async def test_a_rescheduled_delivery_is_signed_again(namespace: str) -> None:
+    from stem.signing import SigningConfig
+
+    app = stem.Stem("t", broker=f"memory://{namespace}", backend=f"memory://{namespace}",
+                    signing=SigningConfig(keys={"k1": b"s" * 32}, active_key="k1"))
+
+    @app.task(name="signed", rate_limit="2/s")
+    async def signed() -> None: ...
+
+    async with running_worker(app):
+        ids = [await signed.enqueue() for _ in range(4)]
+        # The two re-scheduled ones carry a new notBefore and slot: a stale signature
+        # would dead-letter them.
+        for tid in ids:
+            assert (await app.wait(tid, timeout=10)).state is TaskState.SUCCEEDED
+    assert await app.broker.dead_letters("default") == []
