@@ -58,3 +58,9 @@ async def sleep(seconds: float) -> list[float]:
     t = time.time()
     await asyncio.sleep(seconds)
     return [t, time.time()]
+
+
+@app.task(name="bench.noop_limited", track_started=False, rate_limit="100000/s")
+async def noop_limited() -> float:
+    """bench/ratelimit_cost.py: bench.noop behind a rate limit too high to bind."""
+    return time.time()

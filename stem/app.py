@@ -43,6 +43,7 @@ from stem.log import get_logger
 from stem.ports import (
     AtomicPublishStore,
     Broker,
+    RateLimiter,
     ResultBackend,
     Store,
     TransactionalPublisher,
@@ -54,11 +55,13 @@ from stem.task import (
     META_EXPIRES_AT,
     META_IGNORE_RESULT,
     META_MAX_RETRIES,
+    META_RATE_LIMIT,
     META_RETRY_POLICY,
     META_SOFT_TIME_LIMIT_MS,
     META_TIME_LIMIT_MS,
     AsyncTaskDefinition,
     Isolation,
+    RateLimitFailure,
     SyncTaskDefinition,
     TaskCall,
     TaskDefinition,
@@ -135,6 +138,10 @@ class Stem:
     through the worker's own pipeline, and stores its result in the backend; with
     ``eager_propagates=True`` a task that fails raises its exception from the enqueue.
     See :func:`stem.testing.eager` and docs/testing.md.
+
+    ``rate_limit_url`` is the store whose :class:`~stem.ports.RateLimiter` workers use
+    for ``rate_limit`` / ``group_rate_limit``: ``rate_limit_url=``, else
+    ``STEM_RATE_LIMIT_URL``, else the broker's store (see docs/rate-limits.md).
     """
 
     def __init__(
@@ -153,6 +160,7 @@ class Stem:
         eager_propagates: bool = False,
         signing: SigningConfig | None = None,
         tls: TlsConfig | None = None,
+        rate_limit_url: str | None = None,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
@@ -175,6 +183,9 @@ class Stem:
         #: Seconds statuses are kept when a task sets no ``result_ttl`` (None: the
         #: backend's default, one day unless its URL says ``?result_ttl=``).
         self.result_ttl = result_ttl
+        #: The store keeping rate-limit state (None: the broker's; see :attr:`rate_limiter`).
+        self.rate_limit_url = (self.config.rate_limit_url if rate_limit_url is None
+                               else check_url(rate_limit_url, "rate limiter"))
         self.routes: dict[str, str] = _check_routes(routes)
         self._exact_routes = {k: v for k, v in self.routes.items() if not _is_glob(k)}
         self._glob_routes = [(re.compile(translate(k)).match, v)
@@ -367,6 +378,19 @@ class Stem:
         return backend
 
     @property
+    def rate_limiter(self) -> RateLimiter:
+        """The rate limiter workers use (on the running loop): that of the
+        ``rate_limit_url`` store, else of the broker's store."""
+        store = (self.store_for(self.rate_limit_url) if self.rate_limit_url is not None
+                 else self.broker_store)
+        limiter = getattr(store, "rate_limiter", None)
+        if limiter is None:
+            raise ConfigurationError(
+                "rate-limited tasks need a store with a rate limiter: the broker is an "
+                "object without one; pass rate_limit_url= (or set STEM_RATE_LIMIT_URL)")
+        return limiter  # type: ignore[no-any-return]
+
+    @property
     def shared_store(self) -> Store | None:
         """The store when broker and backend come from the same one, else None."""
         broker, backend = self.broker_store, self.backend_store
@@ -429,6 +453,11 @@ class Stem:
         time_limit: float | None = None,
         isolation: Isolation | None = None,
         rate_limit: str | None = None,
+        rate_limit_key_header: str | None = "tenant",
+        group_rate_limit: str | None = None,
+        group_rate_key: str | None = None,
+        group_rate_key_header: str | None = "tenant",
+        rate_limit_failure: RateLimitFailure = "open",
         unique: bool = False,
         unique_for: float | None = None,
         result_ttl: float | None = None,
@@ -608,6 +637,8 @@ class Stem:
             meta[META_IGNORE_RESULT] = call.ignore_result
         elif opts.ignore_result:
             meta[META_IGNORE_RESULT] = True
+        if call.rate_limit is not None:
+            meta[META_RATE_LIMIT] = call.rate_limit
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id

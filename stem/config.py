@@ -108,6 +108,8 @@ class StemConfig:
     signing: SigningConfig | None = None
     #: TLS files and options for ``rediss://`` and Postgres (``STEM_TLS_*``).
     tls: TlsConfig | None = None
+    #: Where workers keep rate-limit state (``STEM_RATE_LIMIT_URL``); None: the broker's store.
+    rate_limit_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.namespace is not None:
@@ -116,7 +118,8 @@ class StemConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StemConfig:
         """Read ``STEM_BROKER_URL``, ``STEM_RESULT_BACKEND_URL``, ``STEM_NAMESPACE``,
-        ``STEM_SIGNING_*`` and ``STEM_TLS_*`` (a bad value raises ConfigurationError)."""
+        ``STEM_RATE_LIMIT_URL``, ``STEM_SIGNING_*`` and ``STEM_TLS_*`` (a bad value raises
+        ConfigurationError)."""
         from stem.signing import SigningConfig
         from stem.tls import TlsConfig
 
@@ -128,14 +131,17 @@ class StemConfig:
             namespace=_opt_namespace(e, "STEM_NAMESPACE"),
             signing=SigningConfig.from_env(e),
             tls=TlsConfig.from_env(e),
+            rate_limit_url=_opt(e, "STEM_RATE_LIMIT_URL"),
         )
 
     def __repr__(self) -> str:
         # URLs may hold passwords: never show them unmasked.
         backend = None if self.backend_url is None else mask_url(self.backend_url)
+        limiter = None if self.rate_limit_url is None else mask_url(self.rate_limit_url)
         return (f"StemConfig(broker_url={mask_url(self.broker_url)!r}, "
                 f"backend_url={backend!r}, namespace={self.namespace!r}, "
-                f"signing={self.signing!r}, tls={self.tls!r})")
+                f"signing={self.signing!r}, tls={self.tls!r}"
+                + (f", rate_limit_url={limiter!r})" if limiter else ")"))
 
     def namespace_for(self, app_name: str | None = None) -> str:
         """The namespace an app named ``app_name`` uses unless given ``namespace=``:

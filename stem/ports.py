@@ -364,6 +364,53 @@ class ScheduleStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    """What a :class:`RateLimiter` answered.
+
+    ``allowed``: go ahead now. Otherwise ``retry_after`` is how many seconds to wait:
+    with ``reserved`` the request was counted against the limit for a slot that far
+    ahead (the caller goes ahead then, without asking again); without it nothing was
+    counted and the caller asks again after ``retry_after``.
+    """
+
+    allowed: bool
+    retry_after: float = 0.0
+    reserved: bool = False
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """At most ``limit`` acquisitions of a key per ``period`` seconds, across every
+    process using the store (see :mod:`stem.ratelimit` for the algorithm).
+
+    Each acquisition is one atomic step in the store, timed by the store's clock where
+    it has one (Redis, Postgres), so workers with skewed clocks still share one limit.
+    Keys are namespaced by the store.
+    """
+
+    async def acquire(self, key: str, limit: int, period: float, *, max_wait: float = 0.0
+                      ) -> RateLimitDecision:
+        """Take one token of ``key`` (``limit`` per ``period`` seconds, ``limit`` >= 1).
+
+        Allowed when a token is free now. Otherwise, when the next free slot is at most
+        ``max_wait`` seconds away, it is reserved for this caller (``reserved``,
+        ``retry_after`` = seconds until it); else nothing changes and ``retry_after``
+        says when asking again can succeed."""
+        ...
+
+    async def acquire_many(self, key: str, limit: int, period: float, count: int, *,
+                           max_wait: float = 0.0) -> list[RateLimitDecision]:
+        """``count`` acquisitions of ``key`` in one atomic step (one round trip): the
+        decisions of ``count`` calls of :meth:`acquire` made one after another at one
+        instant, in order. How a worker asks for all the deliveries it starts at once."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns (a store's shared ones close with it)."""
+        ...
+
+
 @runtime_checkable
 class TransactionalPublisher(Protocol):
     """A broker that can publish through the caller's own database connection.

@@ -15,6 +15,7 @@ from stem.encoding import TaskPayloadEncoder
 from stem.envelope import DEFAULT_QUEUE, MAX_ATTEMPTS
 from stem.errors import ConfigurationError, TaskArgumentError
 from stem.limits import check_visibility_timeout
+from stem.ratelimit import parse_rate
 from stem.retry import RetryPolicy, RetryStrategy
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 Isolation = Literal["inline", "thread", "process"]
+#: What a worker does with a rate-limited task while the limiter's store is unreachable:
+#: run it unlimited ("open") or re-schedule it until the store answers ("closed").
+RateLimitFailure = Literal["open", "closed"]
 
 #: Envelope meta keys for per-call limits, as the Dart Stem writes them (whole
 #: milliseconds), so workers of either apply what the caller asked. Producers write
@@ -49,6 +53,9 @@ META_ROOT_TASK_ID = "stem.rootTaskId"
 #: ISO-8601 UTC string) and whether the worker stores the result (true: it stores none).
 META_EXPIRES_AT = "stem.expiresAt"
 META_IGNORE_RESULT = "stem.ignoreResult"
+#: Envelope meta key of a per-call ``rate_limit`` (``with_options(rate_limit="5/s")``),
+#: which the worker applies instead of the task's own.
+META_RATE_LIMIT = "stem.rateLimit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,15 @@ class TaskOptions:
     are retried (:meth:`retries`); ``retry_policy`` (a :class:`~stem.retry.RetryPolicy`)
     sets budget, delay and name filters together, the Dart Stem's way. See
     docs/reliability.md, "Retries and failures".
+
+    ``rate_limit`` (``"10/s"``, ``"100/m"``, ``"500/h"``) caps how often the task starts,
+    across every worker sharing the limiter's store, per value of the
+    ``rate_limit_key_header`` header (``tenant``; calls without it share the budget
+    ``global``; None: one budget for the task). ``group_rate_limit`` caps a group of
+    tasks together: the group is ``group_rate_key``, else the value of the
+    ``group_rate_key_header`` header, else ``global``. A delivery over a limit is
+    re-scheduled, not run and not failed (see docs/rate-limits.md);
+    ``rate_limit_failure`` says what happens while the limiter's store is down.
     """
 
     queue: str = DEFAULT_QUEUE
@@ -83,6 +99,11 @@ class TaskOptions:
     time_limit: float | None = None
     isolation: Isolation | None = None
     rate_limit: str | None = None
+    rate_limit_key_header: str | None = "tenant"
+    group_rate_limit: str | None = None
+    group_rate_key: str | None = None
+    group_rate_key_header: str | None = "tenant"
+    rate_limit_failure: RateLimitFailure = "open"
     unique: bool = False
     unique_for: float | None = None
     result_ttl: float | None = None
@@ -98,14 +119,14 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         # Accepted-but-ignored would be worst of all (a card charged twice with no
-        # warning): refuse until uniqueness and rate limits are built.
-        for option, unset in (("rate_limit", self.rate_limit is None),
-                              ("unique", not self.unique),
+        # warning): refuse until uniqueness is built.
+        for option, unset in (("unique", not self.unique),
                               ("unique_for", self.unique_for is None)):
             if not unset:
                 raise ConfigurationError(
                     f"task option {option!r} is not supported yet; remove it (Stem would "
                     "otherwise accept it and not enforce it)")
+        _check_rate_limits(self)
         if not 0 <= self.priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {self.priority}")
         _check_max_retries(self.max_retries)
@@ -165,6 +186,28 @@ def limit_ms(seconds: float) -> int:
     if not math.isfinite(value) or value <= 0:
         raise ConfigurationError(f"a time limit must be seconds > 0, got {seconds!r}")
     return max(1, round(value * 1000))
+
+
+def _check_rate_limits(options: TaskOptions) -> None:
+    """Refuse (ConfigurationError) a rate that does not parse and group or header
+    options that could not take effect."""
+    for option in ("rate_limit", "group_rate_limit"):
+        value = getattr(options, option)
+        if value is not None:
+            try:
+                parse_rate(value)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{option}: {exc}") from None
+    for option in ("rate_limit_key_header", "group_rate_key", "group_rate_key_header"):
+        value = getattr(options, option)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(f"{option} must be a non-empty string or None, "
+                                     f"got {value!r}")
+    if options.group_rate_key is not None and options.group_rate_limit is None:
+        raise ConfigurationError("group_rate_key needs group_rate_limit (the group's rate)")
+    if options.rate_limit_failure not in ("open", "closed"):
+        raise ConfigurationError(
+            f"rate_limit_failure must be 'open' or 'closed', got {options.rate_limit_failure!r}")
 
 
 def _check_max_retries(value: int) -> None:
@@ -533,6 +576,7 @@ class TaskCall(Generic[R]):
     expires: float | datetime | None = None
     ignore_result: bool | None = None
     retry_policy: RetryPolicy | None = None
+    rate_limit: str | None = None
 
     @property
     def name(self) -> str:
@@ -556,6 +600,7 @@ class TaskCall(Generic[R]):
         expires: float | datetime | None = None,
         ignore_result: bool | None = None,
         retry_policy: RetryPolicy | None = None,
+        rate_limit: str | None = None,
     ) -> TaskCall[R]:
         """A copy with these options set (headers and meta are merged).
 
@@ -565,6 +610,8 @@ class TaskCall(Generic[R]):
         without its value; ``False`` overrides a task's ``ignore_result=True``.
         ``retry_policy`` (a :class:`~stem.retry.RetryPolicy`) replaces the task's for
         this call (it travels as the meta ``stem.retryPolicy``).
+        ``rate_limit`` (``"5/s"``) replaces the task's own rate limit for this call (same
+        key: the task and tenant); an unparsable one is a ConfigurationError.
 
         Refuses (ConfigurationError) a priority outside 0-9, a ``max_retries`` outside
         ``0..MAX_ATTEMPTS``, a ``visibility_timeout`` outside the lease bounds of
@@ -586,6 +633,11 @@ class TaskCall(Generic[R]):
         if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
             raise ConfigurationError(
                 f"retry_policy must be a stem.RetryPolicy, got {retry_policy!r}")
+        if rate_limit is not None:
+            try:
+                parse_rate(rate_limit)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"rate_limit: {exc}") from None
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(
@@ -601,6 +653,7 @@ class TaskCall(Generic[R]):
                 expires=expires,
                 ignore_result=ignore_result,
                 retry_policy=retry_policy,
+                rate_limit=rate_limit,
             ).items()
             if v is not None
         }

@@ -187,12 +187,23 @@ def tls_hint(exc: BaseException, url: str) -> str | None:
     low = text.lower()
     is_tls = any(isinstance(e, ssl.SSLError) for e in chain) or any(
         s in low for s in ("[ssl", "ssl upgrade", "certificate", "tlsv1", "ssl:"))
-    if not is_tls:
-        return None
-    query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
     ca = query.get("ssl_ca_certs") or query.get("sslrootcert")
     cert = query.get("ssl_certfile") or query.get("sslcert")
     key = query.get("ssl_keyfile") or query.get("sslkey")
+    if not is_tls:
+        # With TLS 1.3 a server that wants a client certificate rejects it after the
+        # client's side of the handshake is done: the client only sees the connection
+        # reset on its first read.
+        tls_url = parts.scheme == "rediss" or query.get("sslmode") not in (None, "disable")
+        if tls_url and any(s in low for s in ("reset by peer", "connection reset",
+                                              "unexpected eof", "eof occurred")):
+            using = f"now {cert!r} with key {key!r}" if cert else "unset"
+            return (f"the server closed the TLS connection at once; if it requires client "
+                    f"certificates, check {ENV_CLIENT_CERT} / {ENV_CLIENT_KEY} ({using}) "
+                    "hold one signed by a CA it trusts")
+        return None
     if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or \
             "certificate_verify_failed" in low or "certificate verify failed" in low:
         using = f"now {ca!r}" if ca else "unset, so the system's CAs"

@@ -225,6 +225,18 @@ class Completer:
         self.pending_receipts.add(d.receipt)
         self._schedule()
 
+    def reschedule(self, d: Delivery, env: Envelope, next_env: Envelope, meta: dict[str, Any],
+                   ttl: float | None, delay: float) -> None:
+        """Re-publish ``d`` as ``next_env`` without having run it (over a rate limit):
+        the same attempt, due later, so no retry is used up. Status RETRIED with ``meta``."""
+        if _stdlog.isEnabledFor(logging.DEBUG):
+            emit(_stdlog, logging.DEBUG, "task.rate_limited", task=env.name, task_id=env.id,
+                 state=TaskState.RETRIED.value, attempt=env.attempt, delay=round(delay, 3))
+        self.status(TaskStatus(env.id, TaskState.RETRIED, meta=meta, attempt=env.attempt), ttl)
+        self._retries.append((d, next_env))
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
     async def _flush_loop(self) -> None:
         while self._statuses or self._reject_statuses or self._acks or self._retries \
                 or self._dead:

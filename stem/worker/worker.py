@@ -47,6 +47,7 @@ from stem.worker.processor import (
     RetryLater,
     Success,
 )
+from stem.worker.ratelimit import RateGate, limits_of
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -156,6 +157,8 @@ class Worker:
         self._lease_changed = asyncio.Event()
         self._completer: Completer | None = None
         self._context_runtime: ContextRuntime | None = None
+        #: Admits rate-limited tasks (stem.worker.ratelimit); limiter from the app.
+        self.rate_gate = RateGate(lambda: self.app.rate_limiter)
         self.processed = 0
         self._fetch_failing = False
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
@@ -212,6 +215,8 @@ class Worker:
         await broker.ping()
         await backend.ping()
         await self.executor.start()  # warm the process pool before taking work
+        if any(limits_of(d.options, {}) for d in self.app.tasks.values()):
+            _ = self.app.rate_limiter  # no limiter for rate-limited tasks: fail at start
         shared = self.app.shared_store
         # Broker and backend from one store that can ack with results atomically.
         self._completer = completer = Completer(
@@ -443,6 +448,9 @@ class Worker:
                 self._expire(d, env, prepared.definition)
                 return
             options = prepared.definition.options
+            if limits_of(options, env.meta) and await self._rate_limited(d, prepared):
+                return
+            env = prepared.envelope  # without the rate-limit slot it may have used
             # The keys the Dart worker writes into status meta, so tooling of either reads both.
             base_meta = {**env.meta, "task": env.name, "queue": env.queue,
                          "stem.task": env.name, "stem.queue": env.queue,
@@ -487,6 +495,21 @@ class Worker:
             if holding_slot:
                 self._free_slot()
         _emit_outcome(self, env, outcome)
+
+    async def _rate_limited(self, d: Delivery, prepared: Prepared) -> bool:
+        """Ask the rate gate; True when the delivery was re-scheduled instead of run."""
+        assert self._completer is not None
+        deferral = await self.rate_gate.admit(prepared)
+        if deferral is None:
+            return False
+        env = prepared.envelope
+        if self.app.signer is not None:  # the old signature covers the old notBefore/meta
+            self.app.signer.sign_or_strip(deferral.envelope)
+        meta = {**deferral.meta, "task": env.name, "queue": env.queue,
+                "worker": self.consumer_name}
+        self._completer.reschedule(d, env, deferral.envelope, meta,
+                                   prepared.definition.options.result_ttl, deferral.delay)
+        return True
 
     def _expire(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any]) -> None:
         """Cancel a delivery whose ``stem.expiresAt`` has passed, without running it."""

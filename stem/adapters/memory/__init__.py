@@ -22,10 +22,12 @@ from stem.errors import ConfigurationError
 from .backend import MemoryBackend
 from .broker import MemoryBroker
 from .locks import MemoryLockStore
+from .ratelimit import MemoryRateLimiter
 from .schedules import MemoryScheduleStore
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryLockStore", "MemoryScheduleStore", "MemoryStore", "backend_from_url", "broker_from_url",
+    "MemoryBackend", "MemoryBroker", "MemoryLockStore", "MemoryRateLimiter",
+    "MemoryScheduleStore", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
 
@@ -35,6 +37,7 @@ _brokers: dict[tuple[str, str], MemoryBroker] = {}
 _backends: dict[tuple[str, str], MemoryBackend] = {}
 _locks: dict[tuple[str, str], MemoryLockStore] = {}
 _schedules: dict[tuple[str, str], MemoryScheduleStore] = {}
+_rate_limiters: dict[tuple[str, str], MemoryRateLimiter] = {}
 
 
 def _name(url: str) -> str:
@@ -95,6 +98,14 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
     def _make_schedules(self) -> MemoryScheduleStore:
         return _shared(_schedules, self.url, self.namespace, MemoryScheduleStore)
 
+    def _make_rate_limiter(self) -> MemoryRateLimiter:
+        key = (self.namespace, _name(self.url))
+        with _lock:
+            limiter = _rate_limiters.get(key)
+            if limiter is None:
+                limiter = _rate_limiters[key] = MemoryRateLimiter(key[1])
+            return limiter
+
 
 def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
     """A :class:`MemoryStore` for ``url`` (the data is shared process-wide by name)."""
@@ -108,3 +119,4 @@ def reset() -> None:
         _backends.clear()
         _locks.clear()
         _schedules.clear()
+        _rate_limiters.clear()

@@ -136,6 +136,20 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX stem_schedule_runs_entry ON {s}.stem_schedule_runs (entry_id, id);
         """,
     ),
+    (
+        5,
+        "rate limits",
+        """
+        -- One row per rate-limit key: its GCRA theoretical arrival time in epoch
+        -- seconds and the tokens the last acquisition took
+        -- (stem.adapters.postgres.ratelimit).
+        CREATE TABLE {s}.stem_rate_limits (
+            key   text PRIMARY KEY,
+            tat   float8 NOT NULL,
+            taken integer NOT NULL
+        );
+        """,
+    ),
 ]
 
 #: Latest schema version this code knows.

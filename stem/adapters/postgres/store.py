@@ -13,6 +13,7 @@ from stem.adapters.postgres._pool import Connector, ListenHub, parse_url, unavai
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
 from stem.adapters.postgres.locks import PostgresLockStore
+from stem.adapters.postgres.ratelimit import PostgresRateLimiter
 from stem.adapters.postgres.schedules import PostgresScheduleStore
 from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
@@ -49,6 +50,9 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
     def _make_schedules(self) -> PostgresScheduleStore:
         return PostgresScheduleStore(self.url, namespace=self.namespace,
                                      connector=self.connector)
+
+    def _make_rate_limiter(self) -> PostgresRateLimiter:
+        return PostgresRateLimiter(self.connector)
 
     async def _close_shared(self) -> None:
         await self.hub.close()

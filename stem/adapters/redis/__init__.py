@@ -24,6 +24,7 @@ from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings,
 from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
 from .locks import RedisLockStore
+from .ratelimit import RedisRateLimiter
 from .schedules import RedisScheduleStore
 
 __all__ = [
@@ -90,6 +91,9 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
     def _make_schedules(self) -> RedisScheduleStore:
         return RedisScheduleStore(self.settings, namespace=self.namespace,
                                   connector=self.connector)
+
+    def _make_rate_limiter(self) -> RedisRateLimiter:
+        return RedisRateLimiter(self.connector, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.connector.close()

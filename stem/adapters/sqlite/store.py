@@ -15,6 +15,7 @@ from ._db import Database, dead_letter_retention_from_url, immediate, path_from_
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
 from .locks import SqliteLockStore
+from .ratelimit import SqliteRateLimiter
 from .schedules import SqliteScheduleStore
 
 
@@ -43,6 +44,9 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_schedules(self) -> SqliteScheduleStore:
         return SqliteScheduleStore(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_rate_limiter(self) -> SqliteRateLimiter:
+        return SqliteRateLimiter(self.db, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.db.close()

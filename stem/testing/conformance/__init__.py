@@ -47,3 +47,7 @@ __all__ = [
     "ScheduleStoreConformance",
     "ScheduleStoreFactory",
 ]
+from stem.testing.conformance.ratelimit import RateLimiterConformance, RateLimiterFactory
+
+__all__ = ["BackendConformance", "BackendFactory", "BrokerConformance", "BrokerFactory",
+           "RateLimiterConformance", "RateLimiterFactory"]
