@@ -30,7 +30,7 @@ from stem.encoding import (
     TaskPayloadEncoder,
     TaskPayloadEncoderRegistry,
 )
-from stem.envelope import Envelope
+from stem.envelope import Envelope, new_task_id
 from stem.errors import (
     ConfigurationError,
     EnvelopeDecodeError,
@@ -43,6 +43,7 @@ from stem.log import get_logger
 from stem.ports import (
     AtomicPublishStore,
     Broker,
+    LockStore,
     RateLimiter,
     ResultBackend,
     Store,
@@ -72,6 +73,13 @@ from stem.task import (
     limit_ms,
 )
 from stem.tls import TlsConfig
+from stem.unique import (
+    DEFAULT_UNIQUE_FOR,
+    META_UNIQUE_KEY,
+    unique_key_of,
+    unique_lock_of,
+    unique_meta,
+)
 
 if TYPE_CHECKING:
     from stem.testing._eager import EagerRunner
@@ -460,6 +468,7 @@ class Stem:
         rate_limit_failure: RateLimitFailure = "open",
         unique: bool = False,
         unique_for: float | None = None,
+        unique_key: Callable[[dict[str, Any]], str] | None = None,
         result_ttl: float | None = None,
         track_started: bool = True,
         retry_strategy: RetryStrategy | None = None,
@@ -646,6 +655,13 @@ class Stem:
             else opts.visibility_timeout
         if vt is not None:  # with_options checked it; a TaskCall built directly did not
             vt = check_visibility_timeout(vt)
+        unique = call.unique if call.unique is not None else (
+            opts.unique or call.unique_key is not None)
+        if unique:
+            task_id = kwargs.setdefault("id", new_task_id())
+            meta.update(unique_meta(self._unique_key(call), task_id, now,
+                                    call.unique_for or opts.unique_for or vt
+                                    or DEFAULT_UNIQUE_FOR))
         envelope = Envelope(
             name=d.name,
             args=self.encoders.encode_args(call.args, args_encoder),
@@ -665,6 +681,21 @@ class Stem:
         if self.signer is not None:
             self.signer.sign(envelope)
         return envelope
+
+    @staticmethod
+    def _unique_key(call: TaskCall[Any]) -> str:
+        """A unique call's key: the call's own, the task's ``unique_key(args)``, else the
+        hash of task name, queue and arguments."""
+        if call.unique_key is not None:
+            return call.unique_key
+        d = call.definition
+        if d.options.unique_key is not None:
+            key = d.options.unique_key(dict(call.args))
+            if not isinstance(key, str) or not key:
+                raise ConfigurationError(
+                    f"task {d.name!r}: unique_key must return a non-empty string, got {key!r}")
+            return key
+        return unique_key_of(d.name, call.queue or d.options.queue, call.args)
 
     async def enqueue(
         self,
@@ -707,25 +738,60 @@ class Stem:
             await self._eager.run([envelope])
             return envelope.id
         if connection is not None:
-            await self._publish_with_connection(connection, [envelope])
-            return envelope.id
-        await self._publisher().publish(envelope)
-        return envelope.id
+            subs = await self._publish_with_connection(connection, [envelope])
+            return subs.get(envelope.id, envelope.id)
+        return await self._publisher().publish(envelope)
 
     async def enqueue_many(
         self, calls: Iterable[TaskCall[Any]], *, connection: Any = None
     ) -> list[str]:
-        """Publish many calls in one broker round-trip; returns their ids in order."""
+        """Publish many calls in one broker round-trip; returns their ids in order (a
+        unique call that is already pending gets the pending task's id)."""
         envelopes = [self.build_envelope(c) for c in calls]
+        subs: dict[str, str] = {}
         if self._eager is not None:
             await self._eager.run(envelopes)
         elif connection is not None:
-            await self._publish_with_connection(connection, envelopes)
+            subs = await self._publish_with_connection(connection, envelopes)
         elif envelopes:
-            await self._publish_new(envelopes, self._parts())
-        return [e.id for e in envelopes]
+            subs = await self._publish_new(envelopes, self._parts())
+        return [subs.get(e.id, e.id) for e in envelopes]
 
-    async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]) -> None:
+    def _locks_of(self, envelopes: Sequence[Envelope]) -> dict[str, tuple[str, float]]:
+        """The unique locks these envelopes ask for: id -> (lock key, seconds)."""
+        locks: dict[str, tuple[str, float]] = {}
+        now: datetime | None = None
+        for env in envelopes:
+            if META_UNIQUE_KEY in env.meta:
+                now = now or utcnow()
+                lock = unique_lock_of(env.meta, env.id, now)
+                if lock is not None:
+                    locks[env.id] = lock
+        return locks
+
+    async def _substitutes(self, envelopes: Sequence[Envelope], published: set[str],
+                           locks: dict[str, tuple[str, float]]) -> tuple[dict[str, str],
+                                                                          list[Envelope]]:
+        """For envelopes not published: the task holding a unique one's lock (a
+        substitute id), and those whose lock vanished meanwhile (to publish again)."""
+        subs: dict[str, str] = {}
+        retry: list[Envelope] = []
+        for env in envelopes:
+            if env.id in published:
+                continue
+            lock = locks.get(env.id)
+            owner = None if lock is None else await self.locks.owner_of(lock[0])
+            if lock is None or owner == env.id:  # the id was enqueued before
+                log.debug("task.duplicate", task=env.name, id=env.id)
+            elif owner is None:
+                retry.append(env)
+            else:
+                subs[env.id] = owner
+                log.info("task.deduplicated", task=env.name, id=owner, duplicate=env.id)
+        return subs, retry
+
+    async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]
+                                       ) -> dict[str, str]:
         broker = self.broker
         if not isinstance(broker, TransactionalPublisher):
             raise ConfigurationError(
@@ -735,12 +801,20 @@ class Stem:
             )
         store = self.shared_store
         publish_new = getattr(store, "publish_new", None)
+        locks = self._locks_of(envelopes)
         if publish_new is not None and isinstance(store, AtomicPublishStore):
-            # Statuses and jobs in the caller's transaction: idempotent ids, queued status.
+            # Statuses, unique locks and jobs in the caller's transaction.
             items = self._queued_items(envelopes)
-            await publish_new(items, default_ttl=self.backend.default_ttl, connection=connection)
-            return
+            published = await publish_new(items, default_ttl=self.backend.default_ttl,
+                                          connection=connection, locks=locks or None)
+            # A vanished lock is not retried here: the caller's transaction decides.
+            return (await self._substitutes(envelopes, published, locks))[0]
+        if locks:
+            raise ConfigurationError(
+                "a unique task enqueued with connection= needs the result backend (and so "
+                "the lock store) in the broker's Postgres database: use one URL for both")
         await broker.publish_with_connection(connection, envelopes)
+        return {}
 
     def _queued_items(self, envelopes: Sequence[Envelope]
                       ) -> list[tuple[Envelope, TaskStatus, float | None]]:
@@ -776,27 +850,55 @@ class Stem:
             out.append((env, TaskStatus(env.id, queued, meta=meta), ttl))
         return out
 
-    async def _publish_new(self, envelopes: Sequence[Envelope], parts: _LoopParts) -> None:
+    async def _publish_new(self, envelopes: Sequence[Envelope], parts: _LoopParts
+                           ) -> dict[str, str]:
         """Write each envelope's ``queued`` status and publish it, skipping ids that
         already have a status: atomically where broker and backend share a store
         (:class:`~stem.ports.AtomicPublishStore`), else statuses first (see
-        :func:`stem.adapters._shared.add_then_publish`)."""
-        items = self._queued_items(envelopes)
+        :func:`stem.adapters._shared.add_then_publish`).
+
+        Unique tasks take their lock in the same step; one whose lock another task holds
+        is not published, and the returned mapping gives, for each such id, the id of
+        the task holding the lock (what ``enqueue`` returns instead)."""
         target = parts.publish_target
         if target is None:
             store = self.shared_store
             target = parts.publish_target = (
                 store if isinstance(store, AtomicPublishStore) else False)
         default_ttl = self.backend.default_ttl
-        if target:
-            published = await target.publish_new(items, default_ttl=default_ttl)
-        else:
-            published = await add_then_publish(self.broker, self.backend, items,
-                                               default_ttl=default_ttl)
-        if len(published) < len(envelopes):  # rare: ids that were enqueued before
-            for env in envelopes:
-                if env.id not in published:
-                    log.debug("task.duplicate", task=env.name, id=env.id)
+        substitutes: dict[str, str] = {}
+        pending = list(envelopes)
+        for _ in range(3):  # a lock that vanishes between two calls: try again, twice
+            items = self._queued_items(pending)
+            locks = self._locks_of(pending)
+            if target:
+                published = await target.publish_new(items, default_ttl=default_ttl,
+                                                     locks=locks or None)
+            else:
+                published = await add_then_publish(
+                    self.broker, self.backend, items, default_ttl=default_ttl,
+                    locks=locks or None, lock_store=self.locks if locks else None)
+            if len(published) == len(pending):
+                break
+            subs, retry = await self._substitutes(pending, published, locks)
+            substitutes.update(subs)
+            if not retry:
+                break
+            pending = retry
+        return substitutes
+
+    @property
+    def locks(self) -> LockStore:
+        """The lock store unique tasks use: the broker's store's (else the backend's)."""
+        store = self.broker_store or self.backend_store
+        if store is None:
+            raise ConfigurationError(
+                "unique tasks need a lock store, and this app's broker and backend are "
+                "adapter objects: pass the broker as a URL or a store (stem.ports.Store)")
+        locks = getattr(store, "locks", None)
+        if not isinstance(locks, LockStore):
+            raise ConfigurationError(f"{store!r} has no lock store, which unique tasks need")
+        return locks
 
     def _publisher(self) -> _CoalescingPublisher:
         return self._parts().publisher
@@ -951,21 +1053,23 @@ class _CoalescingPublisher:
     def __init__(self, app: Stem, parts: _LoopParts) -> None:
         self._app = app
         self._parts = parts
-        self._pending: list[tuple[Envelope, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Envelope, asyncio.Future[str]]] = []
         self._busy = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def publish(self, envelope: Envelope) -> None:
+    async def publish(self, envelope: Envelope) -> str:
+        """Publish one envelope; return the task id that stands for it (its own, or a
+        unique task's existing one)."""
         if not self._busy:
             self._busy = True
             try:
-                await self._app._publish_new([envelope], self._parts)
+                subs = await self._app._publish_new([envelope], self._parts)
             finally:
                 self._next()
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return subs.get(envelope.id, envelope.id)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending.append((envelope, fut))
-        await fut
+        return await fut
 
     def _next(self) -> None:
         """After a publish: send what queued up meanwhile, or become idle."""
@@ -977,15 +1081,15 @@ class _CoalescingPublisher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_then_next(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
+    async def _send_then_next(self, batch: list[tuple[Envelope, asyncio.Future[str]]]) -> None:
         try:
             await self._send(batch)
         finally:
             self._next()
 
-    async def _send(self, batch: list[tuple[Envelope, asyncio.Future[None]]]) -> None:
+    async def _send(self, batch: list[tuple[Envelope, asyncio.Future[str]]]) -> None:
         try:
-            await self._app._publish_new([env for env, _ in batch], self._parts)
+            subs = await self._app._publish_new([env for env, _ in batch], self._parts)
         except EnvelopeDecodeError as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)
@@ -999,12 +1103,12 @@ class _CoalescingPublisher:
             if not isinstance(exc, Exception):
                 raise
         else:
-            for _, fut in batch:
+            for env, fut in batch:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(subs.get(env.id, env.id))
 
     @staticmethod
-    def _fail(batch: list[tuple[Envelope, asyncio.Future[None]]], exc: BaseException) -> None:
+    def _fail(batch: list[tuple[Envelope, asyncio.Future[str]]], exc: BaseException) -> None:
         for _, fut in batch:
             if not fut.done():
                 fut.set_exception(exc)

@@ -12,7 +12,7 @@ delivery (``notBefore``) and leases must agree across processes and hosts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -492,10 +492,16 @@ class AtomicPublishStore(Protocol):
         items: Sequence[tuple[Envelope, TaskStatus, float | None]],
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
+        locks: Mapping[str, tuple[str, float]] | None = None,
     ) -> set[str]:
         """For each envelope whose id has no status yet: write its status (with its TTL,
         None meaning ``default_ttl``) and publish it, atomically. Return the ids published;
-        the others were already known and are left as they are."""
+        the others were already known and are left as they are.
+
+        ``locks`` (task id -> (lock key, seconds)) makes those envelopes unique tasks:
+        each is published only if it also takes its lock in this store's
+        :class:`LockStore`, owned by its id (free, expired, or already its own), in the
+        same atomic step; otherwise nothing of it is written."""
         ...
 
 

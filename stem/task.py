@@ -17,6 +17,7 @@ from stem.errors import ConfigurationError, TaskArgumentError
 from stem.limits import check_visibility_timeout
 from stem.ratelimit import parse_rate
 from stem.retry import RetryPolicy, RetryStrategy
+from stem.unique import check_unique_for
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -71,6 +72,12 @@ class TaskOptions:
     within the lease bounds of :mod:`stem.limits` (0.1 s to 7 days) and
     ``max_retries`` within ``0..MAX_ATTEMPTS``; anything else is a ConfigurationError.
 
+    ``unique=True`` allows one queued or running task per (task, queue, arguments)
+    at a time: an equal call while the first is pending returns the first's id
+    (:mod:`stem.unique`). ``unique_for`` bounds how long that holds (seconds; default
+    the visibility timeout, else five minutes); ``unique_key`` computes the key from
+    the arguments instead.
+
     ``expires`` (seconds, >= 0) gives every call a deadline that many seconds after its
     enqueue: a worker that gets the task later cancels it instead of running it (see
     :func:`check_expires`). ``ignore_result=True`` makes the worker store a success
@@ -106,6 +113,7 @@ class TaskOptions:
     rate_limit_failure: RateLimitFailure = "open"
     unique: bool = False
     unique_for: float | None = None
+    unique_key: Callable[[dict[str, Any]], str] | None = None
     result_ttl: float | None = None
     track_started: bool = True
     retry_strategy: RetryStrategy | None = None
@@ -118,14 +126,6 @@ class TaskOptions:
     retry_policy: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
-        # Accepted-but-ignored would be worst of all (a card charged twice with no
-        # warning): refuse until uniqueness is built.
-        for option, unset in (("unique", not self.unique),
-                              ("unique_for", self.unique_for is None)):
-            if not unset:
-                raise ConfigurationError(
-                    f"task option {option!r} is not supported yet; remove it (Stem would "
-                    "otherwise accept it and not enforce it)")
         _check_rate_limits(self)
         if not 0 <= self.priority <= 9:
             raise ConfigurationError(f"priority must be 0-9, got {self.priority}")
@@ -146,6 +146,18 @@ class TaskOptions:
         if type(self.ignore_result) is not bool:
             raise ConfigurationError(
                 f"ignore_result must be True or False, got {self.ignore_result!r}")
+        if type(self.unique) is not bool:
+            raise ConfigurationError(f"unique must be True or False, got {self.unique!r}")
+        check_unique_for(self.unique_for)
+        if self.unique_key is not None:
+            if not callable(self.unique_key):
+                raise ConfigurationError(
+                    "unique_key must be a function of the call's arguments (a dict by "
+                    f"parameter name) returning a string, got {self.unique_key!r}")
+            if not self.unique:
+                raise ConfigurationError("unique_key needs unique=True")
+        if self.unique_for is not None and not self.unique:
+            raise ConfigurationError("unique_for needs unique=True")
         for option in ("autoretry_for", "dont_autoretry_for"):
             value = getattr(self, option)
             if isinstance(value, type):
@@ -577,6 +589,9 @@ class TaskCall(Generic[R]):
     ignore_result: bool | None = None
     retry_policy: RetryPolicy | None = None
     rate_limit: str | None = None
+    unique: bool | None = None
+    unique_for: float | None = None
+    unique_key: str | None = None
 
     @property
     def name(self) -> str:
@@ -601,8 +616,14 @@ class TaskCall(Generic[R]):
         ignore_result: bool | None = None,
         retry_policy: RetryPolicy | None = None,
         rate_limit: str | None = None,
+        unique: bool | None = None,
+        unique_for: float | None = None,
+        unique_key: str | None = None,
     ) -> TaskCall[R]:
         """A copy with these options set (headers and meta are merged).
+
+        ``unique``/``unique_for`` override the task's; ``unique_key`` names this call's
+        unique key (and makes it unique) instead of the one derived from its arguments.
 
         ``expires`` is seconds from the enqueue or an aware datetime: a worker that gets
         the task after that cancels it (state ``cancelled``, error ``TaskExpired``)
@@ -638,6 +659,11 @@ class TaskCall(Generic[R]):
                 parse_rate(rate_limit)
             except ConfigurationError as exc:
                 raise ConfigurationError(f"rate_limit: {exc}") from None
+        if unique is not None and type(unique) is not bool:
+            raise ConfigurationError(f"unique must be True or False, got {unique!r}")
+        check_unique_for(unique_for)
+        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+            raise ConfigurationError(f"unique_key must be a non-empty string, got {unique_key!r}")
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(
@@ -654,6 +680,9 @@ class TaskCall(Generic[R]):
                 ignore_result=ignore_result,
                 retry_policy=retry_policy,
                 rate_limit=rate_limit,
+                unique=unique,
+                unique_for=unique_for,
+                unique_key=unique_key,
             ).items()
             if v is not None
         }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ from stem.limits import (
     visibility_timeout_problem,
 )
 from stem.log import get_logger
-from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
+from stem.ports import DEFAULT_RESULT_TTL, Broker, LockStore, ResultBackend
 from stem.retry import clamp_delay
 from stem.status import TaskStatus
 
@@ -248,8 +248,14 @@ async def add_then_publish(
     items: Sequence[tuple[Envelope, TaskStatus, float | None]],
     *,
     default_ttl: float = DEFAULT_RESULT_TTL,
+    locks: Mapping[str, tuple[str, float]] | None = None,
+    lock_store: LockStore | None = None,
 ) -> set[str]:
     """``publish_new`` in two steps, for a broker and backend that share no transaction.
+
+    Unique tasks (``locks``: id -> (lock key, seconds)) take their lock in
+    ``lock_store`` first, owned by their id; one whose id already has a status or whose
+    lock another task holds is skipped. A failed publish releases the locks taken.
 
     The statuses go first (``add_many``: only new ids are written), then the envelopes
     of the ids written. A status therefore exists before any worker can see its task,
@@ -259,8 +265,28 @@ async def add_then_publish(
     no message (docs/producer.md says so); stores that share a transaction do both at
     once instead (:class:`stem.ports.AtomicPublishStore`).
     """
+    taken: list[tuple[str, str]] = []  # (lock key, owner) taken here
+    if locks:
+        if lock_store is None:
+            raise ValueError("locks given without a lock store")
+        known = await backend.get_many(list(locks))
+        for task_id, (key, ttl) in locks.items():
+            if task_id not in known and await lock_store.acquire(key, task_id, ttl):
+                taken.append((key, task_id))
+        owners = {owner for _, owner in taken}
+        items = [i for i in items if i[0].id not in locks or i[0].id in owners]
+
+    async def undo(ids: Sequence[str]) -> None:
+        await backend.forget_many(ids)
+        for key, owner in taken:
+            await lock_store.release(key, owner)  # type: ignore[union-attr]
+
     ttl_of = {s.id: default_ttl if ttl is None else ttl for _, s, ttl in items}
-    added = await backend.add_many([(s, ttl_of[s.id]) for _, s, _ in items])
+    try:
+        added = await backend.add_many([(s, ttl_of[s.id]) for _, s, _ in items])
+    except BaseException:
+        await asyncio.shield(undo([]))
+        raise
     fresh = [e for e, _, _ in items if e.id in added]
     if not fresh:
         return added
@@ -268,7 +294,7 @@ async def add_then_publish(
         await broker.publish(fresh)
     except BaseException:
         # Shielded: a cancelled enqueue must still not leave statuses without messages.
-        await asyncio.shield(backend.forget_many([e.id for e in fresh]))
+        await asyncio.shield(undo([e.id for e in fresh]))
         raise
     return added
 

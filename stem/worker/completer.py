@@ -31,9 +31,10 @@ from stem.encoding import RESULT_ENCODER_META
 from stem.envelope import Envelope
 from stem.errors import EnvelopeDecodeError
 from stem.log import emit, get_logger
-from stem.ports import AtomicAckStore, Broker, Delivery, ResultBackend
+from stem.ports import AtomicAckStore, Broker, Delivery, LockStore, ResultBackend
 from stem.status import TaskError, TaskState, TaskStatus
 from stem.task import META_EXPIRES_AT, META_IGNORE_RESULT
+from stem.unique import META_UNIQUE_KEY, META_UNIQUE_OWNER, lock_key
 from stem.worker.processor import Failure, Outcome, Prepared, RetryLater, Success
 
 log = get_logger(__name__)
@@ -70,7 +71,11 @@ class Completer:
         atomic_ack: AtomicAckStore | None = None,
         sender: Any = None,
         result_ttl: float | None = None,
+        unique_locks: Callable[[], LockStore] | None = None,
     ) -> None:
+        #: Where unique tasks' locks are released once they end (resolved on first use).
+        self._unique_locks = unique_locks
+        self._unlock: list[tuple[str, str]] = []
         #: TTL of statuses whose task sets none (the app's ``result_ttl``; None: the
         #: backend's default).
         self._result_ttl = result_ttl
@@ -133,6 +138,7 @@ class Completer:
         self.status(TaskStatus(env.id, TaskState.CANCELLED, error=TaskError(
             type="TaskExpired", message="Task expired before execution"), meta=meta,
             attempt=env.attempt), ttl)
+        self._ended(env)
         self._acks.append(d)
         self.pending_receipts.add(d.receipt)
         self._schedule()
@@ -153,8 +159,17 @@ class Completer:
                 attempt=env.attempt if env else 0,
                 meta={"deadLetterReason": reason, **(meta or {})})
         self._dead.append((d, reason))
+        if env is not None:
+            self._ended(env)
         self.pending_receipts.add(d.receipt)
         self._schedule()
+
+    def _ended(self, env: Envelope) -> None:
+        """The task reached its end: release its unique lock after the settle."""
+        if META_UNIQUE_KEY in env.meta and env.meta.get(META_UNIQUE_OWNER) == env.id:
+            key = env.meta[META_UNIQUE_KEY]
+            if isinstance(key, str) and key:
+                self._unlock.append((lock_key(key), env.id))
 
     def abandon(self, d: Delivery, env: Envelope, reason: str, error_type: str) -> None:
         """Last resort for a delivery whose outcome could not be recorded: dead-letter it.
@@ -190,6 +205,7 @@ class Completer:
             meta["completedAt"] = now_iso()
             self.status(TaskStatus(env.id, TaskState.SUCCEEDED, payload=outcome.payload,
                                    meta=meta, attempt=env.attempt), ttl)
+            self._ended(env)
             self._acks.append(d)
             if _stdlog.isEnabledFor(_INFO):
                 emit(_stdlog, _INFO, "task.succeeded", task=env.name, task_id=env.id,
@@ -216,6 +232,7 @@ class Completer:
                 meta["deadLetterReason"] = outcome.dead_letter
             self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
+            self._ended(env)
             if outcome.dead_letter is None:
                 self._acks.append(d)
             else:
@@ -293,6 +310,22 @@ class Completer:
         ]
         self.pending_receipts.difference_update(receipts)
         self._on_settled(receipts)
+        if self._unlock:
+            await self._release_unique()
+
+    async def _release_unique(self) -> None:
+        """Release the unique locks of tasks that ended (owner-checked: a lock that
+        expired and was taken by a newer task stays). Failures are logged; the lock
+        then runs out on its own."""
+        unlock, self._unlock = self._unlock, []
+        if self._unique_locks is None:
+            return
+        try:
+            locks = self._unique_locks()
+            for key, owner in unlock:
+                await locks.release(key, owner)
+        except Exception as exc:
+            log.warning("worker.unique_release_failed", error=repr(exc), count=len(unlock))
 
     async def _add_reject_statuses(self, statuses: dict[str, tuple[TaskStatus, float | None]],
                                    rejected: dict[str, TaskStatus]) -> None:

@@ -222,7 +222,7 @@ class Worker:
         self._completer = completer = Completer(
             broker, backend, on_settled=self._settled, stopping=self._stop.is_set,
             atomic_ack=shared if isinstance(shared, AtomicAckStore) else None, sender=self,
-            result_ttl=self.app.result_ttl)
+            result_ttl=self.app.result_ttl, unique_locks=lambda: self.app.locks)
         self._context_runtime = ContextRuntime(
             app=self.app, loop=asyncio.get_running_loop(), record_status=completer.status,
             lease_length=self._lease_length, extend_lease=self.extend_lease,

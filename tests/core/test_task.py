@@ -224,8 +224,3 @@ def test_retry_delays_are_clamped_into_a_documented_range() -> None:
     assert clamp_delay(float("nan")) == MAX_RETRY_DELAY
 
 
-@pytest.mark.parametrize("option", [{"unique": True}, {"unique_for": 60.0}])
-def test_options_not_built_yet_are_refused_not_ignored(option: dict[str, object]) -> None:
-    app = stem.Stem("t", broker="memory://opts")
-    with pytest.raises(stem.ConfigurationError, match="not supported yet"):
-        app.task(name="charge", **option)(lambda: None)

@@ -148,6 +148,10 @@ class Statements:
             "WITH " + _ADD_RESULTS.format(s=s, a="$1", b="$2", c="$3", d="$4")
             + " SELECT task_id FROM st")
         self.forget_results = f"DELETE FROM {s}.stem_results WHERE task_id = ANY($1::text[])"
+        # Ids among $1 with an unexpired status (a unique publish checks before locking).
+        self.live_results = f"""
+            SELECT task_id FROM {s}.stem_results
+            WHERE task_id = ANY($1::text[]) AND expires_at > now()"""
         # After a COPY: wake the fetchers of each queue ($1 channel, $2 text[] queues).
         self.notify_queues = "SELECT count(pg_notify($1, q)) FROM unnest($2::text[]) AS q"
         # The common single-envelope case without array encoding; same parameters as

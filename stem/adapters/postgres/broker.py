@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -334,9 +334,17 @@ class PostgresBroker(LeasingBroker):
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
         connection: Any = None,
+        locks: Mapping[str, tuple[str, float]] | None = None,
+        lock_sql: Any = None,
     ) -> set[str]:
         """Publish the envelopes whose id has no status yet, each with its status, in one
         statement (one transaction); return the ids published.
+
+        Unique tasks (``locks``: id -> (lock key, seconds), with ``lock_sql`` the lock
+        store's statements) first take their lock, owned by their id, in the same
+        transaction: one whose id already has a status or whose lock another task holds
+        is skipped. A concurrent producer of the same key waits on the lock row until
+        this transaction ends, then finds it taken.
 
         For :meth:`PostgresStore.publish_new`. With ``connection`` (an asyncpg connection
         of the caller's, as in :meth:`publish_with_connection`) the statuses and jobs
@@ -351,6 +359,24 @@ class PostgresBroker(LeasingBroker):
         jobs = [(e, e.to_json(), e.queue) for e in envelopes]
         blobs = [s.to_json() for _, s, _ in items]
         ttls = [default_ttl if t is None else float(t) for _, _, t in items]
+        if locks:
+            async def unique(conn: Any) -> set[str]:
+                async with conn.transaction():
+                    live = {r[0] for r in await conn.fetch(self._sql.live_results, list(locks))}
+                    denied = {task_id for task_id, (key, ttl) in locks.items()
+                              if task_id in live or not await conn.fetchval(
+                                  lock_sql.acquire, key, task_id, float(ttl))}
+                    keep = [i for i, j in enumerate(jobs) if j[0].id not in denied]
+                    if not keep:
+                        return set()
+                    return await self._insert_new(conn, [jobs[i] for i in keep],
+                                                  [blobs[i] for i in keep],
+                                                  [ttls[i] for i in keep])
+
+            if connection is not None:
+                await self._db.ready()
+                return await unique(connection)
+            return await self._db.run(unique)
         if connection is not None:
             await self._db.ready()
             return await self._insert_new(connection, jobs, blobs, ttls)

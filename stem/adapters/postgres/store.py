@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -93,14 +93,21 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
         connection: Any = None,
+        locks: Mapping[str, tuple[str, float]] | None = None,
     ) -> set[str]:
         """Write each new id's ``queued`` status and publish its job in one statement;
         ids that already have a status are skipped (stem.ports.AtomicPublishStore).
 
         ``connection``: do it inside the caller's transaction (``enqueue(connection=)``).
         """
+        lock_sql = None
+        if locks:
+            lock_store = self.locks
+            assert isinstance(lock_store, PostgresLockStore)
+            lock_sql = lock_store._sql
         return await self.broker.publish_new(items, default_ttl=default_ttl,
-                                             connection=connection)
+                                             connection=connection, locks=locks,
+                                             lock_sql=lock_sql)
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> PostgresStore:

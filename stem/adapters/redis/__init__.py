@@ -11,7 +11,7 @@ unreachable server clearly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stem.adapters._shared import add_then_publish, check_namespace
@@ -103,9 +103,12 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
         items: Sequence[tuple[Envelope, TaskStatus, float | None]],
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
+        locks: Mapping[str, tuple[str, float]] | None = None,
     ) -> set[str]:
         """Write each new id's status (``SET NX``) and publish it in one script per queue;
-        ids that already have a status are skipped (stem.ports.AtomicPublishStore).
+        ids that already have a status are skipped, and so are unique tasks whose lock
+        (``locks``: id -> (lock key, seconds)) another task holds
+        (stem.ports.AtomicPublishStore).
 
         On Redis Cluster the status keys live in other slots than the queue's, so there
         it takes two steps (statuses first, then the envelopes; the statuses are deleted
@@ -113,8 +116,14 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
         """
         broker, backend = self.broker, self.backend
         if self.connector.is_cluster:
-            return await add_then_publish(broker, backend, items, default_ttl=default_ttl)
-        return await broker.publish_new(items, backend.key(""), default_ttl=default_ttl)
+            return await add_then_publish(broker, backend, items, default_ttl=default_ttl,
+                                          locks=locks, lock_store=self.locks)
+        lock_store = self.locks
+        assert isinstance(lock_store, RedisLockStore)
+        lock_keys = None if not locks else {
+            task_id: (lock_store.key(key), ttl) for task_id, (key, ttl) in locks.items()}
+        return await broker.publish_new(items, backend.key(""), default_ttl=default_ttl,
+                                        locks=lock_keys)
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> RedisStore:

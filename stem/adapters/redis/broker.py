@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -314,6 +314,7 @@ class RedisBroker(LeasingBroker):
         status_prefix: str,
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
+        locks: Mapping[str, tuple[str, float]] | None = None,
     ) -> set[str]:
         """Store each envelope whose status key (``status_prefix`` + its id) can be SET NX
         to its status, atomically per queue (one script call); return the ids stored.
@@ -325,6 +326,17 @@ class RedisBroker(LeasingBroker):
             return set()
         check_publishable([e for e, _, _ in items])
         now = now_epoch()
+        if locks:
+            # Unique tasks one script each (rare in bulk): the lock, status and envelope
+            # in one step. The others go on as a batch.
+            done: set[str] = set()
+            for item in items:
+                if item[0].id in locks:
+                    done |= await self._publish_new_one(
+                        item, status_prefix + item[0].id, default_ttl, now,
+                        locks[item[0].id])
+            rest = [i for i in items if i[0].id not in locks]
+            return done | await self.publish_new(rest, status_prefix, default_ttl=default_ttl)
         if len(items) == 1:
             return await self._publish_new_one(items[0], status_prefix + items[0][0].id,
                                                default_ttl, now)
@@ -373,7 +385,10 @@ class RedisBroker(LeasingBroker):
         return stored
 
     async def _publish_new_one(self, item: tuple[Envelope, TaskStatus, float | None],
-                               status_key: str, default_ttl: float, now: float) -> set[str]:
+                               status_key: str, default_ttl: float, now: float,
+                               lock: tuple[str, float] | None = None) -> set[str]:
+        """One envelope; with ``lock`` (Redis key, seconds) only if that lock is free,
+        expired or already this task's (a unique task), taking it in the same script."""
         env, status, ttl = item
         k = self._keys.get(env.queue) or self.keys(env.queue)
         band = band_of(env.priority)
@@ -382,15 +397,18 @@ class RedisBroker(LeasingBroker):
         delayed = due is not None and due > now
         ttl_ms = max(1, round((default_ttl if ttl is None else ttl) * 1000))
         script: Any = self._script["publish_new_one"]
+        keys = [status_key, k.delayed if delayed else k.streams[band]]
+        args: list[Any] = [status.to_json(), ttl_ms, env.to_json(),
+                           b"" if vt is None else b"%d" % round(vt * 1000),
+                           int(due * 1000) if delayed and due is not None else b"", band]
+        if lock is not None:
+            keys.append(lock[0])
+            args += (env.id, max(1, round(lock[1] * 1000)))
         try:
-            stored = await script(
-                [status_key, k.delayed if delayed else k.streams[band]],
-                [status.to_json(), ttl_ms, env.to_json(),
-                 b"" if vt is None else b"%d" % round(vt * 1000),
-                 int(due * 1000) if delayed and due is not None else b"", band])
+            stored = await script(keys, args)
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem broker publish") from exc
-        if not stored:
+        if stored != 1:
             return set()
         if delayed and due is not None:
             await self._delayed_published(due)

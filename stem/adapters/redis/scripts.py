@@ -210,11 +210,21 @@ return done
 )
 
 #: PUBLISH_NEW for one envelope, lean (the common one-by-one enqueue: few arguments to
-#: pack). KEYS: the status key, then the band stream (ready) or the delayed set.
-#: ARGV: status, TTL ms, envelope, visibility ms or '', due ms or '', band.
-#: Returns 1 when stored, 0 when the status existed.
+#: pack). KEYS: the status key, then the band stream (ready) or the delayed set, then
+#: (a unique task) its lock key. ARGV: status, TTL ms, envelope, visibility ms or '',
+#: due ms or '', band, then (unique) the task id (the lock's owner) and the lock TTL ms.
+#: Returns 1 when stored, 0 when the status existed, -1 when another task holds the lock.
 PUBLISH_NEW_ONE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if KEYS[3] then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  if not redis.call('SET', KEYS[3], ARGV[7], 'NX', 'PX', ARGV[8]) then
+    if redis.call('GET', KEYS[3]) ~= ARGV[7] then return -1 end
+    redis.call('PEXPIRE', KEYS[3], ARGV[8])
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 0
+end
 if ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6] .. ':' .. ARGV[4] .. ':' .. ARGV[3])
 elseif ARGV[4] == '' then

@@ -155,6 +155,17 @@ class SqliteBackend:
             added.update(r[0] for r in cur.fetchall())
         return added
 
+    def live_ids(self, conn: sqlite3.Connection, task_ids: Sequence[str]) -> set[str]:
+        """The ids among ``task_ids`` with an unexpired status (inside the caller's
+        transaction)."""
+        now = now_epoch()
+        found: set[str] = set()
+        for part in chunks(list(task_ids)):
+            found.update(r[0] for r in conn.execute(
+                f"SELECT id FROM {self._results} WHERE id IN ({placeholders(len(part))}) "
+                "AND expires_at > ?", (*part, now)))
+        return found
+
     async def forget_many(self, task_ids: Sequence[str]) -> None:
         """Delete these statuses."""
         ids = list(dict.fromkeys(task_ids))

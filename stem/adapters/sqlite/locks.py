@@ -48,23 +48,28 @@ class SqliteLockStore:
     async def acquire(self, key: str, owner: str, ttl: float) -> bool:
         """Insert the key, or take it over when expired or already ``owner``'s."""
         seconds = check_ttl(ttl)
-        t = self._table
 
         def write(conn: sqlite3.Connection) -> bool:
-            now = now_epoch()
             with immediate(conn):
-                taken = conn.execute(
-                    f"INSERT INTO {t} (key, owner, expires_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, "
-                    "expires_at = excluded.expires_at WHERE expires_at <= ? OR owner = ?",
-                    (key, owner, now + seconds, now, owner),
-                ).rowcount
-                if now >= self._next_purge:
-                    conn.execute(f"DELETE FROM {t} WHERE expires_at <= ?", (now - PURGE_INTERVAL,))
-                    self._next_purge = now + PURGE_INTERVAL
-            return bool(taken)
+                return self.acquire_in(conn, key, owner, seconds)
 
         return await self._db.run(write)
+
+    def acquire_in(self, conn: sqlite3.Connection, key: str, owner: str, seconds: float
+                   ) -> bool:
+        """:meth:`acquire` inside the caller's transaction (the store's unique publish)."""
+        t = self._table
+        now = now_epoch()
+        taken = conn.execute(
+            f"INSERT INTO {t} (key, owner, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, "
+            "expires_at = excluded.expires_at WHERE expires_at <= ? OR owner = ?",
+            (key, owner, now + seconds, now, owner),
+        ).rowcount
+        if now >= self._next_purge:
+            conn.execute(f"DELETE FROM {t} WHERE expires_at <= ?", (now - PURGE_INTERVAL,))
+            self._next_purge = now + PURGE_INTERVAL
+        return bool(taken)
 
     async def renew(self, key: str, owner: str, ttl: float) -> bool:
         """Move ``owner``'s unexpired lease to ``ttl`` seconds from now."""

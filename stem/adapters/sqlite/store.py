@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from stem.adapters._shared import check_namespace
 from stem.adapters._store import BaseStore
@@ -85,18 +85,30 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
         items: Sequence[tuple[Envelope, TaskStatus, float | None]],
         *,
         default_ttl: float = DEFAULT_RESULT_TTL,
+        locks: Mapping[str, tuple[str, float]] | None = None,
     ) -> set[str]:
         """Insert each new id's status and job in one ``BEGIN IMMEDIATE`` transaction;
-        ids that already have a status are skipped (see stem.ports.AtomicPublishStore)."""
+        ids that already have a status are skipped, and so are ids whose lock (in
+        ``locks``) another owner holds (see stem.ports.AtomicPublishStore)."""
         if not items:
             return set()
         broker, backend = self.broker, self.backend
         envelopes = [e for e, _, _ in items]
         jobs = broker.jobs_of(envelopes)
         rows = backend.rows([(s, ttl) for _, s, ttl in items], default_ttl)
+        lock_store = self.locks if locks else None
+        assert lock_store is None or isinstance(lock_store, SqliteLockStore)
 
         def write(conn: sqlite3.Connection) -> set[str]:
             with immediate(conn):
+                nonlocal rows
+                if locks and lock_store is not None:
+                    # The write lock is held: check-then-act is safe inside it.
+                    live = backend.live_ids(conn, list(locks))
+                    denied = {task_id for task_id, (key, ttl) in locks.items()
+                              if task_id in live
+                              or not lock_store.acquire_in(conn, key, task_id, ttl)}
+                    rows = [r for r in rows if r[0] not in denied]
                 added = backend.add_rows(conn, rows)
                 fresh = [job for job, e in zip(jobs, envelopes, strict=True) if e.id in added]
                 if fresh:
