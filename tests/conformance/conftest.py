@@ -51,6 +51,13 @@ def store_url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path) ->
     return adapter_url(request.param, namespace, tmp_path, request)
 
 
+@pytest.fixture(params=[a for a in ADAPTERS if a != "memory"])
+def process_shared_url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path) -> str:
+    """One isolated store URL per adapter that several processes can share (every
+    adapter but memory, whose data lives in one process)."""
+    return adapter_url(request.param, namespace, tmp_path, request)
+
+
 @pytest.fixture
 async def store(store_url: str, namespace: str) -> AsyncIterator[Store]:
     """The store for an isolated URL (closed after the test)."""

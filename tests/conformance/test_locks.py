@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from stem.adapters import store_from_url
 from stem.testing.conformance import LockConformance
 from tests.helpers import eventually, wait_until
@@ -68,10 +66,9 @@ def _race(store_url: str, namespace: str, tmp_path: Path, keys: list[str]) -> li
 
 
 async def test_acquirers_in_two_processes_exactly_one_wins(
-    store_url: str, namespace: str, tmp_path: Path
+    process_shared_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    if store_url.startswith("memory:"):
-        pytest.skip("a memory store lives in one process")
+    store_url = process_shared_url
     keys = ["p-1", "p-2", "p-3"]
     assert await asyncio.to_thread(_race, store_url, namespace, tmp_path, keys) == [1, 1, 1]
     async with store_from_url(store_url, namespace=namespace) as store:
