@@ -21,7 +21,7 @@ from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
 from stem.beat.entry import ScheduleEntry
-from stem.config import StemConfig, check_namespace, check_url
+from stem.config import StemConfig, check_namespace, check_revoke_url, check_url
 from stem.context import TaskContext
 from stem.encoding import (
     ARGS_ENCODER_HEADER,
@@ -46,10 +46,12 @@ from stem.ports import (
     LockStore,
     RateLimiter,
     ResultBackend,
+    RevokeStore,
     Store,
     TransactionalPublisher,
 )
 from stem.retry import RetryPolicy, RetryStrategy
+from stem.revoke import RevokeEntry, default_requester, new_version
 from stem.signing import PayloadSigner, SigningConfig, signer_for
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
@@ -169,6 +171,7 @@ class Stem:
         signing: SigningConfig | None = None,
         tls: TlsConfig | None = None,
         rate_limit_url: str | None = None,
+        revoke_store_url: str | None = None,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
@@ -194,6 +197,11 @@ class Stem:
         #: The store keeping rate-limit state (None: the broker's; see :attr:`rate_limiter`).
         self.rate_limit_url = (self.config.rate_limit_url if rate_limit_url is None
                                else check_url(rate_limit_url, "rate limiter"))
+        #: Where revocations and paused queues live (None: the backend's store, else the
+        #: broker's; see :attr:`revokes`).
+        self.revoke_store_url = (self.config.revoke_store_url if revoke_store_url is None
+                                 else check_revoke_url(revoke_store_url, "revoke store"))
+        self._file_revokes: RevokeStore | None = None
         self.routes: dict[str, str] = _check_routes(routes)
         self._exact_routes = {k: v for k, v in self.routes.items() if not _is_glob(k)}
         self._glob_routes = [(re.compile(translate(k)).match, v)
@@ -397,6 +405,48 @@ class Stem:
                 "rate-limited tasks need a store with a rate limiter: the broker is an "
                 "object without one; pass rate_limit_url= (or set STEM_RATE_LIMIT_URL)")
         return limiter  # type: ignore[no-any-return]
+
+    @property
+    def revokes(self) -> RevokeStore:
+        """The revoke store (on the running loop): ``revoke_store_url`` (else
+        ``STEM_REVOKE_STORE_URL``), else the result backend's store, else the broker's."""
+        url = self.revoke_store_url
+        if url is not None and ("://" not in url or url.startswith("file://")):
+            if self._file_revokes is None:
+                from stem.adapters.file_revokes import FileRevokeStore, path_from_url
+
+                self._file_revokes = FileRevokeStore(path_from_url(url),
+                                                     namespace=self.namespace)
+            return self._file_revokes
+        stores = [self.store_for(url)] if url is not None else [
+            s for s in (self.backend_store, self.broker_store) if s is not None]
+        for store in stores:
+            revokes = getattr(store, "revokes", None)
+            if revokes is not None:
+                return revokes  # type: ignore[no-any-return]
+        raise ConfigurationError(
+            "revoking needs a revoke store: the broker and backend are adapter objects "
+            "without one; pass revoke_store_url= (or set STEM_REVOKE_STORE_URL)")
+
+    async def revoke(self, task_id: str | Sequence[str], *, terminate: bool = False,
+                     reason: str | None = None, expires_in: float | None = None,
+                     requested_by: str | None = None) -> list[RevokeEntry]:
+        """Revoke tasks: a queued or delayed one never runs (stored ``cancelled``), and
+        with ``terminate=True`` a running one is stopped (see docs/control.md).
+
+        Written to :attr:`revokes` first, which every worker reads (a worker started
+        later honours it too); running workers apply it within a second. After
+        ``expires_in`` seconds the revocation no longer applies. Returns the entries.
+        """
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        base = new_version()
+        entries = [RevokeEntry.new(i, terminate=terminate, reason=reason,
+                                   requested_by=requested_by or default_requester(),
+                                   expires_in=expires_in, namespace=self.namespace,
+                                   version=base + n)
+                   for n, i in enumerate(ids)]
+        await self.revokes.upsert_many(entries)
+        return entries
 
     @property
     def shared_store(self) -> Store | None:

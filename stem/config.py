@@ -110,6 +110,10 @@ class StemConfig:
     tls: TlsConfig | None = None
     #: Where workers keep rate-limit state (``STEM_RATE_LIMIT_URL``); None: the broker's store.
     rate_limit_url: str | None = None
+    #: Where revocations and paused queues are kept (``STEM_REVOKE_STORE_URL``: a store
+    #: URL, ``file:///path`` or a bare path); None: the result backend's store, else
+    #: the broker's.
+    revoke_store_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.namespace is not None:
@@ -132,6 +136,8 @@ class StemConfig:
             signing=SigningConfig.from_env(e),
             tls=TlsConfig.from_env(e),
             rate_limit_url=_opt(e, "STEM_RATE_LIMIT_URL"),
+            revoke_store_url=check_revoke_url(e.get("STEM_REVOKE_STORE_URL") or None,
+                                              "STEM_REVOKE_STORE_URL"),
         )
 
     def __repr__(self) -> str:
@@ -155,6 +161,13 @@ class StemConfig:
     def resolved_backend_url(self) -> str:
         """The result backend URL (the broker's when unset)."""
         return self.backend_url or self.broker_url
+
+
+def check_revoke_url(url: str | None, what: str) -> str | None:
+    """A revoke store URL: any store URL, ``file://...`` or a bare file path."""
+    if url is None or "://" not in url or url.startswith("file://"):
+        return url
+    return check_url(url, what)
 
 
 def _opt_namespace(env: object, key: str) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from stem.beat.entry import ScheduleEntry, ScheduleRun
 from stem.envelope import Envelope
+from stem.revoke import RevokeEntry
 from stem.status import TaskStatus
 
 #: Lease length used when neither the envelope nor the task sets one.
@@ -404,6 +405,39 @@ class RateLimiter(Protocol):
         """``count`` acquisitions of ``key`` in one atomic step (one round trip): the
         decisions of ``count`` calls of :meth:`acquire` made one after another at one
         instant, in order. How a worker asks for all the deliveries it starts at once."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns (a store's shared ones close with it)."""
+        ...
+
+
+@runtime_checkable
+class RevokeStore(Protocol):
+    """Keeps :class:`~stem.revoke.RevokeEntry` records: the tasks workers must not run
+    (or must stop), and the paused queues, of the store's namespace.
+
+    ``upsert_many`` keeps, per task id, the entry with the higher ``version``: one
+    atomic step in the store (a Lua script, one conditional statement, one locked file
+    rewrite), so two writers never lose the newer entry. ``changed_since`` is the
+    cheap query a worker repeats to learn of new entries.
+    """
+
+    async def upsert_many(self, entries: Sequence[RevokeEntry]) -> None:
+        """Store ``entries``; for a task id already stored the higher version wins
+        (a lower or equal one changes nothing)."""
+        ...
+
+    async def entries(self) -> list[RevokeEntry]:
+        """Every stored entry (expired ones included until pruned), by version."""
+        ...
+
+    async def changed_since(self, version: int) -> list[RevokeEntry]:
+        """The entries whose version is above ``version``, by version."""
+        ...
+
+    async def prune_expired(self, now: datetime | None = None) -> int:
+        """Delete the entries expired at ``now`` (default: now); return how many."""
         ...
 
     async def close(self) -> None:

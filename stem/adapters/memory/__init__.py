@@ -23,10 +23,11 @@ from .backend import MemoryBackend
 from .broker import MemoryBroker
 from .locks import MemoryLockStore
 from .ratelimit import MemoryRateLimiter
+from .revokes import MemoryRevokeStore
 from .schedules import MemoryScheduleStore
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryLockStore", "MemoryRateLimiter",
+    "MemoryBackend", "MemoryBroker", "MemoryLockStore", "MemoryRateLimiter", "MemoryRevokeStore",
     "MemoryScheduleStore", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
@@ -38,6 +39,7 @@ _backends: dict[tuple[str, str], MemoryBackend] = {}
 _locks: dict[tuple[str, str], MemoryLockStore] = {}
 _schedules: dict[tuple[str, str], MemoryScheduleStore] = {}
 _rate_limiters: dict[tuple[str, str], MemoryRateLimiter] = {}
+_revokes: dict[tuple[str, str], MemoryRevokeStore] = {}
 
 
 def _name(url: str) -> str:
@@ -106,6 +108,11 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
                 limiter = _rate_limiters[key] = MemoryRateLimiter(key[1])
             return limiter
 
+    def _make_revokes(self) -> MemoryRevokeStore:
+        namespace = self.namespace
+        return _shared(_revokes, self.url, namespace,
+                       lambda name: MemoryRevokeStore(name, namespace))
+
 
 def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
     """A :class:`MemoryStore` for ``url`` (the data is shared process-wide by name)."""
@@ -120,3 +127,4 @@ def reset() -> None:
         _locks.clear()
         _schedules.clear()
         _rate_limiters.clear()
+        _revokes.clear()

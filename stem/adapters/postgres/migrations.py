@@ -150,6 +150,28 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "revokes",
+        """
+        -- One row per revoked task id (the Dart Stem's columns); the higher version
+        -- wins (stem.adapters.postgres.revokes). version is indexed for the workers'
+        -- "changed since" poll.
+        CREATE TABLE {s}.stem_revokes (
+            task_id      text COLLATE "C" PRIMARY KEY,
+            namespace    text NOT NULL,
+            terminate    boolean NOT NULL DEFAULT false,
+            reason       text,
+            requested_by text,
+            issued_at    timestamptz NOT NULL,
+            expires_at   timestamptz,
+            version      bigint NOT NULL,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            updated_at   timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX stem_revokes_version ON {s}.stem_revokes (version);
+        """,
+    ),
 ]
 
 #: Latest schema version this code knows.

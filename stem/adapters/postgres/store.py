@@ -14,6 +14,7 @@ from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
 from stem.adapters.postgres.locks import PostgresLockStore
 from stem.adapters.postgres.ratelimit import PostgresRateLimiter
+from stem.adapters.postgres.revokes import PostgresRevokeStore
 from stem.adapters.postgres.schedules import PostgresScheduleStore
 from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
@@ -53,6 +54,9 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
 
     def _make_rate_limiter(self) -> PostgresRateLimiter:
         return PostgresRateLimiter(self.connector)
+
+    def _make_revokes(self) -> PostgresRevokeStore:
+        return PostgresRevokeStore(self.connector, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.hub.close()

@@ -25,6 +25,7 @@ from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
 from .locks import RedisLockStore
 from .ratelimit import RedisRateLimiter
+from .revokes import RedisRevokeStore
 from .schedules import RedisScheduleStore
 
 __all__ = [
@@ -94,6 +95,9 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
 
     def _make_rate_limiter(self) -> RedisRateLimiter:
         return RedisRateLimiter(self.connector, namespace=self.namespace)
+
+    def _make_revokes(self) -> RedisRevokeStore:
+        return RedisRevokeStore(self.connector, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.connector.close()

@@ -16,6 +16,7 @@ from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
 from .locks import SqliteLockStore
 from .ratelimit import SqliteRateLimiter
+from .revokes import SqliteRevokeStore
 from .schedules import SqliteScheduleStore
 
 
@@ -47,6 +48,9 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_rate_limiter(self) -> SqliteRateLimiter:
         return SqliteRateLimiter(self.db, namespace=self.namespace)
+
+    def _make_revokes(self) -> SqliteRevokeStore:
+        return SqliteRevokeStore(self.db, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.db.close()

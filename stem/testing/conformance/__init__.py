@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from stem.testing.conformance.backend import BackendConformance, BackendFactory
 from stem.testing.conformance.broker import BrokerConformance, BrokerFactory
 from stem.testing.conformance.locks import LockConformance, LockStoreFactory
+from stem.testing.conformance.revoke import RevokeStoreConformance, RevokeStoreFactory
 from stem.testing.conformance.schedules import ScheduleStoreConformance, ScheduleStoreFactory
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "BrokerFactory",
     "LockConformance",
     "LockStoreFactory",
+    "RevokeStoreConformance",
+    "RevokeStoreFactory",
     "ScheduleStoreConformance",
     "ScheduleStoreFactory",
 ]
