@@ -138,3 +138,9 @@ class ScheduleConflictError(StemError):
         found = "does not exist" if actual is None else f"is at version {actual}"
         super().__init__(f"schedule entry {entry_id!r} changed meanwhile: expected version "
                          f"{expected}, but it {found}; read it again and retry")
+
+
+class TaskRevokedError(StemError):
+    """The running task was revoked with ``terminate=True``: raised at its next
+    ``ctx.heartbeat()`` / ``ctx.progress()`` / ``ctx.extend_lease()`` (a thread cannot
+    be stopped from outside); the worker stores it ``cancelled`` and acks it."""

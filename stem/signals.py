@@ -81,6 +81,10 @@ task_timeout = Signal(
     "task_timeout",
     "A task passed its soft time limit (envelope=, limit=, hard=False) or hard limit (hard=True).",
 )
+task_revoked = Signal(
+    "task_revoked",
+    "A revoked task was cancelled without running, or stopped by a terminate revoke "
+    "(envelope=, entry=, reason=, terminated=).")
 schedule_entry_due = Signal(
     "schedule_entry_due", "A beat found a schedule entry due (entry=, scheduled_at=).")
 schedule_entry_dispatched = Signal(
@@ -102,6 +106,7 @@ __all__ = [
     "task_received",
     "task_rejected",
     "task_retry",
+    "task_revoked",
     "task_success",
     "task_timeout",
     "worker_init",

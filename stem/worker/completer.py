@@ -143,6 +143,21 @@ class Completer:
         self.pending_receipts.add(d.receipt)
         self._schedule()
 
+    def revoked(self, d: Delivery, env: Envelope, meta: dict[str, Any], ttl: float | None,
+                message: str) -> None:
+        """Settle a revoked delivery: store CANCELLED (``TaskRevoked``), then ack; never
+        retried nor dead-lettered (whoever revoked it asked for it not to run)."""
+        if _stdlog.isEnabledFor(_WARNING):
+            emit(_stdlog, _WARNING, "task.revoked", task=env.name, task_id=env.id,
+                 state=TaskState.CANCELLED.value, attempt=env.attempt, queue=d.queue,
+                 reason=meta.get("revokedReason"))
+        self.status(TaskStatus(env.id, TaskState.CANCELLED, error=TaskError(
+            type="TaskRevoked", message=message), meta=meta, attempt=env.attempt), ttl)
+        self._ended(env)
+        self._acks.append(d)
+        self.pending_receipts.add(d.receipt)
+        self._schedule()
+
     def reject(self, d: Delivery, task_id: str | None, reason: str, error_type: str,
                env: Envelope | None, *, meta: dict[str, Any] | None = None,
                error_meta: dict[str, Any] | None = None) -> None:

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from stem import signals
 from stem.context import TaskContext
+from stem.errors import TaskRevokedError
 from stem.limits import check_visibility_timeout
 from stem.ports import Delivery
 from stem.status import TaskState, TaskStatus
+from stem.worker.revoke import revoked_message
 
 if TYPE_CHECKING:
     from stem.app import Stem
+    from stem.revoke import RevokeEntry
     from stem.task import TaskCall, TaskDefinition
 
 
@@ -43,6 +46,9 @@ class ContextRuntime:
     extend_lease: Callable[[Delivery, float], Coroutine[Any, Any, None]]
     spawn: Callable[[Coroutine[Any, Any, Any]], None]
     sender: Any
+    #: The terminate revoke that reached a running task (by id), if any: its next
+    #: heartbeat / progress / lease extension raises TaskRevokedError.
+    revoked: Callable[[str], RevokeEntry | None] | None = None
 
 
 class WorkerContextOps:
@@ -67,12 +73,20 @@ class WorkerContextOps:
         else:
             loop.call_soon_threadsafe(fn, *args)
 
+    def _check_revoked(self, ctx: TaskContext) -> None:
+        revoked = self.runtime.revoked
+        entry = None if revoked is None else revoked(ctx.envelope.id)
+        if entry is not None:
+            raise TaskRevokedError(revoked_message(entry))
+
     def extend_lease(self, ctx: TaskContext, seconds: float | None) -> None:
+        self._check_revoked(ctx)
         rt, d = self.runtime, self.delivery
         secs = check_visibility_timeout(seconds) if seconds is not None else rt.lease_length(d)
         self._on_loop(lambda: rt.spawn(rt.extend_lease(d, secs)))
 
     def progress(self, ctx: TaskContext, percent: float, data: Any) -> None:
+        self._check_revoked(ctx)
         env = ctx.envelope
         meta = {**self.base_meta, **ctx.meta, "progress": {"percent": percent, "data": data}}
         status = TaskStatus(env.id, TaskState.RUNNING, attempt=env.attempt, meta=meta)

@@ -512,6 +512,26 @@ class ProcessPool:
                 self._pending.remove(job)
             raise
 
+    def terminate(self, task_id: str, exc: BaseException) -> bool:
+        """Stop the attempt of ``task_id`` now (a terminating revoke): its :meth:`run`
+        raises ``exc``. A child running it is killed and replaced (the work queued
+        behind it goes to other children); one not yet started is dropped. False when
+        no attempt of ``task_id`` is here."""
+        for job in list(self._pending):
+            if job.envelope.id == task_id and not job.settled:
+                self._pending.remove(job)
+                job.settle(exc=exc)
+                return True
+        for child in self._children:
+            for i, job in enumerate(child.outstanding):
+                if job.envelope.id != task_id or job.settled:
+                    continue
+                job.settle(exc=exc)
+                if i == 0 and child.state not in (_State.KILLED, _State.DEAD):
+                    self._kill(child)  # it is running there: only killing stops it
+                return True
+        return False
+
     def _schedule_pump(self) -> None:
         if not self._pump_scheduled and not self._closing:
             self._pump_scheduled = True

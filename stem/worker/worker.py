@@ -32,6 +32,7 @@ from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
 from stem.retry import RetryStrategy
+from stem.revoke import RevokeEntry
 from stem.status import TaskState, TaskStatus
 from stem.worker.completer import Completer
 from stem.worker.context_ops import ContextRuntime, WorkerContextOps
@@ -48,6 +49,7 @@ from stem.worker.processor import (
     Success,
 )
 from stem.worker.ratelimit import RateGate, limits_of
+from stem.worker.revoke import Revocations, RunningTasks, revoked_message, revoked_meta
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -161,6 +163,11 @@ class Worker:
         self.rate_gate = RateGate(lambda: self.app.rate_limiter)
         self.processed = 0
         self._fetch_failing = False
+        #: The revoke store's entries as this worker knows them (stem.worker.revoke).
+        self.revocations = Revocations(lambda: self.app.revokes,
+                                       on_change=self._revocations_changed)
+        #: The attempts running now (terminate, stats, inspect).
+        self.running = RunningTasks()
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
         signals.worker_init.send(self)
 
@@ -226,16 +233,19 @@ class Worker:
         self._context_runtime = ContextRuntime(
             app=self.app, loop=asyncio.get_running_loop(), record_status=completer.status,
             lease_length=self._lease_length, extend_lease=self.extend_lease,
-            spawn=self._spawn, sender=self)
+            spawn=self._spawn, sender=self, revoked=self.running.revoked)
+        await self.revocations.load()  # a revoke issued before this worker started holds
         log.info("worker.started", **self.describe())
         keeper = asyncio.create_task(self._lease_keeper())
+        syncer = asyncio.create_task(self.revocations.run())
         signals.worker_ready.send(self)
         try:
             await self._fetch_loop()
             await self._drain()
         finally:
             keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            syncer.cancel()
+            await asyncio.gather(keeper, syncer, return_exceptions=True)
             left = await self._final_flush()
             await self.executor.close()
             signals.worker_shutdown.send(self)
@@ -447,6 +457,10 @@ class Worker:
                 # Its deadline passed while it waited in the prefetch buffer.
                 self._expire(d, env, prepared.definition)
                 return
+            revoked = self.revocations.get(env.id)
+            if revoked is not None:
+                self._revoke(d, env, prepared.definition, revoked)
+                return
             options = prepared.definition.options
             if limits_of(options, env.meta) and await self._rate_limited(d, prepared):
                 return
@@ -465,20 +479,28 @@ class Worker:
                     options.result_ttl,
                 )
             started = time.perf_counter()
+            run = self.running.start(env, prepared.definition.is_async)
             try:
                 value = await self.executor.execute(prepared, ctx)
-            except asyncio.CancelledError:
-                raise
             except BaseException as exc:
+                revoked = self.running.revoked_by(run, exc)
+                if revoked is None and isinstance(exc, asyncio.CancelledError):
+                    raise
                 elapsed = time.perf_counter() - started
                 holding_slot = False
                 self._free_slot()
+                if revoked is not None:  # stopped by a terminate revoke
+                    self.processed += 1
+                    self._revoke(d, env, prepared.definition, revoked, base_meta)
+                    return
                 outcome: Outcome = self.processor.failure(prepared, exc)
             else:
                 elapsed = time.perf_counter() - started
                 holding_slot = False
                 self._free_slot()
                 outcome = self.processor.success(prepared, value)
+            finally:
+                self.running.end(run)
             self.processed += 1
             completer.outcome(d, prepared, ctx, outcome, base_meta, elapsed)
         except asyncio.CancelledError:
@@ -510,6 +532,23 @@ class Worker:
         self._completer.reschedule(d, env, deferral.envelope, meta,
                                    prepared.definition.options.result_ttl, deferral.delay)
         return True
+
+    def _revoke(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any],
+                entry: RevokeEntry, base_meta: dict[str, Any] | None = None) -> None:
+        """Settle a revoked delivery: stored CANCELLED with the revoke meta, acked."""
+        assert self._completer is not None
+        meta = {**(base_meta or {**env.meta, "task": env.name, "queue": env.queue}),
+                "worker": self.consumer_name, **revoked_meta(entry, now_iso())}
+        self._completer.revoked(d, env, meta, definition.options.result_ttl,
+                                revoked_message(entry))
+        signals.task_revoked.send(self, envelope=env, entry=entry, reason=entry.reason,
+                                  terminated=base_meta is not None)
+
+    def _revocations_changed(self, entries: list[RevokeEntry]) -> None:
+        """New revoke entries: stop the running attempts they terminate."""
+        for entry in entries:
+            if entry.terminate and not entry.is_queue_pause:
+                self.running.terminate(entry, self.executor.process_pool)
 
     def _expire(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any]) -> None:
         """Cancel a delivery whose ``stem.expiresAt`` has passed, without running it."""
