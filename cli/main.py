@@ -20,6 +20,7 @@ from stem.errors import ConfigurationError, StemError
 from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
 from stem.worker import Worker
+from stem_cli import control
 from stem_cli._app import between, error_line, fail, load_app
 from stem_cli.beat import beat_command, schedule_app
 from stem_cli.ops import dlq_app, observe_app
@@ -38,6 +39,7 @@ app.add_typer(tasks_app, name="tasks")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(observe_app, name="observe")
 app.add_typer(schedule_app, name="schedule")
+control.register(app, worker_app)
 app.command("beat")(beat_command)
 
 AppOpt = Annotated[str, typer.Option("--app", "-A", help="Your app as module:attribute.")]
