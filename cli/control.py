@@ -52,15 +52,22 @@ def purge(
     queue: Annotated[list[str] | None, typer.Option(
         "--queue", "-Q", help="Queue to empty (repeatable; default: the app's queues).")] = None,
     app_spec: AppOpt = None,
+    task_id: Annotated[list[str] | None, typer.Option(
+        "--id", help="Delete only the waiting task with this id (repeatable).")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Delete waiting (ready and delayed) tasks of queues for good; leased ones stay."""
+    """Delete waiting (ready and delayed) tasks of queues for good; leased (running)
+    ones stay: revoke those."""
+    what = f"task(s) {', '.join(task_id)}" if task_id else "every waiting task"
     if not yes:
         where = ", ".join(queue) if queue else "the app's queues"
-        typer.confirm(f"Delete every waiting task of {where} for good?", abort=True)
+        typer.confirm(f"Delete {what} of {where} for good?", abort=True)
 
     async def op(a: Stem) -> dict[str, int]:
-        return {q: await a.broker.purge(q) for q in _queues(a, queue)}
+        qs = _queues(a, queue)
+        if task_id:
+            return {q: await a.broker.delete(q, task_id) for q in qs}
+        return {q: await a.broker.purge(q) for q in qs}
 
     for q, n in _run(app_spec, op).items():
         typer.echo(f"{q}: deleted {n}")

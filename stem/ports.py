@@ -170,6 +170,11 @@ class Broker(Protocol):
         """Drop every ready and delayed envelope of ``queue``; return how many."""
         ...
 
+    async def delete(self, queue: str, task_ids: Sequence[str]) -> int:
+        """Drop the waiting (ready or delayed) envelopes of ``queue`` whose task id is
+        one of ``task_ids``; leased ones stay (revoke those). Return how many."""
+        ...
+
     async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
                            since: float | None = None) -> list[DeadLetter]:
         """List dead letters of ``queue``, oldest first: at most ``limit``, after skipping

@@ -15,6 +15,7 @@ from stem.config import StemConfig
 from stem.ports import RevokeStore, Store
 from stem.revoke import RevokeEntry
 from stem.testing.conformance import RevokeStoreConformance
+from stem.testing.conformance.revoke import BrokerDeleteConformance
 
 
 class TestRevokeStores(RevokeStoreConformance):
@@ -23,6 +24,10 @@ class TestRevokeStores(RevokeStoreConformance):
     @pytest.fixture
     def revoke_store_factory(self, store: Store) -> Callable[[], RevokeStore]:
         return lambda: store.revokes  # type: ignore[attr-defined,no-any-return]
+
+
+class TestBrokerDelete(BrokerDeleteConformance):
+    """Broker.delete on every adapter (broker_factory from conftest.py)."""
 
 
 class TestFileRevokeStore(RevokeStoreConformance):

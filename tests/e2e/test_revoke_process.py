@@ -148,3 +148,24 @@ def test_cli_revoke(url: str, namespace: str) -> None:
     assert [e["taskId"] for e in entries] == ["id-1", "id-2"]
     assert all(e["terminate"] and e["reason"] == "oops" and e["expiresAt"] for e in entries)
     assert entries[1]["version"] == entries[0]["version"] + 1
+
+
+async def test_cli_purge_asks_and_deletes_by_id(producer: stem.Stem, url: str,
+                                                namespace: str) -> None:
+    import os
+
+    env = {**os.environ, "STEM_BROKER_URL": url, "STEM_RESULT_BACKEND_URL": "",
+           "STEM_NAMESPACE": namespace}
+    ids = [await producer.enqueue("rv.work") for _ in range(3)]
+
+    def stem_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stem_cli", *args], cwd=ROOT, env=env,
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    no = stem_cli("purge", "-Q", "default", stdin="n\n")
+    assert no.returncode == 1 and "aborted" in no.stderr
+    one = stem_cli("purge", "-Q", "default", "--id", ids[0], "--yes")
+    assert one.returncode == 0 and "default: deleted 1" in one.stdout, one.stderr
+    rest = stem_cli("purge", "-Q", "default", stdin="y\n")
+    assert rest.returncode == 0 and "default: deleted 2" in rest.stdout, rest.stderr
+    assert (await producer.broker.stats("default")).pending == 0

@@ -360,6 +360,25 @@ class MemoryBroker(LeasingBroker):
             q.delayed.clear()
             return dropped
 
+    async def delete(self, queue: str, task_ids: Sequence[str]) -> int:
+        """Drop the waiting messages of ``queue`` with these task ids; leased ones stay."""
+        want = set(task_ids)
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None or not want:
+                return 0
+            self._refresh(q, now_epoch())
+            gone = {mid for mid, m in q.msgs.items()
+                    if mid not in q.leased and peek_task_id(m.raw) in want}
+            for mid in gone:
+                del q.msgs[mid]
+            if gone:
+                q.ready = [x for x in q.ready if x[1] not in gone]
+                q.delayed = [x for x in q.delayed if x[1] not in gone]
+                heapq.heapify(q.ready)
+                heapq.heapify(q.delayed)
+            return len(gone)
+
     async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
                            since: float | None = None) -> list[DeadLetter]:
         """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""

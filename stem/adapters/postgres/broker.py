@@ -562,6 +562,14 @@ class PostgresBroker(LeasingBroker):
         status = await self._db.run(lambda c: c.execute(self._sql.purge, queue))
         return _row_count(status)
 
+    async def delete(self, queue: str, task_ids: Sequence[str]) -> int:
+        """Delete the waiting jobs of ``queue`` with these task ids (leased ones stay)."""
+        if not task_ids:
+            return 0
+        sql = self._sql.purge + " AND task_id = ANY($2::text[])"
+        status = await self._db.run(lambda c: c.execute(sql, queue, list(task_ids)))
+        return _row_count(status)
+
     async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
                            since: float | None = None) -> list[DeadLetter]:
         """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""

@@ -898,6 +898,13 @@ class RedisBroker(LeasingBroker):
             if not int(more):
                 return total
 
+    async def delete(self, queue: str, task_ids: Sequence[str]) -> int:
+        """Drop the waiting envelopes of ``queue`` with these task ids (one script)."""
+        if not task_ids:
+            return 0
+        (removed,) = await self._settle("delete", [(queue, [GROUP, *task_ids])], "delete")
+        return int(removed)
+
     async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
                            since: float | None = None) -> list[DeadLetter]:
         """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`).

@@ -542,6 +542,77 @@ return {removed, 0}
 """
 )
 
+#: ARGV: group, then task ids. Drops the waiting envelopes (ready, released or delayed)
+#: of the queue whose id is one of them; leased ones stay. Returns how many. Reads every
+#: waiting entry of the queue (an operator's command, not a hot path).
+DELETE = (
+    _PRELUDE
+    + """
+local want = {}
+for i = 2, #ARGV do want[ARGV[i]] = true end
+local function matches(raw)
+  if not raw then return false end
+  local ok, d = pcall(cjson.decode, raw)
+  return ok and type(d) == 'table' and type(d['id']) == 'string' and want[d['id']] == true
+end
+local function payload(fields)
+  for j = 1, #fields, 2 do
+    if fields[j] == 'p' then return fields[j + 1] end
+  end
+  return nil
+end
+local removed = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[11], 0, -1)) do
+  local c1 = string.find(m, ':', 1, true)
+  local c2 = c1 and string.find(m, ':', c1 + 1, true)
+  if c2 and matches(string.sub(m, c2 + 1)) then
+    redis.call('ZREM', KEYS[11], m)
+    removed = removed + 1
+  end
+end
+local by_band = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[13], 0, -1)) do
+  local band, id = split(m)
+  local p = pending(band, id)
+  if p and p[2] == RELEASED then
+    local e = redis.call('XRANGE', KEYS[band + 1], id, id)[1]
+    if e and matches(payload(e[2])) then
+      add_to(by_band, band, id)
+      redis.call('ZREM', KEYS[13], m)
+      removed = removed + 1
+    end
+  end
+end
+finish(by_band)
+for band = 0, 9 do
+  local s = KEYS[band + 1]
+  if redis.call('EXISTS', s) == 1 then
+    local start = '-'
+    local groups = redis.pcall('XINFO', 'GROUPS', s)
+    if type(groups) == 'table' and not groups.err then
+      for _, g in ipairs(groups) do
+        local info = {}
+        for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+        if info['name'] == G then start = '(' .. info['last-delivered-id'] end
+      end
+    end
+    while true do
+      local r = redis.call('XRANGE', s, start, '+', 'COUNT', 500)
+      if #r == 0 then break end
+      for j = 1, #r do
+        if matches(payload(r[j][2])) then
+          redis.call('XDEL', s, r[j][1])
+          removed = removed + 1
+        end
+      end
+      start = '(' .. r[#r][1]
+    end
+  end
+end
+return removed
+"""
+)
+
 #: ARGV: group, then per dead letter: dead entry id, band, visibility ms, due ms (empty:
 #: now), bytes. Moves each dead letter that still exists back to its band stream, or to
 #: the delayed set when it has a due time (a concurrent replay or purge cannot make it
@@ -638,6 +709,7 @@ ALL = {
     "extend": EXTEND,
     "stats": STATS,
     "purge": PURGE,
+    "delete": DELETE,
     "replay": REPLAY,
     "forget": FORGET,
 }

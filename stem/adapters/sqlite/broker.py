@@ -493,6 +493,24 @@ class SqliteBroker(LeasingBroker):
 
         return await self._db.run(purge)
 
+    async def delete(self, queue: str, task_ids: Sequence[str]) -> int:
+        """Delete the waiting rows of ``queue`` with these task ids; leased rows stay."""
+        jobs, ids = self._jobs, list(task_ids)
+        if not ids:
+            return 0
+
+        def delete(conn: sqlite3.Connection) -> int:
+            now = now_epoch()
+            marks = ",".join("?" * len(ids))
+            with immediate(conn):
+                n: int = conn.execute(
+                    f"DELETE FROM {jobs} WHERE queue = ? AND task_id IN ({marks}) "
+                    "AND (locked_until IS NULL OR locked_until <= ?)", (queue, *ids, now),
+                ).rowcount
+            return n
+
+        return await self._db.run(delete)
+
     def _sweep_due(self) -> bool:
         now = time.monotonic()
         if now - self._last_sweep < DEAD_LETTER_SWEEP_INTERVAL:

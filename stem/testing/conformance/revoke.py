@@ -8,15 +8,17 @@ import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from stem._time import utcnow
-from stem.ports import RevokeStore
+from stem.envelope import Envelope
+from stem.ports import Broker, RevokeStore
 from stem.revoke import RevokeEntry
 
-__all__ = ["RevokeStoreConformance", "RevokeStoreFactory"]
+__all__ = ["BrokerDeleteConformance", "RevokeStoreConformance", "RevokeStoreFactory"]
 
 #: Builds the revoke store under test (or an awaitable of it), on storage no other
 #: test uses.
@@ -109,3 +111,41 @@ class RevokeStoreConformance:
         await revokes.upsert_many([_entry("q", 2, expires_at=utcnow())])
         [got] = await revokes.changed_since(1)
         assert got.is_expired()
+
+
+class BrokerDeleteConformance:
+    """``Broker.delete``: dropping waiting envelopes by task id (``stem purge --id``).
+    Uses the broker suite's ``broker_factory`` fixture."""
+
+    pytestmark = [pytest.mark.asyncio]
+
+    @pytest_asyncio.fixture
+    async def broker(self, broker_factory: Any) -> AsyncIterator[Any]:
+        made = broker_factory()
+        b = await made if inspect.isawaitable(made) else made
+        try:
+            yield b
+        finally:
+            await b.close()
+
+    async def test_delete_ready_delayed_and_released_by_id(self, broker: Broker) -> None:
+        q = "conf-del"
+        soon = utcnow() + timedelta(hours=1)
+        ready = [Envelope(name="t", queue=q, args={"i": i}) for i in range(3)]
+        delayed = Envelope(name="t", queue=q, not_before=soon)
+        leased = Envelope(name="t", queue=q, priority=9)
+        nacked = Envelope(name="t", queue=q, priority=8)
+        await broker.publish([leased, nacked])
+        held = await broker.fetch([q], 2, block=0, consumer="c1")
+        assert {d.envelope.id for d in held if d.envelope} == {leased.id, nacked.id}
+        await broker.nack([d for d in held if d.envelope and d.envelope.id == nacked.id])
+        await broker.publish([*ready, delayed])
+        gone = [ready[1].id, delayed.id, leased.id, nacked.id, "no-such-id"]
+        assert await broker.delete(q, gone) == 3  # the leased one stays
+        assert await broker.delete(q, []) == 0
+        assert await broker.delete("other-queue", [ready[0].id]) == 0
+        stats = await broker.stats(q)
+        assert (stats.pending, stats.delayed, stats.in_flight) == (2, 0, 1)
+        got = await broker.fetch([q], 10, block=0, consumer="c2")
+        assert sorted(d.envelope.id for d in got if d.envelope) == sorted(
+            [ready[0].id, ready[2].id])
