@@ -451,6 +451,55 @@ class RevokeStore(Protocol):
 
 
 @runtime_checkable
+class ControlChannel(Protocol):
+    """A fan-out log of control messages (commands to workers and their replies).
+
+    Every reader sees every message published after the position it started from
+    (:meth:`position`), whoever else reads: real fan-out, unlike a queue. Messages are
+    small JSON documents kept for a short while (minutes) and trimmed after that.
+    """
+
+    async def position(self) -> str:
+        """The end of the log now: read from here to see only what comes next."""
+        ...
+
+    async def publish(self, message: bytes) -> None:
+        """Append ``message`` for every reader."""
+        ...
+
+    async def read(self, after: str, timeout: float) -> tuple[str, list[bytes]]:
+        """The messages after position ``after`` (waiting up to ``timeout`` seconds for
+        one when there are none yet) and the position after them."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns (a store's shared ones close with it)."""
+        ...
+
+
+@runtime_checkable
+class HeartbeatStore(Protocol):
+    """The latest heartbeat of each live worker (a JSON object with ``workerId``), kept
+    for ``ttl`` seconds after it was written."""
+
+    async def put(self, worker_id: str, heartbeat: bytes, ttl: float) -> None:
+        """Store ``worker_id``'s latest heartbeat (replacing the previous one)."""
+        ...
+
+    async def current(self) -> list[bytes]:
+        """The heartbeats not older than their ``ttl``."""
+        ...
+
+    async def remove(self, worker_id: str) -> None:
+        """Forget ``worker_id`` (it stopped)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns."""
+        ...
+
+
+@runtime_checkable
 class TransactionalPublisher(Protocol):
     """A broker that can publish through the caller's own database connection.
 

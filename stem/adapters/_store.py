@@ -13,6 +13,8 @@ from typing import Any, Generic, TypeVar
 from stem._urls import mask_url
 from stem.ports import (
     Broker,
+    ControlChannel,
+    HeartbeatStore,
     LockStore,
     RateLimiter,
     ResultBackend,
@@ -36,6 +38,8 @@ class BaseStore(Generic[B, R]):
         self._schedules: ScheduleStore | None = None
         self._rate_limiter: RateLimiter | None = None
         self._revokes: RevokeStore | None = None
+        self._control: ControlChannel | None = None
+        self._heartbeats: HeartbeatStore | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.url)!r} namespace={self.namespace!r}>"
@@ -59,6 +63,12 @@ class BaseStore(Generic[B, R]):
 
     def _make_revokes(self) -> RevokeStore:
         raise NotImplementedError(f"{type(self).__name__} has no revoke store yet")
+
+    def _make_control(self) -> ControlChannel:
+        raise NotImplementedError(f"{type(self).__name__} has no control channel yet")
+
+    def _make_heartbeats(self) -> HeartbeatStore:
+        raise NotImplementedError(f"{type(self).__name__} has no heartbeat store yet")
 
     async def _close_shared(self) -> None:
         """Close the connections the parts share (after the parts closed their own)."""
@@ -107,6 +117,20 @@ class BaseStore(Generic[B, R]):
             self._revokes = self._make_revokes()
         return self._revokes
 
+    @property
+    def control(self) -> ControlChannel:
+        """The control channel on this store's connections (built on first use)."""
+        if self._control is None:
+            self._control = self._make_control()
+        return self._control
+
+    @property
+    def heartbeats(self) -> HeartbeatStore:
+        """The worker heartbeat store on this store's connections (built on first use)."""
+        if self._heartbeats is None:
+            self._heartbeats = self._make_heartbeats()
+        return self._heartbeats
+
     async def ping(self) -> None:
         """Check the store answers (through the broker's connection)."""
         await self.broker.ping()
@@ -119,7 +143,7 @@ class BaseStore(Generic[B, R]):
     async def close(self) -> None:
         """Close the parts, then the shared connections (a later use reopens them)."""
         for part in (self._broker, self._backend, self._locks, self._schedules,
-                     self._rate_limiter, self._revokes):
+                     self._rate_limiter, self._revokes, self._control, self._heartbeats):
             if part is not None:
                 await part.close()
         await self._close_shared()

@@ -21,6 +21,7 @@ from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
 from .broker import MemoryBroker
+from .control import MemoryControlChannel, MemoryHeartbeatStore
 from .locks import MemoryLockStore
 from .ratelimit import MemoryRateLimiter
 from .revokes import MemoryRevokeStore
@@ -40,6 +41,8 @@ _locks: dict[tuple[str, str], MemoryLockStore] = {}
 _schedules: dict[tuple[str, str], MemoryScheduleStore] = {}
 _rate_limiters: dict[tuple[str, str], MemoryRateLimiter] = {}
 _revokes: dict[tuple[str, str], MemoryRevokeStore] = {}
+_controls: dict[tuple[str, str], MemoryControlChannel] = {}
+_heartbeats: dict[tuple[str, str], MemoryHeartbeatStore] = {}
 
 
 def _name(url: str) -> str:
@@ -113,6 +116,12 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
         return _shared(_revokes, self.url, namespace,
                        lambda name: MemoryRevokeStore(name, namespace))
 
+    def _make_control(self) -> MemoryControlChannel:
+        return _shared(_controls, self.url, self.namespace, MemoryControlChannel)
+
+    def _make_heartbeats(self) -> MemoryHeartbeatStore:
+        return _shared(_heartbeats, self.url, self.namespace, MemoryHeartbeatStore)
+
 
 def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
     """A :class:`MemoryStore` for ``url`` (the data is shared process-wide by name)."""
@@ -128,3 +137,5 @@ def reset() -> None:
         _schedules.clear()
         _rate_limiters.clear()
         _revokes.clear()
+        _controls.clear()
+        _heartbeats.clear()

@@ -172,6 +172,25 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX stem_revokes_version ON {s}.stem_revokes (version);
         """,
     ),
+    (
+        7,
+        "control channel and worker heartbeats",
+        """
+        -- The control channel: an append-only log of commands and replies that every
+        -- worker reads by position (stem.adapters.postgres.control), NOTIFYed on insert.
+        CREATE TABLE {s}.stem_control (
+            id         bigserial PRIMARY KEY,
+            body       bytea NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        -- The latest heartbeat of each worker, until it expires.
+        CREATE TABLE {s}.stem_workers (
+            worker_id  text COLLATE "C" PRIMARY KEY,
+            body       bytea NOT NULL,
+            expires_at timestamptz NOT NULL
+        );
+        """,
+    ),
 ]
 
 #: Latest schema version this code knows.

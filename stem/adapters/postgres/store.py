@@ -12,6 +12,7 @@ from stem.adapters.postgres import migrations
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url, unavailable
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
+from stem.adapters.postgres.control import PostgresControlChannel, PostgresHeartbeatStore
 from stem.adapters.postgres.locks import PostgresLockStore
 from stem.adapters.postgres.ratelimit import PostgresRateLimiter
 from stem.adapters.postgres.revokes import PostgresRevokeStore
@@ -57,6 +58,12 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
 
     def _make_revokes(self) -> PostgresRevokeStore:
         return PostgresRevokeStore(self.connector, namespace=self.namespace)
+
+    def _make_control(self) -> PostgresControlChannel:
+        return PostgresControlChannel(self.connector, self.hub)
+
+    def _make_heartbeats(self) -> PostgresHeartbeatStore:
+        return PostgresHeartbeatStore(self.connector)
 
     async def _close_shared(self) -> None:
         await self.hub.close()

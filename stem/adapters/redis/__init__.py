@@ -23,6 +23,7 @@ from stem.status import TaskStatus
 from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings, parse_redis_url
 from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
+from .control import RedisControlChannel, RedisHeartbeatStore
 from .locks import RedisLockStore
 from .ratelimit import RedisRateLimiter
 from .revokes import RedisRevokeStore
@@ -98,6 +99,12 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
 
     def _make_revokes(self) -> RedisRevokeStore:
         return RedisRevokeStore(self.connector, namespace=self.namespace)
+
+    def _make_control(self) -> RedisControlChannel:
+        return RedisControlChannel(self.connector, namespace=self.namespace)
+
+    def _make_heartbeats(self) -> RedisHeartbeatStore:
+        return RedisHeartbeatStore(self.connector, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.connector.close()

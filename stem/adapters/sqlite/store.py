@@ -14,6 +14,7 @@ from stem.status import TaskStatus
 from ._db import Database, dead_letter_retention_from_url, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
+from .control import SqliteControlChannel, SqliteHeartbeatStore
 from .locks import SqliteLockStore
 from .ratelimit import SqliteRateLimiter
 from .revokes import SqliteRevokeStore
@@ -51,6 +52,12 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_revokes(self) -> SqliteRevokeStore:
         return SqliteRevokeStore(self.db, namespace=self.namespace)
+
+    def _make_control(self) -> SqliteControlChannel:
+        return SqliteControlChannel(self.db, namespace=self.namespace)
+
+    def _make_heartbeats(self) -> SqliteHeartbeatStore:
+        return SqliteHeartbeatStore(self.db, namespace=self.namespace)
 
     async def _close_shared(self) -> None:
         await self.db.close()
