@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -11,8 +14,15 @@ from rich.table import Table
 
 from stem._time import to_iso
 from stem.app import Stem
+from stem.control import (
+    SHUTDOWN_MODES,
+    ControlClient,
+    ControlReply,
+    heartbeat_interval,
+    queue_entries,
+)
 from stem.revoke import RevokeEntry
-from stem_cli._app import fail
+from stem_cli._app import error_line, fail
 from stem_cli.ops import AppOpt, _queues, _run, parse_duration
 
 
@@ -73,9 +83,219 @@ def purge(
         typer.echo(f"{q}: deleted {n}")
 
 
+WorkerOpt = Annotated[list[str] | None, typer.Option(
+    "--worker", "-w", help="Only this worker (its name, as `stem worker status` shows; "
+                           "repeatable). Default: every live worker.")]
+TimeoutOpt = Annotated[str, typer.Option(
+    "--timeout", help="How long to wait for replies, e.g. 5s (STEM_CONTROL_TIMEOUT).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the replies as JSON.")]
+
+
+def _timeout(value: str | None) -> float:
+    raw = value or os.environ.get("STEM_CONTROL_TIMEOUT") or "5s"
+    seconds = parse_duration(raw, "--timeout")
+    assert seconds is not None
+    return seconds
+
+
+def _send(app_spec: str | None, command: str, payload: dict[str, Any] | None,
+          workers: list[str] | None, timeout: str | None,
+          before: Callable[[Stem], Awaitable[None]] | None = None) -> list[ControlReply]:
+    async def op(a: Stem) -> list[ControlReply]:
+        if before is not None:
+            await before(a)
+        return await ControlClient(a).send(command, payload, targets=workers,
+                                           timeout=_timeout(timeout))
+
+    return _run(app_spec, op)
+
+
+def _finish(replies: list[ControlReply], workers: list[str] | None, json_out: bool,
+            table: Callable[[list[ControlReply]], Table]) -> None:
+    if json_out:
+        typer.echo(orjson.dumps([r.to_json() for r in replies]).decode())
+    elif replies:
+        Console().print(table(replies))
+    failed = [r for r in replies if not r.ok]
+    for r in failed:
+        error_line(f"worker {r.worker_id}: {r.error}")
+    missing = sorted(set(workers or []) - {r.worker_id for r in replies})
+    if missing:
+        error_line(f"no reply from {', '.join(missing)}")
+    if not replies:
+        error_line("no worker answered (is one running with this namespace?)")
+    if failed or missing or not replies:
+        raise typer.Exit(1)
+
+
+def _ms(value: Any) -> str:
+    return f"{value / 1000:.1f}s" if isinstance(value, int | float) else ""
+
+
+def worker_ping(app_spec: AppOpt = None, workers: WorkerOpt = None,
+                timeout: TimeoutOpt = "", json_out: JsonOpt = False) -> None:
+    """Ask workers to answer; lists those that did."""
+    def table(rs: list[ControlReply]) -> Table:
+        t = Table("worker", "status", "in flight", "queues", title="ping")
+        for r in rs:
+            t.add_row(r.worker_id, r.status, str(r.payload.get("inflight", "")),
+                      ", ".join(r.payload.get("subscriptions", {}).get("queues", [])))
+        return t
+
+    _finish(_send(app_spec, "ping", None, workers, timeout), workers, json_out, table)
+
+
+def worker_stats(app_spec: AppOpt = None, workers: WorkerOpt = None,
+                 timeout: TimeoutOpt = "", json_out: JsonOpt = False) -> None:
+    """Concurrency, in-flight, processed and failed counts, queues, pool, uptime."""
+    def table(rs: list[ControlReply]) -> Table:
+        t = Table("worker", "host/pid", "concurrency", "in flight", "processed", "failed",
+                  "queues", "paused", "pool", "uptime", title="stats")
+        for r in rs:
+            p = r.payload
+            pool = p.get("pool") or {}
+            t.add_row(r.worker_id, f"{p.get('host')}/{p.get('pid')}",
+                      str(p.get("concurrency", "")), str(p.get("inflight", "")),
+                      str(p.get("processed", "")), str(p.get("failed", "")),
+                      ", ".join(p.get("queues", {})), ", ".join(p.get("pausedQueues", [])),
+                      f"{pool.get('kind', '')} {pool.get('processes', '')}".strip(),
+                      _ms(p.get("uptimeMs")))
+        return t
+
+    _finish(_send(app_spec, "stats", None, workers, timeout), workers, json_out, table)
+
+
+def worker_inspect(app_spec: AppOpt = None, workers: WorkerOpt = None,
+                   timeout: TimeoutOpt = "", json_out: JsonOpt = False,
+                   include_revoked: Annotated[bool, typer.Option(
+                       "--include-revoked/--no-revoked",
+                       help="Also list the revocations each worker holds.")] = True) -> None:
+    """The tasks running on each worker (with their runtime), paused queues, revocations."""
+    def table(rs: list[ControlReply]) -> Table:
+        t = Table("worker", "task id", "task", "queue", "attempt", "runtime", title="active")
+        for r in rs:
+            active = r.payload.get("active") or []
+            if not active:
+                t.add_row(r.worker_id, "-", "", "", "", "")
+            for a in active:
+                t.add_row(r.worker_id, str(a.get("id")), str(a.get("task")),
+                          str(a.get("queue")), str(a.get("attempt")), _ms(a.get("runtimeMs")))
+        return t
+
+    replies = _send(app_spec, "inspect", {"includeRevoked": include_revoked}, workers, timeout)
+    _finish(replies, workers, json_out, table)
+    if not json_out and include_revoked:
+        revoked = {e["taskId"] for r in replies for e in r.payload.get("revoked", [])}
+        paused = {q for r in replies for q in r.payload.get("pausedQueues", [])}
+        typer.echo(f"paused queues: {', '.join(sorted(paused)) or 'none'}; "
+                   f"revoked tasks held: {len(revoked)}")
+
+
+def worker_shutdown(
+    app_spec: AppOpt = None, workers: WorkerOpt = None, timeout: TimeoutOpt = "",
+    json_out: JsonOpt = False,
+    mode: Annotated[str, typer.Option(
+        "--mode", help="warm: finish running tasks, however long; soft: the worker's "
+                       "--grace, then requeue; hard: requeue running tasks now.")] = "warm",
+) -> None:
+    """Stop workers through the control plane."""
+    if mode not in SHUTDOWN_MODES:
+        raise fail(f"--mode {mode!r}: use warm, soft or hard")
+
+    def table(rs: list[ControlReply]) -> Table:
+        t = Table("worker", "status", "mode", "active", title="shutdown")
+        for r in rs:
+            t.add_row(r.worker_id, str(r.payload.get("status", r.status)),
+                      str(r.payload.get("mode", "")), str(r.payload.get("active", "")))
+        return t
+
+    _finish(_send(app_spec, "shutdown", {"mode": mode}, workers, timeout), workers, json_out,
+            table)
+
+
+QueuesOpt = Annotated[list[str], typer.Option("--queue", "-Q", help="Queue (repeatable).")]
+
+
+def _pause_command(pause: bool) -> Callable[..., None]:
+    def command(queue: QueuesOpt, app_spec: AppOpt = None, timeout: TimeoutOpt = "",
+                json_out: JsonOpt = False,
+                reason: Annotated[str | None, typer.Option("--reason")] = None) -> None:
+        async def store(a: Stem) -> None:
+            entries = queue_entries(a, queue, pause=pause, reason=reason)
+            await a.revokes.upsert_many(entries)  # durable first: survives restarts
+            payload["entries"] = [e.to_json() for e in entries]
+
+        payload: dict[str, Any] = {"queues": queue}
+        replies = _send(app_spec, "queue_pause" if pause else "queue_resume", payload, None,
+                        timeout, before=store)
+
+        def table(rs: list[ControlReply]) -> Table:
+            t = Table("worker", "status", "paused queues",
+                      title="paused" if pause else "resumed")
+            for r in rs:
+                t.add_row(r.worker_id, r.status, ", ".join(r.payload.get("paused", [])))
+            return t
+
+        if json_out:
+            typer.echo(orjson.dumps([r.to_json() for r in replies]).decode())
+        else:
+            typer.echo(f"{'paused' if pause else 'resumed'}: {', '.join(queue)} "
+                       "(stored; workers started later honour it)")
+            if replies:
+                Console().print(table(replies))
+        if any(not r.ok for r in replies):
+            raise typer.Exit(1)
+
+    command.__doc__ = ("Stop every worker consuming these queues (kept in the revoke "
+                       "store: survives restarts) until `stem worker resume`." if pause
+                       else "Consume paused queues again.")
+    return command
+
+
+def worker_status(
+    app_spec: AppOpt = None, json_out: JsonOpt = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f",
+                                         help="Refresh every interval until Ctrl-C.")] = False,
+) -> None:
+    """Workers with a heartbeat in the result backend; stale ones (no heartbeat for two
+    intervals) are marked."""
+    async def op(a: Stem) -> None:
+        client = ControlClient(a)
+        while True:
+            beats = await client.workers()
+            if json_out:
+                typer.echo(orjson.dumps([{**h.data, "ageMs": round(h.age * 1000),
+                                          "stale": h.stale} for h in beats]).decode())
+            else:
+                t = Table("worker", "state", "last seen", "in flight", "processed", "queues",
+                          "paused", title="workers")
+                for h in beats:
+                    d = h.data
+                    t.add_row(h.worker_id, "STALE" if h.stale else "live", f"{h.age:.0f}s ago",
+                              str(d.get("inflight", "")), str(d.get("processed", "")),
+                              ", ".join(d.get("queues", [])),
+                              ", ".join(d.get("pausedQueues", [])))
+                Console().print(t if beats else "no live workers")
+            if not follow:
+                return
+            await asyncio.sleep(min(heartbeat_interval(), 5.0))
+
+    try:
+        _run(app_spec, op)
+    except KeyboardInterrupt:
+        pass
+
+
 def register(app: typer.Typer, worker_app: typer.Typer) -> None:
     """Add the control commands to the CLI."""
     worker_app.command("revoke")(worker_revoke)
+    worker_app.command("ping")(worker_ping)
+    worker_app.command("stats")(worker_stats)
+    worker_app.command("inspect")(worker_inspect)
+    worker_app.command("shutdown")(worker_shutdown)
+    worker_app.command("pause")(_pause_command(True))
+    worker_app.command("resume")(_pause_command(False))
+    worker_app.command("status")(worker_status)
     app.command("purge")(purge)
 
 

@@ -445,7 +445,34 @@ class Stem:
                                    expires_in=expires_in, namespace=self.namespace,
                                    version=base + n)
                    for n, i in enumerate(ids)]
+        await self.revokes.upsert_many(entries)  # durable first, then visible
+        from stem.control import announce_quietly
+
+        await announce_quietly(self, "revoke", {
+            "namespace": self.namespace, "requester": entries[0].requested_by if entries
+            else None, "revocations": [e.to_json() for e in entries]})
+        return entries
+
+    async def pause_queues(self, queues: Sequence[str], *, reason: str | None = None
+                           ) -> list[RevokeEntry]:
+        """Stop every worker of this namespace consuming ``queues`` until
+        :meth:`resume_queues` (stored in :attr:`revokes`: survives worker restarts)."""
+        from stem.control import announce_quietly, queue_entries
+
+        entries = queue_entries(self, queues, pause=True, reason=reason)
         await self.revokes.upsert_many(entries)
+        await announce_quietly(self, "queue_pause", {
+            "queues": list(queues), "entries": [e.to_json() for e in entries]})
+        return entries
+
+    async def resume_queues(self, queues: Sequence[str]) -> list[RevokeEntry]:
+        """Undo :meth:`pause_queues` for ``queues``."""
+        from stem.control import announce_quietly, queue_entries
+
+        entries = queue_entries(self, queues, pause=False)
+        await self.revokes.upsert_many(entries)
+        await announce_quietly(self, "queue_resume", {
+            "queues": list(queues), "entries": [e.to_json() for e in entries]})
         return entries
 
     @property

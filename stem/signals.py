@@ -85,6 +85,12 @@ task_revoked = Signal(
     "task_revoked",
     "A revoked task was cancelled without running, or stopped by a terminate revoke "
     "(envelope=, entry=, reason=, terminated=).")
+control_command_received = Signal(
+    "control_command_received",
+    "A worker received a control command (command=, payload=, message=).")
+control_command_completed = Signal(
+    "control_command_completed",
+    "A worker answered a control command (command=, payload=, message=, status=, reply=).")
 schedule_entry_due = Signal(
     "schedule_entry_due", "A beat found a schedule entry due (entry=, scheduled_at=).")
 schedule_entry_dispatched = Signal(
@@ -96,6 +102,8 @@ schedule_entry_failed = Signal(
 
 __all__ = [
     "Signal",
+    "control_command_completed",
+    "control_command_received",
     "schedule_entry_dispatched",
     "schedule_entry_due",
     "schedule_entry_failed",

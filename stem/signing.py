@@ -521,6 +521,33 @@ class PayloadSigner:
         envelope.headers.pop(SIGNATURE_KEY_HEADER, None)
         return False
 
+    def verify_data(self, data: bytes, signature: str, key_id: str) -> str | None:
+        """Why ``signature`` (base64) by ``key_id`` does not sign ``data``; None when it
+        does (control commands are signed this way)."""
+        try:
+            sig = decode_base64(signature)
+        except ValueError:
+            return "signature is not valid base64"
+        if self.algorithm == HMAC_SHA256:
+            secret = self._hmac_keys.get(key_id)
+            if secret is None:
+                return "unknown signing key"
+            mac = self._hmac(secret, self._sha256)
+            mac.update(data)
+            try:
+                mac.verify(sig)
+            except self._invalid_signature:
+                return "signature mismatch"
+            return None
+        public = self._public.get(key_id)
+        if public is None:
+            return "unknown signing key"
+        try:
+            public.verify(sig, data)
+        except self._invalid_signature:
+            return "signature mismatch"
+        return None
+
     def verify(self, envelope: Envelope) -> SignatureProblem | None:
         """None when ``envelope`` carries a valid signature by a configured key."""
         problem = self._problem(envelope)

@@ -97,6 +97,10 @@ class Revocations:
         """Sync now (a broadcast said something changed)."""
         self._wake.set()
 
+    def apply(self, entries: Iterable[RevokeEntry]) -> None:
+        """Apply entries now (a broadcast brought them; the store has them already)."""
+        self._apply(entries, notify=True)
+
     def _apply(self, entries: Iterable[RevokeEntry], *, notify: bool) -> None:
         now = utcnow()
         fresh: list[RevokeEntry] = []

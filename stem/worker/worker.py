@@ -36,6 +36,7 @@ from stem.revoke import RevokeEntry
 from stem.status import TaskState, TaskStatus
 from stem.worker.completer import Completer
 from stem.worker.context_ops import ContextRuntime, WorkerContextOps
+from stem.worker.control import WorkerControl
 from stem.worker.executor import Executor
 from stem.worker.pool import PoolConfig
 from stem.worker.processor import (
@@ -168,6 +169,10 @@ class Worker:
                                        on_change=self._revocations_changed)
         #: The attempts running now (terminate, stats, inspect).
         self.running = RunningTasks()
+        #: Attempts that failed for good (stats).
+        self.failed = 0
+        #: Answers control commands and writes heartbeats (stem.worker.control).
+        self.control = WorkerControl(self)
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
         signals.worker_init.send(self)
 
@@ -205,6 +210,23 @@ class Worker:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self._stop.is_set()
+
+    def shutdown(self, mode: str = "soft") -> None:
+        """Stop: ``warm`` finishes in-flight work however long it takes, ``soft`` waits
+        ``shutdown_grace`` then requeues what still runs, ``hard`` requeues in-flight
+        work now (another worker runs it)."""
+        if self._stop_deadline is None:
+            if mode == "warm":
+                self.shutdown_grace = 365 * 86_400.0
+            elif mode == "hard":
+                self.shutdown_grace = 0.0
+        log.info("worker.shutdown_requested", mode=mode, consumer=self.consumer_name)
+        self.request_stop()
+
     def request_stop(self) -> None:
         """Stop fetching and drain (safe to call from a signal handler on the loop)."""
         self._stop.set()
@@ -235,6 +257,7 @@ class Worker:
             lease_length=self._lease_length, extend_lease=self.extend_lease,
             spawn=self._spawn, sender=self, revoked=self.running.revoked)
         await self.revocations.load()  # a revoke issued before this worker started holds
+        await self.control.start()
         log.info("worker.started", **self.describe())
         keeper = asyncio.create_task(self._lease_keeper())
         syncer = asyncio.create_task(self.revocations.run())
@@ -245,7 +268,7 @@ class Worker:
         finally:
             keeper.cancel()
             syncer.cancel()
-            await asyncio.gather(keeper, syncer, return_exceptions=True)
+            await asyncio.gather(keeper, syncer, self.control.stop(), return_exceptions=True)
             left = await self._final_flush()
             await self.executor.close()
             signals.worker_shutdown.send(self)
@@ -331,9 +354,17 @@ class Worker:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            queues = self._consumed_queues()
+            if not queues:  # every queue is paused: wait for a resume (or the stop)
+                self._slot_free.clear()
+                try:
+                    await asyncio.wait_for(self._slot_free.wait(), self.block_time)
+                except TimeoutError:
+                    pass
+                continue
             try:
                 deliveries = await broker.fetch(
-                    self.queues, free, block=self.block_time, consumer=self.consumer_name
+                    queues, free, block=self.block_time, consumer=self.consumer_name
                 )
                 if deliveries and not self._stop.is_set():
                     await self._dispatch(deliveries)
@@ -358,8 +389,18 @@ class Worker:
                 await broker.nack(deliveries)
                 break
 
+    def _consumed_queues(self) -> list[str]:
+        """The queues to fetch from: those not paused."""
+        paused = self.revocations.paused
+        return [q for q in self.queues if q not in paused] if paused else self.queues
+
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
         assert self._completer is not None
+        paused = self.revocations.paused
+        if paused and any(d.queue in paused for d in deliveries):
+            # Fetched while its queue was being paused: give it back untouched.
+            await self.app.broker.nack([d for d in deliveries if d.queue in paused])
+            deliveries = [d for d in deliveries if d.queue not in paused]
         now = time.monotonic()
         default_vt = self.app.broker.default_visibility_timeout
         good: list[tuple[Delivery, Envelope]] = []
@@ -502,6 +543,8 @@ class Worker:
             finally:
                 self.running.end(run)
             self.processed += 1
+            if isinstance(outcome, Failure):
+                self.failed += 1
             completer.outcome(d, prepared, ctx, outcome, base_meta, elapsed)
         except asyncio.CancelledError:
             raise
@@ -547,7 +590,11 @@ class Worker:
     def _revocations_changed(self, entries: list[RevokeEntry]) -> None:
         """New revoke entries: stop the running attempts they terminate."""
         for entry in entries:
-            if entry.terminate and not entry.is_queue_pause:
+            if entry.is_queue_pause:
+                log.info("worker.queue_paused" if not entry.is_expired()
+                         else "worker.queue_resumed", queue=entry.task_id.split(":", 1)[1])
+                self._slot_free.set()  # the fetch loop looks at its queues again
+            elif entry.terminate:
                 self.running.terminate(entry, self.executor.process_pool)
 
     def _expire(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any]) -> None:
