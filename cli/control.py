@@ -22,6 +22,7 @@ from stem.control import (
     queue_entries,
 )
 from stem.revoke import RevokeEntry
+from stem.worker.worker import shown_url
 from stem_cli._app import error_line, fail
 from stem_cli.ops import AppOpt, _queues, _run, parse_duration
 
@@ -137,6 +138,7 @@ def worker_ping(app_spec: AppOpt = None, workers: WorkerOpt = None,
     """Ask workers to answer; lists those that did."""
     def table(rs: list[ControlReply]) -> Table:
         t = Table("worker", "status", "in flight", "queues", title="ping")
+        t.columns[0].no_wrap = True
         for r in rs:
             t.add_row(r.worker_id, r.status, str(r.payload.get("inflight", "")),
                       ", ".join(r.payload.get("subscriptions", {}).get("queues", [])))
@@ -149,16 +151,18 @@ def worker_stats(app_spec: AppOpt = None, workers: WorkerOpt = None,
                  timeout: TimeoutOpt = "", json_out: JsonOpt = False) -> None:
     """Concurrency, in-flight, processed and failed counts, queues, pool, uptime."""
     def table(rs: list[ControlReply]) -> Table:
-        t = Table("worker", "host/pid", "concurrency", "in flight", "processed", "failed",
-                  "queues", "paused", "pool", "uptime", title="stats")
+        t = Table("worker", "in flight", "done", "failed", "queues", "pool", "uptime",
+                  title="stats")
+        t.columns[0].no_wrap = True
         for r in rs:
             p = r.payload
             pool = p.get("pool") or {}
-            t.add_row(r.worker_id, f"{p.get('host')}/{p.get('pid')}",
-                      str(p.get("concurrency", "")), str(p.get("inflight", "")),
+            queues = [q + (" (paused)" if q in p.get("pausedQueues", []) else "")
+                      for q in p.get("queues", {})]
+            t.add_row(r.worker_id, f"{p.get('inflight', '')}/{p.get('concurrency', '')}",
                       str(p.get("processed", "")), str(p.get("failed", "")),
-                      ", ".join(p.get("queues", {})), ", ".join(p.get("pausedQueues", [])),
-                      f"{pool.get('kind', '')} {pool.get('processes', '')}".strip(),
+                      ", ".join(queues),
+                      f"{pool.get('kind', '')} {pool.get('processes') or ''}".strip(),
                       _ms(p.get("uptimeMs")))
         return t
 
@@ -173,6 +177,7 @@ def worker_inspect(app_spec: AppOpt = None, workers: WorkerOpt = None,
     """The tasks running on each worker (with their runtime), paused queues, revocations."""
     def table(rs: list[ControlReply]) -> Table:
         t = Table("worker", "task id", "task", "queue", "attempt", "runtime", title="active")
+        t.columns[0].no_wrap = True
         for r in rs:
             active = r.payload.get("active") or []
             if not active:
@@ -269,6 +274,7 @@ def worker_status(
             else:
                 t = Table("worker", "state", "last seen", "in flight", "processed", "queues",
                           "paused", title="workers")
+                t.columns[0].no_wrap = True
                 for h in beats:
                     d = h.data
                     t.add_row(h.worker_id, "STALE" if h.stale else "live", f"{h.age:.0f}s ago",
@@ -297,5 +303,51 @@ def register(app: typer.Typer, worker_app: typer.Typer) -> None:
     worker_app.command("resume")(_pause_command(False))
     worker_app.command("status")(worker_status)
     app.command("purge")(purge)
+    app.command("health")(health)
 
 
+
+
+async def _check(component: str, url: str | None, probe: Callable[[], Awaitable[Any]]
+                 ) -> dict[str, Any]:
+    try:
+        await asyncio.wait_for(probe(), HEALTH_TIMEOUT)
+    except TimeoutError:
+        return {"component": component, "url": url, "success": False,
+                "message": f"no answer within {HEALTH_TIMEOUT:g}s: check the host and port"}
+    except Exception as exc:
+        return {"component": component, "url": url, "success": False,
+                "message": " ".join((str(exc) or type(exc).__name__).split())}
+    return {"component": component, "url": url, "success": True, "message": "reachable"}
+
+
+#: Seconds each health check may take.
+HEALTH_TIMEOUT = 10.0
+
+
+def health(app_spec: AppOpt = None, json_out: JsonOpt = False) -> None:
+    """Check the broker, the result backend and the configured stores (revoke store,
+    rate limiter) answer; exit 0 when all do, 1 otherwise (a container health check)."""
+    async def op(a: Stem) -> list[dict[str, Any]]:
+        checks = [_check("broker", shown_url(a.broker_url), a.broker.ping),
+                  _check("backend", shown_url(a.backend_url), a.backend.ping)]
+        revoke_url = a.revoke_store_url
+        checks.append(_check("revoke store", shown_url(revoke_url) if revoke_url
+                             else "(the backend's store)",
+                             lambda: a.revokes.changed_since(2**62)))
+        if a.rate_limit_url is not None:
+            url = a.rate_limit_url
+            checks.append(_check("rate limiter", shown_url(url), a.store_for(url).ping))
+        return list(await asyncio.gather(*checks))
+
+    results = _run(app_spec, op)
+    if json_out:
+        typer.echo(orjson.dumps(results).decode())
+    else:
+        t = Table("component", "state", "url", "message", title="health")
+        for r in results:
+            t.add_row(r["component"], "ok" if r["success"] else "FAILED", str(r["url"]),
+                      r["message"])
+        Console().print(t)
+    if not all(r["success"] for r in results):
+        raise typer.Exit(1)

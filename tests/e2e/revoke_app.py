@@ -45,3 +45,17 @@ def spin_thread(ctx: stem.TaskContext) -> None:
     while True:
         ctx.heartbeat()
         time.sleep(0.05)
+
+
+@app.task(name="rv.other", queue="other")
+async def other(ctx: stem.TaskContext) -> str:
+    mark("ran", ctx.id)
+    return "other"
+
+
+@app.task(name="rv.sleep")
+async def sleep(ctx: stem.TaskContext, seconds: float) -> int:
+    mark("started", ctx.id)
+    await asyncio.sleep(seconds)
+    mark("finished", ctx.id)
+    return os.getpid()
