@@ -1,5 +1,4 @@
-"""The control plane with real worker processes on Redis and Postgres (and SQLite where
-cheap): ping/stats/inspect from three workers answer all three; shutdown warm finishes
+"""The control plane with real worker processes on SQLite, Redis and Postgres: ping/stats/inspect from three workers answer all three; shutdown warm finishes
 in-flight work, hard requeues it for another worker; a paused queue stops only that
 queue, survives a worker restart and resumes; stem worker status; stem health exit
 codes with an unreachable Redis and a wrong Postgres password."""
@@ -26,9 +25,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["redis", "postgres"])
-async def url(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[str]:
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+async def url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path
+              ) -> AsyncIterator[str]:
     name = request.param
+    if name == "sqlite":
+        yield f"sqlite:///{tmp_path / 'stem.db'}"
+        return
     base = request.getfixturevalue(f"{name}_url")
     yield base
     if name == "redis":
@@ -178,7 +181,18 @@ def _wrong_password(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def test_health_exit_codes(url: str, namespace: str) -> None:
+@pytest.fixture(params=["redis", "postgres"])
+async def server_url(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[str]:
+    base = request.getfixturevalue(f"{request.param}_url")
+    yield base
+    if request.param == "redis":
+        await drop_redis_keys(base, namespace)
+    else:
+        await drop_pg_schema(base, namespace)
+
+
+def test_health_exit_codes(server_url: str, namespace: str) -> None:
+    url = server_url
     env = {"STEM_BROKER_URL": url, "STEM_RESULT_BACKEND_URL": "", "STEM_NAMESPACE": namespace}
     ok = stem_cli(env, "health", "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
