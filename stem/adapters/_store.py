@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from stem._urls import mask_url
-from stem.ports import Broker, LockStore, ResultBackend, ScheduleStore
+from stem.ports import Broker, GroupStore, LockStore, ResultBackend, ScheduleStore
 
 B = TypeVar("B", bound=Broker)
 R = TypeVar("R", bound=ResultBackend)
@@ -27,6 +27,7 @@ class BaseStore(Generic[B, R]):
         self._backend: R | None = None
         self._locks: LockStore | None = None
         self._schedules: ScheduleStore | None = None
+        self._groups: GroupStore | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.url)!r} namespace={self.namespace!r}>"
@@ -44,6 +45,9 @@ class BaseStore(Generic[B, R]):
 
     def _make_schedules(self) -> ScheduleStore:
         raise NotImplementedError(f"{type(self).__name__} has no schedule store yet")
+
+    def _make_groups(self) -> GroupStore:
+        raise NotImplementedError(f"{type(self).__name__} has no group store yet")
 
     async def _close_shared(self) -> None:
         """Close the connections the parts share (after the parts closed their own)."""
@@ -78,6 +82,13 @@ class BaseStore(Generic[B, R]):
             self._schedules = self._make_schedules()
         return self._schedules
 
+    @property
+    def groups(self) -> GroupStore:
+        """The group store (groups, chords, batches) on this store's connections."""
+        if self._groups is None:
+            self._groups = self._make_groups()
+        return self._groups
+
     async def ping(self) -> None:
         """Check the store answers (through the broker's connection)."""
         await self.broker.ping()
@@ -89,7 +100,7 @@ class BaseStore(Generic[B, R]):
 
     async def close(self) -> None:
         """Close the parts, then the shared connections (a later use reopens them)."""
-        for part in (self._broker, self._backend, self._locks, self._schedules):
+        for part in (self._broker, self._backend, self._locks, self._schedules, self._groups):
             if part is not None:
                 await part.close()
         await self._close_shared()

@@ -19,15 +19,17 @@ from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
 from .broker import MemoryBroker
+from .groups import MemoryGroupStore
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryStore", "backend_from_url", "broker_from_url",
+    "MemoryBackend", "MemoryBroker", "MemoryGroupStore", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
 
 _lock = threading.Lock()
 _brokers: dict[tuple[str, str], MemoryBroker] = {}
 _backends: dict[tuple[str, str], MemoryBackend] = {}
+_groups: dict[tuple[str, str], MemoryGroupStore] = {}
 
 
 def _name(url: str) -> str:
@@ -71,6 +73,14 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
     def _make_backend(self) -> MemoryBackend:
         return backend_from_url(self.url, namespace=self.namespace)
 
+    def _make_groups(self) -> MemoryGroupStore:
+        key = (self.namespace, _name(self.url))
+        with _lock:
+            groups = _groups.get(key)
+            if groups is None:
+                groups = _groups[key] = MemoryGroupStore(key[1])
+            return groups
+
 
 def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
     """A :class:`MemoryStore` for ``url`` (the data is shared process-wide by name)."""
@@ -82,3 +92,4 @@ def reset() -> None:
     with _lock:
         _brokers.clear()
         _backends.clear()
+        _groups.clear()

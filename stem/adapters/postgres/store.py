@@ -12,6 +12,7 @@ from stem.adapters.postgres import migrations
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url, unavailable
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
+from stem.adapters.postgres.groups import PostgresGroupStore
 from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
 from stem.status import TaskStatus
@@ -39,6 +40,9 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
     def _make_backend(self) -> PostgresResultBackend:
         return PostgresResultBackend(self.url, namespace=self.namespace,
                                      connector=self.connector, hub=self.hub)
+
+    def _make_groups(self) -> PostgresGroupStore:
+        return PostgresGroupStore(self.connector)
 
     async def _close_shared(self) -> None:
         await self.hub.close()

@@ -14,6 +14,7 @@ from stem.status import TaskStatus
 from ._db import Database, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
+from .groups import SqliteGroupStore
 
 
 class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
@@ -32,6 +33,9 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_groups(self) -> SqliteGroupStore:
+        return SqliteGroupStore(self.path, namespace=self.namespace, db=self.db)
 
     async def _close_shared(self) -> None:
         await self.db.close()

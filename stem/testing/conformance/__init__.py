@@ -31,5 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from stem.testing.conformance.backend import BackendConformance, BackendFactory
 from stem.testing.conformance.broker import BrokerConformance, BrokerFactory
+from stem.testing.conformance.groups import GroupStoreConformance, GroupStoreFactory
 
-__all__ = ["BackendConformance", "BackendFactory", "BrokerConformance", "BrokerFactory"]
+__all__ = ["BackendConformance", "BackendFactory", "BrokerConformance", "BrokerFactory",
+           "GroupStoreConformance", "GroupStoreFactory"]
