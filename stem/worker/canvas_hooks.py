@@ -23,6 +23,7 @@ the parent's final result).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from stem.canvas import (
@@ -62,7 +63,31 @@ log = get_logger(__name__)
 #: the reason, so a replay runs the task and its follow-ups again).
 ATTEMPTS = 6
 
+#: Group-store calls in flight at once per event loop. A busy worker finishes hundreds
+#: of members at a time; unbounded, each would take a connection of its own (Redis then
+#: refuses with "too many connections"). Batching them is the next step.
+GROUP_CALLS_IN_FLIGHT = 8
+
 _NO_RESULT: Any = object()
+_limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+def _limit() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    sem = _limits.get(loop)
+    if sem is None:
+        sem = _limits[loop] = asyncio.Semaphore(GROUP_CALLS_IN_FLIGHT)
+    return sem
+
+
+async def _publish(app: Stem, calls: list[TaskCall[Any]]) -> None:
+    """Publish follow-ups through the app's coalescing publisher (concurrent finishes
+    share round trips instead of taking a connection each)."""
+    if len(calls) == 1:
+        await app.enqueue_call(calls[0])
+    else:
+        await asyncio.gather(*(app.enqueue_call(c) for c in calls))
 
 
 def wants(env: Envelope) -> bool:
@@ -100,17 +125,19 @@ async def _follow_up(app: Stem, env: Envelope, outcome: Success | Failure,
         if isinstance(chain, dict) and chain.get("next"):
             calls.append(_next_step(app, env, chain, value))
         if calls:
-            await app.enqueue_many(calls)
+            await _publish(app, calls)
         if META_GROUP_INDEX in meta:
-            await _record_member(app, env, TaskState.SUCCEEDED, value, None, redelivered)
+            async with _limit():
+                await _record_member(app, env, TaskState.SUCCEEDED, value, None, redelivered)
         return
     calls += [_child(app, env, e, env.id) for e in meta.get(META_LINK_ERROR) or ()]
     if calls:
-        await app.enqueue_many(calls)
+        await _publish(app, calls)
     if isinstance(chain, dict):
         await _abort_chain(app, env, chain, outcome.error)
     if META_GROUP_INDEX in meta:
-        await _record_member(app, env, TaskState.FAILED, None, outcome.error, redelivered)
+        async with _limit():
+            await _record_member(app, env, TaskState.FAILED, None, outcome.error, redelivered)
 
 
 def _result_value(app: Stem, env: Envelope, outcome: Success) -> Any:
