@@ -56,3 +56,9 @@ async def sleep(seconds: float) -> list[float]:
     t = time.time()
     await asyncio.sleep(seconds)
     return [t, time.time()]
+
+
+@app.task(name="bench.chord_done", track_started=False)
+async def chord_done(results: list[float]) -> list[float]:
+    """bench/chord_cost.py: a chord callback; returns [its start time, member count]."""
+    return [time.time(), float(len(results))]
