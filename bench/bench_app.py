@@ -27,9 +27,11 @@ async def _incr() -> None:
     if _redis is None:
         import redis.asyncio as redis
 
-        # Blocking pool: 200 concurrent tasks wait for a connection instead of failing.
+        # A connection per concurrent task (BENCH_POOL = the worker's concurrency), so
+        # the pool never makes tasks queue for a connection and skew the drain rate.
+        pool = int(os.environ.get("BENCH_POOL", "256"))
         _redis = redis.Redis(
-            connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=32)
+            connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=pool)
         )
     await _redis.incr(_COUNTER)
 

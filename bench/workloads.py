@@ -8,6 +8,7 @@ W4 2,000 tasks of ``asyncio.sleep(0.05)`` at concurrency 200 (ideal ≈ 0.5 s).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -19,12 +20,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
 
 import stem
 from bench import bench_app
+from stem.signing import SigningConfig
 
 PEERS = {  # the peers' published figures: best peer per figure on this kind of machine
     "redis": {"drain": 3436, "enqueue_one": 8986, "enqueue_bulk": 9261, "p50": 0.25, "p99": 0.73},
@@ -47,15 +50,27 @@ def _kind(url: str) -> str:
     return {"postgresql": "postgres", "rediss": "redis"}.get(scheme, scheme)
 
 
+def is_local(url: str) -> bool:
+    """True for a URL whose server is on this machine (loopback or a Unix socket)."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite" or parts.scheme == "memory":
+        return True
+    hosts = [parts.hostname or ""]
+    query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
+    if "host" in query:
+        hosts = [query["host"]]
+    return all(h in ("", "localhost", "127.0.0.1", "::1") or h.startswith("/") for h in hosts)
+
+
 def run_floor(kind: str, url: str, floor_dir: Path, n: int) -> dict[str, float]:
-    """Run the floor script floor_<kind>.py of ``floor_dir`` against the same server; parse its line."""
+    """Run the floor script floor_<kind>.py of ``floor_dir`` against the same server and
+    database (it keeps to keys under a random prefix and deletes them); parse its line."""
     script = floor_dir / f"floor_{kind}.py"
     if not script.exists():
         return {}
     env = {**os.environ, "N": str(n)}
     if kind == "redis":
-        base = url.rsplit("/", 1)[0] if re.search(r"/\d+$", url) else url.rstrip("/")
-        env["URL"] = base + "/15"
+        env["URL"] = url.split("?", 1)[0]
     else:
         env["DSN"] = url.split("?", 1)[0]
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
@@ -81,14 +96,15 @@ import redis.asyncio as redis
 
 async def main():
     r = redis.from_url(sys.argv[1])
+    key = sys.argv[2]
     while True:
-        resp = await r.xreadgroup("g", "c", {"stem-w3-floor": ">"}, count=10, block=1000)
+        resp = await r.xreadgroup("g", "c", {key: ">"}, count=10, block=1000)
         if not resp:
             continue
         now = time.time()
         p = r.pipeline(transaction=False)
-        p.rpush("stem-w3-floor:done", repr(now))
-        p.xack("stem-w3-floor", "g", *[m for m, _ in resp[0][1]])
+        p.rpush(key + ":done", repr(now))
+        p.xack(key, "g", *[m for m, _ in resp[0][1]])
         await p.execute()
 
 asyncio.run(main())
@@ -101,23 +117,23 @@ async def w3_floor_redis(url: str, trips: int = 300) -> dict[str, float]:
     import redis.asyncio as redis
 
     r = redis.from_url(url)
-    await r.delete("stem-w3-floor", "stem-w3-floor:done")
-    await r.xgroup_create("stem-w3-floor", "g", id="0", mkstream=True)
+    key = f"stem-w3-floor-{uuid.uuid4().hex[:8]}"  # only keys of our own
+    await r.xgroup_create(key, "g", id="0", mkstream=True)
     proc = subprocess.Popen(  # noqa: ASYNC220 - a child we kill, never wait on
-        [sys.executable, "-c", _W3_FLOOR_CONSUMER, url])
+        [sys.executable, "-c", _W3_FLOOR_CONSUMER, url, key])
     try:
-        await r.xadd("stem-w3-floor", {"p": b"warm-up"})
-        await r.blpop(["stem-w3-floor:done"], timeout=30)
+        await r.xadd(key, {"p": b"warm-up"})
+        await r.blpop([key + ":done"], timeout=30)
         lat: list[float] = []
         for _ in range(trips):
             t0 = time.time()
-            await r.xadd("stem-w3-floor", {"p": b'{"id":"x"}'})
-            got = await r.blpop(["stem-w3-floor:done"], timeout=10)
+            await r.xadd(key, {"p": b'{"id":"x"}'})
+            got = await r.blpop([key + ":done"], timeout=10)
             if got:
                 lat.append((float(got[1]) - t0) * 1000)
     finally:
         proc.kill()
-        await r.delete("stem-w3-floor", "stem-w3-floor:done")
+        await r.delete(key, key + ":done")
         await r.aclose()
     lat.sort()
     return {"p50": statistics.median(lat), "p95": lat[int(0.95 * len(lat)) - 1],
@@ -128,19 +144,41 @@ class Bench:
     """One benchmark run against ``url`` (broker and result backend on the same store)."""
 
     def __init__(self, url: str, *, n: int, redis_counter_url: str | None,
-                 concurrency: int = 100) -> None:
+                 concurrency: int = 100, signing: str = "none") -> None:
         self.url = url
         self.n = n
         self.namespace = "bench" + uuid.uuid4().hex[:8]
         self.redis_counter_url = redis_counter_url
         self.concurrency = concurrency
-        self.app = stem.Stem("bench-producer", broker=url, backend=url, namespace=self.namespace)
+        # The producer signs with the whole config; the worker gets what a worker needs
+        # (Ed25519: the public key alone).
+        producer_env, self.worker_env = signing_env(signing)
+        self.app = stem.Stem("bench-producer", broker=url, backend=url, namespace=self.namespace,
+                             signing=SigningConfig.from_env(producer_env))
         for d in bench_app.app.tasks.values():
             self.app.register(stem.TaskDefinition(d.name, d.func, options=d.options))
 
+    async def cleanup(self) -> None:
+        """Delete what this run wrote: its namespace's keys and the INCR counter (Redis);
+        on Postgres the queue was purged and the tables are the schema's own."""
+        import redis.asyncio as redis
+
+        targets = [u for u in (self.url if _kind(self.url) == "redis" else None,
+                               self.redis_counter_url) if u]
+        for url in dict.fromkeys(targets):
+            r = redis.from_url(url.split("?", 1)[0])
+            try:
+                for pattern in (f"{self.namespace}:*", f"{{{self.namespace}:*"):
+                    batch = [k async for k in r.scan_iter(match=pattern, count=1000)]
+                    for s in range(0, len(batch), 500):
+                        await r.delete(*batch[s:s + 500])
+            finally:
+                await r.aclose()
+
     def _worker(self, concurrency: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "STEM_BROKER_URL": self.url, "STEM_NAMESPACE": self.namespace,
-               "BENCH_COUNTER": f"{self.namespace}:counter"}
+               "BENCH_COUNTER": f"{self.namespace}:counter",
+               "BENCH_POOL": str(max(concurrency, 32)), **self.worker_env}
         env.pop("STEM_RESULT_BACKEND_URL", None)
         if self.redis_counter_url:
             env["BENCH_REDIS_URL"] = self.redis_counter_url
@@ -267,14 +305,37 @@ def report(kind: str, fig: Figures, console: Console) -> None:
         console.print(f"[yellow]{note}[/yellow]")
 
 
+def signing_env(kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Fresh random keys as ``STEM_SIGNING_*`` for the producer and for the worker."""
+    if kind == "none":
+        return {}, {}
+    if kind == "hmac":
+        env = {"STEM_SIGNING_ALGORITHM": "hmac-sha256", "STEM_SIGNING_ACTIVE_KEY": "b1",
+               "STEM_SIGNING_KEYS": "b1:" + base64.b64encode(os.urandom(32)).decode()}
+        return env, env
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    seed = os.urandom(32)
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    worker = {"STEM_SIGNING_ALGORITHM": "ed25519",
+              "STEM_SIGNING_PUBLIC_KEYS": "b1:" + base64.b64encode(public).decode()}
+    producer = {**worker, "STEM_SIGNING_ACTIVE_KEY": "b1",
+                "STEM_SIGNING_PRIVATE_KEYS": "b1:" + base64.b64encode(seed).decode()}
+    return producer, worker
+
+
 async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
-              redis_counter_url: str | None, concurrency: int) -> Figures:
+              redis_counter_url: str | None, concurrency: int,
+              signing: str = "none") -> Figures:
     """Run the selected workloads (and the floor) and return the figures."""
     fig = Figures()
     kind = _kind(url)
     if floor_dir is not None and kind in ("redis", "postgres"):
         fig.floor = run_floor(kind, url, floor_dir, max(n, 20000))
-    bench = Bench(url, n=n, redis_counter_url=redis_counter_url, concurrency=concurrency)
+    bench = Bench(url, n=n, redis_counter_url=redis_counter_url, concurrency=concurrency,
+                  signing=signing)
     try:
         await bench.app.broker.purge("default")
         if "W1" in workloads:
@@ -286,12 +347,12 @@ async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
         if "W3" in workloads:
             await bench.w3(fig)
             if kind == "redis" and floor_dir is not None:
-                base = url.rsplit("/", 1)[0] if re.search(r"/\d+$", url) else url.rstrip("/")
-                floor = await w3_floor_redis(base + "/15")
+                floor = await w3_floor_redis(url.split("?", 1)[0])
                 fig.floor.update({f"w3_{k}": v for k, v in floor.items()})
         if "W4" in workloads:
             await bench.w4(fig)
     finally:
         await bench.app.broker.purge("default")
         await bench.app.close()
+        await bench.cleanup()
     return fig

@@ -21,6 +21,7 @@ from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
 from stem.worker import Worker
 from stem_cli._app import between, error_line, fail, load_app
+from stem_cli.beat import beat_command, schedule_app
 from stem_cli.groups import group_app
 from stem_cli.ops import dlq_app, observe_app
 
@@ -38,6 +39,8 @@ app.add_typer(tasks_app, name="tasks")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(observe_app, name="observe")
 app.add_typer(group_app, name="group")
+app.add_typer(schedule_app, name="schedule")
+app.command("beat")(beat_command)
 
 AppOpt = Annotated[str, typer.Option("--app", "-A", help="Your app as module:attribute.")]
 
@@ -290,8 +293,10 @@ def _say_migrated(url: str, namespace: str, applied: list[int]) -> None:
 
 async def _migrate(url: str, namespace: str) -> list[int]:
     from stem.adapters import store_from_url
+    from stem.tls import TlsConfig
 
-    async with store_from_url(url, namespace=namespace) as store:
+    tls = TlsConfig.from_env()  # STEM_TLS_* apply to a bare URL too
+    async with store_from_url(url if tls is None else tls.apply(url), namespace=namespace) as store:
         return await store.migrate()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -13,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from stem.app import Stem
-from stem_cli._app import between, load_app
+from stem.ports import DeadLetter
+from stem.retry import MAX_RETRY_DELAY
+from stem_cli._app import between, fail, load_app
 
 T = TypeVar("T")
 
@@ -24,8 +28,52 @@ AppOpt = Annotated[str | None, typer.Option("--app", "-A",
                    help="App whose broker to use (default: STEM_* environment).")]
 QueueOpt = Annotated[list[str] | None, typer.Option("--queue", "-Q",
                      help="Queue (repeatable; default: the app's queues).")]
+SinceOpt = Annotated[str | None, typer.Option(
+    "--since", help="Only dead letters dead-lettered at or after this ISO-8601 time "
+                    "(UTC unless it has an offset), e.g. 2026-03-21T10:00:00.")]
 #: Largest --limit (stores take the count as a 32/64-bit integer).
 MAX_LIMIT = 1_000_000
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_since(value: str | None) -> float | None:
+    """``--since`` as epoch seconds (a naive time is UTC); exit 2 naming the format."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise fail(f"--since {value!r} is not an ISO-8601 time, e.g. "
+                   "2026-03-21T10:00:00 or 2026-03-21T10:00:00+02:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def parse_duration(value: str | None, option: str) -> float | None:
+    """A duration such as ``5s``, ``500ms``, ``2m``, ``1h``, ``1d`` or ``30`` (seconds)."""
+    if value is None:
+        return None
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise fail(f"{option} {value!r} is not a duration; use e.g. 30s, 500ms, 5m, 1h or 1d")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_RETRY_DELAY:
+        raise fail(f"{option} {value!r} is longer than a year")
+    return seconds
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _letter_json(d: DeadLetter) -> dict[str, Any]:
+    return {"id": d.id, "queue": d.queue, "reason": d.reason, "error": d.meta.get("error"),
+            "deadAt": d.dead_at,
+            "task": d.envelope.name if d.envelope else None,
+            "attempt": d.envelope.attempt if d.envelope else None,
+            "raw": d.raw.decode("utf-8", "replace")}
 
 
 def _run(app_spec: str | None, op: Callable[[Stem], Awaitable[T]]) -> T:
@@ -52,44 +100,128 @@ def _queues(stem_app: Stem, queue: list[str] | None) -> list[str]:
 def dlq_list(
     app_spec: AppOpt = None,
     queue: QueueOpt = None,
-    limit: Annotated[int, typer.Option("--limit", callback=between(1, MAX_LIMIT),
+    limit: Annotated[int, typer.Option("--limit", "-l", callback=between(1, MAX_LIMIT),
                      help=f"At most this many per queue (1..{MAX_LIMIT}).")] = 50,
+    offset: Annotated[int, typer.Option("--offset", callback=between(0, 10**12),
+                      help="Skip this many first (per queue): the next page.")] = 0,
+    since: SinceOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Dead letters, oldest first, with the reason each was dead-lettered."""
+    after = parse_since(since)
+
     async def op(a: Stem) -> list[Any]:
         out = []
         for q in _queues(a, queue):
-            out += await a.broker.dead_letters(q, limit)
+            out += await a.broker.dead_letters(q, limit, offset=offset, since=after)
         return out
 
     letters = _run(app_spec, op)
     if json_out:
         for d in letters:
-            typer.echo(orjson.dumps({
-                "id": d.id, "queue": d.queue, "reason": d.reason, "deadAt": d.dead_at,
-                "task": d.envelope.name if d.envelope else None,
-                "raw": d.raw.decode("utf-8", "replace")}).decode())
+            typer.echo(orjson.dumps(_letter_json(d)).decode())
         return
-    table = Table("id", "queue", "task", "dead at (UTC)", "reason", title="dead letters")
+    table = Table("id", "queue", "task", "dead at (UTC)", "reason", "error",
+                  title="dead letters")
     for d in letters:
-        when = datetime.fromtimestamp(d.dead_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(d.id, d.queue, d.envelope.name if d.envelope else "(undecodable)",
-                      when, d.reason)
+                      _when(d.dead_at), d.reason, d.meta.get("error") or "")
     Console().print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(
+    dead_letter_id: Annotated[str, typer.Argument(metavar="ID", help="The dead letter's id "
+                              "(the task id; `stem dlq list` shows it).")],
+    app_spec: AppOpt = None,
+    queue: QueueOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """One dead letter: why it was dead-lettered, when, and its whole envelope."""
+    async def op(a: Stem) -> DeadLetter | None:
+        for q in _queues(a, queue):
+            found = await a.broker.get_dead_letter(q, dead_letter_id)
+            if found is not None:
+                return found
+        return None
+
+    d = _run(app_spec, op)
+    if d is None:
+        raise fail(f"no dead letter {dead_letter_id!r} in the queues looked at; "
+                   "name its queue with --queue", 1)
+    if json_out:
+        typer.echo(orjson.dumps(_letter_json(d)).decode())
+        return
+    typer.echo(f"id:       {d.id}")
+    typer.echo(f"queue:    {d.queue}")
+    typer.echo(f"task:     {d.envelope.name if d.envelope else '(undecodable)'}")
+    if d.envelope is not None:
+        typer.echo(f"attempt:  {d.envelope.attempt} (max retries {d.envelope.max_retries})")
+    typer.echo(f"dead at:  {_when(d.dead_at)} UTC")
+    typer.echo(f"reason:   {d.reason}")
+    if d.meta.get("error"):
+        typer.echo(f"error:    {d.meta['error']}")
+    if d.envelope is not None:
+        body = orjson.dumps(orjson.loads(d.envelope.to_json()), option=orjson.OPT_INDENT_2)
+        typer.echo("envelope:\n" + body.decode())
+    else:
+        typer.echo("raw:      " + d.raw.decode("utf-8", "replace")[:2000])
 
 
 @dlq_app.command("replay")
 def dlq_replay(
+    ids: Annotated[list[str] | None, typer.Argument(
+        metavar="[ID]...", help="Replay only these dead letters (default: all that match "
+                                "the filters).")] = None,
     app_spec: AppOpt = None,
     queue: QueueOpt = None,
-    limit: Annotated[int | None, typer.Option("--limit", callback=between(1, MAX_LIMIT),
+    limit: Annotated[int | None, typer.Option("--limit", "-l", callback=between(1, MAX_LIMIT),
                      help=f"Replay at most this many per queue (1..{MAX_LIMIT}; "
                           "default: all).")] = None,
+    since: SinceOpt = None,
+    delay: Annotated[str | None, typer.Option(
+        "--delay", help="Run them this long from now (e.g. 30s, 5m, 1h); default: now.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be "
+                                          "replayed.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Publish dead letters again (attempt reset to 0); undecodable ones stay."""
+    """Publish dead letters again as fresh runs (attempt 0, whole retry budget).
+
+    Undecodable dead letters stay. Asks first unless --yes; with no terminal to ask on, --yes is required.
+    """
+    after = parse_since(since)
+    wait = parse_duration(delay, "--delay")
+    wanted = list(dict.fromkeys(ids)) if ids else None
+
+    async def candidates(a: Stem) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        for q in _queues(a, queue):
+            found = [d for d in await a.broker.dead_letters(q, MAX_LIMIT, since=after)
+                     if d.envelope is not None and (wanted is None or d.id in wanted)]
+            out += found[:limit] if limit is not None else found
+        return out
+
+    if dry_run or not yes:
+        letters = _run(app_spec, candidates)
+        if not letters:
+            typer.echo("nothing to replay")
+            return
+        for d in letters:
+            task = d.envelope.name if d.envelope else "?"
+            typer.echo(f"{d.queue}: {d.id} {task} (dead at {_when(d.dead_at)} UTC: {d.reason})")
+        if dry_run:
+            typer.echo(f"would replay {len(letters)} (dry run: nothing changed)")
+            return
+        if not sys.stdin.isatty():
+            raise fail(f"replaying {len(letters)} dead letters needs confirmation and there "
+                       "is no terminal to ask on; pass --yes", 2)
+        typer.confirm(f"Replay these {len(letters)} dead letters?", abort=True)
+
     async def op(a: Stem) -> dict[str, int]:
-        return {q: await a.broker.replay_dead_letters(q, limit) for q in _queues(a, queue)}
+        return {q: await a.broker.replay_dead_letters(q, limit, ids=wanted, since=after,
+                                                      delay=wait)
+                for q in _queues(a, queue)}
 
     done = _run(app_spec, op)
     for q, n in done.items():
@@ -100,7 +232,7 @@ def dlq_replay(
 def dlq_purge(
     app_spec: AppOpt = None,
     queue: QueueOpt = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Delete dead letters for good."""
     if not yes:

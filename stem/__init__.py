@@ -54,9 +54,18 @@ from stem.errors import (
     WaitTimeoutError,
     WorkerLostError,
 )
-from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy
+from stem.retry import (
+    ExponentialJitterRetryStrategy,
+    NonRetryableError,
+    Reject,
+    Retry,
+    RetryPolicy,
+    RetryStrategy,
+)
+from stem.signing import SigningConfig
 from stem.status import TaskError, TaskResult, TaskState, TaskStatus
 from stem.task import AsyncTaskDefinition, SyncTaskDefinition, TaskCall, TaskDefinition, TaskOptions
+from stem.tls import TlsConfig
 
 __version__ = "0.1.0"
 
@@ -69,12 +78,16 @@ __all__ = [
     "ExponentialJitterRetryStrategy",
     "GzipJsonPayloadEncoder",
     "JsonPayloadEncoder",
+    "NonRetryableError",
     "PayloadEncodingError",
     "PayloadTooLargeError",
+    "Reject",
     "Retry",
+    "RetryPolicy",
     "RetryStrategy",
     "ServiceUnavailableError",
     "Signature",
+    "SigningConfig",
     "SoftTimeLimitExceeded",
     "Stem",
     "StemConfig",
@@ -95,6 +108,7 @@ __all__ = [
     "TaskState",
     "TaskStatus",
     "TimeLimitExceeded",
+    "TlsConfig",
     "UnknownTaskError",
     "UnsettledDeliveriesError",
     "WaitTimeoutError",

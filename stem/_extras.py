@@ -1,7 +1,8 @@
 """Optional dependencies: drivers and heavy parts are extras of the ``stem-tasks`` package.
 
 ``pip install 'stem-tasks[redis]'`` (``redis[hiredis]``), ``[postgres]`` (``asyncpg``),
-``[crypto]`` (``cryptography``, for :class:`stem.AesGcmPayloadEncoder`), ``[all]``.
+``[crypto]`` (``cryptography``, for :class:`stem.AesGcmPayloadEncoder`), ``[solar]``
+(``astral``, solar schedules), ``[yaml]`` (``pyyaml``, YAML schedule files), ``[all]``.
 A missing one is reported when it is first needed, naming the extra to install.
 """
 
@@ -17,6 +18,8 @@ EXTRAS = {
     "redis": ("redis", "Redis URLs (redis://, rediss://, redis+sentinel://)"),
     "postgres": ("asyncpg", "Postgres URLs (postgresql://)"),
     "crypto": ("cryptography", "AesGcmPayloadEncoder"),
+    "solar": ("astral", "solar schedules (sunrise, sunset, noon)"),
+    "yaml": ("yaml", "YAML schedule files"),
 }
 
 

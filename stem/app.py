@@ -20,6 +20,7 @@ from stem._time import to_iso, utcnow
 from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
+from stem.beat.entry import ScheduleEntry
 from stem.canvas import BatchStatus, BatchSubmission, Signature, link_meta
 from stem.canvas import inspect_batch as _inspect_batch
 from stem.canvas import submit_batch as _submit_batch
@@ -50,14 +51,16 @@ from stem.ports import (
     Store,
     TransactionalPublisher,
 )
-from stem.retry import RetryStrategy
+from stem.retry import RetryPolicy, RetryStrategy
+from stem.signing import PayloadSigner, SigningConfig, signer_for
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
     META_EXPIRES_AT,
     META_IGNORE_RESULT,
     META_MAX_RETRIES,
-    META_SOFT_TIME_LIMIT,
-    META_TIME_LIMIT,
+    META_RETRY_POLICY,
+    META_SOFT_TIME_LIMIT_MS,
+    META_TIME_LIMIT_MS,
     AsyncTaskDefinition,
     Isolation,
     SyncTaskDefinition,
@@ -67,7 +70,9 @@ from stem.task import (
     check_expires,
     check_schedule,
     expires_at,
+    limit_ms,
 )
+from stem.tls import TlsConfig
 
 if TYPE_CHECKING:
     from stem.testing._eager import EagerRunner
@@ -150,9 +155,17 @@ class Stem:
         routes: Mapping[str, str] | None = None,
         eager: bool = False,
         eager_propagates: bool = False,
+        signing: SigningConfig | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.name = name
         self.config = config or StemConfig.from_env()
+        #: Signs every envelope this app publishes and verifies what its workers run
+        #: (``signing=``, else ``STEM_SIGNING_*``); None when signing is off.
+        self.signer: PayloadSigner | None = signer_for(
+            signing if signing is not None else self.config.signing)
+        #: TLS settings applied to Redis and Postgres URLs (``tls=``, else ``STEM_TLS_*``).
+        self.tls = tls if tls is not None else self.config.tls
         # Explicit argument, else STEM_NAMESPACE, else derived from the name ("stem" for
         # Stem()): two apps on one store keep apart unless told to share (docs/storage.md).
         self.namespace = (self.config.namespace_for(name) if namespace is None
@@ -172,6 +185,9 @@ class Stem:
                              for k, v in self.routes.items() if _is_glob(k)]
         self._routed: dict[str, str] = {}
         self.tasks: dict[str, TaskDefinition[Any, Any]] = {}
+        #: Schedule entries declared in code (``@app.periodic``, :meth:`add_periodic_task`);
+        #: ``stem beat`` merges them into its schedule store when it starts.
+        self.periodic_tasks: list[ScheduleEntry] = []
         self._given: dict[str, Store] = {}  # stores passed in, by URL: used on every loop
         self._given_broker: Broker | None = None
         self._given_backend: ResultBackend | None = None
@@ -312,7 +328,8 @@ class Stem:
     def _url_store(self, parts: _LoopParts, url: str) -> Store:
         store = self._given.get(url) or parts.stores.get(url)
         if store is None:
-            store = parts.stores[url] = store_from_url(url, namespace=self.namespace)
+            tls_url = url if self.tls is None else self.tls.apply(url)
+            store = parts.stores[url] = store_from_url(tls_url, namespace=self.namespace)
         return store
 
     def store_for(self, url: str) -> Store:
@@ -426,6 +443,9 @@ class Stem:
         decode: Callable[[Any], Any] | None = None,
         expires: float | None = None,
         ignore_result: bool = False,
+        autoretry_for: tuple[type[BaseException], ...] = (),
+        dont_autoretry_for: tuple[type[BaseException], ...] = (),
+        retry_policy: RetryPolicy | None = None,
     ) -> TaskDecorator: ...
 
     def task(self, func: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
@@ -493,6 +513,47 @@ class Stem:
             options = replace(options, queue=queue)
         return TaskDefinition(name, options=options, app=self, params=params)
 
+    def periodic(self, spec: str | Mapping[str, Any] | float | timedelta, *,
+                 name: str | None = None, **options: Any
+                 ) -> Callable[[TaskDefinition[P, R]], TaskDefinition[P, R]]:
+        """Run the decorated task on a schedule (put it above ``@app.task``).
+
+        ``spec``: a cron string (``"*/5 * * * *"``, in ``tz``, UTC by default),
+        ``"every:30s"``, a number of seconds, or a Dart spec object. ``name`` is the
+        entry id (default: the task name); other options as :meth:`add_periodic_task`.
+        """
+        def attach(definition: TaskDefinition[P, R]) -> TaskDefinition[P, R]:
+            self.add_periodic_task(spec, definition, name=name, **options)
+            return definition
+        return attach
+
+    def add_periodic_task(self, spec: str | Mapping[str, Any] | float | timedelta,
+                          task: str | TaskDefinition[..., Any], *, name: str | None = None,
+                          args: Sequence[Any] | Mapping[str, Any] | None = None,
+                          kwargs: Mapping[str, Any] | None = None, queue: str | None = None,
+                          tz: str | None = None, enabled: bool = True,
+                          jitter: float | str | timedelta | None = None,
+                          catch_up: Literal["once", "skip"] = "once",
+                          expire_at: datetime | None = None,
+                          meta: Mapping[str, Any] | None = None) -> ScheduleEntry:
+        """Declare a schedule entry for ``task`` (a definition or a name); returns it.
+
+        ``args``/``kwargs`` are the task's arguments (checked against its signature now);
+        ``jitter`` delays each dispatch by up to that long at random; ``catch_up="skip"``
+        fires none of the runs missed while no beat ran. See docs/beat.md.
+        """
+        from stem.beat.declare import periodic_entry
+
+        definition = self.definition(task) if isinstance(task, str) else task
+        entry = periodic_entry(spec, definition, name=name, args=args, kwargs=kwargs,
+                               queue=queue, tz=tz, enabled=enabled, jitter=jitter,
+                               catch_up=catch_up, expire_at=expire_at, meta=meta)
+        if any(e.id == entry.id for e in self.periodic_tasks):
+            raise ConfigurationError(f"periodic task {entry.id!r} is declared twice (give "
+                                     "each schedule of one task its own name=)")
+        self.periodic_tasks.append(entry)
+        return entry
+
     def route(self, name: str) -> str:
         """The queue for a task ``name`` that does not name its own.
 
@@ -534,11 +595,14 @@ class Stem:
         time_limit = call.time_limit if call.time_limit is not None else opts.time_limit
         soft = call.soft_time_limit if call.soft_time_limit is not None else opts.soft_time_limit
         if time_limit is not None:
-            meta[META_TIME_LIMIT] = time_limit
+            meta[META_TIME_LIMIT_MS] = limit_ms(time_limit)
         if soft is not None:
-            meta[META_SOFT_TIME_LIMIT] = soft
+            meta[META_SOFT_TIME_LIMIT_MS] = limit_ms(soft)
         if call.max_retries is not None:
             meta[META_MAX_RETRIES] = call.max_retries
+        policy = call.retry_policy or opts.retry_policy
+        if policy is not None:
+            meta[META_RETRY_POLICY] = policy.to_meta()
         expires = call.expires if call.expires is not None else opts.expires
         if expires is not None:
             check_expires(expires)  # a TaskCall built without with_options
@@ -558,7 +622,7 @@ class Stem:
             else opts.visibility_timeout
         if vt is not None:  # with_options checked it; a TaskCall built directly did not
             vt = check_visibility_timeout(vt)
-        return Envelope(
+        envelope = Envelope(
             name=d.name,
             args=self.encoders.encode_args(call.args, args_encoder),
             headers=headers,
@@ -574,6 +638,9 @@ class Stem:
             meta=meta,
             **kwargs,
         )
+        if self.signer is not None:
+            self.signer.sign(envelope)
+        return envelope
 
     async def enqueue(
         self,

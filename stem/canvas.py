@@ -36,6 +36,7 @@ from stem.task import TaskCall, TaskDefinition
 if TYPE_CHECKING:
     from stem.app import Stem
     from stem.ports import GroupStore
+    from stem.retry import RetryPolicy
 
 R = TypeVar("R")
 
@@ -137,13 +138,15 @@ class Signature(Generic[R]):
         task_id: str | None = None,
         expires: float | datetime | None = None,
         ignore_result: bool | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> Signature[R]:
         """A copy with these options (checked now, as ``TaskCall.with_options`` does)."""
         given: dict[str, Any] = {k: v for k, v in dict(
             queue=queue, priority=priority, countdown=countdown, eta=eta, headers=headers,
             meta=meta, max_retries=max_retries, time_limit=time_limit,
             soft_time_limit=soft_time_limit, visibility_timeout=visibility_timeout,
-            task_id=task_id, expires=expires, ignore_result=ignore_result).items()
+            task_id=task_id, expires=expires, ignore_result=ignore_result,
+            retry_policy=retry_policy).items()
             if v is not None}
         TaskCall(self.definition, {}).with_options(**given)  # refuses bad values now
         merged = {**self.options, **given}
@@ -250,7 +253,7 @@ class _Placeholder:
 
 _CALL_OPTIONS = ("queue", "priority", "countdown", "eta", "headers", "meta", "max_retries",
                  "time_limit", "soft_time_limit", "visibility_timeout", "task_id", "expires",
-                 "ignore_result")
+                 "ignore_result", "retry_policy")
 
 
 def link_meta(app: Stem, parent_id: str, links: Sequence[Signature[Any]],

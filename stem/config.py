@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from stem._urls import mask_url
 from stem.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from stem.signing import SigningConfig
+    from stem.tls import TlsConfig
 
 #: Used when nothing is configured: one SQLite file, no server needed.
 DEFAULT_URL = "sqlite:///.stem/stem.db"
@@ -99,6 +104,10 @@ class StemConfig:
     broker_url: str = DEFAULT_URL
     backend_url: str | None = None
     namespace: str | None = None
+    #: Payload signing (``STEM_SIGNING_*``); None: envelopes are neither signed nor checked.
+    signing: SigningConfig | None = None
+    #: TLS files and options for ``rediss://`` and Postgres (``STEM_TLS_*``).
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.namespace is not None:
@@ -106,20 +115,27 @@ class StemConfig:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StemConfig:
-        """Read ``STEM_BROKER_URL``, ``STEM_RESULT_BACKEND_URL`` and ``STEM_NAMESPACE``."""
+        """Read ``STEM_BROKER_URL``, ``STEM_RESULT_BACKEND_URL``, ``STEM_NAMESPACE``,
+        ``STEM_SIGNING_*`` and ``STEM_TLS_*`` (a bad value raises ConfigurationError)."""
+        from stem.signing import SigningConfig
+        from stem.tls import TlsConfig
+
         e = os.environ if env is None else env
         broker = e.get("STEM_BROKER_URL") or DEFAULT_URL
         return cls(
             broker_url=check_url(broker, "STEM_BROKER_URL"),
             backend_url=_opt(e, "STEM_RESULT_BACKEND_URL"),
             namespace=_opt_namespace(e, "STEM_NAMESPACE"),
+            signing=SigningConfig.from_env(e),
+            tls=TlsConfig.from_env(e),
         )
 
     def __repr__(self) -> str:
         # URLs may hold passwords: never show them unmasked.
         backend = None if self.backend_url is None else mask_url(self.backend_url)
         return (f"StemConfig(broker_url={mask_url(self.broker_url)!r}, "
-                f"backend_url={backend!r}, namespace={self.namespace!r})")
+                f"backend_url={backend!r}, namespace={self.namespace!r}, "
+                f"signing={self.signing!r}, tls={self.tls!r})")
 
     def namespace_for(self, app_name: str | None = None) -> str:
         """The namespace an app named ``app_name`` uses unless given ``namespace=``:

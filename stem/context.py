@@ -6,11 +6,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from stem.envelope import Envelope
+from stem.task import META_PARENT_TASK_ID, META_ROOT_TASK_ID
 
 if TYPE_CHECKING:
     from stem.task import TaskCall, TaskDefinition
 
-#: Headers linking child tasks to the task that enqueued them.
+#: Headers older releases linked child tasks with: still written (for workers of those
+#: releases) and read, but the Dart Stem's meta keys ``stem.parentTaskId`` and
+#: ``stem.rootTaskId`` (:mod:`stem.task`) come first.
 PARENT_ID_HEADER = "stem-parent-id"
 ROOT_ID_HEADER = "stem-root-id"
 
@@ -105,10 +108,28 @@ class TaskContext:
     def _child(self, task: str | TaskDefinition[Any, Any], args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> TaskCall[Any]:
         definition = self._ops.resolve(task) if isinstance(task, str) else task
-        root = self.envelope.headers.get(ROOT_ID_HEADER, self.id)
+        root = self.root_id
+        # The Dart Stem's meta keys, and the headers older releases read (rolling upgrades).
         return definition.call(*args, **kwargs).with_options(
-            headers={PARENT_ID_HEADER: self.id, ROOT_ID_HEADER: root}
-        )
+            meta={META_PARENT_TASK_ID: self.id, META_ROOT_TASK_ID: root},
+            headers={PARENT_ID_HEADER: self.id, ROOT_ID_HEADER: root})
+
+    @property
+    def parent_id(self) -> str | None:
+        """The id of the task that enqueued this one from its context, or None."""
+        parent = self.envelope.meta.get(META_PARENT_TASK_ID)
+        if isinstance(parent, str):
+            return parent
+        return self.envelope.headers.get(PARENT_ID_HEADER)
+
+    @property
+    def root_id(self) -> str:
+        """The id of the first task of this one's lineage (this task's own when it has
+        no parent): meta ``stem.rootTaskId``, else the older header ``stem-root-id``."""
+        root = self.envelope.meta.get(META_ROOT_TASK_ID)
+        if isinstance(root, str) and root:
+            return root
+        return self.envelope.headers.get(ROOT_ID_HEADER) or self.id
 
     async def enqueue(self, task: str | TaskDefinition[Any, Any], *args: Any, **kwargs: Any) -> str:
         """Enqueue a child task (by name or definition) from an async handler."""

@@ -26,6 +26,9 @@ from stem.status import TaskStatus
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 #: How long results live when no TTL is given (one day, as in the Dart Stem).
 DEFAULT_RESULT_TTL = 86_400.0
+#: Runs a schedule store keeps per entry when built without another bound (as the
+#: Dart Stem's history streams).
+DEFAULT_SCHEDULE_HISTORY = 1000
 
 
 @dataclass(slots=True)
@@ -78,6 +81,19 @@ class DeadLetter:
     dead_at: float
     envelope: Envelope | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Stores keep one reason text, "<code>: <error>" for the codes the Dart Stem
+        # pairs with an error in the dead letter's meta; read back as Dart shows them.
+        code, sep, error = self.reason.partition(": ")
+        if sep and code in DEAD_LETTER_CODES_WITH_ERROR and "error" not in self.meta:
+            self.reason = code
+            self.meta = {**self.meta, "error": error}
+
+
+#: Dead-letter reasons stored as ``"<code>: <error>"`` and read back as ``reason=code``
+#: with ``meta["error"]`` (the Dart Stem's shape).
+DEAD_LETTER_CODES_WITH_ERROR = frozenset({"max-retries-exhausted", "signature-invalid"})
 
 
 @runtime_checkable
@@ -154,14 +170,33 @@ class Broker(Protocol):
         """Drop every ready and delayed envelope of ``queue``; return how many."""
         ...
 
-    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """List dead letters of ``queue``, oldest first."""
+    async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
+                           since: float | None = None) -> list[DeadLetter]:
+        """List dead letters of ``queue``, oldest first: at most ``limit``, after skipping
+        ``offset``, only those dead-lettered at or after ``since`` (epoch seconds)."""
         ...
 
-    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Re-publish dead letters of ``queue`` (attempt reset to 0, due now); return how many.
+    async def get_dead_letter(self, queue: str, dead_letter_id: str) -> DeadLetter | None:
+        """The dead letter of ``queue`` with this :attr:`DeadLetter.id` (the newest, if a
+        task id was dead-lettered more than once), or None."""
+        ...
 
-        Undecodable dead letters stay where they are; a replayed one is a first delivery.
+    async def replay_dead_letters(
+        self,
+        queue: str,
+        limit: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        since: float | None = None,
+        delay: float | None = None,
+    ) -> int:
+        """Re-publish dead letters of ``queue``, oldest first; return how many.
+
+        Only those whose id is in ``ids`` (when given) and that were dead-lettered at or
+        after ``since`` (epoch seconds), at most ``limit``. Each is taken out of the dead
+        letters and published again with attempt 0 (a fresh run with the whole retry
+        budget), due now or ``delay`` seconds from now. Undecodable dead letters stay
+        where they are; a replayed one is a first delivery.
         """
         ...
 
@@ -267,7 +302,14 @@ class ScheduleStore(Protocol):
     version it read fails with :class:`~stem.errors.ScheduleConflictError` if another
     writer got there first. Next-run times are computed by the beat and only stored
     here, so every store follows the same schedule rules.
+
+    Times come back as aware UTC datetimes, kept to the millisecond (the Dart JSON's
+    precision, so every store returns the same values).
     """
+
+    #: Runs kept per entry (the oldest are dropped by the write that adds one more);
+    #: :data:`DEFAULT_SCHEDULE_HISTORY` unless the store was built with another bound.
+    history_max: int
 
     async def get(self, entry_id: str) -> ScheduleEntry | None:
         """One entry, or None."""
@@ -281,7 +323,12 @@ class ScheduleStore(Protocol):
                      ) -> ScheduleEntry:
         """Create or replace ``entry``; return it as stored (``version`` bumped,
         ``created_at``/``updated_at`` set). With ``expected_version`` the stored version
-        must equal it (0: the entry must not exist yet), else ScheduleConflictError."""
+        must equal it (0: the entry must not exist yet), else ScheduleConflictError.
+
+        Every field is replaced by ``entry``'s, except: ``version`` becomes the stored
+        version + 1 (1 for a new entry; ``entry.version`` itself is not read),
+        ``created_at`` stays what is stored (a new entry's is ``entry.created_at`` or
+        now) and ``updated_at`` is now."""
         ...
 
     async def remove(self, entry_id: str) -> bool:
@@ -300,7 +347,13 @@ class ScheduleStore(Protocol):
         with ``disable``), counters, ``last_error``/``last_success_at``/``last_error_at``,
         ``drift_ms = executed_at - scheduled_at``, ``last_jitter_ms``, ``version + 1``,
         and the run appended to the bounded history. Returns the entry as stored, or
-        None when the version moved on (someone else changed the entry meanwhile)."""
+        None when the version moved on (someone else changed the entry meanwhile) or
+        the entry is gone.
+
+        Counters: ``total_run_count + 1``. A successful run sets ``last_success_at``
+        and clears ``last_error``; a failed one sets ``last_error = run.error`` and
+        ``last_error_at``. ``disable`` also sets ``enabled = False``; ``updated_at``
+        is the time of the write."""
         ...
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
@@ -368,10 +421,11 @@ class Store(Protocol):
 
     A store owns the connections for its URL (one Postgres pool and one LISTEN
     connection, one Redis client and pub/sub connection, one SQLite database handle)
-    and hands out the stores built on them: :attr:`broker`, :attr:`backend` (and
-    more as Stem grows). ``Stem`` asks :func:`stem.adapters.store_from_url` for one
-    store per distinct URL, so a broker and a backend on the same URL share it.
-    Nothing connects until first use; ``async with store:`` closes it on exit.
+    and hands out the stores built on them: :attr:`broker`, :attr:`backend`,
+    :attr:`locks` and :attr:`schedules`. ``Stem`` asks
+    :func:`stem.adapters.store_from_url` for one store per distinct URL, so a broker and
+    a backend on the same URL share it. Nothing connects until first use;
+    ``async with store:`` closes it on exit.
     """
 
     #: The URL this store was built from (may hold a password: show it masked).
@@ -385,6 +439,16 @@ class Store(Protocol):
     @property
     def backend(self) -> ResultBackend:
         """The result backend on this store's connections."""
+        ...
+
+    @property
+    def locks(self) -> LockStore:
+        """The lock store on this store's connections (the beat's entry locks)."""
+        ...
+
+    @property
+    def schedules(self) -> ScheduleStore:
+        """The schedule store on this store's connections (the beat's entries)."""
         ...
 
     async def ping(self) -> None:

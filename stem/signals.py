@@ -2,7 +2,7 @@
 
 Receivers are plain callables (sync or async) taking keyword arguments. A receiver
 that raises is logged and skipped: observers never break task processing. Signals
-are sent on the worker's event loop.
+are sent on the worker's (or the beat's) event loop.
 
     @stem.signals.task_retry.connect
     def on_retry(sender, *, envelope, error, delay, **_):
@@ -81,9 +81,20 @@ task_timeout = Signal(
     "task_timeout",
     "A task passed its soft time limit (envelope=, limit=, hard=False) or hard limit (hard=True).",
 )
+schedule_entry_due = Signal(
+    "schedule_entry_due", "A beat found a schedule entry due (entry=, scheduled_at=).")
+schedule_entry_dispatched = Signal(
+    "schedule_entry_dispatched",
+    "A beat enqueued a schedule entry's task (entry=, task_id=, scheduled_at=, executed_at=, "
+    "drift_ms=).")
+schedule_entry_failed = Signal(
+    "schedule_entry_failed", "A beat could not dispatch a schedule entry (entry=, error=).")
 
 __all__ = [
     "Signal",
+    "schedule_entry_dispatched",
+    "schedule_entry_due",
+    "schedule_entry_failed",
     "task_failure",
     "task_postrun",
     "task_prerun",

@@ -15,7 +15,7 @@ from stem.encoding import TaskPayloadEncoder
 from stem.envelope import DEFAULT_QUEUE, MAX_ATTEMPTS
 from stem.errors import ConfigurationError, TaskArgumentError
 from stem.limits import check_visibility_timeout
-from stem.retry import RetryStrategy
+from stem.retry import RetryPolicy, RetryStrategy
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -27,12 +27,24 @@ R = TypeVar("R")
 
 Isolation = Literal["inline", "thread", "process"]
 
-#: Envelope meta keys for per-call limits (seconds), so workers apply what the caller asked.
+#: Envelope meta keys for per-call limits, as the Dart Stem writes them (whole
+#: milliseconds), so workers of either apply what the caller asked. Producers write
+#: these; workers read them first.
+META_TIME_LIMIT_MS = "stem.timeLimitMs"
+META_SOFT_TIME_LIMIT_MS = "stem.softTimeLimitMs"
+#: The keys older Stem for Python releases wrote (seconds): still read, never written.
 META_TIME_LIMIT = "timeLimit"
 META_SOFT_TIME_LIMIT = "softTimeLimit"
 #: Set when a call overrides ``max_retries`` explicitly; otherwise the worker's own task
-#: options count too (a producer enqueueing by name does not know them).
+#: options count too (a producer enqueueing by name does not know them). The envelope's
+#: ``maxRetries`` carries the same number, which is what a Dart worker reads.
 META_MAX_RETRIES = "__stemMaxRetries"
+#: The call's (else the task's) :class:`~stem.retry.RetryPolicy`, the Dart Stem's JSON.
+META_RETRY_POLICY = "stem.retryPolicy"
+#: Lineage of a task enqueued from another task's context (the Dart Stem's keys); older
+#: releases wrote the headers ``stem-parent-id`` / ``stem-root-id``, still read.
+META_PARENT_TASK_ID = "stem.parentTaskId"
+META_ROOT_TASK_ID = "stem.rootTaskId"
 #: Envelope meta keys the Dart Stem writes for ``expires`` and ``ignoreResult``, so tasks
 #: from either producer are honoured by either worker: the absolute expiry time (an
 #: ISO-8601 UTC string) and whether the worker stores the result (true: it stores none).
@@ -57,6 +69,11 @@ class TaskOptions:
     enqueue: a worker that gets the task later cancels it instead of running it (see
     :func:`check_expires`). ``ignore_result=True`` makes the worker store a success
     without its value (``payload`` null); failures are stored as usual.
+
+    ``autoretry_for`` / ``dont_autoretry_for`` (exception classes) choose which errors
+    are retried (:meth:`retries`); ``retry_policy`` (a :class:`~stem.retry.RetryPolicy`)
+    sets budget, delay and name filters together, the Dart Stem's way. See
+    docs/reliability.md, "Retries and failures".
     """
 
     queue: str = DEFAULT_QUEUE
@@ -76,6 +93,9 @@ class TaskOptions:
     result_encoder: TaskPayloadEncoder | None = None
     expires: float | None = None
     ignore_result: bool = False
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    dont_autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_policy: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         # Accepted-but-ignored would be worst of all (a card charged twice with no
@@ -106,6 +126,46 @@ class TaskOptions:
         if type(self.ignore_result) is not bool:
             raise ConfigurationError(
                 f"ignore_result must be True or False, got {self.ignore_result!r}")
+        for option in ("autoretry_for", "dont_autoretry_for"):
+            value = getattr(self, option)
+            if isinstance(value, type):
+                value = (value,)
+            if not isinstance(value, tuple | list) or not all(
+                    isinstance(c, type) and issubclass(c, BaseException) for c in value):
+                raise ConfigurationError(
+                    f"{option} must be a tuple of exception classes, got {value!r}")
+            object.__setattr__(self, option, tuple(value))
+        if self.retry_policy is not None and not isinstance(self.retry_policy, RetryPolicy):
+            raise ConfigurationError(
+                f"retry_policy must be a stem.RetryPolicy, got {self.retry_policy!r}")
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether ``autoretry_for`` / ``dont_autoretry_for`` let ``exc`` be retried.
+
+        Matched with ``isinstance`` (an error from a process-pool child, which arrives
+        without its class, by the names of its class and base classes). The deny list
+        wins; an empty ``autoretry_for`` lets every error through.
+        """
+        if not self.autoretry_for and not self.dont_autoretry_for:
+            return True
+        names: set[str] | None = getattr(exc, "stem_type_names", None)
+
+        def matches(classes: tuple[type[BaseException], ...]) -> bool:
+            if names is not None:
+                return any(c.__name__ in names for c in classes)
+            return isinstance(exc, classes)
+
+        if self.dont_autoretry_for and matches(self.dont_autoretry_for):
+            return False
+        return not self.autoretry_for or matches(self.autoretry_for)
+
+
+def limit_ms(seconds: float) -> int:
+    """A time limit in whole milliseconds for the meta (at least 1: 0 would mean none)."""
+    value = float(seconds)
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"a time limit must be seconds > 0, got {seconds!r}")
+    return max(1, round(value * 1000))
 
 
 def _check_max_retries(value: int) -> None:
@@ -491,6 +551,7 @@ class TaskCall(Generic[R]):
     #: Signatures (stem.canvas) enqueued after this task succeeds / fails for good.
     link: tuple[Signature[Any], ...] = ()
     link_error: tuple[Signature[Any], ...] = ()
+    retry_policy: RetryPolicy | None = None
 
     @property
     def name(self) -> str:
@@ -515,6 +576,7 @@ class TaskCall(Generic[R]):
         ignore_result: bool | None = None,
         link: Signature[Any] | Sequence[Signature[Any]] | None = None,
         link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> TaskCall[R]:
         """A copy with these options set (headers and meta are merged; ``link`` and
         ``link_error`` signatures are added to those already set: see docs/canvas.md).
@@ -523,6 +585,8 @@ class TaskCall(Generic[R]):
         the task after that cancels it (state ``cancelled``, error ``TaskExpired``)
         instead of running it, retries included. ``ignore_result=True`` stores a success
         without its value; ``False`` overrides a task's ``ignore_result=True``.
+        ``retry_policy`` (a :class:`~stem.retry.RetryPolicy`) replaces the task's for
+        this call (it travels as the meta ``stem.retryPolicy``).
 
         Refuses (ConfigurationError) a priority outside 0-9, a ``max_retries`` outside
         ``0..MAX_ATTEMPTS``, a ``visibility_timeout`` outside the lease bounds of
@@ -541,6 +605,9 @@ class TaskCall(Generic[R]):
         if ignore_result is not None and type(ignore_result) is not bool:
             raise ConfigurationError(
                 f"ignore_result must be True or False, got {ignore_result!r}")
+        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+            raise ConfigurationError(
+                f"retry_policy must be a stem.RetryPolicy, got {retry_policy!r}")
         changes: dict[str, Any] = {
             k: v
             for k, v in dict(
@@ -555,6 +622,7 @@ class TaskCall(Generic[R]):
                 task_id=task_id,
                 expires=expires,
                 ignore_result=ignore_result,
+                retry_policy=retry_policy,
             ).items()
             if v is not None
         }

@@ -7,9 +7,11 @@ import asyncio
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from stem._time import utcnow
 from stem._urls import mask_url
 from stem.envelope import Envelope, decode_envelope
 from stem.errors import ConfigurationError
@@ -20,6 +22,7 @@ from stem.limits import (
 )
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL, Broker, ResultBackend
+from stem.retry import clamp_delay
 from stem.status import TaskStatus
 
 log = get_logger(__name__)
@@ -268,3 +271,35 @@ async def add_then_publish(
         await asyncio.shield(backend.forget_many([e.id for e in fresh]))
         raise
     return added
+
+
+def replayed(env: Envelope, delay: float | None) -> Envelope:
+    """What a replayed dead letter is published as: attempt 0 (a fresh run with its whole
+    retry budget), due now, or ``delay`` seconds from now (clamped to at most a year)."""
+    if delay is None:
+        return env.copy(attempt=0, not_before=None)
+    return env.copy(attempt=0, not_before=utcnow() + timedelta(seconds=clamp_delay(delay)))
+
+
+#: How long SQL stores keep dead letters (seven days, as in the Dart Stem); URL option
+#: ``?dead_letter_retention=`` (seconds, or with a unit: ``12h``, ``30d``).
+DEFAULT_DEAD_LETTER_RETENTION = 7 * 86_400.0
+#: How often a SQL broker deletes dead letters past their retention (at most once per
+#: this many seconds, when it dead-letters something or lists its dead letters).
+DEAD_LETTER_SWEEP_INTERVAL = 60.0
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def parse_retention(value: str, what: str) -> float:
+    """``?dead_letter_retention=`` as seconds > 0: ``604800``, ``36h``, ``7d``..."""
+    text = value.strip().lower()
+    unit = text[-1:] if text[-1:] in ("s", "m", "h", "d") else ""
+    try:
+        seconds = float(text[: len(text) - len(unit)]) * _UNIT_SECONDS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 100 * 365 * 86_400.0:  # NaN fails too
+        raise ConfigurationError(
+            f"{what} URL: ?dead_letter_retention={value!r} must be a duration > 0 "
+            "(seconds, or with a unit: 12h, 7d)")
+    return seconds

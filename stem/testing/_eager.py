@@ -154,7 +154,8 @@ class EagerRunner:
             signals.task_received.send(self, envelope=env)
         prepared = self.processor.prepare(env)
         if isinstance(prepared, Rejected):
-            completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
+            completer.reject(d, env.id, prepared.reason, prepared.error_type, env,
+                             meta=prepared.meta, error_meta=prepared.error_meta)
             await completer.flush_all()
             await self._raise_if_failed(env, None)
             return None

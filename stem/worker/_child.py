@@ -46,7 +46,7 @@ from stem.app import Stem
 from stem.context import TaskContext
 from stem.envelope import Envelope
 from stem.errors import SoftTimeLimitExceeded, StemError, TaskArgumentError
-from stem.retry import Retry
+from stem.retry import Reject, Retry, exception_names, is_retryable
 from stem.status import TaskError
 from stem.worker._ipc import GROUP_SIGNALS, FrameReader, call_to_wire, frame
 from stem.worker.processor import Prepared, Processor, Rejected, Success
@@ -282,7 +282,7 @@ class _Runner:
             env = Envelope.from_dict(msg["env"])
             name = env.name
             # The parent checked the deadline just before sending it here.
-            prepared = self.processor.prepare(env, check_expiry=False)
+            prepared = self.processor.prepare(env, check_expiry=False, verify=False)
             if isinstance(prepared, Rejected):
                 reply = {"t": "done", "seq": seq,
                          "err": TaskError(prepared.error_type, prepared.reason).to_dict()}
@@ -352,8 +352,16 @@ def _error_reply(seq: int, exc: BaseException) -> dict[str, Any]:
             "eta": to_iso(exc.eta) if exc.eta is not None else None,
             "max_retries": exc.max_retries, "time_limit": exc.time_limit,
             "soft_time_limit": exc.soft_time_limit,
+            "retry_policy": exc.retry_policy.to_meta() if exc.retry_policy else None,
         }
     reply["err"] = TaskError.from_exception(cause).to_dict()
+    # What the parent's retry filters need, the exception itself cannot cross over.
+    kind: dict[str, Any] = {"names": sorted(exception_names(cause)),
+                            "retryable": is_retryable(cause)}
+    if isinstance(cause, Reject):
+        kind["reject"] = cause.reason
+        kind["deadLetter"] = cause.dead_letter
+    reply["kind"] = kind
     return reply
 
 

@@ -138,7 +138,8 @@ class Completer:
         self._schedule()
 
     def reject(self, d: Delivery, task_id: str | None, reason: str, error_type: str,
-               env: Envelope | None) -> None:
+               env: Envelope | None, *, meta: dict[str, Any] | None = None,
+               error_meta: dict[str, Any] | None = None) -> None:
         """Dead-letter ``d`` with ``reason`` (and record FAILED, see the class docstring)."""
         if _stdlog.isEnabledFor(_WARNING):
             emit(_stdlog, _WARNING, "task.dead_lettered", task=env.name if env else None,
@@ -147,8 +148,10 @@ class Completer:
         signals.task_rejected.send(self._sender, reason=reason, envelope=env, raw=d.raw)
         if task_id is not None:
             self._reject_statuses[task_id] = TaskStatus(
-                task_id, TaskState.FAILED, error=TaskError(type=error_type, message=reason),
-                attempt=env.attempt if env else 0, meta={"deadLetterReason": reason})
+                task_id, TaskState.FAILED,
+                error=TaskError(type=error_type, message=reason, meta=error_meta or {}),
+                attempt=env.attempt if env else 0,
+                meta={"deadLetterReason": reason, **(meta or {})})
         self._dead.append((d, reason))
         self.pending_receipts.add(d.receipt)
         self._schedule()
@@ -209,9 +212,16 @@ class Completer:
                      runtime=round(runtime, 6), error_type=outcome.error.type,
                      error=outcome.error.message)
             meta["failedAt"] = now_iso()
+            if outcome.dead_letter is not None:
+                meta["deadLetterReason"] = outcome.dead_letter
             self.status(TaskStatus(env.id, TaskState.FAILED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
-            self._acks.append(d)
+            if outcome.dead_letter is None:
+                self._acks.append(d)
+            else:
+                # Out of retries (or Reject(dead_letter=True)): the status says FAILED
+                # and the message waits in the dead letters for a replay once fixed.
+                self._dead.append((d, outcome.dead_letter))
         self.pending_receipts.add(d.receipt)
         self._schedule()
 

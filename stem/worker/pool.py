@@ -77,7 +77,7 @@ from stem.context import TaskContext
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, TimeLimitExceeded, WorkerLostError
 from stem.log import get_logger
-from stem.retry import Retry
+from stem.retry import Retry, RetryPolicy
 from stem.status import TaskError
 from stem.worker._ipc import GROUP_SIGNALS, FrameReader, call_from_wire, frame
 from stem.worker.processor import EncodedResult, Prepared, RemoteError
@@ -756,11 +756,17 @@ class ProcessPool:
 
 
 def _remote_exception(msg: dict[str, Any]) -> BaseException:
-    error = RemoteError(TaskError.from_dict(msg["err"]))
+    kind = msg.get("kind") or {}
+    reject = kind.get("reject")
+    error = RemoteError(TaskError.from_dict(msg["err"]), type_names=kind.get("names"),
+                        retryable=kind.get("retryable") is not False,
+                        reject=reject if isinstance(reject, str) else None,
+                        reject_dead_letter=kind.get("deadLetter") is True)
     retry = msg.get("retry")
     if retry is None:
         return error
     eta = retry.get("eta")
+    policy = retry.get("retry_policy")
     return Retry(
         retry.get("message"),
         countdown=retry.get("countdown"),
@@ -769,5 +775,6 @@ def _remote_exception(msg: dict[str, Any]) -> BaseException:
         max_retries=retry.get("max_retries"),
         time_limit=retry.get("time_limit"),
         soft_time_limit=retry.get("soft_time_limit"),
+        retry_policy=RetryPolicy.from_meta(policy) if policy else None,
     )
 

@@ -6,6 +6,7 @@ this half is testable on its own and shared by every execution mode.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -14,15 +15,28 @@ from stem._time import from_iso, to_epoch, utcnow
 from stem.encoding import ARGS_ENCODER_HEADER, ARGS_ENCODER_META, JsonPayloadEncoder
 from stem.envelope import MAX_ATTEMPTS, Envelope
 from stem.errors import PayloadEncodingError, TaskArgumentError, UnknownTaskError
-from stem.retry import ExponentialJitterRetryStrategy, Retry, RetryStrategy, clamp_delay
+from stem.retry import (
+    ExponentialJitterRetryStrategy,
+    Reject,
+    Retry,
+    RetryPolicy,
+    RetryStrategy,
+    clamp_delay,
+    is_retryable,
+)
+from stem.signing import PayloadSigner
 from stem.status import TaskError
 from stem.task import (
     META_EXPIRES_AT,
     META_IGNORE_RESULT,
     META_MAX_RETRIES,
+    META_RETRY_POLICY,
     META_SOFT_TIME_LIMIT,
+    META_SOFT_TIME_LIMIT_MS,
     META_TIME_LIMIT,
+    META_TIME_LIMIT_MS,
     TaskDefinition,
+    limit_ms,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +80,9 @@ class Rejected:
 
     reason: str
     error_type: str
+    #: Extra status meta and stored-error meta (a refused signature names its key).
+    meta: dict[str, Any] | None = None
+    error_meta: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -85,11 +102,20 @@ class RetryLater:
     delay: float
 
 
+#: The dead-letter reason of a task that failed with no retry left (the Dart Stem's).
+MAX_RETRIES_EXHAUSTED = "max-retries-exhausted"
+
+
 @dataclass(slots=True)
 class Failure:
-    """The task failed for good."""
+    """The task failed for good.
+
+    ``dead_letter`` is the reason to dead-letter the delivery with (its retry budget
+    ran out, or the handler raised ``Reject(dead_letter=True)``); None: ack it.
+    """
 
     error: TaskError
+    dead_letter: str | None = None
 
 
 Outcome = Success | RetryLater | Failure | Rejected
@@ -114,9 +140,19 @@ class RemoteError(Exception):
     type name, message and stack, and the stored error shows them unchanged.
     """
 
-    def __init__(self, error: TaskError) -> None:
+    def __init__(self, error: TaskError, *, type_names: Sequence[str] | None = None,
+                 retryable: bool = True, reject: str | None = None,
+                 reject_dead_letter: bool = False) -> None:
         super().__init__(f"{error.type}: {error.message}")
         self.error = error
+        #: What the retry filters match (:func:`stem.retry.exception_names`): the names
+        #: of the original class and its bases, as the child sent them.
+        self.stem_type_names = frozenset(type_names or (error.type,))
+        #: False when the original declared itself not retryable (:func:`is_retryable`).
+        self.stem_retryable = retryable
+        #: The reason of a ``stem.Reject`` raised in the child, and its ``dead_letter``.
+        self.reject = reject
+        self.reject_dead_letter = reject_dead_letter
 
 
 #: The longest time limit an envelope may carry in its meta (one year).
@@ -126,8 +162,10 @@ MAX_TIME_LIMIT = 365 * 86_400.0
 def meta_problem(meta: dict[str, Any]) -> str | None:
     """Why the per-call overrides in an envelope's meta are unusable, or None.
 
-    ``__stemMaxRetries`` must be a whole number in ``0..MAX_ATTEMPTS``; ``timeLimit``
-    and ``softTimeLimit`` numbers of seconds in ``(0, MAX_TIME_LIMIT]``;
+    ``__stemMaxRetries`` must be a whole number in ``0..MAX_ATTEMPTS``;
+    ``stem.timeLimitMs`` / ``stem.softTimeLimitMs`` milliseconds and the older
+    ``timeLimit`` / ``softTimeLimit`` seconds in ``(0, MAX_TIME_LIMIT]``;
+    ``stem.retryPolicy`` a policy :meth:`RetryPolicy.from_meta` reads;
     ``stem.expiresAt`` an ISO-8601 time (a deadline nobody can read would otherwise run
     the task whenever, or never).
     """
@@ -142,13 +180,32 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
     if budget is not None and (type(budget) is not int or not 0 <= budget <= MAX_ATTEMPTS):
         return (f"meta {META_MAX_RETRIES!r} must be a whole number in 0..{MAX_ATTEMPTS}, "
                 f"got {repr(budget)[:80]}")
-    for key in (META_TIME_LIMIT, META_SOFT_TIME_LIMIT):
+    for key, scale, unit in ((META_TIME_LIMIT_MS, 1000, "milliseconds"),
+                             (META_SOFT_TIME_LIMIT_MS, 1000, "milliseconds"),
+                             (META_TIME_LIMIT, 1, "seconds"),
+                             (META_SOFT_TIME_LIMIT, 1, "seconds")):
         limit = meta.get(key)
         if limit is not None and (type(limit) not in (int, float)
-                                  or not 0 < limit <= MAX_TIME_LIMIT):
-            return (f"meta {key!r} must be seconds in (0, {MAX_TIME_LIMIT:.0f}], "
+                                  or not 0 < limit <= MAX_TIME_LIMIT * scale):
+            return (f"meta {key!r} must be {unit} in (0, {MAX_TIME_LIMIT * scale:.0f}], "
                     f"got {repr(limit)[:80]}")
+    policy = meta.get(META_RETRY_POLICY)
+    if policy is not None:
+        try:
+            RetryPolicy.from_meta(policy)
+        except ValueError as exc:
+            return f"meta {META_RETRY_POLICY!r}: {exc}"
     return None
+
+
+def meta_limit(meta: dict[str, Any], ms_key: str, seconds_key: str) -> float | None:
+    """A per-call limit in seconds from the meta: the Dart key (milliseconds) first,
+    else the older key (seconds); None when neither is there."""
+    ms = meta.get(ms_key)
+    if ms is not None:
+        return float(ms) / 1000.0
+    seconds = meta.get(seconds_key)
+    return None if seconds is None else float(seconds)
 
 
 def _deadline(value: Any) -> datetime:
@@ -176,8 +233,12 @@ def effective_limits(envelope: Envelope, definition: TaskDefinition[Any, Any]
                      ) -> tuple[float | None, float | None]:
     """(soft, hard) time limits for this attempt: envelope meta wins over task options."""
     meta = envelope.meta
-    hard = meta.get(META_TIME_LIMIT, definition.options.time_limit)
-    soft = meta.get(META_SOFT_TIME_LIMIT, definition.options.soft_time_limit)
+    hard = meta_limit(meta, META_TIME_LIMIT_MS, META_TIME_LIMIT) if meta else None
+    soft = meta_limit(meta, META_SOFT_TIME_LIMIT_MS, META_SOFT_TIME_LIMIT) if meta else None
+    if hard is None:
+        hard = definition.options.time_limit
+    if soft is None:
+        soft = definition.options.soft_time_limit
     return (None if soft is None else float(soft)), (None if hard is None else float(hard))
 
 
@@ -189,21 +250,27 @@ class Processor:
         self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy()
 
     @overload
-    def prepare(self, envelope: Envelope) -> Prepared | Rejected | Expired: ...
+    def prepare(self, envelope: Envelope, *, verify: bool = True
+                ) -> Prepared | Rejected | Expired: ...
 
     @overload
-    def prepare(self, envelope: Envelope, *, check_expiry: Literal[False]
+    def prepare(self, envelope: Envelope, *, check_expiry: Literal[False], verify: bool = True
                 ) -> Prepared | Rejected: ...
 
-    def prepare(self, envelope: Envelope, *, check_expiry: bool = True
+    def prepare(self, envelope: Envelope, *, check_expiry: bool = True, verify: bool = True
                 ) -> Prepared | Rejected | Expired:
         """Resolve the handler, check the meta and the deadline, decode + check arguments.
 
         An envelope past its ``stem.expiresAt`` is :class:`Expired` before its
         arguments are decoded: it will not run, so they do not matter (the Dart worker
         checks in the same place, every delivery, retries too). ``check_expiry=False``
-        is for a process-pool child, whose parent already checked.
+        is for a process-pool child, whose parent already checked; ``verify=False`` too
+        (the parent verified the signature, see :mod:`stem.signing`).
         """
+        if verify and self.app.signer is not None:
+            refused = signature_rejection(self.app.signer, envelope)
+            if refused is not None:
+                return refused
         definition = self.app.tasks.get(envelope.name)
         if definition is None or definition.func is None:
             return Rejected(f"unknown task {envelope.name!r}: no handler registered in this "
@@ -255,16 +322,40 @@ class Processor:
     def failure(self, prepared: Prepared, exc: BaseException) -> RetryLater | Failure:
         """Classify an exception: retry with a delay while budget remains, else fail.
 
-        The budget is at most ``MAX_ATTEMPTS`` and the delay is clamped by
+        In order: ``Reject`` and errors that declare themselves not retryable
+        (:func:`~stem.retry.is_retryable`) fail at once, as do errors the task's
+        ``autoretry_for`` / ``dont_autoretry_for`` or the retry policy's filters leave
+        out (acked, or dead-lettered for ``Reject(dead_letter=True)``). Otherwise,
+        with no retry left the task fails and is dead-lettered as
+        ``max-retries-exhausted``; else it is retried after the ``Retry``'s
+        countdown/eta, the retry policy's delay or the retry strategy's.
+
+        The retry policy is the envelope's ``stem.retryPolicy`` (the call's), else the
+        task's. The budget is ``Retry(max_retries=)``, else the policy's
+        ``max_retries``, else the call's ``max_retries``, else the larger of the
+        envelope's and the task's; at most ``MAX_ATTEMPTS``. The delay is clamped by
         :func:`~stem.retry.clamp_delay`, so the next envelope is always one that decodes.
         """
         env = prepared.envelope
+        options = prepared.definition.options
+        if isinstance(exc, Reject):
+            return Failure(_task_error(exc, retryable=False),
+                           exc.reason if exc.dead_letter else None)
+        if isinstance(exc, RemoteError) and exc.reject is not None:
+            return Failure(_task_error(exc, retryable=False),
+                           exc.reject if exc.reject_dead_letter else None)
+        policy = _policy(env.meta, options.retry_policy)
+        if not isinstance(exc, Retry) and (
+                not is_retryable(exc) or not options.retries(exc)
+                or (policy is not None and not policy.retries(exc))):
+            return Failure(_task_error(exc, retryable=False))
         explicit = env.meta.get(META_MAX_RETRIES)  # checked by prepare()
-        budget = (
-            int(explicit)
-            if explicit is not None
-            else max(env.max_retries, prepared.definition.options.max_retries)
-        )
+        if policy is not None and policy.max_retries is not None:
+            budget = policy.max_retries
+        elif explicit is not None:
+            budget = int(explicit)
+        else:
+            budget = max(env.max_retries, options.max_retries)
         delay: float | None = None
         cause: BaseException = exc
         next_meta = dict(env.meta)
@@ -276,23 +367,57 @@ class Processor:
             elif exc.countdown is not None:
                 delay = clamp_delay(exc.countdown)
             if exc.time_limit is not None:
-                next_meta[META_TIME_LIMIT] = exc.time_limit
+                next_meta.pop(META_TIME_LIMIT, None)
+                next_meta[META_TIME_LIMIT_MS] = limit_ms(exc.time_limit)
             if exc.soft_time_limit is not None:
-                next_meta[META_SOFT_TIME_LIMIT] = exc.soft_time_limit
+                next_meta.pop(META_SOFT_TIME_LIMIT, None)
+                next_meta[META_SOFT_TIME_LIMIT_MS] = limit_ms(exc.soft_time_limit)
+            if exc.retry_policy is not None:
+                next_meta[META_RETRY_POLICY] = exc.retry_policy.to_meta()
             cause = exc.exc or exc
-        if env.attempt >= min(budget, MAX_ATTEMPTS):
-            return Failure(_task_error(cause, retryable=False))
+        budget = min(budget, MAX_ATTEMPTS)
+        if env.attempt >= budget:
+            error = _task_error(cause, retryable=False)
+            return Failure(error, f"{MAX_RETRIES_EXHAUSTED}: {_describe(error)}")
         if delay is None:
-            strategy = prepared.definition.options.retry_strategy or self.retry_strategy
-            delay = clamp_delay(strategy.next_delay(env.attempt, cause))
+            if policy is not None:
+                delay = clamp_delay(policy.next_delay(env.attempt, cause))
+            else:
+                strategy = options.retry_strategy or self.retry_strategy
+                delay = clamp_delay(strategy.next_delay(env.attempt, cause))
         now = utcnow()
         next_env = env.copy(
             attempt=env.attempt + 1,
             not_before=now + timedelta(seconds=delay),
             meta=next_meta,
-            max_retries=min(budget, MAX_ATTEMPTS),
+            max_retries=budget,
         )
+        if self.app.signer is not None:  # the old signature covers the old attempt
+            self.app.signer.sign_or_strip(next_env)
         return RetryLater(next_env, _task_error(cause, retryable=True), delay)
+
+
+def _policy(meta: dict[str, Any], default: RetryPolicy | None) -> RetryPolicy | None:
+    """The envelope's ``stem.retryPolicy`` (checked by ``prepare``), else ``default``."""
+    data = meta.get(META_RETRY_POLICY) if meta else None
+    if data is None:
+        return default
+    return RetryPolicy.from_meta(data)
+
+
+def _describe(error: TaskError) -> str:
+    """``Type: message`` of an error, at most 500 characters (for a dead-letter reason)."""
+    text = f"{error.type}: {error.message}" if error.message else error.type
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def signature_rejection(signer: PayloadSigner, envelope: Envelope) -> Rejected | None:
+    """A :class:`Rejected` (dead letter ``signature-invalid``) unless the signature verifies."""
+    problem = signer.verify(envelope)
+    if problem is None:
+        return None
+    return Rejected(problem.reason, "SignatureInvalid", meta=problem.status_meta(),
+                    error_meta=problem.error_meta())
 
 
 def _task_error(exc: BaseException, *, retryable: bool) -> TaskError:

@@ -387,7 +387,8 @@ class Worker:
                                        type(exc).__name__, env)
                 continue
             if isinstance(prepared, Rejected):
-                self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env)
+                self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env,
+                                       meta=prepared.meta, error_meta=prepared.error_meta)
                 continue
             if isinstance(prepared, Expired):
                 self._expire(d, prepared.envelope, prepared.definition)
@@ -445,6 +446,7 @@ class Worker:
             options = prepared.definition.options
             # The keys the Dart worker writes into status meta, so tooling of either reads both.
             base_meta = {**env.meta, "task": env.name, "queue": env.queue,
+                         "stem.task": env.name, "stem.queue": env.queue,
                          "worker": self.consumer_name, "startedAt": now_iso()}
             ctx = TaskContext(env, WorkerContextOps(runtime, d, base_meta))
             if signals.task_prerun.has_receivers:

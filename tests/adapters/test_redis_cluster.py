@@ -246,3 +246,39 @@ async def test_ready_data_in_several_queues_ends_every_blocking_read(
     rest = await broker.fetch(queues, 10, block=0, consumer="c2")
     assert len(rest) == len(queues) - 2
     await broker.ack(got + rest)
+
+
+async def test_locks_and_schedules_on_the_cluster(cluster: list[int], namespace: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from stem.adapters.redis import RedisStore
+    from stem.beat import ScheduleEntry, ScheduleRun
+
+    store = RedisStore(f"redis://127.0.0.1:{cluster[2]}?cluster=1", namespace=namespace)
+    try:
+        # Lock keys spread over the nodes; each script touches one key.
+        keys = [f"lock-{i}" for i in range(12)]
+        assert len({_node_of(cluster, store.locks.key(k)) for k in keys}) >= 2  # type: ignore[attr-defined]
+        for k in keys:
+            assert await store.locks.acquire(k, "a", 30)
+            assert not await store.locks.acquire(k, "b", 30)
+            assert await store.locks.release(k, "a")
+        # Every schedule key has the {<ns>:schedule} hash tag: one slot, so the scripts
+        # that touch an entry, the index and the history run on one node.
+        schedules = store.schedules
+        assert schedules.entry_key("e1").startswith("{" + namespace + ":schedule}:")  # type: ignore[attr-defined]
+        t0 = datetime(2001, 1, 1, tzinfo=UTC)
+        ids = [f"e{i}" for i in range(6)]
+        for n, i in enumerate(ids):
+            await schedules.upsert(ScheduleEntry(id=i, task="t", spec={"kind": "interval",
+                                   "everyMs": 1000}, next_run_at=t0 + timedelta(seconds=n)))
+        assert [e.id for e in await schedules.due(t0 + timedelta(seconds=10))] == ids
+        marked = await schedules.mark_run(ScheduleRun("e0", t0, t0, True), expected_version=1,
+                                          next_run_at=t0 + timedelta(seconds=100))
+        assert marked is not None and marked.version == 2
+        assert len(await schedules.history("e0")) == 1
+        assert [e.id for e in await schedules.entries()] == ids
+        assert await schedules.remove("e0")
+        assert [e.id for e in await schedules.due(t0 + timedelta(seconds=1000))] == ids[1:]
+    finally:
+        await store.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from stem.adapters import store_from_url
-from stem.ports import Broker, ResultBackend, Store
+from stem.ports import Broker, LockStore, ResultBackend, ScheduleStore, Store
 from tests.services import drop_pg_schema, drop_redis_keys
 
 ADAPTERS = ["memory", "sqlite", "postgres", "redis"]
@@ -83,3 +83,15 @@ def broker_factory(store: Store) -> Callable[[], Broker]:
 def backend_factory(store: Store) -> Callable[[], ResultBackend]:
     """What stem.testing.conformance.BackendConformance builds its backend with."""
     return lambda: store.backend
+
+
+@pytest.fixture
+def lock_store_factory(store: Store) -> Callable[[], LockStore]:
+    """What stem.testing.conformance.LockConformance builds its lock store with."""
+    return lambda: store.locks
+
+
+@pytest.fixture
+def schedule_store_factory(store: Store) -> Callable[[], ScheduleStore]:
+    """What stem.testing.conformance.ScheduleStoreConformance builds its store with."""
+    return lambda: store.schedules

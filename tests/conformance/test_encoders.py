@@ -239,7 +239,10 @@ async def test_typed_call_options_reach_the_envelope(
     assert data["visibilityTimeout"] == 45000 and data["notBefore"] == to_iso(eta)
     assert data["headers"] == {"tenant": "acme", ARGS_ENCODER_HEADER: "json"}
     assert data["meta"]["trace"] == "t-1" and data["meta"][ARGS_ENCODER_META] == "json"
-    assert data["meta"]["timeLimit"] == 30.0 and data["meta"]["softTimeLimit"] == 20.0
+    # Per-call limits travel under the Dart Stem's keys, in milliseconds.
+    assert data["meta"]["stem.timeLimitMs"] == 30000
+    assert data["meta"]["stem.softTimeLimitMs"] == 20000
+    assert "timeLimit" not in data["meta"] and "softTimeLimit" not in data["meta"]
     assert d.envelope is not None and d.envelope.priority == 9
     await broker.ack([d])
 

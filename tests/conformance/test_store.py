@@ -7,7 +7,7 @@ import asyncio
 from stem.adapters import store_from_url
 from stem.app import Stem
 from stem.envelope import Envelope
-from stem.ports import AtomicAckStore, Broker, ResultBackend, Store
+from stem.ports import AtomicAckStore, Broker, LockStore, ResultBackend, ScheduleStore, Store
 from stem.status import TaskState, TaskStatus
 
 
@@ -15,6 +15,8 @@ async def test_a_store_hands_out_one_broker_and_one_backend(store: Store) -> Non
     assert isinstance(store, Store)
     assert isinstance(store.broker, Broker) and isinstance(store.backend, ResultBackend)
     assert store.broker is store.broker and store.backend is store.backend
+    assert isinstance(store.locks, LockStore) and isinstance(store.schedules, ScheduleStore)
+    assert store.locks is store.locks and store.schedules is store.schedules
     await store.ping()
 
 

@@ -199,9 +199,11 @@ async def run_example(url: str, namespace: str, raws: list[bytes], queue: str) -
             async with running_worker(app, queues=[queue]) as worker:
                 worker_ref.append(worker)
                 await eventually(lambda: _true(finished(outcomes, raws, queue)), timeout=15)
+                # Rejected deliveries and failures (here all out of retries) are
+                # dead-lettered.
                 rejects = outcomes.anonymous_rejects + sum(
                     1 for seen in outcomes.by_index.values() for k, _ in seen
-                    if k == "rejected")
+                    if k in ("rejected", "failure"))
                 await eventually(lambda: _settled(app, queue, rejects), timeout=15)
                 # ...and the worker still serves normal work afterwards.
                 call = app.definition("h.ok").call(n=1).with_options(queue=queue)

@@ -154,7 +154,7 @@ def test_call_builder_reaches_the_envelope() -> None:
     env = app.build_envelope(call)
     assert (env.queue, env.priority, env.max_retries, env.args) == ("urgent", 9, 4, {"to": "x"})
     assert env.headers["h"] == "1" and env.headers["stem-args-encoder"] == "json"
-    assert env.meta["m"] == 2 and env.meta["timeLimit"] == 5
+    assert env.meta["m"] == 2 and env.meta["stem.timeLimitMs"] == 5000
     assert env.not_before is not None and 9 < (env.not_before - env.enqueued_at).total_seconds() <= 10
 
 

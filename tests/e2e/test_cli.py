@@ -185,12 +185,65 @@ async def test_dlq_list_replay_purge_and_observe_queues(sqlite_url: str) -> None
 
     assert queue_counts() == {"queue": "default", "pending": 0, "delayed": 0, "inFlight": 0,
                               "dead": 2}
-    replay = run_stem("dlq", "replay", env=cli_env)
+    replay = run_stem("dlq", "replay", "--yes", env=cli_env)
     assert "default: replayed 1" in replay.stdout  # the undecodable one stays
     assert (queue_counts()["pending"], queue_counts()["dead"]) == (1, 1)
     purge = run_stem("dlq", "purge", "--yes", env=cli_env)
     assert "default: purged 1" in purge.stdout
     assert queue_counts()["dead"] == 0
+
+
+async def test_dlq_show_pages_and_replay_by_id_filter_dry_run_and_confirmation(
+        sqlite_url: str) -> None:
+    from stem.envelope import Envelope
+
+    app = stem.Stem(broker=sqlite_url, backend=sqlite_url)  # namespace "stem", as the CLI's
+    envs = [Envelope(name="e2e.add", args={"x": i, "y": 1}, attempt=2, max_retries=2)
+            for i in range(3)]
+    await app.broker.publish(envs)
+    for d in await app.broker.fetch(["default"], 3, block=1, consumer="t"):
+        await app.broker.dead_letter([(d, "max-retries-exhausted: RuntimeError: down")])
+    cli_env = {"STEM_BROKER_URL": sqlite_url}
+
+    shown = run_stem("dlq", "show", envs[1].id, env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    assert f"id:       {envs[1].id}" in shown.stdout
+    assert "reason:   max-retries-exhausted\n" in shown.stdout
+    assert "error:    RuntimeError: down" in shown.stdout
+    assert '"x": 1' in shown.stdout and "attempt:  2 (max retries 2)" in shown.stdout
+    missing = run_stem("dlq", "show", "nope", env=cli_env)
+    assert missing.returncode == 1 and "no dead letter 'nope'" in missing.stderr
+
+    page = run_stem("dlq", "list", "--json", "--offset", "1", "--limit", "1", env=cli_env)
+    assert [orjson.loads(x)["id"] for x in page.stdout.splitlines()] == [envs[1].id]
+    later = run_stem("dlq", "list", "--json", "--since", "2999-01-01T00:00:00", env=cli_env)
+    assert later.returncode == 0 and later.stdout == ""
+    bad = run_stem("dlq", "list", "--since", "yesterday", env=cli_env)
+    assert bad.returncode == 2 and "is not an ISO-8601 time" in bad.stderr
+
+    # No terminal to confirm on: refused, nothing changed.
+    asked = run_stem("dlq", "replay", envs[0].id, env=cli_env)
+    assert asked.returncode == 2 and "pass --yes" in asked.stderr
+    dry = run_stem("dlq", "replay", "--dry-run", "--since", "2000-01-01", env=cli_env)
+    assert dry.returncode == 0 and "would replay 3 (dry run" in dry.stdout
+    assert (await app.broker.stats("default")).dead == 3
+
+    by_id = run_stem("dlq", "replay", envs[0].id, "--delay", "5m", "-y", env=cli_env)
+    assert by_id.returncode == 0, by_id.stderr
+    assert "default: replayed 1" in by_id.stdout
+    stats = await app.broker.stats("default")
+    assert (stats.pending, stats.delayed, stats.dead) == (0, 1, 2)
+    rest = run_stem("dlq", "replay", "--since", "2000-01-01T00:00:00Z", "--limit", "1",
+                    "--yes", env=cli_env)
+    assert "default: replayed 1" in rest.stdout
+    stats = await app.broker.stats("default")
+    assert (stats.pending, stats.delayed, stats.dead) == (1, 1, 1)
+    [ready] = await app.broker.fetch(["default"], 1, block=1, consumer="t")
+    assert ready.envelope is not None
+    assert (ready.envelope.id, ready.envelope.attempt) == (envs[1].id, 0)
+    bad_delay = run_stem("dlq", "replay", "--delay", "soon", "-y", env=cli_env)
+    assert bad_delay.returncode == 2 and "is not a duration" in bad_delay.stderr
+    await app.close()
 
 
 def test_version_prints_the_package_version() -> None:

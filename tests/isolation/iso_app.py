@@ -210,6 +210,24 @@ def subprocess_signals() -> dict[str, Any]:
     return state
 
 
+def judged(kind: str) -> None:
+    """Fails in a way the parent's retry rules must recognise without the class."""
+    if kind == "reject":
+        raise stem.Reject("refused in the child", dead_letter=True)
+    if kind == "fatal":
+        raise _Fatal("not worth retrying")
+    if kind == "missing":
+        raise FileNotFoundError("filtered out by dont_autoretry_for")
+    raise ConnectionResetError("retried: an OSError")
+
+
+class _Fatal(Exception):
+    stem_retryable = False
+
+
+NO_WAIT = stem.RetryPolicy(default_delay=0)
+
+
 def make_app(broker: str = "memory://iso-default", backend: str | None = None) -> stem.Stem:
     """An app with every test task registered (explicit names, so children match)."""
     app = stem.Stem("iso", broker=broker, backend=backend or broker)
@@ -241,6 +259,8 @@ def make_app(broker: str = "memory://iso-default", backend: str | None = None) -
     app.task(name="iso.sleepy_default")(sleepy)
     app.task(name="iso.nap", **proc)(nap)
     app.task(name="iso.cleanup", time_limit=0.5)(cleanup)
+    app.task(name="iso.judged", max_retries=1, retry_policy=NO_WAIT, autoretry_for=(OSError,),
+             dont_autoretry_for=(FileNotFoundError,), **proc)(judged)
     app.task(name="iso.subprocess_signals", **proc)(subprocess_signals)
     return app
 

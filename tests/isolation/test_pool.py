@@ -274,3 +274,29 @@ async def test_ignore_result_and_a_future_deadline_through_the_pool(app: stem.St
         kept_result = await app.wait(kept, timeout=15)
     assert (ignored_result.state, ignored_result.raw_payload) == (TaskState.SUCCEEDED, None)
     assert (kept_result.state, kept_result.value) == (TaskState.SUCCEEDED, 4)
+
+
+async def test_retry_rules_apply_to_errors_raised_in_a_child(app: stem.Stem) -> None:
+    # The exception cannot cross the process boundary: the child sends the names of its
+    # class and bases, whether it is retryable and a Reject's reason.
+    attempts: Counter[str] = Counter()
+
+    def count(sender: object, *, envelope: stem.Envelope, **_: object) -> None:
+        attempts[envelope.args["kind"]] += 1
+
+    signals.task_prerun.connect(count)
+    try:
+        async with running_worker(app, app_spec=SPEC, pool_size=1):
+            ids = {k: await app.enqueue("iso.judged", kind=k)
+                   for k in ("reject", "fatal", "missing", "io")}
+            for tid in ids.values():
+                res = await app.wait(tid, timeout=20)
+                assert res.state is TaskState.FAILED
+    finally:
+        signals.task_prerun.disconnect(count)
+    assert attempts == {"reject": 1, "fatal": 1, "missing": 1, "io": 2}
+    dead = {d.id: (d.reason, d.meta.get("error"))
+            for d in await app.broker.dead_letters("default")}
+    assert dead == {ids["reject"]: ("refused in the child", None),
+                    ids["io"]: ("max-retries-exhausted",
+                                "ConnectionResetError: retried: an OSError")}

@@ -10,6 +10,8 @@ component may still be using the shared instance.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from stem._urls import mask_url
@@ -20,16 +22,22 @@ from stem.errors import ConfigurationError
 from .backend import MemoryBackend
 from .broker import MemoryBroker
 from .groups import MemoryGroupStore
+from .locks import MemoryLockStore
+from .schedules import MemoryScheduleStore
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryGroupStore", "MemoryStore", "backend_from_url", "broker_from_url",
+    "MemoryBackend", "MemoryBroker", "MemoryGroupStore", "MemoryLockStore",
+    "MemoryScheduleStore", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
 
+T = TypeVar("T")
 _lock = threading.Lock()
 _brokers: dict[tuple[str, str], MemoryBroker] = {}
 _backends: dict[tuple[str, str], MemoryBackend] = {}
 _groups: dict[tuple[str, str], MemoryGroupStore] = {}
+_locks: dict[tuple[str, str], MemoryLockStore] = {}
+_schedules: dict[tuple[str, str], MemoryScheduleStore] = {}
 
 
 def _name(url: str) -> str:
@@ -60,8 +68,19 @@ def backend_from_url(url: str, *, namespace: str = "stem") -> MemoryBackend:
         return backend
 
 
+def _shared(table: dict[tuple[str, str], T], url: str, namespace: str,
+            make: Callable[[str], T]) -> T:
+    key = (check_namespace(namespace), _name(url))
+    with _lock:
+        part = table.get(key)
+        if part is None:
+            part = table[key] = make(key[1])
+        return part
+
+
 class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
-    """The process-wide memory broker and backend named by a ``memory://NAME`` URL."""
+    """The process-wide memory broker, backend, lock store and schedule store named by a
+    ``memory://NAME`` URL."""
 
     def __init__(self, url: str = "memory://", *, namespace: str = "stem") -> None:
         super().__init__(url, check_namespace(namespace))
@@ -74,12 +93,13 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
         return backend_from_url(self.url, namespace=self.namespace)
 
     def _make_groups(self) -> MemoryGroupStore:
-        key = (self.namespace, _name(self.url))
-        with _lock:
-            groups = _groups.get(key)
-            if groups is None:
-                groups = _groups[key] = MemoryGroupStore(key[1])
-            return groups
+        return _shared(_groups, self.url, self.namespace, MemoryGroupStore)
+
+    def _make_locks(self) -> MemoryLockStore:
+        return _shared(_locks, self.url, self.namespace, MemoryLockStore)
+
+    def _make_schedules(self) -> MemoryScheduleStore:
+        return _shared(_schedules, self.url, self.namespace, MemoryScheduleStore)
 
 
 def store_from_url(url: str, *, namespace: str = "stem") -> MemoryStore:
@@ -93,3 +113,5 @@ def reset() -> None:
         _brokers.clear()
         _backends.clear()
         _groups.clear()
+        _locks.clear()
+        _schedules.clear()

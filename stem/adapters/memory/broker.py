@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from stem._time import now_epoch
 from stem.adapters._leasing import Claim, LeasingBroker, delivery
-from stem.adapters._shared import Waiter, decode_stored, lease_seconds
+from stem.adapters._shared import Waiter, decode_stored, lease_seconds, replayed
 from stem.envelope import Envelope, peek_task_id
 from stem.limits import clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -360,41 +360,65 @@ class MemoryBroker(LeasingBroker):
             q.delayed.clear()
             return dropped
 
-    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters of ``queue``, oldest first."""
+    async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
+                           since: float | None = None) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""
         with self._lock:
             q = self._queues.get(queue)
-            entries = [] if q is None else list(itertools.islice(q.dead, max(0, limit)))
-        return [_dead_letter(queue, e) for e in entries]
+            entries = [] if q is None else [
+                e for e in q.dead if since is None or e.dead_at >= since]
+        return [_dead_letter(queue, e) for e in entries[max(0, offset):][:max(0, limit)]]
 
-    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Re-publish decodable dead letters (attempt 0, due now), oldest first.
+    async def get_dead_letter(self, queue: str, dead_letter_id: str) -> DeadLetter | None:
+        """The newest dead letter of ``queue`` with this id, or None."""
+        with self._lock:
+            q = self._queues.get(queue)
+            entries = [] if q is None else list(q.dead)
+        for e in reversed(entries):
+            letter = _dead_letter(queue, e)
+            if letter.id == dead_letter_id:
+                return letter
+        return None
+
+    async def replay_dead_letters(
+        self,
+        queue: str,
+        limit: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        since: float | None = None,
+        delay: float | None = None,
+    ) -> int:
+        """Re-publish decodable dead letters (attempt 0), oldest first (see the port).
 
         Undecodable ones stay in the dead-letter store: publishing the same bad bytes
         again could only dead-letter them again.
         """
         now = now_epoch()
-        replayed = 0
+        wanted = None if ids is None else set(ids)
+        count = 0
         with self._lock:
             q = self._queues.get(queue)
             if q is None:
                 return 0
             kept: deque[_DeadEntry] = deque()
-            while q.dead and (limit is None or replayed < limit):
+            while q.dead and (limit is None or count < limit):
                 entry = q.dead.popleft()
                 env, _ = decode_stored(entry.raw)
-                if env is None:
+                if env is None or (since is not None and entry.dead_at < since) or (
+                        wanted is not None and env.id not in wanted):
                     kept.append(entry)
                     continue
-                fresh = env.copy(attempt=0, not_before=None)
-                self._put(q, fresh.to_json(), fresh.priority, None, fresh.visibility_timeout, now)
-                replayed += 1
+                fresh = replayed(env, delay)
+                self._put(q, fresh.to_json(), fresh.priority, fresh.not_before_epoch,
+                          fresh.visibility_timeout, now)
+                count += 1
             kept.extend(q.dead)
             q.dead = kept
             woken = list(q.waiters)
             q.waiters.clear()
         self._wake(woken)
-        return replayed
+        return count
 
     async def purge_dead_letters(self, queue: str) -> int:
         """Delete every dead letter of ``queue``."""

@@ -1,5 +1,5 @@
 """Postgres adapters (asyncpg): a ``SKIP LOCKED`` broker with LISTEN/NOTIFY wake-ups
-and a result backend, in one schema that is created and migrated on first connect.
+a result backend, and the beat's lock and schedule stores, in one schema that is created and migrated on first connect.
 
 URLs are ``postgres://`` or ``postgresql://``; Stem reads and removes these query
 parameters before the rest goes to asyncpg:
@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
+from stem.adapters.postgres.locks import PostgresLockStore
+from stem.adapters.postgres.schedules import PostgresScheduleStore
 from stem.adapters.postgres.store import PostgresStore, store_from_url
 
 __all__ = [
     "PostgresBroker",
+    "PostgresLockStore",
     "PostgresResultBackend",
+    "PostgresScheduleStore",
     "PostgresStore",
     "backend_from_url",
     "broker_from_url",

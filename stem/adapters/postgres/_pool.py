@@ -23,10 +23,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from stem._urls import mask_url, redact
-from stem.adapters._shared import check_namespace
+from stem.adapters._shared import (
+    DEFAULT_DEAD_LETTER_RETENTION,
+    check_namespace,
+    parse_retention,
+)
 from stem.adapters.postgres import migrations
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
+from stem.tls import tls_hint
 
 log = get_logger(__name__)
 
@@ -36,7 +41,7 @@ T = TypeVar("T")
 DEFAULT_SCHEMA = "stem"
 #: Query parameters Stem reads itself; asyncpg would send unknown ones to the server
 #: as settings (and the server rejects them), so they are removed from the DSN.
-STEM_PARAMS = frozenset({"schema", "pool_size", "connect_timeout"})
+STEM_PARAMS = frozenset({"schema", "pool_size", "connect_timeout", "dead_letter_retention"})
 
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 #: Postgres identifiers (channel names too) are cut at 63 bytes.
@@ -53,6 +58,8 @@ class PgSettings:
     connect_timeout: float
     #: ``host:port/db (user u)`` for messages; never contains the password.
     display: str
+    #: Seconds dead letters are kept (``?dead_letter_retention=``, default 7 days).
+    dead_letter_retention: float = DEFAULT_DEAD_LETTER_RETENTION
 
     @property
     def quoted_schema(self) -> str:
@@ -118,7 +125,10 @@ def parse_url(url: str, namespace: str = DEFAULT_SCHEMA) -> PgSettings:
     host = hostport or dict(rest).get("host") or "localhost"
     db = parts.path.lstrip("/") or dict(rest).get("dbname") or user or "(default)"
     display = f"{host}/{db}" + (f" (user {user})" if user else "")
-    return PgSettings(dsn, schema, pool_size, connect_timeout, display)
+    retention = DEFAULT_DEAD_LETTER_RETENTION
+    if "dead_letter_retention" in ours:
+        retention = parse_retention(ours["dead_letter_retention"], "Postgres")
+    return PgSettings(dsn, schema, pool_size, connect_timeout, display, retention)
 
 
 #: Errors that mean "the connection or server went away", worth reconnecting for.
@@ -154,7 +164,10 @@ def is_connection_error(exc: BaseException) -> bool:
 
 def unavailable(settings: PgSettings, exc: BaseException, role: str) -> ServiceUnavailableError:
     """A ServiceUnavailableError naming the server (no password) and what to check."""
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+    tls = tls_hint(exc, settings.dsn)
+    if tls is not None:
+        hint = tls
+    elif isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
         hint = "the server rejected the login; check the user and password in the URL"
     elif isinstance(exc, asyncpg.InvalidCatalogNameError):
         hint = "the database does not exist; create it or fix the database name in the URL"

@@ -275,20 +275,33 @@ class Statements:
             FROM {jobs} WHERE queue = $1"""
         self.purge = f"""
             DELETE FROM {jobs} WHERE queue = $1 AND (locked_until IS NULL OR locked_until < now())"""
-        # $2 limit.
+        # $2 limit, $3 offset, $4 since (epoch seconds or NULL).
         self.dead_letters = f"""
             SELECT id, queue, envelope, reason, date_part('epoch', dead_at) AS dead_at,
                    attempt, owner, task_id
-            FROM {dead} WHERE queue = $1 ORDER BY id LIMIT $2"""
+            FROM {dead} WHERE queue = $1
+              AND ($4::float8 IS NULL OR dead_at >= to_timestamp($4::float8))
+            ORDER BY id LIMIT $2 OFFSET $3"""
+        # $2 dead letter id (a task id), $3 a row id (an id made up for unreadable bytes).
+        self.dead_letter_by_id = f"""
+            SELECT id, queue, envelope, reason, date_part('epoch', dead_at) AS dead_at,
+                   attempt, owner, task_id
+            FROM {dead} WHERE queue = $1 AND (task_id = $2 OR id = $3)
+            ORDER BY id DESC"""
         # Replay reads candidates in id order, page by page ($2 = last id seen, $3 page
         # size), locking them; the caller decodes them, deletes the replayable ones
         # ($1 ids) and re-publishes those, all in one transaction.
         self.dead_letter_page = f"""
             SELECT id, queue, envelope FROM {dead}
-            WHERE queue = $1 AND id > $2 ORDER BY id LIMIT $3
+            WHERE queue = $1 AND id > $2
+              AND ($4::float8 IS NULL OR dead_at >= to_timestamp($4::float8))
+            ORDER BY id LIMIT $3
             FOR UPDATE SKIP LOCKED"""
         self.delete_dead_letters = f"DELETE FROM {dead} WHERE id = ANY($1::int8[])"
         self.purge_dead_letters = f"DELETE FROM {dead} WHERE queue = $1"
+        # $1 retention in seconds: dead letters older than that, of every queue.
+        self.sweep_dead_letters = f"""
+            DELETE FROM {dead} WHERE dead_at < now() - make_interval(secs => $1::float8)"""
 
         # -- results -----------------------------------------------------------
         # $1 task ids, $2 states, $3 status JSON bytes, $4 TTL seconds; $5 channel.
@@ -319,3 +332,115 @@ class Statements:
             )"""
             + _NOTIFY_RESULTS.format(chan="$5")
         )
+
+
+class LockStatements:
+    """The lock store's SQL for one schema (``stem_locks``; times are the server's)."""
+
+    def __init__(self, schema: str) -> None:
+        locks = f"{schema}.stem_locks"
+        # $1 key, $2 owner, $3 ttl seconds. Insert, or take over a row whose lease ran
+        # out or that $2 holds already; a row comes back exactly when $2 holds the key.
+        self.acquire = f"""
+            INSERT INTO {locks} AS l (key, owner, expires_at)
+            VALUES ($1, $2, now() + $3::float8 * interval '1 second')
+            ON CONFLICT (key) DO UPDATE SET owner = excluded.owner,
+                                            expires_at = excluded.expires_at
+               WHERE l.expires_at <= now() OR l.owner = excluded.owner
+            RETURNING l.owner"""
+        self.renew = f"""
+            UPDATE {locks} SET expires_at = now() + $3::float8 * interval '1 second'
+            WHERE key = $1 AND owner = $2 AND expires_at > now()"""
+        self.release = f"DELETE FROM {locks} WHERE key = $1 AND owner = $2 AND expires_at > now()"
+        self.owner_of = f"SELECT owner FROM {locks} WHERE key = $1 AND expires_at > now()"
+        # Rows whose lease ran out (a key nobody takes again), one bounded batch.
+        self.purge = f"""
+            DELETE FROM {locks} WHERE key IN (
+                SELECT key FROM {locks} WHERE expires_at <= now() LIMIT 1000
+            ) AND expires_at <= now()"""
+
+
+#: The entry columns in the order of the write statements' $1..$22.
+SCHEDULE_COLUMNS = (
+    "id", "task_name", "queue", "spec", "args", "kwargs", "enabled", "jitter_ms", "timezone",
+    "expire_at", "meta", "next_run_at", "last_run_at", "last_jitter_ms", "last_error",
+    "last_success_at", "last_error_at", "total_run_count", "drift_ms", "created_at",
+    "updated_at", "extra",
+)
+_JSONB = frozenset({"spec", "args", "kwargs", "meta", "extra"})
+
+
+class ScheduleStatements:
+    """The schedule store's SQL for one schema (``stem_schedules`` and
+    ``stem_schedule_runs``). Every write is one statement."""
+
+    def __init__(self, schema: str) -> None:
+        entries = f"{schema}.stem_schedules"
+        runs = f"{schema}.stem_schedule_runs"
+        cols = ", ".join(SCHEDULE_COLUMNS)
+        values = ", ".join(f"${n}::jsonb" if c in _JSONB else f"${n}"
+                           for n, c in enumerate(SCHEDULE_COLUMNS, 1))
+        # Every column but the id and created_at (an entry keeps its creation time).
+        assign = ", ".join(f"{c} = excluded.{c}" for c in SCHEDULE_COLUMNS
+                           if c not in ("id", "created_at"))
+        select = f"{cols}, version"
+        self.get = f"SELECT {select} FROM {entries} WHERE id = $1"
+        self.entries = f"SELECT {select} FROM {entries} ORDER BY id"
+        self.version = f"SELECT version FROM {entries} WHERE id = $1"
+        # $1..$22 the columns: create or replace whatever is stored.
+        self.put = f"""
+            INSERT INTO {entries} AS e ({cols}, version) VALUES ({values}, 1)
+            ON CONFLICT (id) DO UPDATE SET {assign}, version = e.version + 1
+            RETURNING version, created_at"""
+        # Only if the id is new (expected version 0); no row back on a conflict.
+        self.create = f"""
+            INSERT INTO {entries} ({cols}, version) VALUES ({values}, 1)
+            ON CONFLICT (id) DO NOTHING
+            RETURNING version, created_at"""
+        # Only if the stored version is $23; no row back when it is not (or no entry).
+        sets = ", ".join(f"{c} = ${n}::jsonb" if c in _JSONB else f"{c} = ${n}"
+                         for n, c in enumerate(SCHEDULE_COLUMNS, 1)
+                         if c not in ("id", "created_at"))
+        # ($20 is only there to keep the parameter list the same: created_at is never null.)
+        self.replace = f"""
+            UPDATE {entries} SET {sets}, created_at = coalesce(created_at, $20),
+                                 version = version + 1
+            WHERE id = $1 AND version = $23
+            RETURNING version, created_at"""
+        self.remove = f"DELETE FROM {entries} WHERE id = $1"  # runs go by ON DELETE CASCADE
+        # $1 now (the beat's clock), $2 limit.
+        self.due = f"""
+            SELECT {select} FROM {entries}
+            WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT $2"""
+        # $1 id, $2 expected version, $3 executed_at, $4 next_run_at, $5 disable,
+        # $6 success, $7 error, $8 drift ms, $9 jitter ms, $10 now, $11 scheduled_at,
+        # $12 duration ms, $13 runs to keep (>= 1). The update, the history row and the
+        # trim of older runs happen together or (stale version, no entry) not at all.
+        self.mark_run = f"""
+            WITH up AS (
+                UPDATE {entries} SET
+                    last_run_at = $3,
+                    next_run_at = CASE WHEN $5::boolean THEN NULL ELSE $4::timestamptz END,
+                    enabled = enabled AND NOT $5::boolean,
+                    total_run_count = total_run_count + 1,
+                    last_error = CASE WHEN $6::boolean THEN NULL ELSE $7::text END,
+                    last_success_at = CASE WHEN $6::boolean THEN $3 ELSE last_success_at END,
+                    last_error_at = CASE WHEN $6::boolean THEN last_error_at ELSE $3 END,
+                    drift_ms = $8, last_jitter_ms = $9, version = version + 1, updated_at = $10
+                WHERE id = $1 AND version = $2
+                RETURNING {select}
+            ), ins AS (
+                INSERT INTO {runs} (entry_id, scheduled_at, executed_at, success, duration_ms,
+                                    error)
+                SELECT id, $11, $3, $6::boolean, $12, $7::text FROM up
+            ), trimmed AS (
+                -- The statement's snapshot does not see the new run: keep $13 - 1 older.
+                DELETE FROM {runs} WHERE entry_id = $1 AND EXISTS (SELECT 1 FROM up)
+                AND id <= (SELECT id FROM {runs} WHERE entry_id = $1
+                           ORDER BY id DESC OFFSET $13::int - 1 LIMIT 1)
+            )
+            SELECT * FROM up"""
+        # $1 id, $2 limit.
+        self.history = f"""
+            SELECT scheduled_at, executed_at, success, duration_ms, error FROM {runs}
+            WHERE entry_id = $1 ORDER BY id DESC LIMIT $2"""

@@ -25,7 +25,13 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
-from stem.adapters._shared import check_publishable, decode_stored, lease_seconds
+from stem.adapters._shared import (
+    DEAD_LETTER_SWEEP_INTERVAL,
+    check_publishable,
+    decode_stored,
+    lease_seconds,
+    replayed,
+)
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import results_channel, status_arrays
@@ -125,6 +131,26 @@ def _dead_letter_id(envelope: Envelope | None, task_id: str | None, raw: bytes, 
     return task_id or peek_task_id(raw) or f"dead-letter-{row}"
 
 
+def _letter(r: Any) -> DeadLetter:
+    """A dead-letter row as a :class:`DeadLetter`."""
+    raw = bytes(r["envelope"])
+    envelope, _ = decode_stored(raw)
+    meta: dict[str, Any] = {"attempt": r["attempt"]}
+    if r["owner"] is not None:
+        meta["consumer"] = r["owner"]
+    return DeadLetter(
+        # The task id when readable (what users look tasks up by): the envelope's,
+        # else the column's (rows written without it).
+        id=_dead_letter_id(envelope, r["task_id"], raw, r["id"]),
+        queue=r["queue"],
+        raw=raw,
+        reason=r["reason"],
+        dead_at=r["dead_at"],
+        envelope=envelope,
+        meta=meta,
+    )
+
+
 def _row_count(status: str) -> int:
     # asyncpg returns the command tag, e.g. "DELETE 12".
     return int(status.rsplit(" ", 1)[-1])
@@ -213,6 +239,7 @@ class PostgresBroker(LeasingBroker):
         self._generation = 0
         self._waiters: set[asyncio.Future[None]] = set()
         self._churn = 0
+        self._last_sweep = float("-inf")
         self._last_vacuum = 0.0
         self._vacuum_failed = False
 
@@ -468,6 +495,22 @@ class PostgresBroker(LeasingBroker):
         ids, leases = _keys([d for d, _ in items])
         reasons = [r for _, r in items]
         await self._db.run(lambda c: c.execute(self._sql.dead_letter, ids, leases, reasons))
+        await self._maybe_sweep()
+
+    async def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep >= DEAD_LETTER_SWEEP_INTERVAL:
+            self._last_sweep = now
+            await self.sweep_dead_letters()
+
+    async def sweep_dead_letters(self) -> int:
+        """Delete the dead letters (of every queue) older than the URL's
+        ``dead_letter_retention`` (default 7 days) now; return how many. Also done at most
+        once a minute as the broker dead-letters or lists dead letters."""
+        self._last_sweep = time.monotonic()
+        status = await self._db.run(lambda c: c.execute(
+            self._sql.sweep_dead_letters, self.settings.dead_letter_retention))
+        return _row_count(status)
 
     async def _extend(self, deliveries: Sequence[Delivery], seconds: float) -> None:
         ids, leases = _keys(deliveries)
@@ -493,38 +536,43 @@ class PostgresBroker(LeasingBroker):
         status = await self._db.run(lambda c: c.execute(self._sql.purge, queue))
         return _row_count(status)
 
-    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters of ``queue``, oldest first."""
-        rows = await self._db.run(lambda c: c.fetch(self._sql.dead_letters, queue, limit))
-        out = []
-        for r in rows:
-            raw = bytes(r["envelope"])
-            envelope, _ = decode_stored(raw)
-            meta: dict[str, Any] = {"attempt": r["attempt"]}
-            if r["owner"] is not None:
-                meta["consumer"] = r["owner"]
-            out.append(
-                DeadLetter(
-                    # The task id when readable (what users look tasks up by): the
-                    # envelope's, else the column's (rows written without it).
-                    id=_dead_letter_id(envelope, r["task_id"], raw, r["id"]),
-                    queue=r["queue"],
-                    raw=raw,
-                    reason=r["reason"],
-                    dead_at=r["dead_at"],
-                    envelope=envelope,
-                    meta=meta,
-                )
-            )
-        return out
+    async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
+                           since: float | None = None) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""
+        await self._maybe_sweep()
+        rows = await self._db.run(lambda c: c.fetch(
+            self._sql.dead_letters, queue, max(0, limit), max(0, offset), since))
+        return [_letter(r) for r in rows]
 
-    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Move dead letters back to their queue, oldest first, due now, attempt 0.
+    async def get_dead_letter(self, queue: str, dead_letter_id: str) -> DeadLetter | None:
+        """The newest dead letter of ``queue`` with this id, or None."""
+        tail = dead_letter_id.removeprefix("dead-letter-")
+        row_id = int(tail) if tail != dead_letter_id and tail.isdigit() and len(tail) < 19 \
+            else -1
+        rows = await self._db.run(lambda c: c.fetch(
+            self._sql.dead_letter_by_id, queue, dead_letter_id, row_id))
+        for r in rows:
+            letter = _letter(r)
+            if letter.id == dead_letter_id:
+                return letter
+        return None
+
+    async def replay_dead_letters(
+        self,
+        queue: str,
+        limit: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        since: float | None = None,
+        delay: float | None = None,
+    ) -> int:
+        """Move dead letters back to their queue, oldest first, attempt 0 (see the port).
 
         Undecodable ones stay in the dead-letter table (replaying them could only
         dead-letter them again). A replayed job is a new row, so it counts as a first
         delivery. Taking them out and publishing happen in one transaction.
         """
+        wanted = None if ids is None else set(ids)
 
         async def replay(conn: Any) -> int:
             items: list[tuple[Envelope, bytes, str]] = []
@@ -532,12 +580,13 @@ class PostgresBroker(LeasingBroker):
             last = 0
             async with conn.transaction():
                 while limit is None or len(items) < limit:
-                    rows = await conn.fetch(self._sql.dead_letter_page, queue, last, _REPLAY_PAGE)
+                    rows = await conn.fetch(self._sql.dead_letter_page, queue, last,
+                                            _REPLAY_PAGE, since)
                     for r in rows:
                         decoded, _ = decode_stored(bytes(r["envelope"]))
-                        if decoded is None:
+                        if decoded is None or (wanted is not None and decoded.id not in wanted):
                             continue
-                        env = decoded.copy(attempt=0, not_before=None)
+                        env = replayed(decoded, delay)
                         items.append((env, env.to_json(), r["queue"]))
                         taken.append(r["id"])
                         if limit is not None and len(items) >= limit:

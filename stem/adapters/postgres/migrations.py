@@ -85,6 +85,59 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (
         4,
+        "locks, schedule entries and their run history (stem beat)",
+        """
+        CREATE TABLE {s}.stem_locks (
+            key        text PRIMARY KEY,
+            owner      text NOT NULL,
+            expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX stem_locks_expires ON {s}.stem_locks (expires_at);
+
+        -- Ids sort bytewise (COLLATE "C"), as on every other store.
+        CREATE TABLE {s}.stem_schedules (
+            id              text COLLATE "C" PRIMARY KEY,
+            task_name       text NOT NULL,
+            queue           text NOT NULL,
+            spec            jsonb NOT NULL,
+            args            jsonb NOT NULL,
+            kwargs          jsonb NOT NULL,
+            enabled         boolean NOT NULL,
+            jitter_ms       bigint NOT NULL,
+            timezone        text,
+            expire_at       timestamptz,
+            meta            jsonb NOT NULL,
+            next_run_at     timestamptz,
+            last_run_at     timestamptz,
+            last_jitter_ms  bigint,
+            last_error      text,
+            last_success_at timestamptz,
+            last_error_at   timestamptz,
+            total_run_count bigint NOT NULL,
+            drift_ms        bigint,
+            created_at      timestamptz NOT NULL,
+            updated_at      timestamptz NOT NULL,
+            version         bigint NOT NULL,
+            extra           jsonb NOT NULL
+        );
+        -- Serves due(): WHERE enabled AND next_run_at <= $now ORDER BY next_run_at, id.
+        CREATE INDEX stem_schedules_due ON {s}.stem_schedules (next_run_at, id) WHERE enabled;
+
+        CREATE TABLE {s}.stem_schedule_runs (
+            id           bigserial PRIMARY KEY,
+            entry_id     text COLLATE "C" NOT NULL
+                         REFERENCES {s}.stem_schedules (id) ON DELETE CASCADE,
+            scheduled_at timestamptz NOT NULL,
+            executed_at  timestamptz NOT NULL,
+            success      boolean NOT NULL,
+            duration_ms  bigint NOT NULL,
+            error        text
+        );
+        CREATE INDEX stem_schedule_runs_entry ON {s}.stem_schedule_runs (entry_id, id);
+        """,
+    ),
+    (
+        5,
         "groups, chords and batches",
         """
         CREATE TABLE {s}.stem_groups (

@@ -13,13 +13,16 @@ from stem.adapters.postgres._pool import Connector, ListenHub, parse_url, unavai
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
 from stem.adapters.postgres.groups import PostgresGroupStore
+from stem.adapters.postgres.locks import PostgresLockStore
+from stem.adapters.postgres.schedules import PostgresScheduleStore
 from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
 from stem.status import TaskStatus
 
 
 class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
-    """Broker and result backend in one schema, sharing one pool and one LISTEN connection.
+    """Broker, result backend, lock and schedule stores in one schema, sharing one pool
+    and one LISTEN connection.
 
     ``pool=`` takes an ``asyncpg.Pool`` the application already has: the store runs
     Stem's migrations on it at first use and leaves closing it to the application
@@ -43,6 +46,13 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
 
     def _make_groups(self) -> PostgresGroupStore:
         return PostgresGroupStore(self.connector)
+
+    def _make_locks(self) -> PostgresLockStore:
+        return PostgresLockStore(self.url, namespace=self.namespace, connector=self.connector)
+
+    def _make_schedules(self) -> PostgresScheduleStore:
+        return PostgresScheduleStore(self.url, namespace=self.namespace,
+                                     connector=self.connector)
 
     async def _close_shared(self) -> None:
         await self.hub.close()

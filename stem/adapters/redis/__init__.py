@@ -24,10 +24,14 @@ from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings,
 from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
 from .groups import RedisGroupStore
+from .locks import RedisLockStore
+from .schedules import RedisScheduleStore
 
 __all__ = [
     "RedisBackend",
     "RedisBroker",
+    "RedisLockStore",
+    "RedisScheduleStore",
     "RedisSettings",
     "RedisStore",
     "backend_from_url",
@@ -63,7 +67,8 @@ def _backend(settings: RedisSettings, namespace: str,
 
 
 class RedisStore(BaseStore[RedisBroker, RedisBackend]):
-    """Broker and result backend for one Redis URL, sharing one client (connection pool).
+    """Broker, result backend, lock and schedule stores for one Redis URL, sharing one
+    client (connection pool).
 
     ``client=`` takes a ``redis.asyncio.Redis`` (or ``RedisCluster``) the application
     already has; the store then uses it and leaves closing it to the application.
@@ -82,6 +87,13 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
 
     def _make_groups(self) -> RedisGroupStore:
         return RedisGroupStore(self.connector, namespace=self.namespace)
+
+    def _make_locks(self) -> RedisLockStore:
+        return RedisLockStore(self.settings, namespace=self.namespace, connector=self.connector)
+
+    def _make_schedules(self) -> RedisScheduleStore:
+        return RedisScheduleStore(self.settings, namespace=self.namespace,
+                                  connector=self.connector)
 
     async def _close_shared(self) -> None:
         await self.connector.close()

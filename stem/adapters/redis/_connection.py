@@ -40,6 +40,7 @@ from redis.backoff import ExponentialBackoff
 from stem._urls import mask_url, redact
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.limits import visibility_timeout_problem
+from stem.tls import tls_hint
 
 Mode = Literal["standalone", "cluster", "sentinel"]
 Client = aioredis.Redis | RedisCluster
@@ -347,7 +348,10 @@ def unavailable(settings: RedisSettings, exc: BaseException, what: str) -> Servi
     """A ServiceUnavailableError for ``exc`` that names the URL and what to check."""
     if isinstance(exc, ServiceUnavailableError):
         return exc
-    if isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
+    tls = tls_hint(exc, settings.url)
+    if tls is not None:
+        hint = tls
+    elif isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
         hint = "check the user name and password in the URL"
     elif settings.mode == "sentinel":
         hint = "check the sentinels are running and know the service name, and the master is up"

@@ -36,6 +36,7 @@ from stem.adapters._shared import (
     claim_safely,
     decode_stored,
     lease_seconds,
+    replayed,
 )
 from stem.envelope import Envelope, peek_task_id
 from stem.errors import ConfigurationError, ServiceUnavailableError
@@ -118,6 +119,13 @@ class QueueKeys:
 def band_of(priority: int) -> int:
     """Priority band (stream) of an envelope: its priority clamped to 0..9."""
     return 0 if priority <= 0 else 9 if priority >= 9 else priority
+
+
+def _since_id(since: float | None) -> str:
+    """The first dead-letter stream id at or after ``since`` (entry ids are epoch ms)."""
+    if since is None or since <= 0:
+        return "-"
+    return f"{int(min(since, 9e15) * 1000)}-0"
 
 
 def _vt_ms(seconds: float | None) -> int | str:
@@ -872,12 +880,44 @@ class RedisBroker(LeasingBroker):
             if not int(more):
                 return total
 
-    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters of ``queue``, oldest first."""
+    async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
+                           since: float | None = None) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`).
+
+        Entry ids are times, so ``since`` is where the range starts; ``offset`` is
+        skipped page by page.
+        """
         if limit <= 0:
             return []
-        entries = await self._dead_range(queue, "-", limit)
-        return [self._dead_entry(queue, eid, fields) for eid, fields in entries]
+        out: list[DeadLetter] = []
+        skip = max(0, offset)
+        start = _since_id(since)
+        while len(out) < limit:
+            chunk = min(1000, skip + limit - len(out))
+            entries = await self._dead_range(queue, start, chunk)
+            for eid, fields in entries:
+                if skip:
+                    skip -= 1
+                elif len(out) < limit:
+                    out.append(self._dead_entry(queue, eid, fields))
+            if len(entries) < chunk:
+                break
+            start = "(" + entries[-1][0].decode()
+        return out
+
+    async def get_dead_letter(self, queue: str, dead_letter_id: str) -> DeadLetter | None:
+        """The newest dead letter of ``queue`` with this id (a scan of its stream), or None."""
+        found: DeadLetter | None = None
+        start = "-"
+        while True:
+            entries = await self._dead_range(queue, start, 1000)
+            for eid, fields in entries:
+                letter = self._dead_entry(queue, eid, fields)
+                if letter.id == dead_letter_id:
+                    found = letter
+            if len(entries) < 1000:
+                return found
+            start = "(" + entries[-1][0].decode()
 
     async def _dead_range(self, queue: str, start: str, count: int) -> list[Any]:
         try:
@@ -904,40 +944,57 @@ class RedisBroker(LeasingBroker):
             meta={"entry_id": sid},
         )
 
-    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Re-publish decodable dead letters (attempt 0, due now), oldest first.
+    async def replay_dead_letters(
+        self,
+        queue: str,
+        limit: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        since: float | None = None,
+        delay: float | None = None,
+    ) -> int:
+        """Re-publish decodable dead letters (attempt 0), oldest first (see the port).
 
         Undecodable ones stay: publishing the same bad bytes could only dead-letter
         them again.
         """
-        replayed = 0
-        start = "-"
-        while limit is None or replayed < limit:
-            chunk = 500 if limit is None else min(500, limit - replayed)
-            entries = await self._dead_range(queue, start, chunk)
+        wanted = None if ids is None else set(ids)
+        count = 0
+        start = _since_id(since)
+        soonest: float | None = None
+        while limit is None or count < limit:
+            entries = await self._dead_range(queue, start, 500)
             if not entries:
                 break
             start = "(" + entries[-1][0].decode()
             args: list[Any] = [GROUP]
             for eid, fields in entries:
+                if limit is not None and count + (len(args) - 1) // 5 >= limit:
+                    break
                 env, _ = decode_stored(fields.get(b"p", b""))
-                if env is None:
+                if env is None or (wanted is not None and env.id not in wanted):
                     continue
-                fresh = env.copy(attempt=0, not_before=None)
+                fresh = replayed(env, delay)
+                due = fresh.not_before_epoch
+                if due is not None:
+                    soonest = due if soonest is None else min(soonest, due)
                 args.extend(
                     (
                         eid,
                         band_of(fresh.priority),
                         _vt_ms(fresh.visibility_timeout),
+                        b"" if due is None else b"%d" % int(due * 1000),
                         fresh.to_json(),
                     )
                 )
             if len(args) > 1:
                 (n,) = await self._settle("replay", [(queue, args)], "replay")
-                replayed += int(n)
-            if len(entries) < chunk:
+                count += int(n)
+            if len(entries) < 500:
                 break
-        return replayed
+        if soonest is not None and count:
+            await self._delayed_published(soonest)
+        return count
 
     async def purge_dead_letters(self, queue: str) -> int:
         """Delete every dead letter of ``queue``."""

@@ -532,16 +532,22 @@ return {removed, 0}
 """
 )
 
-#: ARGV: group, then per dead letter: dead entry id, band, visibility ms, bytes.
-#: Moves each dead letter that still exists back to its band stream (a concurrent
-#: replay or purge cannot make it run twice). Returns how many moved.
+#: ARGV: group, then per dead letter: dead entry id, band, visibility ms, due ms (empty:
+#: now), bytes. Moves each dead letter that still exists back to its band stream, or to
+#: the delayed set when it has a due time (a concurrent replay or purge cannot make it
+#: run twice). Returns how many moved.
 REPLAY = (
     _PRELUDE
     + """
 local n = 0
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 5 do
   if redis.call('XDEL', KEYS[14], ARGV[i]) == 1 then
-    enqueue(tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3])
+    local band, vt, due, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if due == '' then
+      enqueue(tonumber(band), vt, raw)
+    else
+      redis.call('ZADD', KEYS[11], due, band .. ':' .. vt .. ':' .. raw)
+    end
     n = n + 1
   end
 end
@@ -625,3 +631,108 @@ ALL = {
     "replay": REPLAY,
     "forget": FORGET,
 }
+
+# -- lock store (stem.adapters.redis.locks): one key, KEYS[1] = <ns>:lock:<key> --------
+
+#: ARGV owner, ttl ms. Take a free key (SET NX PX) or extend the owner's own; 1/0.
+LOCK_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: ARGV owner, ttl ms. Extend only the owner's unexpired lock; 1/0.
+LOCK_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: ARGV owner. Delete only the owner's lock; 1/0.
+LOCK_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# -- schedule store (stem.adapters.redis.schedules) ---------------------------------
+# KEYS[1] the entry's hash, KEYS[2] the index ZSET, KEYS[3] the entry's history stream
+# (one hash tag for all of them on Redis Cluster). A hash field holding '' is null, as
+# the Dart store writes it.
+
+#: ARGV: 1 expected version ('' none), 2 id, 3 index score ('+inf': not due), 4 createdAt
+#: for a new entry, 5 updatedAt, 6.. field, value pairs (everything but version and the
+#: two times). Returns {1, version, createdAt} or {0, actual version or -1 when absent}.
+SCHEDULE_UPSERT = """
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local v = 0
+if exists then v = tonumber(redis.call('HGET', KEYS[1], 'version')) or 0 end
+if ARGV[1] ~= '' then
+  local expected = tonumber(ARGV[1])
+  if expected == 0 then
+    if exists then return {0, v} end
+  elseif not exists then return {0, -1}
+  elseif v ~= expected then return {0, v} end
+end
+local created = ARGV[4]
+if exists then
+  local stored = redis.call('HGET', KEYS[1], 'createdAt')
+  if stored and stored ~= '' then created = stored end
+  redis.call('DEL', KEYS[1])
+end
+v = v + 1
+redis.call('HSET', KEYS[1], 'version', v, 'createdAt', created, 'updatedAt', ARGV[5],
+           unpack(ARGV, 6))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+return {1, v, created}
+"""
+
+#: ARGV: 1 expected version, 2 id, 3 executedAt, 4 next run ISO ('' none), 5 its index
+#: score, 6 disable 0/1, 7 success 0/1, 8 error ('' none), 9 driftMs, 10 lastJitterMs,
+#: 11 updatedAt, 12 scheduledAt, 13 durationMs, 14 history bound. Returns the entry's
+#: fields (HGETALL) or nil when the version moved on or the entry is gone.
+SCHEDULE_MARK_RUN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local v = tonumber(redis.call('HGET', KEYS[1], 'version')) or 0
+if v ~= tonumber(ARGV[1]) then return nil end
+local count = tonumber(redis.call('HGET', KEYS[1], 'totalRunCount')) or 0
+local enabled = redis.call('HGET', KEYS[1], 'enabled') ~= 'false'
+local nxt = ARGV[4]
+if ARGV[6] == '1' then
+  enabled = false
+  nxt = ''
+  redis.call('HSET', KEYS[1], 'enabled', 'false')
+end
+redis.call('HSET', KEYS[1], 'lastRunAt', ARGV[3], 'nextRunAt', nxt, 'driftMs', ARGV[9],
+           'lastJitterMs', ARGV[10], 'updatedAt', ARGV[11], 'totalRunCount', count + 1,
+           'version', v + 1)
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'lastSuccessAt', ARGV[3], 'lastError', '')
+else
+  redis.call('HSET', KEYS[1], 'lastErrorAt', ARGV[3], 'lastError', ARGV[8])
+end
+if enabled and nxt ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[2])
+else
+  redis.call('ZADD', KEYS[2], '+inf', ARGV[2])
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[14], '*', 'scheduledAt', ARGV[12],
+           'executedAt', ARGV[3], 'success', ARGV[7] == '1' and 'true' or 'false',
+           'durationMs', ARGV[13], 'error', ARGV[8])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+#: ARGV: 1 id. Delete the entry, its history and its index member; 1/0 (existed).
+SCHEDULE_REMOVE = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return existed
+"""

@@ -1,27 +1,33 @@
 """SQLite adapters: ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``.
 
 Several processes on one host share the file (WAL mode, ``BEGIN IMMEDIATE`` claims).
-The broker and the backend may use the same file: their tables have distinct names
-(``<namespace>_jobs``, ``<namespace>_dead_letters``, ``<namespace>_results``). Nothing
-is opened until first use; parent directories are created then.
+The broker, the backend and the beat's lock and schedule stores may use the same file:
+their tables have distinct names (``<namespace>_jobs``, ``<namespace>_dead_letters``,
+``<namespace>_results``, ``<namespace>_locks``, ``<namespace>_schedules``,
+``<namespace>_schedule_runs``). Nothing is opened until first use; parent directories
+are created then. The one URL option, ``?dead_letter_retention=`` (seconds, or ``12h``,
+``30d``; default 7 days), is how long dead letters are kept.
 """
 
 from __future__ import annotations
 
-from ._db import path_from_url
+from ._db import dead_letter_retention_from_url, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker
+from .locks import SqliteLockStore
+from .schedules import SqliteScheduleStore
 from .store import SqliteStore, store_from_url
 
 __all__ = [
-    "SqliteBackend", "SqliteBroker", "SqliteStore", "backend_from_url", "broker_from_url",
-    "store_from_url",
+    "SqliteBackend", "SqliteBroker", "SqliteLockStore", "SqliteScheduleStore", "SqliteStore",
+    "backend_from_url", "broker_from_url", "store_from_url",
 ]
 
 
 def broker_from_url(url: str, *, namespace: str = "stem") -> SqliteBroker:
     """A :class:`SqliteBroker` on the file named by ``url``."""
-    return SqliteBroker(path_from_url(url), namespace=namespace)
+    return SqliteBroker(path_from_url(url), namespace=namespace,
+                        dead_letter_retention=dead_letter_retention_from_url(url))
 
 
 def backend_from_url(url: str, *, namespace: str = "stem") -> SqliteBackend:

@@ -21,10 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from stem._urls import mask_url
-from stem.adapters._shared import Waiter, check_namespace, check_no_query
+from stem.adapters._shared import (
+    DEFAULT_DEAD_LETTER_RETENTION,
+    Waiter,
+    check_namespace,
+    parse_retention,
+)
 from stem.errors import ConfigurationError, ServiceUnavailableError
 from stem.log import get_logger
 
@@ -51,7 +56,10 @@ def path_from_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
         raise ConfigurationError(f"not a sqlite:// URL: {mask_url(url)!r}")
-    check_no_query(url, "sqlite://")
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.fragment or any(k != "dead_letter_retention" for k, _ in options):
+        raise ConfigurationError(
+            f"sqlite:// URL {mask_url(url)!r} has options other than dead_letter_retention")
     if parts.netloc:
         raise ConfigurationError(
             f"SQLite URL {mask_url(url)!r} names a host; use sqlite:///relative/path.db "
@@ -65,6 +73,14 @@ def path_from_url(url: str) -> str:
             "use sqlite:///.stem/stem.db, or memory:// for an in-process store"
         )
     return os.path.abspath(path)
+
+
+def dead_letter_retention_from_url(url: str) -> float:
+    """``?dead_letter_retention=`` of a ``sqlite://`` URL in seconds (default 7 days)."""
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key == "dead_letter_retention":
+            return parse_retention(value, "sqlite://")
+    return DEFAULT_DEAD_LETTER_RETENTION
 
 
 def table_prefix(namespace: str) -> str:

@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from stem._time import now_epoch
 from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
-from stem.adapters._shared import Waiter, check_publishable, decode_stored, lease_seconds
+from stem.adapters._shared import (
+    DEAD_LETTER_SWEEP_INTERVAL,
+    DEFAULT_DEAD_LETTER_RETENTION,
+    Waiter,
+    check_publishable,
+    decode_stored,
+    lease_seconds,
+    replayed,
+)
 from stem.envelope import Envelope, peek_task_id
 from stem.limits import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, clamp_priority
 from stem.ports import DEFAULT_VISIBILITY_TIMEOUT, DeadLetter, Delivery, QueueStats
@@ -106,6 +115,32 @@ class _Wakeup:
             self._hub.unwatch_queues(waiter)
 
 
+_DeadRow = tuple[int, str | None, bytes, str, float]
+
+
+def _since(since: float | None) -> float:
+    return float("-inf") if since is None else since
+
+
+def _row_id(dead_letter_id: str) -> int:
+    """The row id in an id made up for an undecodable dead letter (``dl-<row>``), or -1."""
+    tail = dead_letter_id.removeprefix("dl-")
+    return int(tail) if tail != dead_letter_id and tail.isdigit() else -1
+
+
+def _letter(queue: str, row: _DeadRow) -> DeadLetter:
+    row_id, task_id, raw, reason, dead_at = row
+    env, _ = decode_stored(raw)
+    return DeadLetter(
+        id=env.id if env is not None else task_id or f"dl-{row_id}",
+        queue=queue,
+        raw=raw,
+        reason=reason,
+        dead_at=dead_at,
+        envelope=env,
+    )
+
+
 class SqliteBroker(LeasingBroker):
     """A :class:`stem.ports.Broker` on a SQLite file that several processes share.
 
@@ -124,10 +159,14 @@ class SqliteBroker(LeasingBroker):
         namespace: str = "stem",
         visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
         db: Database | None = None,
+        dead_letter_retention: float = DEFAULT_DEAD_LETTER_RETENTION,
     ) -> None:
         super().__init__()
         self.path = path
         self.default_visibility_timeout = visibility_timeout
+        #: Dead letters older than this many seconds are deleted (see sweep_dead_letters).
+        self.dead_letter_retention = dead_letter_retention
+        self._last_sweep = float("-inf")
         prefix = table_prefix(namespace)
         self._prefix = prefix
         self._jobs = quote(f"{prefix}_jobs")
@@ -369,9 +408,13 @@ class SqliteBroker(LeasingBroker):
             return
         jobs, dead = self._jobs, self._dead
 
+        sweep = self._sweep_due()
+
         def dead_letter(conn: sqlite3.Connection) -> None:
             now = now_epoch()
             with immediate(conn):
+                if sweep:
+                    self._sweep(conn, now)
                 for row_id, token, reason in work:
                     row = conn.execute(
                         f"DELETE FROM {jobs} WHERE id = ? AND lease_token = ? "
@@ -450,46 +493,89 @@ class SqliteBroker(LeasingBroker):
 
         return await self._db.run(purge)
 
-    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters of ``queue``, oldest first."""
-        dead = self._dead
+    def _sweep_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_sweep < DEAD_LETTER_SWEEP_INTERVAL:
+            return False
+        self._last_sweep = now
+        return True
 
-        def read(conn: sqlite3.Connection) -> list[tuple[int, str | None, bytes, str, float]]:
-            rows: list[tuple[int, str | None, bytes, str, float]] = conn.execute(
+    def _sweep(self, conn: sqlite3.Connection, now: float) -> int:
+        n: int = conn.execute(f"DELETE FROM {self._dead} WHERE dead_at < ?",
+                              (now - self.dead_letter_retention,)).rowcount
+        return n
+
+    async def sweep_dead_letters(self) -> int:
+        """Delete the dead letters (of every queue) older than ``dead_letter_retention``
+        now; return how many. Also done at most once a minute as the broker dead-letters
+        or lists dead letters, so a store keeps about a week of them by default."""
+        self._last_sweep = time.monotonic()
+
+        def sweep(conn: sqlite3.Connection) -> int:
+            with immediate(conn):
+                return self._sweep(conn, now_epoch())
+
+        return await self._db.run(sweep)
+
+    async def dead_letters(self, queue: str, limit: int = 100, *, offset: int = 0,
+                           since: float | None = None) -> list[DeadLetter]:
+        """Dead letters of ``queue``, oldest first (see :class:`stem.ports.Broker`)."""
+        dead = self._dead
+        if self._sweep_due():
+            await self.sweep_dead_letters()
+
+        def read(conn: sqlite3.Connection) -> list[_DeadRow]:
+            rows: list[_DeadRow] = conn.execute(
                 f"SELECT id, task_id, raw, reason, dead_at FROM {dead} "
-                "WHERE queue = ? ORDER BY id LIMIT ?",
-                (queue, max(0, limit)),
+                "WHERE queue = ? AND dead_at >= ? ORDER BY id LIMIT ? OFFSET ?",
+                (queue, _since(since), max(0, limit), max(0, offset)),
             ).fetchall()
             return rows
 
-        out = []
-        for row_id, task_id, raw, reason, dead_at in await self._db.run(read):
-            env, _ = decode_stored(raw)
-            out.append(
-                DeadLetter(
-                    id=env.id if env is not None else task_id or f"dl-{row_id}",
-                    queue=queue,
-                    raw=raw,
-                    reason=reason,
-                    dead_at=dead_at,
-                    envelope=env,
-                )
-            )
-        return out
+        return [_letter(queue, row) for row in await self._db.run(read)]
 
-    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
-        """Re-publish decodable dead letters (attempt 0, due now), oldest first.
+    async def get_dead_letter(self, queue: str, dead_letter_id: str) -> DeadLetter | None:
+        """The newest dead letter of ``queue`` with this id, or None."""
+        dead = self._dead
+        row_id = _row_id(dead_letter_id)
+
+        def read(conn: sqlite3.Connection) -> list[_DeadRow]:
+            rows: list[_DeadRow] = conn.execute(
+                f"SELECT id, task_id, raw, reason, dead_at FROM {dead} "
+                "WHERE queue = ? AND (task_id = ? OR id = ?) ORDER BY id DESC",
+                (queue, dead_letter_id, row_id),
+            ).fetchall()
+            return rows
+
+        for row in await self._db.run(read):
+            letter = _letter(queue, row)
+            if letter.id == dead_letter_id:
+                return letter
+        return None
+
+    async def replay_dead_letters(
+        self,
+        queue: str,
+        limit: int | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        since: float | None = None,
+        delay: float | None = None,
+    ) -> int:
+        """Re-publish decodable dead letters (attempt 0), oldest first (see the port).
 
         Undecodable ones stay in the dead-letter table: publishing the same bad bytes
         again could only dead-letter them again.
         """
         dead = self._dead
+        wanted = None if ids is None else set(ids)
 
         def replay(conn: sqlite3.Connection) -> int:
             now = now_epoch()
             with immediate(conn):
                 cursor = conn.execute(
-                    f"SELECT id, raw FROM {dead} WHERE queue = ? ORDER BY id", (queue,)
+                    f"SELECT id, raw FROM {dead} WHERE queue = ? AND dead_at >= ? ORDER BY id",
+                    (queue, _since(since)),
                 )
                 done: list[int] = []
                 jobs: list[_NewJob] = []
@@ -499,9 +585,9 @@ class SqliteBroker(LeasingBroker):
                         break
                     for row_id, raw in batch:
                         env, _ = decode_stored(raw)
-                        if env is None:
+                        if env is None or (wanted is not None and env.id not in wanted):
                             continue
-                        jobs.append(_job(env.copy(attempt=0, not_before=None), queue))
+                        jobs.append(_job(replayed(env, delay), queue))
                         done.append(row_id)
                         if limit is not None and len(done) >= limit:
                             break

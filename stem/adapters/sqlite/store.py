@@ -11,14 +11,17 @@ from stem.envelope import Envelope
 from stem.ports import DEFAULT_RESULT_TTL, Delivery
 from stem.status import TaskStatus
 
-from ._db import Database, immediate, path_from_url
+from ._db import Database, dead_letter_retention_from_url, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
 from .groups import SqliteGroupStore
+from .locks import SqliteLockStore
+from .schedules import SqliteScheduleStore
 
 
 class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
-    """Broker and result backend on one SQLite file, sharing one connection.
+    """Broker, result backend, lock and schedule stores on one SQLite file, sharing one
+    connection.
 
     Results and acks of a batch go in one transaction (:meth:`ack_with_results`).
     """
@@ -26,10 +29,12 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
     def __init__(self, url: str, *, namespace: str = "stem") -> None:
         super().__init__(url, check_namespace(namespace))
         self.path = path_from_url(url)
+        self.dead_letter_retention = dead_letter_retention_from_url(url)
         self.db = Database(self.path)
 
     def _make_broker(self) -> SqliteBroker:
-        return SqliteBroker(self.path, namespace=self.namespace, db=self.db)
+        return SqliteBroker(self.path, namespace=self.namespace, db=self.db,
+                            dead_letter_retention=self.dead_letter_retention)
 
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
@@ -37,12 +42,18 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
     def _make_groups(self) -> SqliteGroupStore:
         return SqliteGroupStore(self.path, namespace=self.namespace, db=self.db)
 
+    def _make_locks(self) -> SqliteLockStore:
+        return SqliteLockStore(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_schedules(self) -> SqliteScheduleStore:
+        return SqliteScheduleStore(self.path, namespace=self.namespace, db=self.db)
+
     async def _close_shared(self) -> None:
         await self.db.close()
 
     async def migrate(self) -> list[int]:
-        """Create both parts' tables now (they are also created on first use)."""
-        _ = self.broker, self.backend
+        """Create every part's tables now (they are also created on first use)."""
+        _ = self.broker, self.backend, self.locks, self.schedules
         await self.db.run(lambda conn: conn.execute("SELECT 1").fetchone())
         return []
 

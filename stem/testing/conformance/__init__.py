@@ -15,6 +15,9 @@ the same checks by subclassing the test classes and providing a factory fixture:
         def backend_factory(self):
             return lambda: MyResultBackend(...)
 
+The lock and schedule stores the beat uses have theirs too: ``LockConformance``
+(``lock_store_factory``) and ``ScheduleStoreConformance`` (``schedule_store_factory``).
+
 See docs/conformance.md. Test dependencies: pytest and pytest-asyncio.
 """
 
@@ -32,6 +35,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from stem.testing.conformance.backend import BackendConformance, BackendFactory
 from stem.testing.conformance.broker import BrokerConformance, BrokerFactory
 from stem.testing.conformance.groups import GroupStoreConformance, GroupStoreFactory
+from stem.testing.conformance.locks import LockConformance, LockStoreFactory
+from stem.testing.conformance.schedules import ScheduleStoreConformance, ScheduleStoreFactory
 
-__all__ = ["BackendConformance", "BackendFactory", "BrokerConformance", "BrokerFactory",
-           "GroupStoreConformance", "GroupStoreFactory"]
+__all__ = [
+    "BackendConformance",
+    "BackendFactory",
+    "BrokerConformance",
+    "BrokerFactory",
+    "GroupStoreConformance",
+    "GroupStoreFactory",
+    "LockConformance",
+    "LockStoreFactory",
+    "ScheduleStoreConformance",
+    "ScheduleStoreFactory",
+]

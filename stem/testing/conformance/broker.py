@@ -56,6 +56,10 @@ async def fetch_within(
     )
 
 
+async def _after(t: float) -> bool:
+    return now_epoch() > t
+
+
 def stats_tuple(s: QueueStats) -> tuple[int, int, int, int]:
     return (s.pending, s.delayed, s.in_flight, s.dead)
 
@@ -421,6 +425,54 @@ class BrokerConformance:
         assert [dl.reason for dl in await broker.dead_letters(Q)] == ["reason 2"]
         assert stats_tuple(await broker.stats(Q)) == (2, 0, 0, 1)
 
+
+    async def test_dead_letters_page_by_offset_and_since(self, broker: Broker) -> None:
+        await broker.publish([env(i) for i in range(4)])
+        for i in range(3):
+            [d] = await broker.fetch([Q], 1, block=0, consumer="c")
+            await broker.dead_letter([(d, f"reason {i}")])
+        *_, third = await broker.dead_letters(Q)
+        # Wait a few milliseconds after the third (stores keep dead_at to the millisecond).
+        await eventually(lambda: _after(third.dead_at + 0.02), timeout=5)
+        [d] = await broker.fetch([Q], 1, block=0, consumer="c")
+        await broker.dead_letter([(d, "reason 3")])
+        reasons = [dl.reason for dl in await broker.dead_letters(Q, limit=2, offset=1)]
+        assert reasons == ["reason 1", "reason 2"]
+        assert await broker.dead_letters(Q, offset=10) == []
+        last = (await broker.dead_letters(Q, offset=3))[0]
+        assert last.dead_at > third.dead_at + 0.01
+        since = (third.dead_at + last.dead_at) / 2
+        assert [dl.reason for dl in await broker.dead_letters(Q, since=since)] == ["reason 3"]
+        # Replay with the same filter takes only the late one.
+        assert await broker.replay_dead_letters(Q, since=since) == 1
+        assert [dl.reason for dl in await broker.dead_letters(Q)] == [
+            "reason 0", "reason 1", "reason 2"]
+
+    async def test_get_and_replay_dead_letters_by_id_with_delay(self, broker: Broker) -> None:
+        envelopes = [env(i, attempt=3, max_retries=3) for i in range(3)]
+        await broker.publish(envelopes)
+        for d in await fetch_now(broker, 3):
+            await broker.dead_letter([(d, "max-retries-exhausted: RuntimeError: down")])
+        one = await broker.get_dead_letter(Q, envelopes[1].id)
+        assert one is not None and one.id == envelopes[1].id
+        # Read back as the Dart Stem shows it: the code, and the error in meta.
+        assert one.reason == "max-retries-exhausted"
+        assert one.meta["error"] == "RuntimeError: down"
+        assert one.envelope is not None and one.envelope.args == {"i": 1}
+        assert await broker.get_dead_letter(Q, "no-such-id") is None
+        assert await broker.get_dead_letter("elsewhere", envelopes[1].id) is None
+
+        ids = [envelopes[0].id, envelopes[2].id, "no-such-id"]
+        assert await broker.replay_dead_letters(Q, ids=ids, delay=60) == 2
+        # Delayed by a minute, attempt back to 0; the other one is still dead.
+        assert stats_tuple(await broker.stats(Q)) == (0, 2, 0, 1)
+        assert [dl.id for dl in await broker.dead_letters(Q)] == [envelopes[1].id]
+        assert await broker.replay_dead_letters(Q, ids=[envelopes[1].id], limit=1) == 1
+        [again] = await fetch_now(broker)
+        assert again.envelope is not None
+        assert (again.envelope.id, again.envelope.attempt) == (envelopes[1].id, 0)
+        assert again.redelivered is False
+        assert await broker.replay_dead_letters(Q, ids=[envelopes[1].id]) == 0
 
     async def test_malformed_bytes_are_delivered_with_decode_error(self, broker: Broker) -> None:
         raw = b'{"not": "an envelope"'

@@ -1,0 +1,201 @@
+"""Beat dispatch drift and failover time.
+
+    python -m bench.beat_drift --url redis://127.0.0.1:6379/2 --entries 1000 --seconds 8
+    python -m bench.beat_drift --url postgresql://postgres@127.0.0.1:5432/test --failover
+
+Drift: N entries due every second, dispatched by one in-process beat whose broker,
+backend, schedule store and lock store are all ``--url`` (a new namespace, removed
+afterwards). Prints p50/p99/max of how late each run was enqueued after its scheduled
+time, over the runs of the window (``--profile`` writes a pyinstrument HTML report).
+
+Failover (``--failover``): two real ``stem beat`` processes share the store; an
+``every:1s`` entry runs; the beat holding its lock is SIGKILLed, and the time from the
+kill until the survivor dispatches is printed (at most about the lock TTL, ``--lock-ttl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import stem
+from stem.adapters import store_from_url
+from stem.beat import Beat, ScheduleEntry
+from stem.beat.beat import LEADER_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _url(url: str) -> str:
+    if url == "sqlite":
+        return f"sqlite:///{tempfile.mkdtemp()}/beat.db"
+    return url
+
+
+async def _cleanup(url: str, namespace: str) -> None:
+    if url.startswith(("postgres://", "postgresql://")):
+        import asyncpg
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        finally:
+            await conn.close()
+    elif url.startswith(("redis://", "rediss://")):
+        import redis.asyncio as aioredis
+        client = aioredis.Redis.from_url(url)
+        try:
+            for pattern in (f"{namespace}:*", f"{{{namespace}:*"):
+                keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+                if keys:
+                    await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def _pct(values: list[int], q: float) -> int | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(len(ordered) * q + 0.5) - 1))]
+
+
+async def drift(url: str, entries: int, seconds: float, profile: str | None) -> dict[str, Any]:
+    url = _url(url)
+    namespace = f"bench_beat_{uuid.uuid4().hex[:8]}"
+    app = stem.Stem("bench-beat", broker=url, backend=url, namespace=namespace)
+    store = store_from_url(url, namespace=namespace)
+    try:
+        await store.migrate()
+        first = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+        for start in range(0, entries, 50):
+            await asyncio.gather(*(store.schedules.upsert(ScheduleEntry(
+                id=f"e{i:05d}", task="bench.noop", spec={"kind": "interval", "everyMs": 1000},
+                next_run_at=first)) for i in range(start, min(entries, start + 50))))
+        drifts: list[int] = []
+
+        by_second: dict[str, int] = {}
+
+        def on_dispatch(sender: Any, **kw: Any) -> None:
+            drifts.append(kw["drift_ms"])
+            key = kw["scheduled_at"].isoformat(timespec="seconds")
+            by_second[key] = max(by_second.get(key, 0), kw["drift_ms"])
+
+        stem.signals.schedule_entry_dispatched.connect(on_dispatch)
+        beat = Beat(app, schedules=store.schedules, locks=store.locks,
+                    max_interval=float(os.environ.get("BENCH_MAX_INTERVAL", "5")))
+        profiler = None
+        if profile:
+            from pyinstrument import Profiler
+            profiler = Profiler(async_mode="disabled")
+            profiler.start()
+        task = asyncio.create_task(beat.run())
+        await asyncio.sleep((first - datetime.now(UTC)).total_seconds() + seconds - 0.5)
+        beat.request_stop()
+        await task
+        if profiler is not None and profile:
+            profiler.stop()
+            _write(profile, profiler.output_text(show_all=False)
+                   if profile.endswith(".txt") else profiler.output_html())
+        stem.signals.schedule_entry_dispatched.disconnect(on_dispatch)
+    finally:
+        await store.close()
+        await app.close()
+        await _cleanup(url, namespace)
+    return {"url": url.split("://")[0], "entries": entries, "runs": len(drifts),
+            "expected": entries * int(seconds),
+            "p50_ms": statistics.median(drifts) if drifts else None,
+            "p99_ms": _pct(drifts, 0.99), "max_ms": max(drifts) if drifts else None,
+            "max_ms_per_second": [by_second[k] for k in sorted(by_second)]}
+
+
+def _beat(url: str, namespace: str, lock_ttl: float, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "STEM_BROKER_URL": url, "STEM_RESULT_BACKEND_URL": url,
+           "STEM_NAMESPACE": namespace, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stem_cli", "beat", "--app", "tests.beat.beat_app:app",
+         "--schedule-store", url, "--lock-store", url, "--tick", "0.1",
+         "--lock-ttl", str(lock_ttl), "--log-format", "json"],
+        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def failover(url: str, lock_ttl: float, rounds: int) -> dict[str, Any]:
+    url = _url(url)
+    namespace = f"bench_beat_{uuid.uuid4().hex[:8]}"
+    store = store_from_url(url, namespace=namespace)
+    logs = Path(tempfile.mkdtemp())
+    times: list[float] = []
+    beats: list[subprocess.Popen[bytes]] = []
+    try:
+        await store.migrate()
+        await store.schedules.upsert(ScheduleEntry(
+            id="tick", task="beat.tick", spec={"kind": "interval", "everyMs": 1000},
+            next_run_at=datetime.now(UTC) + timedelta(seconds=1)))
+        beats = [_beat(url, namespace, lock_ttl, logs / f"beat-{i}.log") for i in range(2)]
+        for n in range(rounds):
+            await asyncio.sleep(3)  # both running; the entry dispatching every second
+            owner = await store.locks.owner_of(LEADER_KEY)
+            pids = {b.pid: b for b in beats if b.poll() is None}
+            leader = next((b for pid, b in pids.items() if owner and f"-{pid}-" in owner), None)
+            if leader is None:
+                raise RuntimeError(f"no live beat holds the lock (owner {owner!r}); "
+                                   f"logs in {logs}")
+            before = (await store.schedules.get("tick"))
+            assert before is not None
+            leader.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            leader.wait(10)
+            while True:
+                now = await store.schedules.get("tick")
+                if now is not None and now.total_run_count > before.total_run_count:
+                    times.append(time.monotonic() - killed)
+                    break
+                if time.monotonic() - killed > lock_ttl * 3 + 5:
+                    raise RuntimeError(f"no takeover; logs in {logs}")
+                await asyncio.sleep(0.01)
+            beats.remove(leader)
+            if n + 1 < rounds:
+                beats.append(_beat(url, namespace, lock_ttl, logs / f"beat-r{n}.log"))
+    finally:
+        for b in beats:
+            if b.poll() is None:
+                b.send_signal(signal.SIGTERM)
+                b.wait(15)
+        await store.close()
+        await _cleanup(url, namespace)
+    return {"url": url.split("://")[0], "lock_ttl_s": lock_ttl, "rounds": rounds,
+            "failover_s": [round(t, 3) for t in times],
+            "max_s": round(max(times), 3) if times else None}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="memory://bench",
+                        help="a store URL, or 'sqlite' for a new temporary file")
+    parser.add_argument("--entries", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--profile", metavar="HTML", help="write a pyinstrument report")
+    parser.add_argument("--failover", action="store_true",
+                        help="measure failover time of two stem beat processes instead")
+    parser.add_argument("--lock-ttl", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.failover:
+        print(asyncio.run(failover(args.url, args.lock_ttl, args.rounds)))
+    else:
+        print(asyncio.run(drift(args.url, args.entries, args.seconds, args.profile)))
