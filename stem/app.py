@@ -21,6 +21,9 @@ from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
 from stem.beat.entry import ScheduleEntry
+from stem.canvas import BatchStatus, BatchSubmission, Signature, link_meta
+from stem.canvas import inspect_batch as _inspect_batch
+from stem.canvas import submit_batch as _submit_batch
 from stem.config import StemConfig, check_namespace, check_url
 from stem.context import TaskContext
 from stem.encoding import (
@@ -38,6 +41,7 @@ from stem.errors import (
     TaskNotFoundError,
     WaitTimeoutError,
 )
+from stem.groups import GroupRecord
 from stem.limits import check_visibility_timeout, clamp_priority
 from stem.log import get_logger
 from stem.ports import (
@@ -651,6 +655,9 @@ class Stem:
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id
+        if call.link or call.link_error:  # callbacks' ids derive from this task's id
+            kwargs.setdefault("id", new_task_id())
+            meta.update(link_meta(self, kwargs["id"], call.link, call.link_error))
         vt = call.visibility_timeout if call.visibility_timeout is not None \
             else opts.visibility_timeout
         if vt is not None:  # with_options checked it; a TaskCall built directly did not
@@ -708,9 +715,14 @@ class Stem:
         connection: Any = None,
         expires: float | datetime | None = None,
         ignore_result: bool | None = None,
+        link: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Publish one task by name or definition; returns its id.
+
+        ``link`` / ``link_error``: signatures enqueued by the worker after the task
+        succeeds (given its result first) / fails for good (see docs/canvas.md).
 
         Positional arguments are bound to parameter names (a TaskArgumentError is
         raised here, before anything is published, when they don't fit).
@@ -723,7 +735,7 @@ class Stem:
         definition = self.definition(task) if isinstance(task, str) else task
         call = definition.call(*args, **kwargs).with_options(
             countdown=countdown, eta=eta, headers=headers, meta=meta, expires=expires,
-            ignore_result=ignore_result,
+            ignore_result=ignore_result, link=link, link_error=link_error,
         )
         return await self.enqueue_call(call, connection=connection)
 
@@ -902,6 +914,24 @@ class Stem:
 
     def _publisher(self) -> _CoalescingPublisher:
         return self._parts().publisher
+
+    # -- canvas: batches and group records (stem.canvas, docs/canvas.md) ----------------
+
+    async def submit_batch(self, signatures: Sequence[Signature[Any]],
+                           batch_id: str | None = None) -> BatchSubmission:
+        """Enqueue ``signatures`` as one batch; the same ``batch_id`` again returns the
+        same task ids and enqueues nothing new (see :func:`stem.canvas.submit_batch`)."""
+        return await _submit_batch(self, signatures, batch_id)
+
+    async def inspect_batch(self, batch_id: str) -> BatchStatus | None:
+        """A batch's counts per state, failed ids and derived state (None: unknown)."""
+        return await _inspect_batch(self, batch_id)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The stored record of a group, chord or batch (None: unknown or expired)."""
+        store = self.backend_store
+        groups = getattr(store, "groups", None) if store is not None else None
+        return None if groups is None else await groups.get(group_id)
 
     # -- producing from sync code -------------------------------------------------------
 
