@@ -269,6 +269,12 @@ class Statements:
             SELECT d.task_id, d.queue, t.reason, d.attempt, d.owner, d.envelope
             FROM d JOIN t ON t.id = d.id ORDER BY d.id"""
 
+        # The planner's row count of the jobs table next to the live one (maintenance).
+        self.table_stats = f"""
+            SELECT c.reltuples, s.n_live_tup FROM pg_class c
+            JOIN pg_stat_user_tables s ON s.relid = c.oid
+            WHERE c.oid = '{jobs}'::regclass"""
+
         # -- inspection and maintenance ($1 queue) ------------------------------
         self.stats = f"""
             SELECT count(*) FILTER (WHERE {_AVAILABLE}) AS pending,
