@@ -807,11 +807,14 @@ class Stem:
         over a newer status). Best effort: a failure is logged, the enqueue stands."""
         for _, env in duplicates:
             self.stats.count_deduplicated(env.name)
+        # An outside backend written before append_meta existed: counted, not recorded.
+        append = getattr(self.backend, "append_meta", None)
+        if append is None:
+            return
         now = utcnow()
-        backend = self.backend
         done = await asyncio.gather(*(
-            backend.append_meta(owner, META_UNIQUE_DUPLICATES, duplicate_record(env, now),
-                                max_items=MAX_DUPLICATES)
+            append(owner, META_UNIQUE_DUPLICATES, duplicate_record(env, now),
+                   max_items=MAX_DUPLICATES)
             for owner, env in duplicates), return_exceptions=True)
         for (owner, env), result in zip(duplicates, done, strict=True):
             if isinstance(result, Exception):
