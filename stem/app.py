@@ -55,6 +55,7 @@ from stem.ports import (
 )
 from stem.retry import RetryPolicy, RetryStrategy
 from stem.signing import PayloadSigner, SigningConfig, signer_for
+from stem.stats import AppStats
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
     META_EXPIRES_AT,
@@ -79,7 +80,10 @@ from stem.task import (
 from stem.tls import TlsConfig
 from stem.unique import (
     DEFAULT_UNIQUE_FOR,
+    MAX_DUPLICATES,
+    META_UNIQUE_DUPLICATES,
     META_UNIQUE_KEY,
+    duplicate_record,
     unique_key_of,
     unique_lock_of,
     unique_meta,
@@ -253,6 +257,8 @@ class Stem:
         self._last: tuple[object, _LoopParts] = (object(), _LoopParts(self))
         self._inherited: list[object] = []  # a forked child's copies of the parent's parts
         self._sync = SyncBridge(self._close_current_loop)
+        #: Producer counters for metrics (:class:`stem.stats.AppStats`): ``deduplicated``.
+        self.stats = AppStats()
         #: Set while enqueues run their task in-process (``eager=True``, stem.testing.eager).
         self._eager: EagerRunner | None = None
         if eager_propagates and not eager:
@@ -785,9 +791,11 @@ class Stem:
                            locks: dict[str, tuple[str, float]]) -> tuple[dict[str, str],
                                                                           list[Envelope]]:
         """For envelopes not published: the task holding a unique one's lock (a
-        substitute id), and those whose lock vanished meanwhile (to publish again)."""
+        substitute id; the duplicate is recorded on that task's status and counted), and
+        those whose lock vanished meanwhile (to publish again)."""
         subs: dict[str, str] = {}
         retry: list[Envelope] = []
+        duplicates: list[tuple[str, Envelope]] = []
         for env in envelopes:
             if env.id in published:
                 continue
@@ -800,7 +808,35 @@ class Stem:
             else:
                 subs[env.id] = owner
                 log.info("task.deduplicated", task=env.name, id=owner, duplicate=env.id)
+                duplicates.append((owner, env))
+        if duplicates:
+            await self._record_duplicates(duplicates)
         return subs, retry
+
+    async def _record_duplicates(self, duplicates: Sequence[tuple[str, Envelope]]) -> None:
+        """Count deduplicated calls (``stats.deduplicated``) and append each to its pending
+        task's status meta ``stem.unique.duplicates``, atomically in the backend (never
+        over a newer status). Best effort: a failure is logged, the enqueue stands."""
+        for _, env in duplicates:
+            self.stats.count_deduplicated(env.name)
+        # An outside backend written before append_meta existed: counted, not recorded.
+        append = getattr(self.backend, "append_meta", None)
+        if append is None:
+            return
+        now = utcnow()
+        done = await asyncio.gather(*(
+            append(owner, META_UNIQUE_DUPLICATES, duplicate_record(env, now),
+                   max_items=MAX_DUPLICATES)
+            for owner, env in duplicates), return_exceptions=True)
+        for (owner, env), result in zip(duplicates, done, strict=True):
+            if isinstance(result, Exception):
+                log.warning("task.duplicate_not_recorded", task=env.name, id=owner,
+                            duplicate=env.id, error=repr(result))
+            elif isinstance(result, BaseException):
+                raise result
+            elif not result:  # the status is gone (expired or forgotten): nothing to add to
+                log.debug("task.duplicate_not_recorded", task=env.name, id=owner,
+                          duplicate=env.id, error="no status")
 
     async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]
                                        ) -> dict[str, str]:

@@ -247,6 +247,21 @@ class ResultBackend(Protocol):
         """Statuses of the ids that exist (missing ids are left out)."""
         ...
 
+    async def append_meta(self, task_id: str, key: str, item: dict[str, Any], *,
+                          max_items: int = 100) -> bool:
+        """Append ``item`` to the JSON list at ``meta[key]`` of the stored status, in one
+        atomic step; False (nothing written) when there is no unexpired status.
+
+        Everything else stays as stored: the state, payload, error, the other meta keys
+        and the TTL. The list keeps the newest ``max_items`` (at least 1); a value at
+        ``meta[key]`` that is not a list is replaced. Atomic against every other write
+        of the same status (``set_many`` by a worker, another ``append_meta``): an
+        append never brings back an older state, and concurrent appends are all kept.
+        The producer records deduplicated unique calls this way
+        (``stem.unique.duplicates``).
+        """
+        ...
+
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
         """Return once the status is terminal (or None when ``timeout`` passes first).
 
