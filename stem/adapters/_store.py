@@ -14,6 +14,7 @@ from stem._urls import mask_url
 from stem.ports import (
     Broker,
     ControlChannel,
+    GroupStore,
     HeartbeatStore,
     LockStore,
     RateLimiter,
@@ -40,6 +41,7 @@ class BaseStore(Generic[B, R]):
         self._revokes: RevokeStore | None = None
         self._control: ControlChannel | None = None
         self._heartbeats: HeartbeatStore | None = None
+        self._groups: GroupStore | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.url)!r} namespace={self.namespace!r}>"
@@ -69,6 +71,8 @@ class BaseStore(Generic[B, R]):
 
     def _make_heartbeats(self) -> HeartbeatStore:
         raise NotImplementedError(f"{type(self).__name__} has no heartbeat store yet")
+    def _make_groups(self) -> GroupStore:
+        raise NotImplementedError(f"{type(self).__name__} has no group store yet")
 
     async def _close_shared(self) -> None:
         """Close the connections the parts share (after the parts closed their own)."""
@@ -111,6 +115,13 @@ class BaseStore(Generic[B, R]):
         return self._rate_limiter
 
     @property
+    def groups(self) -> GroupStore:
+        """The group store (groups, chords, batches) on this store's connections."""
+        if self._groups is None:
+            self._groups = self._make_groups()
+        return self._groups
+
+    @property
     def revokes(self) -> RevokeStore:
         """The revoke store on this store's connections (built on first use)."""
         if self._revokes is None:
@@ -143,7 +154,8 @@ class BaseStore(Generic[B, R]):
     async def close(self) -> None:
         """Close the parts, then the shared connections (a later use reopens them)."""
         for part in (self._broker, self._backend, self._locks, self._schedules,
-                     self._rate_limiter, self._revokes, self._control, self._heartbeats):
+                     self._rate_limiter, self._groups, self._revokes, self._control,
+                     self._heartbeats):
             if part is not None:
                 await part.close()
         await self._close_shared()

@@ -33,7 +33,8 @@ from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
 from stem.retry import RetryStrategy
 from stem.revoke import RevokeEntry
-from stem.status import TaskState, TaskStatus
+from stem.status import TaskError, TaskState, TaskStatus
+from stem.worker import canvas_hooks
 from stem.worker.completer import Completer
 from stem.worker.context_ops import ContextRuntime, WorkerContextOps
 from stem.worker.control import WorkerControl
@@ -442,11 +443,14 @@ class Worker:
                                        type(exc).__name__, env)
                 continue
             if isinstance(prepared, Rejected):
+                if canvas_hooks.wants(env):
+                    await self._unrun_follow_ups(d, env, TaskError(
+                        type=prepared.error_type, message=prepared.reason), expired=False)
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env,
                                        meta=prepared.meta, error_meta=prepared.error_meta)
                 continue
             if isinstance(prepared, Expired):
-                self._expire(d, prepared.envelope, prepared.definition)
+                await self._expire(d, prepared.envelope, prepared.definition)
                 continue
             if self._running < self.concurrency:
                 self._start(d, prepared)
@@ -496,11 +500,11 @@ class Worker:
         try:
             if prepared.expired:
                 # Its deadline passed while it waited in the prefetch buffer.
-                self._expire(d, env, prepared.definition)
+                await self._expire(d, env, prepared.definition)
                 return
             revoked = self.revocations.get(env.id)
             if revoked is not None:
-                self._revoke(d, env, prepared.definition, revoked)
+                await self._revoke(d, env, prepared.definition, revoked)
                 return
             options = prepared.definition.options
             if limits_of(options, env.meta) and await self._rate_limited(d, prepared):
@@ -532,7 +536,7 @@ class Worker:
                 self._free_slot()
                 if revoked is not None:  # stopped by a terminate revoke
                     self.processed += 1
-                    self._revoke(d, env, prepared.definition, revoked, base_meta)
+                    await self._revoke(d, env, prepared.definition, revoked, base_meta)
                     return
                 outcome: Outcome = self.processor.failure(prepared, exc)
             else:
@@ -545,6 +549,8 @@ class Worker:
             self.processed += 1
             if isinstance(outcome, Failure):
                 self.failed += 1
+            if canvas_hooks.wants(env):  # links, chains, groups: before the status and ack
+                await canvas_hooks.run(self.app, env, outcome, redelivered=d.redelivered)
             completer.outcome(d, prepared, ctx, outcome, base_meta, elapsed)
         except asyncio.CancelledError:
             raise
@@ -576,10 +582,14 @@ class Worker:
                                    prepared.definition.options.result_ttl, deferral.delay)
         return True
 
-    def _revoke(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any],
-                entry: RevokeEntry, base_meta: dict[str, Any] | None = None) -> None:
-        """Settle a revoked delivery: stored CANCELLED with the revoke meta, acked."""
+    async def _revoke(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any],
+                      entry: RevokeEntry, base_meta: dict[str, Any] | None = None) -> None:
+        """Settle a revoked delivery: stored CANCELLED with the revoke meta, acked; its
+        chain stops and its group fails, as for any task that ends without a result."""
         assert self._completer is not None
+        if canvas_hooks.wants(env):
+            await self._unrun_follow_ups(d, env, TaskError(
+                type="TaskRevoked", message=revoked_message(entry)), expired=False)
         meta = {**(base_meta or {**env.meta, "task": env.name, "queue": env.queue}),
                 "worker": self.consumer_name, **revoked_meta(entry, now_iso())}
         self._completer.revoked(d, env, meta, definition.options.result_ttl,
@@ -597,9 +607,24 @@ class Worker:
             elif entry.terminate:
                 self.running.terminate(entry, self.executor.process_pool)
 
-    def _expire(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any]) -> None:
+    async def _unrun_follow_ups(self, d: Delivery, env: Envelope, error: TaskError, *,
+                                expired: bool) -> None:
+        """Canvas follow-ups of a task that ends without running (before it settles, so
+        a crash in between brings it back); an error here is logged, never blocks the
+        settle."""
+        try:
+            await canvas_hooks.ended_unrun(self.app, env, error, expired=expired,
+                                           redelivered=d.redelivered)
+        except Exception:
+            log.exception("canvas.follow_up_abandoned", task=env.name, task_id=env.id)
+
+    async def _expire(self, d: Delivery, env: Envelope,
+                      definition: TaskDefinition[Any, Any]) -> None:
         """Cancel a delivery whose ``stem.expiresAt`` has passed, without running it."""
         assert self._completer is not None
+        if canvas_hooks.wants(env):
+            await self._unrun_follow_ups(d, env, TaskError(
+                type="TaskExpired", message="Task expired before execution"), expired=True)
         # The status meta the Dart worker writes for an expired task, so either reads it.
         meta = {**env.meta, "task": env.name, "queue": env.queue,
                 "worker": self.consumer_name, "expiredAt": now_iso(), "stem.expired": True}

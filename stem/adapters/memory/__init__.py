@@ -22,13 +22,15 @@ from stem.errors import ConfigurationError
 from .backend import MemoryBackend
 from .broker import MemoryBroker
 from .control import MemoryControlChannel, MemoryHeartbeatStore
+from .groups import MemoryGroupStore
 from .locks import MemoryLockStore
 from .ratelimit import MemoryRateLimiter
 from .revokes import MemoryRevokeStore
 from .schedules import MemoryScheduleStore
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryLockStore", "MemoryRateLimiter", "MemoryRevokeStore",
+    "MemoryBackend", "MemoryBroker", "MemoryGroupStore", "MemoryLockStore", "MemoryRateLimiter",
+    "MemoryRevokeStore",
     "MemoryScheduleStore", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
@@ -37,6 +39,7 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _brokers: dict[tuple[str, str], MemoryBroker] = {}
 _backends: dict[tuple[str, str], MemoryBackend] = {}
+_groups: dict[tuple[str, str], MemoryGroupStore] = {}
 _locks: dict[tuple[str, str], MemoryLockStore] = {}
 _schedules: dict[tuple[str, str], MemoryScheduleStore] = {}
 _rate_limiters: dict[tuple[str, str], MemoryRateLimiter] = {}
@@ -97,6 +100,9 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
     def _make_backend(self) -> MemoryBackend:
         return backend_from_url(self.url, namespace=self.namespace)
 
+    def _make_groups(self) -> MemoryGroupStore:
+        return _shared(_groups, self.url, self.namespace, MemoryGroupStore)
+
     def _make_locks(self) -> MemoryLockStore:
         return _shared(_locks, self.url, self.namespace, MemoryLockStore)
 
@@ -133,6 +139,7 @@ def reset() -> None:
     with _lock:
         _brokers.clear()
         _backends.clear()
+        _groups.clear()
         _locks.clear()
         _schedules.clear()
         _rate_limiters.clear()

@@ -1,4 +1,4 @@
-"""Postgres control channel (``stem_control``, migration 7: an append-only log read by
+"""Postgres control channel (``stem_control``, migration 8: an append-only log read by
 position, NOTIFYed on insert) and heartbeat store (``stem_workers``).
 
 A publish is one statement that inserts the message and ``pg_notify``s the schema's

@@ -1,4 +1,4 @@
-"""The Postgres revoke store: one row per task id in ``stem_revokes`` (migration 6).
+"""The Postgres revoke store: one row per task id in ``stem_revokes`` (migration 7).
 
 An upsert is one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE ... WHERE
 stem_revokes.version < EXCLUDED.version`` statement, so the higher version wins

@@ -15,6 +15,7 @@ from ._db import Database, dead_letter_retention_from_url, immediate, path_from_
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
 from .control import SqliteControlChannel, SqliteHeartbeatStore
+from .groups import SqliteGroupStore
 from .locks import SqliteLockStore
 from .ratelimit import SqliteRateLimiter
 from .revokes import SqliteRevokeStore
@@ -40,6 +41,9 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_groups(self) -> SqliteGroupStore:
+        return SqliteGroupStore(self.path, namespace=self.namespace, db=self.db)
 
     def _make_locks(self) -> SqliteLockStore:
         return SqliteLockStore(self.path, namespace=self.namespace, db=self.db)
