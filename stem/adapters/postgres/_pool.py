@@ -405,7 +405,8 @@ class ListenHub:
                 else:
                     conn = self._conn
                 try:
-                    for name in self._channels:
+                    # A copy: a part may register its channel while we await here.
+                    for name in list(self._channels):
                         if name not in self._listening:
                             await conn.add_listener(name, self._dispatch)
                             self._listening.add(name)
