@@ -431,7 +431,10 @@ class Stem:
         stores = [self.store_for(url)] if url is not None else [
             s for s in (self.backend_store, self.broker_store) if s is not None]
         for store in stores:
-            revokes = getattr(store, "revokes", None)
+            try:
+                revokes = getattr(store, "revokes", None)
+            except NotImplementedError:  # an outside store without one
+                continue
             if revokes is not None:
                 return revokes  # type: ignore[no-any-return]
         raise ConfigurationError(

@@ -46,6 +46,15 @@ SHUTDOWN_MODES = {"warm": "warm", "graceful": "warm", "soft": "soft", "hard": "h
                   "force": "hard"}
 
 
+def store_part(store: object, name: str) -> Any:
+    """``store.<name>`` (``control``, ``heartbeats``), or None when the store has no such
+    part (an adapter object, or an outside store that predates it)."""
+    try:
+        return getattr(store, name, None)
+    except NotImplementedError:
+        return None
+
+
 def heartbeat_interval() -> float:
     """``STEM_HEARTBEAT_INTERVAL`` (seconds, > 0), else 10."""
     raw = os.environ.get("STEM_HEARTBEAT_INTERVAL")
@@ -135,8 +144,7 @@ class ControlClient:
 
     @property
     def channel(self) -> ControlChannel:
-        store = self.app.broker_store
-        channel = getattr(store, "control", None)
+        channel = store_part(self.app.broker_store, "control")
         if channel is None:
             raise ConfigurationError(
                 "the control plane needs the broker as a URL or a store (its control "
@@ -146,7 +154,7 @@ class ControlClient:
     @property
     def heartbeats(self) -> HeartbeatStore:
         for store in (self.app.backend_store, self.app.broker_store):
-            beats = getattr(store, "heartbeats", None)
+            beats = store_part(store, "heartbeats")
             if beats is not None:
                 return beats  # type: ignore[no-any-return]
         raise ConfigurationError("worker heartbeats need the result backend as a URL or a store")

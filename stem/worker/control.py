@@ -27,6 +27,7 @@ from stem.control import (
     encode,
     heartbeat_interval,
     signature_problem,
+    store_part,
 )
 from stem.log import get_logger
 from stem.ports import ControlChannel, HeartbeatStore
@@ -56,9 +57,9 @@ class WorkerControl:
     async def start(self) -> None:
         """Subscribe (from now on) and write the first heartbeat; never raises."""
         app = self.worker.app
-        self._channel = getattr(app.broker_store, "control", None)
+        self._channel = store_part(app.broker_store, "control")
         for store in (app.backend_store, app.broker_store):
-            self._beats = getattr(store, "heartbeats", None)
+            self._beats = store_part(store, "heartbeats")
             if self._beats is not None:
                 break
         if self._channel is not None:

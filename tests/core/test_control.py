@@ -149,3 +149,39 @@ async def test_signed_control_commands(namespace: str) -> None:
         assert b'"status":"error"' in reply and b"refused: unsigned" in reply
         [still] = await client.send("ping", timeout=5)
         assert still.ok
+
+
+async def test_a_store_without_control_parts_still_runs_tasks(namespace: str) -> None:
+    from stem.adapters._store import BaseStore
+    from stem.adapters.memory import (
+        MemoryLockStore,
+        MemoryScheduleStore,
+        backend_from_url,
+        broker_from_url,
+    )
+    from stem.errors import ConfigurationError
+
+    class Bare(BaseStore[Any, Any]):  # an outside adapter predating revokes and control
+        def _make_broker(self) -> Any:
+            return broker_from_url(self.url, namespace=self.namespace)
+
+        def _make_backend(self) -> Any:
+            return backend_from_url(self.url, namespace=self.namespace)
+
+        def _make_locks(self) -> Any:
+            return MemoryLockStore()
+
+        def _make_schedules(self) -> Any:
+            return MemoryScheduleStore()
+
+    app = stem.Stem("t", broker=Bare(f"memory://{namespace}", namespace), namespace=namespace)
+
+    @app.task(name="t.ok")
+    async def ok() -> str:
+        return "ok"
+
+    async with running_worker(app):
+        task_id = await ok.enqueue()
+        assert await eventually(lambda: _state(app, task_id, TaskState.SUCCEEDED))
+    with pytest.raises(ConfigurationError, match="revoke store"):
+        await app.revoke(task_id)
