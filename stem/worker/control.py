@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+#: A heartbeat is kept this many intervals: a worker that died without stopping shows
+#: as stale (after two intervals) for a while, then disappears.
+HEARTBEAT_TTL_INTERVALS = 10
+
 
 class WorkerControl:
     """Runs the command loop and the heartbeat loop of one worker."""
@@ -103,7 +107,7 @@ class WorkerControl:
         while True:
             try:
                 await self._beats.put(self.worker_id, encode(self.heartbeat()),
-                                      3 * self.interval)
+                                      HEARTBEAT_TTL_INTERVALS * self.interval)
                 failing = False
             except Exception as exc:
                 if not failing:

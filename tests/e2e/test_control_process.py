@@ -18,7 +18,7 @@ import pytest
 import stem
 from stem import TaskState
 from stem.control import ControlClient
-from tests.helpers import WorkerProcesses, eventually
+from tests.helpers import WorkerProcesses, eventually, wait_until
 from tests.services import drop_pg_schema, drop_redis_keys
 
 pytestmark = pytest.mark.slow
@@ -206,3 +206,40 @@ def test_health_exit_codes(server_url: str, namespace: str) -> None:
     assert "definitely-wrong" not in bad.stdout
     table = stem_cli({**env, "STEM_BROKER_URL": bad_url}, "health")
     assert table.returncode == 1 and "FAILED" in table.stdout
+
+
+def _follow_twice(env: dict[str, str]) -> str:
+    """Run ``stem worker status --follow`` until it printed its table twice, then Ctrl-C;
+    its output."""
+    import signal
+
+    log = Path(env["E2E_MARK_DIR"]).parent / "follow.out"
+    with log.open("w") as sink:
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "stem_cli", "worker", "status", "--follow"], cwd=ROOT,
+            env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        # The interval is 1 s: --follow prints the table again and again.
+        wait_until(lambda: log.read_text().count("workers") >= 2, timeout=30)
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(30) == 0
+    return log.read_text()
+
+
+async def test_status_lists_live_workers_and_marks_a_killed_one_stale(
+        producer: stem.Stem, start: Callable[..., subprocess.Popen[bytes]],
+        env: dict[str, str]) -> None:
+    import signal
+
+    worker = start()
+    [wid] = await eventually(lambda: _live(producer, 1), timeout=60)
+    assert wid in _follow_twice(env)
+    worker.send_signal(signal.SIGKILL)  # no chance to remove its heartbeat
+    worker.wait(30)
+
+    async def stale() -> list[dict[str, object]] | None:
+        rows = json.loads(stem_cli(env, "worker", "status", "--json").stdout)
+        return rows if rows and all(r["stale"] for r in rows) else None
+
+    rows = await eventually(stale, timeout=30, interval=0.3)
+    assert [r["workerId"] for r in rows] == [wid]
+    assert "STALE" in stem_cli(env, "worker", "status").stdout
