@@ -20,7 +20,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,15 +30,15 @@ import orjson
 from stem._extras import require
 from stem._time import from_iso, to_iso, utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
-    drift_ms,
     is_due,
     ms_time,
     run_applied,
     upserted,
 )
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.specs import normalize_spec, parse_duration
 from stem.errors import ConfigurationError
 
@@ -268,25 +268,38 @@ class FileScheduleStore:
                        next_run_at: datetime | None, jitter_ms: int = 0,
                        disable: bool = False) -> ScheduleEntry | None:
         """Record a dispatch if the entry is still at ``expected_version``."""
+        return (await self.mark_runs([MarkRun(run, expected_version, next_run_at, jitter_ms,
+                                              disable)]))[0]
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """Record each run whose entry is still at its expected version: one locked
+        read-change-write of the file for the whole batch."""
+        batch = check_batch(runs)  # a bad run fails before the file is touched
+        if not batch:
+            return []
         now = utcnow()
-        drift_ms(run)  # a bad run fails before the file is touched
-        kept = ScheduleRun(run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
-                           ms_time(run.executed_at) or run.executed_at, run.success,
-                           run.duration_ms, run.error).to_dict()
         bound = self.history_max
 
         def change(entries: dict[str, ScheduleEntry],
-                   history: dict[str, list[dict[str, Any]]]) -> ScheduleEntry | None:
-            entry = entries.get(run.entry_id)
-            if entry is None or entry.version != expected_version:
-                return None
-            stored = run_applied(entry, run, next_run_at=next_run_at, jitter_ms=jitter_ms,
-                                 disable=disable, now=now)
-            entries[entry.id] = stored
-            runs = history.setdefault(entry.id, [])
-            runs.insert(0, kept)
-            del runs[bound:]
-            return stored
+                   history: dict[str, list[dict[str, Any]]]) -> list[ScheduleEntry | None]:
+            out: list[ScheduleEntry | None] = []
+            for item in batch:
+                run = item.run
+                entry = entries.get(run.entry_id)
+                if entry is None or entry.version != item.expected_version:
+                    out.append(None)
+                    continue
+                stored = run_applied(entry, run, next_run_at=item.next_run_at,
+                                     jitter_ms=item.jitter_ms, disable=item.disable, now=now)
+                entries[entry.id] = stored
+                kept = history.setdefault(entry.id, [])
+                kept.insert(0, ScheduleRun(
+                    run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
+                    ms_time(run.executed_at) or run.executed_at, run.success,
+                    run.duration_ms, run.error).to_dict())
+                del kept[bound:]
+                out.append(stored)
+            return out
         return await asyncio.to_thread(self._change, change)
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:

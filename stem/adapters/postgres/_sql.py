@@ -444,6 +444,53 @@ class ScheduleStatements:
                            ORDER BY id DESC OFFSET $13::int - 1 LIMIT 1)
             )
             SELECT * FROM up"""
+        # One array per field, element i for the i-th run (entry ids distinct): $1 ids,
+        # $2 expected versions, $3 executed_at, $4 next_run_at, $5 disable, $6 success,
+        # $7 error, $8 drift ms, $9 jitter ms, $10 scheduled_at, $11 duration ms; then
+        # $12 now, $13 runs to keep (>= 1). mark_run for the whole batch in one
+        # statement: each entry whose version matches is updated, gets its history row
+        # and loses its runs beyond the bound; the others (stale, gone) are untouched.
+        self.mark_runs = f"""
+            WITH batch AS (
+                SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[],
+                                     $4::timestamptz[], $5::boolean[], $6::boolean[],
+                                     $7::text[], $8::bigint[], $9::bigint[],
+                                     $10::timestamptz[], $11::bigint[])
+                    AS b(b_id, b_version, b_executed, b_next, b_disable, b_success, b_error,
+                         b_drift, b_jitter, b_scheduled, b_duration)
+            ), locked AS (
+                -- Rows locked in id order, so concurrent batches cannot deadlock.
+                SELECT l.id FROM {entries} AS l WHERE l.id = ANY($1::text[])
+                ORDER BY l.id FOR UPDATE
+            ), up AS (
+                UPDATE {entries} AS e SET
+                    last_run_at = b_executed,
+                    next_run_at = CASE WHEN b_disable THEN NULL ELSE b_next END,
+                    enabled = e.enabled AND NOT b_disable,
+                    total_run_count = e.total_run_count + 1,
+                    last_error = CASE WHEN b_success THEN NULL ELSE b_error END,
+                    last_success_at = CASE WHEN b_success THEN b_executed
+                                           ELSE e.last_success_at END,
+                    last_error_at = CASE WHEN b_success THEN e.last_error_at
+                                         ELSE b_executed END,
+                    drift_ms = b_drift, last_jitter_ms = b_jitter, version = e.version + 1,
+                    updated_at = $12
+                FROM batch JOIN locked ON locked.id = b_id
+                WHERE e.id = b_id AND e.version = b_version
+                RETURNING {", ".join(f"e.{c}" for c in SCHEDULE_COLUMNS)}, e.version
+            ), ins AS (
+                INSERT INTO {runs} (entry_id, scheduled_at, executed_at, success, duration_ms,
+                                    error)
+                SELECT b_id, b_scheduled, b_executed, b_success, b_duration, b_error
+                FROM batch JOIN up ON up.id = b_id
+            ), trimmed AS (
+                -- The statement's snapshot does not see the new runs: keep $13 - 1 older.
+                DELETE FROM {runs} AS r USING up
+                WHERE r.entry_id = up.id
+                AND r.id <= (SELECT o.id FROM {runs} AS o WHERE o.entry_id = up.id
+                             ORDER BY o.id DESC OFFSET $13::int - 1 LIMIT 1)
+            )
+            SELECT * FROM up"""
         # $1 id, $2 limit.
         self.history = f"""
             SELECT scheduled_at, executed_at, success, duration_ms, error FROM {runs}

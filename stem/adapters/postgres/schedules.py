@@ -9,6 +9,7 @@ entry's runs beyond the newest ``history_max``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ import orjson
 
 from stem._time import utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
     drift_ms,
@@ -24,7 +26,7 @@ from stem.adapters._beat import (
 )
 from stem.adapters.postgres._pool import Connector, parse_url
 from stem.adapters.postgres._sql import SCHEDULE_COLUMNS, ScheduleStatements
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
 from stem.ports import DEFAULT_SCHEDULE_HISTORY
 
@@ -135,6 +137,30 @@ class PostgresScheduleStore:
                 int(run.duration_ms), self.history_max)
         row = await self._db.run(lambda c: c.fetchrow(self._sql.mark_run, *args))
         return None if row is None else entry_of(row)
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """One statement for the whole batch (arrays unnested in one CTE: the guarded
+        updates, the history rows and the trims)."""
+        batch = check_batch(runs)
+        if not batch:
+            return []
+        args = (
+            [m.entry_id for m in batch],
+            [int(m.expected_version) for m in batch],
+            [ms_time(m.run.executed_at) for m in batch],
+            [ms_time(m.next_run_at) for m in batch],
+            [bool(m.disable) for m in batch],
+            [bool(m.run.success) for m in batch],
+            [m.run.error for m in batch],
+            [drift_ms(m.run) for m in batch],
+            [int(m.jitter_ms) for m in batch],
+            [ms_time(m.run.scheduled_at) for m in batch],
+            [int(m.run.duration_ms) for m in batch],
+            ms_time(utcnow()), self.history_max,
+        )
+        rows = await self._db.run(lambda c: c.fetch(self._sql.mark_runs, *args))
+        stored = {e.id: e for e in map(entry_of, rows)}
+        return [stored.get(m.entry_id) for m in batch]
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The entry's latest runs, newest first."""
