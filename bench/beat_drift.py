@@ -6,7 +6,9 @@
 Drift: N entries due every second, dispatched by one in-process beat whose broker,
 backend, schedule store and lock store are all ``--url`` (a new namespace, removed
 afterwards). Prints p50/p99/max of how late each run was enqueued after its scheduled
-time, over the runs of the window (``--profile`` writes a pyinstrument HTML report).
+time, over the runs of the window (``--profile`` writes a pyinstrument HTML report), next
+to ``floor_ms``: the median time of one ``enqueue_many`` of N tasks on the same store
+just before, the part of the drift no beat can avoid on this machine at that moment.
 
 Failover (``--failover``): two real ``stem beat`` processes share the store; an
 ``every:1s`` entry runs; the beat holding its lock is SIGKILLed, and the time from the
@@ -74,6 +76,22 @@ def _pct(values: list[int], q: float) -> int | None:
     return ordered[min(len(ordered) - 1, max(0, int(len(ordered) * q + 0.5) - 1))]
 
 
+async def _enqueue_floor(app: stem.Stem, entries: int, rounds: int = 5) -> float:
+    """Median time (ms) of one ``enqueue_many`` of ``entries`` tasks on this store: the
+    part of each run's drift a beat cannot avoid (its dispatch is that call)."""
+    from stem.task import TaskCall
+
+    definition = app.definition("bench.noop")
+    times = []
+    for _ in range(rounds):
+        calls = [TaskCall(definition, {}).with_options(task_id=uuid.uuid4().hex)
+                 for _ in range(entries)]
+        started = time.perf_counter()
+        await app.enqueue_many(calls)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
 async def drift(url: str, entries: int, seconds: float, profile: str | None) -> dict[str, Any]:
     url = _url(url)
     namespace = f"bench_beat_{uuid.uuid4().hex[:8]}"
@@ -86,6 +104,7 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
             await asyncio.gather(*(store.schedules.upsert(ScheduleEntry(
                 id=f"e{i:05d}", task="bench.noop", spec={"kind": "interval", "everyMs": 1000},
                 next_run_at=first)) for i in range(start, min(entries, start + 50))))
+        floor = await _enqueue_floor(app, entries)
         drifts: list[int] = []
 
         by_second: dict[str, int] = {}
@@ -116,7 +135,8 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
         await store.close()
         await app.close()
         await _cleanup(url, namespace)
-    return {"url": url.split("://")[0], "entries": entries, "runs": len(drifts),
+    return {"url": url.split("://")[0], "entries": entries, "floor_ms": floor,
+            "runs": len(drifts),
             "expected": entries * int(seconds),
             "p50_ms": statistics.median(drifts) if drifts else None,
             "p99_ms": _pct(drifts, 0.99), "max_ms": max(drifts) if drifts else None,

@@ -124,7 +124,10 @@ def entry_from_file(data: Any, *, entry_id: str | None = None,
         raise ConfigurationError(f"{where}: lacks 'task' (or 'taskName')")
     if "spec" not in data:
         raise ConfigurationError(f"{where}: lacks 'spec' (or 'schedule')")
-    data["spec"] = normalize_spec(data["spec"], entry_id=ident)
+    try:
+        data["spec"] = normalize_spec(data["spec"], entry_id=ident)
+    except ConfigurationError as exc:  # it names the entry; say which file too
+        raise ConfigurationError(f"{source}: {exc}") from None
     if isinstance(options, dict) and "runOnce" in options and data["spec"]["kind"] == "clocked":
         data["spec"]["runOnce"] = bool(options["runOnce"])
     elif options is not None:
