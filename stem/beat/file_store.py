@@ -72,12 +72,16 @@ def load_document(text: str | bytes, *, yaml: bool = False, source: str = "sched
         raise ConfigurationError(f"{source}: cannot parse it: {exc}") from None
 
 
-def entries_from_document(document: Any, *, source: str = "schedule file"
-                          ) -> list[ScheduleEntry]:
+def entries_from_document(document: Any, *, source: str = "schedule file",
+                          strict: bool = True) -> list[ScheduleEntry]:
     """The entries of a schedule document in any accepted form (see the module doc).
 
     Specs are checked and stored in their JSON form; ConfigurationError names the file,
-    the entry and what is wrong.
+    the entry and what is wrong. With ``strict=False`` (the store reading its own file)
+    a spec already in JSON form is kept as it is, unchecked, and so is the time zone: a
+    store returns what was written (keys of a spec it does not know included), and an
+    entry whose spec no longer parses is the beat's to report, not a file that cannot be
+    read.
     """
     if document is None:
         return []
@@ -94,7 +98,7 @@ def entries_from_document(document: Any, *, source: str = "schedule file"
     out = []
     seen: set[str] = set()
     for key, item in items:
-        entry = entry_from_file(item, entry_id=key, source=source)
+        entry = entry_from_file(item, entry_id=key, source=source, strict=strict)
         if entry.id in seen:
             raise ConfigurationError(f"{source}: entry {entry.id!r} appears twice")
         seen.add(entry.id)
@@ -103,8 +107,9 @@ def entries_from_document(document: Any, *, source: str = "schedule file"
 
 
 def entry_from_file(data: Any, *, entry_id: str | None = None,
-                    source: str = "schedule file") -> ScheduleEntry:
-    """One entry from a schedule file (Dart's aliases accepted)."""
+                    source: str = "schedule file", strict: bool = True) -> ScheduleEntry:
+    """One entry from a schedule file (Dart's aliases accepted; ``strict``: see
+    :func:`entries_from_document`)."""
     if not isinstance(data, dict):
         raise ConfigurationError(f"{source}: an entry must be an object, got {data!r}")
     data = dict(data)
@@ -124,11 +129,13 @@ def entry_from_file(data: Any, *, entry_id: str | None = None,
         raise ConfigurationError(f"{where}: lacks 'task' (or 'taskName')")
     if "spec" not in data:
         raise ConfigurationError(f"{where}: lacks 'spec' (or 'schedule')")
-    try:
-        data["spec"] = normalize_spec(data["spec"], entry_id=ident)
-    except ConfigurationError as exc:  # it names the entry; say which file too
-        raise ConfigurationError(f"{source}: {exc}") from None
-    if isinstance(options, dict) and "runOnce" in options and data["spec"]["kind"] == "clocked":
+    if strict or not isinstance(data["spec"], dict):
+        try:
+            data["spec"] = normalize_spec(data["spec"], entry_id=ident)
+        except ConfigurationError as exc:  # it names the entry; say which file too
+            raise ConfigurationError(f"{source}: {exc}") from None
+    if (isinstance(options, dict) and "runOnce" in options
+            and data["spec"].get("kind") == "clocked"):
         data["spec"]["runOnce"] = bool(options["runOnce"])
     elif options is not None:
         data["options"] = options  # kept as an unknown key, written back unchanged
@@ -144,7 +151,7 @@ def entry_from_file(data: Any, *, entry_id: str | None = None,
         entry = ScheduleEntry.from_dict(data)
     except ValueError as exc:
         raise ConfigurationError(f"{where}: {exc}") from None
-    if entry.timezone is not None:
+    if strict and entry.timezone is not None:
         from stem.beat.specs import zone
         try:
             zone(entry.timezone)
@@ -194,7 +201,7 @@ class FileScheduleStore:
             return {}, {}
         document = load_document(raw, yaml=_is_yaml(self.path), source=str(self.path))
         history = document.get("history", {}) if isinstance(document, dict) else {}
-        entries = entries_from_document(document, source=str(self.path))
+        entries = entries_from_document(document, source=str(self.path), strict=False)
         return {e.id: e for e in entries}, history if isinstance(history, dict) else {}
 
     def _write(self, entries: dict[str, ScheduleEntry],
