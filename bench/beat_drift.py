@@ -2,6 +2,7 @@
 
     python -m bench.beat_drift --url redis://127.0.0.1:6379/2 --entries 1000 --seconds 8
     python -m bench.beat_drift --url postgresql://postgres@127.0.0.1:5432/test --failover
+    python -m bench.beat_drift --url postgresql://postgres@127.0.0.1:5432/test --record
 
 Drift: N entries due every second, dispatched by one in-process beat whose broker,
 backend, schedule store and lock store are all ``--url`` (a new namespace, removed
@@ -9,6 +10,10 @@ afterwards). Prints p50/p99/max of how late each run was enqueued after its sche
 time, over the runs of the window (``--profile`` writes a pyinstrument HTML report), next
 to ``floor_ms``: the median time of one ``enqueue_many`` of N tasks on the same store
 just before, the part of the drift no beat can avoid on this machine at that moment.
+
+Recording (``--record``): the time to record one second's runs of N entries, as one
+``mark_runs`` batch and as N ``mark_run`` calls (64 in flight, as the beat did before
+batches), alternately for ``--rounds`` rounds.
 
 Failover (``--failover``): two real ``stem beat`` processes share the store; an
 ``every:1s`` entry runs; the beat holding its lock is SIGKILLed, and the time from the
@@ -33,7 +38,7 @@ from typing import Any
 
 import stem
 from stem.adapters import store_from_url
-from stem.beat import Beat, ScheduleEntry
+from stem.beat import Beat, MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.beat import LEADER_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +148,52 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
             "max_ms_per_second": [by_second[k] for k in sorted(by_second)]}
 
 
+async def record(url: str, entries: int, rounds: int) -> dict[str, Any]:
+    url = _url(url)
+    namespace = f"bench_beat_{uuid.uuid4().hex[:8]}"
+    store = store_from_url(url, namespace=namespace)
+    schedules = store.schedules
+    batch_ms: list[float] = []
+    single_ms: list[float] = []
+    limit = asyncio.Semaphore(64)
+    try:
+        await store.migrate()
+        start = datetime.now(UTC).replace(microsecond=0)
+        ids = [f"e{i:05d}" for i in range(entries)]
+        for first in range(0, entries, 50):
+            await asyncio.gather(*(schedules.upsert(ScheduleEntry(
+                id=i, task="bench.noop", spec={"kind": "interval", "everyMs": 1000},
+                next_run_at=start)) for i in ids[first:first + 50]))
+        version = 1
+
+        def runs(n: int) -> list[MarkRun]:
+            at = start + timedelta(seconds=n)
+            return [MarkRun(ScheduleRun(i, at, at + timedelta(milliseconds=20), True, 20),
+                            version, at + timedelta(seconds=1)) for i in ids]
+
+        async def one(m: MarkRun) -> Any:
+            async with limit:
+                return await schedules.mark_run(m.run, expected_version=m.expected_version,
+                                                next_run_at=m.next_run_at)
+
+        for n in range(rounds * 2):
+            batch = runs(n)
+            started = time.perf_counter()
+            if n % 2 == 0:
+                done = await schedules.mark_runs(batch)
+            else:
+                done = await asyncio.gather(*(one(m) for m in batch))
+            took = (time.perf_counter() - started) * 1000
+            assert all(d is not None for d in done), "a run was not recorded"
+            (batch_ms if n % 2 == 0 else single_ms).append(round(took, 1))
+            version += 1
+    finally:
+        await store.close()
+        await _cleanup(url, namespace)
+    return {"url": url.split("://")[0], "entries": entries, "mark_runs_ms": batch_ms,
+            "mark_run_each_ms": single_ms}
+
+
 def _beat(url: str, namespace: str, lock_ttl: float, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "STEM_BROKER_URL": url, "STEM_RESULT_BACKEND_URL": url,
            "STEM_NAMESPACE": namespace, "PYTHONPATH": str(ROOT)}
@@ -212,10 +263,14 @@ if __name__ == "__main__":
     parser.add_argument("--profile", metavar="HTML", help="write a pyinstrument report")
     parser.add_argument("--failover", action="store_true",
                         help="measure failover time of two stem beat processes instead")
+    parser.add_argument("--record", action="store_true",
+                        help="time recording N runs: one mark_runs vs N mark_run calls")
     parser.add_argument("--lock-ttl", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.failover:
         print(asyncio.run(failover(args.url, args.lock_ttl, args.rounds)))
+    elif args.record:
+        print(asyncio.run(record(args.url, args.entries, args.rounds)))
     else:
         print(asyncio.run(drift(args.url, args.entries, args.seconds, args.profile)))
