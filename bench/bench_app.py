@@ -64,3 +64,9 @@ async def sleep(seconds: float) -> list[float]:
 async def noop_limited() -> float:
     """bench/ratelimit_cost.py: bench.noop behind a rate limit too high to bind."""
     return time.time()
+
+
+@app.task(name="bench.chord_done", track_started=False)
+async def chord_done(results: list[float]) -> list[float]:
+    """bench/chord_cost.py: a chord callback; returns [its start time, member count]."""
+    return [time.time(), float(len(results))]

@@ -22,6 +22,7 @@ from stem.task import isolation_for
 from stem.worker import Worker
 from stem_cli._app import between, error_line, fail, load_app
 from stem_cli.beat import beat_command, schedule_app
+from stem_cli.groups import group_app
 from stem_cli.ops import dlq_app, observe_app
 
 try:  # typer >= 0.22 ships its own copy of click
@@ -37,6 +38,7 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(observe_app, name="observe")
+app.add_typer(group_app, name="group")
 app.add_typer(schedule_app, name="schedule")
 app.command("beat")(beat_command)
 

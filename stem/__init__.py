@@ -25,6 +25,7 @@ from stem._default import (
     wait_sync,
 )
 from stem.app import Stem
+from stem.canvas import Signature, chain, chord, group
 from stem.config import StemConfig
 from stem.context import TaskContext
 from stem.encoding import (
@@ -85,6 +86,7 @@ __all__ = [
     "RetryPolicy",
     "RetryStrategy",
     "ServiceUnavailableError",
+    "Signature",
     "SigningConfig",
     "SoftTimeLimitExceeded",
     "Stem",
@@ -112,10 +114,13 @@ __all__ = [
     "WaitTimeoutError",
     "WorkerLostError",
     "__version__",
+    "chain",
+    "chord",
     "default_app",
     "enqueue",
     "enqueue_sync",
     "get_result",
+    "group",
     "set_default_app",
     "wait",
     "wait_sync",

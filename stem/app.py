@@ -21,6 +21,9 @@ from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
 from stem.beat.entry import ScheduleEntry
+from stem.canvas import BatchStatus, BatchSubmission, Signature, link_meta
+from stem.canvas import inspect_batch as _inspect_batch
+from stem.canvas import submit_batch as _submit_batch
 from stem.config import StemConfig, check_namespace, check_url
 from stem.context import TaskContext
 from stem.encoding import (
@@ -38,6 +41,7 @@ from stem.errors import (
     TaskNotFoundError,
     WaitTimeoutError,
 )
+from stem.groups import GroupRecord
 from stem.limits import check_visibility_timeout, clamp_priority
 from stem.log import get_logger
 from stem.ports import (
@@ -51,6 +55,7 @@ from stem.ports import (
 )
 from stem.retry import RetryPolicy, RetryStrategy
 from stem.signing import PayloadSigner, SigningConfig, signer_for
+from stem.stats import AppStats
 from stem.status import TaskResult, TaskState, TaskStatus
 from stem.task import (
     META_EXPIRES_AT,
@@ -75,7 +80,10 @@ from stem.task import (
 from stem.tls import TlsConfig
 from stem.unique import (
     DEFAULT_UNIQUE_FOR,
+    MAX_DUPLICATES,
+    META_UNIQUE_DUPLICATES,
     META_UNIQUE_KEY,
+    duplicate_record,
     unique_key_of,
     unique_lock_of,
     unique_meta,
@@ -249,6 +257,8 @@ class Stem:
         self._last: tuple[object, _LoopParts] = (object(), _LoopParts(self))
         self._inherited: list[object] = []  # a forked child's copies of the parent's parts
         self._sync = SyncBridge(self._close_current_loop)
+        #: Producer counters for metrics (:class:`stem.stats.AppStats`): ``deduplicated``.
+        self.stats = AppStats()
         #: Set while enqueues run their task in-process (``eager=True``, stem.testing.eager).
         self._eager: EagerRunner | None = None
         if eager_propagates and not eager:
@@ -651,6 +661,9 @@ class Stem:
         kwargs: dict[str, Any] = {}
         if call.task_id is not None:
             kwargs["id"] = call.task_id
+        if call.link or call.link_error:  # callbacks' ids derive from this task's id
+            kwargs.setdefault("id", new_task_id())
+            meta.update(link_meta(self, kwargs["id"], call.link, call.link_error))
         vt = call.visibility_timeout if call.visibility_timeout is not None \
             else opts.visibility_timeout
         if vt is not None:  # with_options checked it; a TaskCall built directly did not
@@ -708,9 +721,14 @@ class Stem:
         connection: Any = None,
         expires: float | datetime | None = None,
         ignore_result: bool | None = None,
+        link: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Publish one task by name or definition; returns its id.
+
+        ``link`` / ``link_error``: signatures enqueued by the worker after the task
+        succeeds (given its result first) / fails for good (see docs/canvas.md).
 
         Positional arguments are bound to parameter names (a TaskArgumentError is
         raised here, before anything is published, when they don't fit).
@@ -723,7 +741,7 @@ class Stem:
         definition = self.definition(task) if isinstance(task, str) else task
         call = definition.call(*args, **kwargs).with_options(
             countdown=countdown, eta=eta, headers=headers, meta=meta, expires=expires,
-            ignore_result=ignore_result,
+            ignore_result=ignore_result, link=link, link_error=link_error,
         )
         return await self.enqueue_call(call, connection=connection)
 
@@ -773,9 +791,11 @@ class Stem:
                            locks: dict[str, tuple[str, float]]) -> tuple[dict[str, str],
                                                                           list[Envelope]]:
         """For envelopes not published: the task holding a unique one's lock (a
-        substitute id), and those whose lock vanished meanwhile (to publish again)."""
+        substitute id; the duplicate is recorded on that task's status and counted), and
+        those whose lock vanished meanwhile (to publish again)."""
         subs: dict[str, str] = {}
         retry: list[Envelope] = []
+        duplicates: list[tuple[str, Envelope]] = []
         for env in envelopes:
             if env.id in published:
                 continue
@@ -788,7 +808,35 @@ class Stem:
             else:
                 subs[env.id] = owner
                 log.info("task.deduplicated", task=env.name, id=owner, duplicate=env.id)
+                duplicates.append((owner, env))
+        if duplicates:
+            await self._record_duplicates(duplicates)
         return subs, retry
+
+    async def _record_duplicates(self, duplicates: Sequence[tuple[str, Envelope]]) -> None:
+        """Count deduplicated calls (``stats.deduplicated``) and append each to its pending
+        task's status meta ``stem.unique.duplicates``, atomically in the backend (never
+        over a newer status). Best effort: a failure is logged, the enqueue stands."""
+        for _, env in duplicates:
+            self.stats.count_deduplicated(env.name)
+        # An outside backend written before append_meta existed: counted, not recorded.
+        append = getattr(self.backend, "append_meta", None)
+        if append is None:
+            return
+        now = utcnow()
+        done = await asyncio.gather(*(
+            append(owner, META_UNIQUE_DUPLICATES, duplicate_record(env, now),
+                   max_items=MAX_DUPLICATES)
+            for owner, env in duplicates), return_exceptions=True)
+        for (owner, env), result in zip(duplicates, done, strict=True):
+            if isinstance(result, Exception):
+                log.warning("task.duplicate_not_recorded", task=env.name, id=owner,
+                            duplicate=env.id, error=repr(result))
+            elif isinstance(result, BaseException):
+                raise result
+            elif not result:  # the status is gone (expired or forgotten): nothing to add to
+                log.debug("task.duplicate_not_recorded", task=env.name, id=owner,
+                          duplicate=env.id, error="no status")
 
     async def _publish_with_connection(self, connection: Any, envelopes: list[Envelope]
                                        ) -> dict[str, str]:
@@ -902,6 +950,24 @@ class Stem:
 
     def _publisher(self) -> _CoalescingPublisher:
         return self._parts().publisher
+
+    # -- canvas: batches and group records (stem.canvas, docs/canvas.md) ----------------
+
+    async def submit_batch(self, signatures: Sequence[Signature[Any]],
+                           batch_id: str | None = None) -> BatchSubmission:
+        """Enqueue ``signatures`` as one batch; the same ``batch_id`` again returns the
+        same task ids and enqueues nothing new (see :func:`stem.canvas.submit_batch`)."""
+        return await _submit_batch(self, signatures, batch_id)
+
+    async def inspect_batch(self, batch_id: str) -> BatchStatus | None:
+        """A batch's counts per state, failed ids and derived state (None: unknown)."""
+        return await _inspect_batch(self, batch_id)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The stored record of a group, chord or batch (None: unknown or expired)."""
+        store = self.backend_store
+        groups = getattr(store, "groups", None) if store is not None else None
+        return None if groups is None else await groups.get(group_id)
 
     # -- producing from sync code -------------------------------------------------------
 

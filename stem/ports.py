@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.envelope import Envelope
+from stem.groups import GroupMember, GroupProgress, GroupRecord
 from stem.status import TaskStatus
 
 #: Lease length used when neither the envelope nor the task sets one.
@@ -246,6 +247,21 @@ class ResultBackend(Protocol):
         """Statuses of the ids that exist (missing ids are left out)."""
         ...
 
+    async def append_meta(self, task_id: str, key: str, item: dict[str, Any], *,
+                          max_items: int = 100) -> bool:
+        """Append ``item`` to the JSON list at ``meta[key]`` of the stored status, in one
+        atomic step; False (nothing written) when there is no unexpired status.
+
+        Everything else stays as stored: the state, payload, error, the other meta keys
+        and the TTL. The list keeps the newest ``max_items`` (at least 1); a value at
+        ``meta[key]`` that is not a list is replaced. Atomic against every other write
+        of the same status (``set_many`` by a worker, another ``append_meta``): an
+        append never brings back an older state, and concurrent appends are all kept.
+        The producer records deduplicated unique calls this way
+        (``stem.unique.duplicates``).
+        """
+        ...
+
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
         """Return once the status is terminal (or None when ``timeout`` passes first).
 
@@ -413,6 +429,42 @@ class RateLimiter(Protocol):
         """``count`` acquisitions of ``key`` in one atomic step (one round trip): the
         decisions of ``count`` calls of :meth:`acquire` made one after another at one
         instant, in order. How a worker asks for all the deliveries it starts at once."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections this part owns (a store's shared ones close with it)."""
+        ...
+
+
+@runtime_checkable
+class GroupStore(Protocol):
+    """Group, chord and batch records: expected count, members' outcomes, the chord claim.
+
+    Every operation is one atomic step in the store (a Lua script on Redis, one
+    statement on Postgres, one write transaction on SQLite, a lock in memory), so
+    members finishing at once on different workers, and members redelivered after a
+    crash, are counted once and a chord's callback is claimed once. Records expire
+    ``ttl`` seconds after :meth:`create`; an expired group is gone for every call.
+    """
+
+    async def create(self, group_id: str, expected: int, meta: dict[str, Any],
+                     ttl: float) -> bool:
+        """Create the record if ``group_id`` has none; False (nothing changes) if it has."""
+        ...
+
+    async def add_result(self, group_id: str, member: GroupMember) -> GroupProgress | None:
+        """Record ``member``'s outcome under its index unless that index has one (the
+        first record wins); return the counters after the call, or None when the group
+        does not exist (never created, or expired)."""
+        ...
+
+    async def claim_callback(self, group_id: str) -> bool:
+        """Mark the group's callback as dispatched: True for exactly one caller, and
+        only once every member succeeded (completion check and claim in one step)."""
+        ...
+
+    async def get(self, group_id: str) -> GroupRecord | None:
+        """The record with its members in index order, or None."""
         ...
 
     async def close(self) -> None:

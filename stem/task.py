@@ -21,6 +21,7 @@ from stem.unique import check_unique_for
 
 if TYPE_CHECKING:
     from stem.app import Stem
+    from stem.canvas import Signature
     from stem.status import TaskResult
 
 P = ParamSpec("P")
@@ -435,6 +436,21 @@ class TaskDefinition(Generic[P, R]):
         """A call with bound arguments; refine it with ``.with_options(...)``."""
         return TaskCall(self, self.bind(args, kwargs))
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A signature (stem.canvas): this task with some arguments, for a chain, group,
+        chord or link. In a chain or a callback it gets the previous result as its first
+        argument, ahead of ``args``, so its arguments are partial (typed by its result)."""
+        from stem.canvas import Signature
+
+        return Signature(self, args, dict(kwargs))
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """An immutable signature: all the arguments (typed like the task), and the
+        previous result of a chain or callback is ignored."""
+        from stem.canvas import Signature
+
+        return Signature(self, args, dict(kwargs), immutable=True)
+
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Publish one call and return its task id."""
         return await self._require_app().enqueue_call(self.call(*args, **kwargs))
@@ -587,6 +603,9 @@ class TaskCall(Generic[R]):
     task_id: str | None = None
     expires: float | datetime | None = None
     ignore_result: bool | None = None
+    #: Signatures (stem.canvas) enqueued after this task succeeds / fails for good.
+    link: tuple[Signature[Any], ...] = ()
+    link_error: tuple[Signature[Any], ...] = ()
     retry_policy: RetryPolicy | None = None
     rate_limit: str | None = None
     unique: bool | None = None
@@ -614,13 +633,16 @@ class TaskCall(Generic[R]):
         task_id: str | None = None,
         expires: float | datetime | None = None,
         ignore_result: bool | None = None,
+        link: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
         retry_policy: RetryPolicy | None = None,
         rate_limit: str | None = None,
         unique: bool | None = None,
         unique_for: float | None = None,
         unique_key: str | None = None,
     ) -> TaskCall[R]:
-        """A copy with these options set (headers and meta are merged).
+        """A copy with these options set (headers and meta are merged; ``link`` and
+        ``link_error`` signatures are added to those already set: see docs/canvas.md).
 
         ``unique``/``unique_for`` override the task's; ``unique_key`` names this call's
         unique key (and makes it unique) instead of the one derived from its arguments.
@@ -690,4 +712,8 @@ class TaskCall(Generic[R]):
             changes["headers"] = {**self.headers, **headers}
         if meta:
             changes["meta"] = {**self.meta, **meta}
+        for key, value in (("link", link), ("link_error", link_error)):
+            if value is not None:
+                more = (value,) if not isinstance(value, Sequence) else tuple(value)
+                changes[key] = (*getattr(self, key), *more)
         return replace(self, **changes)

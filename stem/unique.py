@@ -15,16 +15,19 @@ equally whether or not tracing is on. A task can name its own key
 unique_key="order-7")``).
 
 Envelope meta, as the Dart Stem writes it: ``stem.unique.key``, ``stem.unique.owner``
-(the task id) and ``stem.unique.expiresAt`` (ISO-8601).
+(the task id) and ``stem.unique.expiresAt`` (ISO-8601). A deduplicated call is
+recorded on the pending task's status, in the list at meta ``stem.unique.duplicates``
+(:func:`duplicate_record`, the Dart shape), and counted in ``app.stats.deduplicated``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -32,12 +35,18 @@ from stem._time import from_iso, to_iso
 from stem.encoding import json_default
 from stem.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from stem.envelope import Envelope
+
 __all__ = [
     "DEFAULT_UNIQUE_FOR",
+    "MAX_DUPLICATES",
+    "META_UNIQUE_DUPLICATES",
     "META_UNIQUE_EXPIRES_AT",
     "META_UNIQUE_KEY",
     "META_UNIQUE_OWNER",
     "check_unique_for",
+    "duplicate_record",
     "lock_key",
     "unique_key_of",
     "unique_lock_of",
@@ -46,6 +55,13 @@ __all__ = [
 META_UNIQUE_KEY = "stem.unique.key"
 META_UNIQUE_OWNER = "stem.unique.owner"
 META_UNIQUE_EXPIRES_AT = "stem.unique.expiresAt"
+#: Status meta key of the list of deduplicated calls (the Dart Stem's).
+META_UNIQUE_DUPLICATES = "stem.unique.duplicates"
+#: Entries that list keeps (the newest).
+MAX_DUPLICATES = 100
+#: Headers a duplicate's record leaves out: signatures and what looks like a credential.
+_SECRET_HEADER = re.compile(r"signature|authori[sz]ation|cookie|token|secret|passw|api[-_]?key",
+                            re.IGNORECASE)
 #: How long a unique lock lives when neither ``unique_for`` nor a visibility timeout
 #: says (the Dart default: five minutes).
 DEFAULT_UNIQUE_FOR = 300.0
@@ -99,3 +115,13 @@ def unique_meta(key: str, task_id: str, now: datetime, seconds: float) -> dict[s
     """The meta a unique call's envelope carries."""
     return {META_UNIQUE_KEY: key, META_UNIQUE_OWNER: task_id,
             META_UNIQUE_EXPIRES_AT: to_iso(now + timedelta(seconds=seconds))}
+
+
+def duplicate_record(duplicate: Envelope, now: datetime) -> dict[str, Any]:
+    """The entry a deduplicated call adds to the pending task's ``stem.unique.duplicates``
+    (the Dart Stem's shape): the id the duplicate would have had, when, and its headers
+    and meta — headers without signatures or anything named like a credential."""
+    return {"taskId": duplicate.id, "timestamp": to_iso(now),
+            "headers": {k: v for k, v in duplicate.headers.items()
+                        if not _SECRET_HEADER.search(k)},
+            "meta": dict(duplicate.meta)}

@@ -11,6 +11,8 @@ from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import orjson
+
 from stem._time import utcnow
 from stem._urls import mask_url
 from stem.envelope import Envelope, decode_envelope
@@ -329,3 +331,29 @@ def parse_retention(value: str, what: str) -> float:
             f"{what} URL: ?dead_letter_retention={value!r} must be a duration > 0 "
             "(seconds, or with a unit: 12h, 7d)")
     return seconds
+
+
+def check_max_items(max_items: int) -> int:
+    """``append_meta``'s bound: a whole number of at least 1."""
+    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+        raise ValueError(f"max_items must be a whole number >= 1, got {max_items!r}")
+    return max_items
+
+
+def meta_appended(raw: bytes | str, key: str, item: Mapping[str, Any], max_items: int
+                  ) -> bytes:
+    """A stored status's JSON with ``item`` appended to the list at ``meta[key]`` (kept to
+    the newest ``max_items``; a value that is not a list is replaced): what every
+    backend's ``append_meta`` writes. Every other key is kept as read, unknown ones
+    included, so a status written by the Dart Stem stays whole."""
+    data = orjson.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("the stored status is not a JSON object")
+    meta = data.get("meta")
+    if not isinstance(meta, dict):
+        meta = data["meta"] = {}
+    current = meta.get(key)
+    items = list(current) if isinstance(current, list) else []
+    items.append(dict(item))
+    meta[key] = items[-max_items:]
+    return orjson.dumps(data)

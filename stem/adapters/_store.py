@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Generic, TypeVar
 
 from stem._urls import mask_url
-from stem.ports import Broker, LockStore, RateLimiter, ResultBackend, ScheduleStore
+from stem.ports import Broker, GroupStore, LockStore, RateLimiter, ResultBackend, ScheduleStore
 
 B = TypeVar("B", bound=Broker)
 R = TypeVar("R", bound=ResultBackend)
@@ -28,6 +28,7 @@ class BaseStore(Generic[B, R]):
         self._locks: LockStore | None = None
         self._schedules: ScheduleStore | None = None
         self._rate_limiter: RateLimiter | None = None
+        self._groups: GroupStore | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {mask_url(self.url)!r} namespace={self.namespace!r}>"
@@ -48,6 +49,9 @@ class BaseStore(Generic[B, R]):
 
     def _make_rate_limiter(self) -> RateLimiter:
         raise NotImplementedError(f"{type(self).__name__} has no rate limiter yet")
+
+    def _make_groups(self) -> GroupStore:
+        raise NotImplementedError(f"{type(self).__name__} has no group store yet")
 
     async def _close_shared(self) -> None:
         """Close the connections the parts share (after the parts closed their own)."""
@@ -89,6 +93,13 @@ class BaseStore(Generic[B, R]):
             self._rate_limiter = self._make_rate_limiter()
         return self._rate_limiter
 
+    @property
+    def groups(self) -> GroupStore:
+        """The group store (groups, chords, batches) on this store's connections."""
+        if self._groups is None:
+            self._groups = self._make_groups()
+        return self._groups
+
     async def ping(self) -> None:
         """Check the store answers (through the broker's connection)."""
         await self.broker.ping()
@@ -101,7 +112,7 @@ class BaseStore(Generic[B, R]):
     async def close(self) -> None:
         """Close the parts, then the shared connections (a later use reopens them)."""
         for part in (self._broker, self._backend, self._locks, self._schedules,
-                     self._rate_limiter):
+                     self._rate_limiter, self._groups):
             if part is not None:
                 await part.close()
         await self._close_shared()

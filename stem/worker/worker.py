@@ -33,6 +33,7 @@ from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
 from stem.retry import RetryStrategy
 from stem.status import TaskState, TaskStatus
+from stem.worker import canvas_hooks
 from stem.worker.completer import Completer
 from stem.worker.context_ops import ContextRuntime, WorkerContextOps
 from stem.worker.executor import Executor
@@ -480,6 +481,8 @@ class Worker:
                 self._free_slot()
                 outcome = self.processor.success(prepared, value)
             self.processed += 1
+            if canvas_hooks.wants(env):  # links, chains, groups: before the status and ack
+                await canvas_hooks.run(self.app, env, outcome, redelivered=d.redelivered)
             completer.outcome(d, prepared, ctx, outcome, base_meta, elapsed)
         except asyncio.CancelledError:
             raise

@@ -12,6 +12,7 @@ import json
 import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -877,3 +878,36 @@ async def test_dead_letters_written_without_task_id_are_listed_by_envelope_id(
     assert ids[0] == e.id
     assert ids[1].startswith("dead-letter-")
     assert ids[2] == "readable-id"
+
+
+async def test_a_stale_row_count_is_refreshed_so_the_fetch_plan_walks_the_index(
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+    # The state a drained queue leaves when autovacuum is off: a vacuumed, empty table
+    # whose planner row count (0) no longer matches the backlog that arrives next.
+    table = f'"{namespace}".stem_jobs'
+    await broker.publish([Envelope(name="t", queue="q")])
+    await raw_conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    await raw_conn.execute(f"DELETE FROM {table}")
+    await raw_conn.execute(f"VACUUM {table}")
+    for _ in range(5):
+        await broker.publish([Envelope(name="t", queue="q") for _ in range(1000)])
+    sql = broker._sql.fetch_one_queue
+    args = ("q", 400, 30.0, "w", uuid.uuid4())
+
+    async def plan() -> str:
+        return "\n".join(r[0] for r in await raw_conn.fetch("EXPLAIN " + sql, *args))
+
+    assert await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") == 0
+
+    async def live_counted() -> bool:  # the stats system reports inserts asynchronously
+        return bool(await raw_conn.fetchval(
+            f"SELECT n_live_tup > 4000 FROM pg_stat_user_tables WHERE relid = '{table}'::regclass"))
+
+    await eventually(live_counted, timeout=10)
+    assert "Sort" in (await plan()).split("CTE upd")[0]  # the slow plan: sort everything
+    assert await broker.refresh_stats() is True
+    assert await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
+    assert "Sort" not in (await plan()).split("CTE upd")[0]  # no sort of the backlog
+    assert await broker.refresh_stats() is False  # fresh now: nothing to do

@@ -5,13 +5,16 @@ processes at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import multiprocessing.synchronize
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 import stem
+from stem._time import from_iso, utcnow
 from stem.app import Stem
 from stem.status import TaskState
 from stem.testing import eventually
@@ -78,6 +81,62 @@ async def test_an_equal_call_returns_the_pending_task(app: Stem) -> None:
     assert await pending(app) == 3
     env_meta = (await app.get_result(first)).meta  # type: ignore[union-attr]
     assert env_meta["stem.unique.owner"] == first and env_meta["stem.unique.key"]
+
+
+async def duplicates_of(app: Stem, task_id: str) -> list[dict[str, Any]]:
+    status = await app.backend.get(task_id)
+    assert status is not None
+    found: list[dict[str, Any]] = status.meta.get("stem.unique.duplicates", [])
+    return found
+
+
+async def test_a_duplicate_is_recorded_on_the_pending_task_and_counted(app: Stem) -> None:
+    charge = app.tasks["charge"]
+    first = await app.enqueue_call(charge.call(11).with_options(headers={"trace": "t-1"}))
+    again = await app.enqueue_call(charge.call(11).with_options(
+        headers={"trace": "t-2", "X-Api-Key": "k", "Authorization": "Bearer s"},
+        meta={"source": "retry-button"}))
+    assert again == first and await pending(app) == 1
+    (entry,) = await duplicates_of(app, first)
+    assert set(entry) == {"taskId", "timestamp", "headers", "meta"}
+    assert entry["taskId"] != first  # the id the duplicate would have had
+    assert abs((from_iso(entry["timestamp"]) - utcnow()).total_seconds()) < 60
+    assert entry["headers"]["trace"] == "t-2"
+    assert not {"X-Api-Key", "Authorization"} & set(entry["headers"])
+    assert entry["meta"]["source"] == "retry-button"
+    assert entry["meta"]["stem.unique.owner"] == entry["taskId"]
+    status = await app.backend.get(first)  # the rest of the status is untouched
+    assert status is not None and status.state is TaskState.QUEUED
+    assert status.meta["stem.unique.owner"] == first and "source" not in status.meta
+
+    # A batch, and twenty at once (coalesced into one publish): every one is recorded.
+    assert await app.enqueue_many([charge.call(11), charge.call(11)]) == [first, first]
+    ids = await asyncio.gather(*(app.enqueue_call(charge.call(11)) for _ in range(20)))
+    assert set(ids) == {first} and await pending(app) == 1
+    entries = await duplicates_of(app, first)
+    assert len(entries) == 23 and len({e["taskId"] for e in entries}) == 23
+    assert app.stats.deduplicated == {"charge": 23}
+
+    # The worker's writes are never undone by a record: the task ends succeeded.
+    async with running_worker(app, queues=[Q]):
+        assert (await app.wait(first, timeout=10)).value == 11
+
+
+async def test_recording_a_duplicate_is_best_effort(app: Stem, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    charge = app.tasks["charge"]
+    first = await app.enqueue_call(charge.call(12))
+
+    async def down(*args: object, **kwargs: object) -> bool:
+        raise stem.ServiceUnavailableError("result backend down")
+
+    monkeypatch.setattr(app.backend, "append_meta", down)
+    with caplog.at_level(logging.INFO, logger="stem"):
+        assert await app.enqueue_call(charge.call(12)) == first
+    assert "task.duplicate_not_recorded" in caplog.text and "task.deduplicated" in caplog.text
+    assert app.stats.deduplicated["charge"] == 1
+    monkeypatch.undo()
+    assert await duplicates_of(app, first) == []
 
 
 async def test_the_lock_is_released_when_the_task_succeeds(app: Stem) -> None:
@@ -191,6 +250,9 @@ def test_fifty_enqueues_from_five_processes_make_one_task(process_shared_url: st
         app = make_app(store_url, namespace)
         try:
             assert await pending(app) == 1
+            # Each of the 49 duplicates is on the task's status, whichever process sent it.
+            entries = await duplicates_of(app, ids[0])
+            assert len({e["taskId"] for e in entries}) == len(entries) == 49
         finally:
             await app.close()
 

@@ -277,3 +277,31 @@ def test_tasks_ls_piped_keeps_a_long_name_whole_and_json_uses_the_same_columns()
     pooled = orjson.loads(run_stem("tasks", "ls", "--app", "tests.e2e.ls_app:app", "--json",
                                    "--pool", "2").stdout)
     assert next(d for d in pooled if d["name"] == "ls.short")["isolation"] == "process"
+
+
+async def test_group_show_prints_a_chord_and_its_members(sqlite_url: str) -> None:
+    app = stem.Stem("cli-group", broker=sqlite_url)
+
+    @app.task(name="cli.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    from stem.groups import GroupMember
+    from stem.status import TaskState
+
+    result = await stem.chord([add.s(1, 1), add.s(2, 2)], add.s(10)).enqueue(chord_id="chord-1")
+    groups = app.backend_store.groups  # type: ignore[union-attr]
+    await groups.add_result("chord-1", GroupMember(0, result.task_ids[0], TaskState.SUCCEEDED, 2))
+    await app.close()
+    env = {"STEM_BROKER_URL": sqlite_url, "STEM_NAMESPACE": "cli-group"}
+    out = run_stem("group", "show", "chord-1", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "chord chord-1" in out.stdout and "running" in out.stdout
+    assert "1 of 2 finished" in out.stdout and result.task_ids[0] in out.stdout
+    assert result.callback_id in out.stdout and "not dispatched" in out.stdout
+    as_json = run_stem("group", "show", "chord-1", "--json", env=env)
+    data = orjson.loads(as_json.stdout)
+    assert data["kind"] == "chord" and data["completed"] == 1 and data["expected"] == 2
+    assert data["members"][0]["result"] == 2
+    missing = run_stem("group", "show", "nope", env=env)
+    assert missing.returncode == 1 and "no group nope" in missing.stderr

@@ -21,12 +21,13 @@ from stem.errors import ConfigurationError
 
 from .backend import MemoryBackend
 from .broker import MemoryBroker
+from .groups import MemoryGroupStore
 from .locks import MemoryLockStore
 from .ratelimit import MemoryRateLimiter
 from .schedules import MemoryScheduleStore
 
 __all__ = [
-    "MemoryBackend", "MemoryBroker", "MemoryLockStore", "MemoryRateLimiter",
+    "MemoryBackend", "MemoryBroker", "MemoryGroupStore", "MemoryLockStore", "MemoryRateLimiter",
     "MemoryScheduleStore", "MemoryStore", "backend_from_url", "broker_from_url",
     "reset", "store_from_url",
 ]
@@ -35,6 +36,7 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _brokers: dict[tuple[str, str], MemoryBroker] = {}
 _backends: dict[tuple[str, str], MemoryBackend] = {}
+_groups: dict[tuple[str, str], MemoryGroupStore] = {}
 _locks: dict[tuple[str, str], MemoryLockStore] = {}
 _schedules: dict[tuple[str, str], MemoryScheduleStore] = {}
 _rate_limiters: dict[tuple[str, str], MemoryRateLimiter] = {}
@@ -92,6 +94,9 @@ class MemoryStore(BaseStore[MemoryBroker, MemoryBackend]):
     def _make_backend(self) -> MemoryBackend:
         return backend_from_url(self.url, namespace=self.namespace)
 
+    def _make_groups(self) -> MemoryGroupStore:
+        return _shared(_groups, self.url, self.namespace, MemoryGroupStore)
+
     def _make_locks(self) -> MemoryLockStore:
         return _shared(_locks, self.url, self.namespace, MemoryLockStore)
 
@@ -117,6 +122,7 @@ def reset() -> None:
     with _lock:
         _brokers.clear()
         _backends.clear()
+        _groups.clear()
         _locks.clear()
         _schedules.clear()
         _rate_limiters.clear()

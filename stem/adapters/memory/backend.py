@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from stem._time import now_epoch
+from stem.adapters._shared import check_max_items, meta_appended
 from stem.adapters._waiting import ResultWaiters, Watch, wait_for_terminal
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
@@ -94,6 +96,17 @@ class MemoryBackend:
         with self._lock:
             found = [(i, self._data.get(i)) for i in task_ids]
         return {i: TaskStatus.from_json(e[0]) for i, e in found if e is not None and e[1] > now}
+
+    async def append_meta(self, task_id: str, key: str, item: dict[str, Any], *,
+                          max_items: int = 100) -> bool:
+        """Append ``item`` to ``meta[key]`` under the lock; the expiry stays."""
+        check_max_items(max_items)
+        with self._lock:
+            entry = self._data.get(task_id)
+            if entry is None or entry[1] <= now_epoch():
+                return False
+            self._data[task_id] = (meta_appended(entry[0], key, item, max_items), entry[1])
+        return True
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
         """Return the terminal status as soon as ``set_many`` stores one, else None on timeout."""

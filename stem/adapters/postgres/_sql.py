@@ -269,6 +269,12 @@ class Statements:
             SELECT d.task_id, d.queue, t.reason, d.attempt, d.owner, d.envelope
             FROM d JOIN t ON t.id = d.id ORDER BY d.id"""
 
+        # The planner's row count of the jobs table next to the live one (maintenance).
+        self.table_stats = f"""
+            SELECT c.reltuples, s.n_live_tup FROM pg_class c
+            JOIN pg_stat_user_tables s ON s.relid = c.oid
+            WHERE c.oid = '{jobs}'::regclass"""
+
         # -- inspection and maintenance ($1 queue) ------------------------------
         self.stats = f"""
             SELECT count(*) FILTER (WHERE {_AVAILABLE}) AS pending,
@@ -320,6 +326,12 @@ class Statements:
         self.get_results = f"""
             SELECT status FROM {s}.stem_results
             WHERE task_id = ANY($1::text[]) AND expires_at > now()"""
+        # append_meta: read the unexpired status and lock its row ($1 task id), then
+        # write its new JSON ($2) in the same transaction; state and expiry stay.
+        self.lock_result = (
+            f"SELECT status FROM {s}.stem_results WHERE task_id = $1 AND expires_at > now() "
+            "FOR UPDATE")
+        self.rewrite_result = f"UPDATE {s}.stem_results SET status = $2 WHERE task_id = $1"
         # One bounded batch so purging never holds many row locks or runs long.
         self.purge_expired_results = f"""
             DELETE FROM {s}.stem_results WHERE task_id IN (

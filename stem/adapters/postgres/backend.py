@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from stem._urls import redact
+from stem.adapters._shared import check_max_items, meta_appended
 from stem.adapters._waiting import ResultWaiters, Watch, wait_for_terminal
 from stem.adapters.postgres._pool import Connector, ListenHub, PgSettings, parse_url
 from stem.adapters.postgres._sql import Statements
@@ -130,6 +132,27 @@ class PostgresResultBackend:
             status = TaskStatus.from_json(r[0])
             out[status.id] = status
         return out
+
+    async def append_meta(self, task_id: str, key: str, item: dict[str, Any], *,
+                          max_items: int = 100) -> bool:
+        """Append ``item`` to ``meta[key]``: ``SELECT ... FOR UPDATE`` and ``UPDATE`` in one
+        transaction, so a worker's upsert of the same row waits for it (or it for the
+        upsert); the state and expiry columns stay. The JSON is changed here, not as
+        ``jsonb``, which would reorder its keys and refuse a ``\\u0000``."""
+        check_max_items(max_items)
+        sql = self._sql
+
+        async def append(c: Any) -> bool:
+            async with c.transaction():
+                raw = await c.fetchval(sql.lock_result, task_id)
+                if raw is None:
+                    return False
+                await c.execute(sql.rewrite_result, task_id,
+                                meta_appended(raw, key, item, max_items))
+                return True
+
+        result: bool = await self._db.run(append)
+        return result
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
         """Wait on LISTEN for ``task_id`` to reach a terminal state (a slow poll while the

@@ -56,6 +56,10 @@ COPY_MIN_BATCH = 64
 VACUUM_EVERY = 20_000
 #: Seconds between two vacuums started by this process.
 VACUUM_MIN_INTERVAL = 5.0
+#: Seconds between two checks of the planner's row count for the jobs table.
+STATS_CHECK_INTERVAL = 5.0
+#: Live rows below which a stale row count cannot hurt a plan (no ANALYZE).
+STATS_MIN_ROWS = 2_000
 
 log = get_logger(__name__)
 #: Dead letters read per page while replaying.
@@ -241,6 +245,7 @@ class PostgresBroker(LeasingBroker):
         self._churn = 0
         self._last_sweep = float("-inf")
         self._last_vacuum = 0.0
+        self._last_stats_check = float("-inf")
         self._vacuum_failed = False
 
     # -- notifications --------------------------------------------------------
@@ -267,30 +272,71 @@ class PostgresBroker(LeasingBroker):
         itself: one process at a time, under a try-lock, never blocking the caller.
         """
         self._churn += rows
+        now = time.monotonic()
+        if now - self._last_stats_check >= STATS_CHECK_INTERVAL and not self._vacuum_failed:
+            self._last_stats_check = now
+            self._in_background(self.refresh_stats())
         if self._churn < VACUUM_EVERY or self._vacuum_failed:
             return
-        now = time.monotonic()
         if now - self._last_vacuum < VACUUM_MIN_INTERVAL:
             return
         self._churn = 0
         self._last_vacuum = now
-        task = asyncio.ensure_future(self.vacuum())
+        self._in_background(self.vacuum())
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def vacuum(self) -> bool:
-        """Vacuum the jobs table now unless another process is; True if this one did."""
-        key = f"stem-vacuum:{self.settings.schema}"
+    async def refresh_stats(self) -> bool:
+        """ANALYZE the jobs table if the planner's row count for it is far off; True if
+        this process did.
+
+        A queue table swings from empty to a large backlog between two autovacuums
+        (autovacuum may be off): with the stale count of an emptied table the fetch
+        plans a sort of the whole backlog on every call instead of walking the fetch
+        index, several times slower until statistics catch up. One cheap comparison of
+        the planner's count (``reltuples``) with the live one every few seconds keeps
+        every hot statement's plan right.
+        """
         table = f"{self.settings.quoted_schema}.stem_jobs"
 
         async def op(conn: Any) -> bool:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
-                return False  # another process is vacuuming it right now
-            try:
-                await conn.execute(f"VACUUM {table}")
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
-            return True
+            row = await conn.fetchrow(self._sql.table_stats)
+            if row is None:
+                return False
+            planned, live = float(row[0]), float(row[1] or 0)
+            if not (live > STATS_MIN_ROWS and (planned < live / 2 or planned > live * 2)):
+                return False
+            return bool(await self._maintain(conn, f"ANALYZE {table}"))
+
+        try:
+            return bool(await self._db.run(op, retry=False))
+        except Exception as exc:
+            self._vacuum_failed = True
+            log.warning("postgres.analyze_failed", table=table, error=repr(exc))
+            return False
+
+    async def _maintain(self, conn: Any, statement: str) -> bool:
+        """Run a maintenance statement unless another process runs one right now."""
+        key = f"stem-vacuum:{self.settings.schema}"
+        if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+            return False  # another process is maintaining it right now
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        return True
+
+    async def vacuum(self) -> bool:
+        """Vacuum (and analyze) the jobs table now unless another process is; True if
+        this one did."""
+        table = f"{self.settings.quoted_schema}.stem_jobs"
+
+        async def op(conn: Any) -> bool:
+            # ANALYZE too: after heavy churn the planner's row count is stale as well.
+            return await self._maintain(conn, f"VACUUM (ANALYZE) {table}")
 
         try:
             return bool(await self._db.run(op, retry=False))

@@ -150,6 +150,31 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "groups, chords and batches",
+        """
+        CREATE TABLE {s}.stem_groups (
+            id         text PRIMARY KEY,
+            expected   integer NOT NULL,
+            completed  integer NOT NULL DEFAULT 0,
+            failed     integer NOT NULL DEFAULT 0,
+            claimed    boolean NOT NULL DEFAULT false,
+            meta       bytea NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz NOT NULL
+        );
+        CREATE INDEX stem_groups_expires ON {s}.stem_groups (expires_at);
+        -- One row per member outcome; the primary key makes the first record of an
+        -- index win, so a redelivered member is never counted twice.
+        CREATE TABLE {s}.stem_group_members (
+            group_id text NOT NULL REFERENCES {s}.stem_groups (id) ON DELETE CASCADE,
+            idx      integer NOT NULL,
+            data     bytea NOT NULL,
+            PRIMARY KEY (group_id, idx)
+        );
+        """,
+    ),
 ]
 
 #: Latest schema version this code knows.

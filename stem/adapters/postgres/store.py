@@ -12,6 +12,7 @@ from stem.adapters.postgres import migrations
 from stem.adapters.postgres._pool import Connector, ListenHub, parse_url, unavailable
 from stem.adapters.postgres.backend import PostgresResultBackend
 from stem.adapters.postgres.broker import PostgresBroker
+from stem.adapters.postgres.groups import PostgresGroupStore
 from stem.adapters.postgres.locks import PostgresLockStore
 from stem.adapters.postgres.ratelimit import PostgresRateLimiter
 from stem.adapters.postgres.schedules import PostgresScheduleStore
@@ -43,6 +44,9 @@ class PostgresStore(BaseStore[PostgresBroker, PostgresResultBackend]):
     def _make_backend(self) -> PostgresResultBackend:
         return PostgresResultBackend(self.url, namespace=self.namespace,
                                      connector=self.connector, hub=self.hub)
+
+    def _make_groups(self) -> PostgresGroupStore:
+        return PostgresGroupStore(self.connector)
 
     def _make_locks(self) -> PostgresLockStore:
         return PostgresLockStore(self.url, namespace=self.namespace, connector=self.connector)

@@ -23,6 +23,7 @@ from stem.status import TaskStatus
 from ._connection import DEFAULT_DEAD_LETTER_MAX, RedisConnector, RedisSettings, parse_redis_url
 from .backend import RedisBackend
 from .broker import DEFAULT_BLOCK_TIME, DEFAULT_CLAIM_INTERVAL, RedisBroker
+from .groups import RedisGroupStore
 from .locks import RedisLockStore
 from .ratelimit import RedisRateLimiter
 from .schedules import RedisScheduleStore
@@ -84,6 +85,9 @@ class RedisStore(BaseStore[RedisBroker, RedisBackend]):
 
     def _make_backend(self) -> RedisBackend:
         return _backend(self.settings, self.namespace, self.connector)
+
+    def _make_groups(self) -> RedisGroupStore:
+        return RedisGroupStore(self.connector, namespace=self.namespace)
 
     def _make_locks(self) -> RedisLockStore:
         return RedisLockStore(self.settings, namespace=self.namespace, connector=self.connector)

@@ -9,6 +9,7 @@ reads the key, so a status written in between is never missed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -19,9 +20,9 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from stem.adapters._shared import check_namespace
+from stem.adapters._shared import check_max_items, check_namespace, meta_appended
 from stem.adapters._waiting import Watch, wait_for_terminal
-from stem.errors import ServiceUnavailableError
+from stem.errors import ServiceUnavailableError, StemError
 from stem.log import get_logger
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskStatus
@@ -34,6 +35,9 @@ log = get_logger(__name__)
 #: A waiter re-reads its key this often even without a notification: pub/sub is
 #: fire-and-forget, so a message sent while the subscriber was reconnecting is lost.
 RECHECK_INTERVAL = 5.0
+#: ``append_meta`` reads and compare-and-sets at most this many times when other
+#: writers keep changing the status in between (each round one of them wins).
+APPEND_ROUNDS = 100
 
 
 class _Waiter:
@@ -226,6 +230,7 @@ class RedisBackend:
         self._notifier: _Notifier | None = None
         self._set_script: AsyncScript | None = None
         self._add_script: AsyncScript | None = None
+        self._cas_script: tuple[Any, AsyncScript] | None = None
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._conn.settings.safe_url!r}, namespace={self.namespace!r})"
@@ -355,6 +360,34 @@ class RedisBackend:
         from_json = TaskStatus.from_json
         return {i: from_json(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
+    async def append_meta(self, task_id: str, key: str, item: dict[str, Any], *,
+                          max_items: int = 100) -> bool:
+        """Append ``item`` to ``meta[key]``: GET, change the JSON here, then a
+        compare-and-set script (:data:`scripts.STATUS_CAS`) writes it only if the value
+        is still the one read, keeping its TTL; read again when another write got there
+        first. One key, so Redis Cluster runs it too."""
+        check_max_items(max_items)
+        name = self._prefix + task_id
+        client = self._conn.client
+        if self._cas_script is None or self._cas_script[0] is not client:
+            self._cas_script = (client, client.register_script(scripts.STATUS_CAS))
+        script: Any = self._cas_script[1]
+        try:
+            for _ in range(APPEND_ROUNDS):
+                raw = await client.execute_command("GET", name)
+                if raw is None:
+                    return False
+                if isinstance(raw, str):
+                    raw = raw.encode()
+                new = meta_appended(raw, key, item, max_items)
+                done = int(await script([name], [hashlib.sha1(raw).hexdigest(), new]))
+                if done != 0:
+                    return done == 1
+        except CONNECTION_ERRORS as exc:
+            raise self._conn.unavailable(exc, "Stem result backend append_meta") from exc
+        raise StemError(f"append_meta({task_id!r}): the status changed on every one of "
+                        f"{APPEND_ROUNDS} attempts")
+
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus | None:
         """Return the terminal status as soon as it is written, else None on timeout.
 
@@ -393,6 +426,7 @@ class RedisBackend:
         if notifier is not None:
             await notifier.close()
         self._set_script = None
+        self._cas_script = None
         if self._owns_conn:
             await self._conn.close()
 

@@ -624,6 +624,25 @@ end
 return done
 """
 
+#: Compare-and-set of one status (KEYS[1]) for ``append_meta``: ARGV[1] the SHA-1 of
+#: the value the client read, ARGV[2] the value to write. Writes only if the value is
+#: still the one read, keeping its TTL (PTTL, not KEEPTTL: Redis before 6 has none);
+#: 1 written, 0 changed meanwhile (read again), -1 gone. The JSON is changed by the
+#: client, not by cjson here: cjson would turn an empty object into an array and round
+#: numbers to 14 digits.
+STATUS_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+if redis.sha1hex(cur) ~= ARGV[1] then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
 #: The broker's scripts by name.
 ALL = {
     "ensure": ENSURE,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from stem._time import now_epoch
-from stem.adapters._shared import Waiter
+from stem.adapters._shared import Waiter, check_max_items, meta_appended
 from stem.adapters._waiting import Watch, wait_for_terminal
 from stem.ports import DEFAULT_RESULT_TTL
 from stem.status import TaskState, TaskStatus
@@ -180,6 +181,26 @@ class SqliteBackend:
                                  tuple(part))
 
         await self._db.run(delete)
+
+    async def append_meta(self, task_id: str, key: str, item: dict[str, Any], *,
+                          max_items: int = 100) -> bool:
+        """Append ``item`` to ``meta[key]``: read and rewrite the row in one
+        ``BEGIN IMMEDIATE`` transaction (no other process writes in between); the state
+        and expiry stay."""
+        check_max_items(max_items)
+        table = self._results
+
+        def append(conn: sqlite3.Connection) -> bool:
+            with immediate(conn):
+                row = conn.execute(f"SELECT data FROM {table} WHERE id = ? AND expires_at > ?",
+                                   (task_id, now_epoch())).fetchone()
+                if row is None:
+                    return False
+                conn.execute(f"UPDATE {table} SET data = ? WHERE id = ?",
+                             (meta_appended(row[0], key, item, max_items), task_id))
+                return True
+
+        return await self._db.run(append)
 
     def written(self, items: Sequence[tuple[TaskStatus, float | None]]) -> None:
         """After a commit: wake this process's waiters on the terminal statuses."""

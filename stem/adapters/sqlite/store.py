@@ -14,6 +14,7 @@ from stem.status import TaskStatus
 from ._db import Database, dead_letter_retention_from_url, immediate, path_from_url
 from .backend import SqliteBackend
 from .broker import SqliteBroker, leases_of
+from .groups import SqliteGroupStore
 from .locks import SqliteLockStore
 from .ratelimit import SqliteRateLimiter
 from .schedules import SqliteScheduleStore
@@ -38,6 +39,9 @@ class SqliteStore(BaseStore[SqliteBroker, SqliteBackend]):
 
     def _make_backend(self) -> SqliteBackend:
         return SqliteBackend(self.path, namespace=self.namespace, db=self.db)
+
+    def _make_groups(self) -> SqliteGroupStore:
+        return SqliteGroupStore(self.path, namespace=self.namespace, db=self.db)
 
     def _make_locks(self) -> SqliteLockStore:
         return SqliteLockStore(self.path, namespace=self.namespace, db=self.db)

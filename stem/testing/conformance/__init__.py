@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from stem.testing.conformance.backend import BackendConformance, BackendFactory
 from stem.testing.conformance.broker import BrokerConformance, BrokerFactory
+from stem.testing.conformance.groups import GroupStoreConformance, GroupStoreFactory
 from stem.testing.conformance.locks import LockConformance, LockStoreFactory
 from stem.testing.conformance.schedules import ScheduleStoreConformance, ScheduleStoreFactory
 
@@ -42,6 +43,8 @@ __all__ = [
     "BackendFactory",
     "BrokerConformance",
     "BrokerFactory",
+    "GroupStoreConformance",
+    "GroupStoreFactory",
     "LockConformance",
     "LockStoreFactory",
     "ScheduleStoreConformance",

@@ -207,3 +207,67 @@ class BackendConformance:
     async def test_ping(self, backend: ResultBackend) -> None:
         await backend.ping()
 
+
+    async def test_append_meta_appends_and_keeps_the_rest(self, backend: ResultBackend
+                                                          ) -> None:
+        # Shapes a careless JSON round trip breaks: empty objects and lists, long
+        # numbers, unknown keys (the Dart Stem's), unicode.
+        original = status(
+            "app", TaskState.RUNNING, payload={"n": 12345678901234567, "x": 0.1, "e": {}},
+            error=TaskError("E", "m", extra={"code": 7}), attempt=3,
+            meta={"progress": {"percent": 50.0}, "empty": {}, "none": [], "note": "é✓"},
+            extra={"dartOnlyKey": {"x": 1}})
+        await backend.set_many([(original, 60)])
+        first = {"taskId": "d1", "headers": {}, "meta": {"k": [1, {}]}}
+        second = {"taskId": "d2", "headers": {"h": "v"}, "meta": {}}
+        assert await backend.append_meta("app", "dups", first) is True
+        assert await backend.append_meta("app", "dups", second) is True
+        got = await backend.get("app")
+        assert got is not None
+        expected = original.to_dict()
+        expected["meta"] = {**original.meta, "dups": [first, second]}
+        assert got.to_dict() == expected
+
+    async def test_append_meta_is_capped_and_replaces_a_non_list(self, backend: ResultBackend
+                                                                  ) -> None:
+        await backend.set_many([(status("cap", TaskState.QUEUED, meta={"dups": "odd"}), None)])
+        for n in range(5):
+            assert await backend.append_meta("cap", "dups", {"n": n}, max_items=3)
+        got = await backend.get("cap")
+        assert got is not None and got.meta["dups"] == [{"n": 2}, {"n": 3}, {"n": 4}]
+        assert got.state is TaskState.QUEUED
+        with pytest.raises(ValueError):
+            await backend.append_meta("cap", "dups", {"n": 9}, max_items=0)
+
+    async def test_append_meta_on_a_missing_or_expired_status(self, backend: ResultBackend
+                                                             ) -> None:
+        assert await backend.append_meta("nobody", "dups", {"n": 1}) is False
+        assert await backend.get("nobody") is None  # nothing was created
+        await backend.set_many([(status("brief", TaskState.QUEUED), 0.5)])
+        assert await backend.append_meta("brief", "dups", {"n": 1}) is True
+
+        async def expired() -> bool:  # the append kept the short TTL
+            return await backend.get("brief") is None
+
+        await eventually(expired, timeout=5)
+        assert await backend.append_meta("brief", "dups", {"n": 2}) is False
+
+    async def test_concurrent_appends_are_all_kept(self, backend: ResultBackend) -> None:
+        await backend.set_many([(status("busy", TaskState.QUEUED), None)])
+        done = await asyncio.gather(*(backend.append_meta("busy", "dups", {"n": n})
+                                      for n in range(20)))
+        assert all(done)
+        got = await backend.get("busy")
+        assert got is not None
+        assert sorted(d["n"] for d in got.meta["dups"]) == list(range(20))
+
+    async def test_append_meta_never_brings_back_an_older_state(self, backend: ResultBackend
+                                                                ) -> None:
+        # A worker finishing the task while appends run: whichever order they land in,
+        # the status ends succeeded (a read-then-write append could restore "queued").
+        await backend.set_many([(status("fin", TaskState.QUEUED), None)])
+        final = status("fin", TaskState.SUCCEEDED, payload="ok")
+        appends = [backend.append_meta("fin", "dups", {"n": n}) for n in range(10)]
+        await asyncio.gather(*appends[:5], backend.set_many([(final, None)]), *appends[5:])
+        got = await backend.get("fin")
+        assert got is not None and got.state is TaskState.SUCCEEDED and got.payload == "ok"
