@@ -9,7 +9,9 @@ backend, schedule store and lock store are all ``--url`` (a new namespace, remov
 afterwards). Prints p50/p99/max of how late each run was enqueued after its scheduled
 time, over the runs of the window (``--profile`` writes a pyinstrument HTML report), next
 to ``floor_ms``: the median time of one ``enqueue_many`` of N tasks on the same store
-just before, the part of the drift no beat can avoid on this machine at that moment.
+just before, the part of the drift no beat can avoid on this machine at that moment;
+and, per second, the worst enqueue call and the worst start (how late the beat began
+the enqueue) over a sample of 50 entries (from their run history).
 
 Recording (``--record``): the time to record one second's runs of N entries, as one
 ``mark_runs`` batch and as N ``mark_run`` calls (64 in flight, as the beat did before
@@ -111,6 +113,8 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
                 next_run_at=first)) for i in range(start, min(entries, start + 50))))
         floor = await _enqueue_floor(app, entries)
         drifts: list[int] = []
+        enqueue: dict[str, int] = {}
+        late: dict[str, int] = {}
 
         by_second: dict[str, int] = {}
 
@@ -136,6 +140,16 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
             _write(profile, profiler.output_text(show_all=False)
                    if profile.endswith(".txt") else profiler.output_html())
         stem.signals.schedule_entry_dispatched.disconnect(on_dispatch)
+        # Split each second's worst drift of a sample of entries into the enqueue call
+        # (the run's durationMs) and how late the beat started it.
+        enqueue: dict[str, int] = {}
+        late: dict[str, int] = {}
+        for i in range(0, entries, max(entries // 50, 1)):
+            for r in await store.schedules.history(f"e{i:05d}", 1000):
+                key = r.scheduled_at.isoformat(timespec="seconds")
+                ms = round((r.executed_at - r.scheduled_at).total_seconds() * 1000)
+                enqueue[key] = max(enqueue.get(key, 0), r.duration_ms)
+                late[key] = max(late.get(key, 0), ms - r.duration_ms)
     finally:
         await store.close()
         await app.close()
@@ -145,7 +159,9 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
             "expected": entries * int(seconds),
             "p50_ms": statistics.median(drifts) if drifts else None,
             "p99_ms": _pct(drifts, 0.99), "max_ms": max(drifts) if drifts else None,
-            "max_ms_per_second": [by_second[k] for k in sorted(by_second)]}
+            "max_ms_per_second": [by_second[k] for k in sorted(by_second)],
+            "enqueue_ms_per_second": [enqueue[k] for k in sorted(enqueue)],
+            "start_late_ms_per_second": [late[k] for k in sorted(late)]}
 
 
 async def record(url: str, entries: int, rounds: int) -> dict[str, Any]:
