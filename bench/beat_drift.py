@@ -142,8 +142,6 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
         stem.signals.schedule_entry_dispatched.disconnect(on_dispatch)
         # Split each second's worst drift of a sample of entries into the enqueue call
         # (the run's durationMs) and how late the beat started it.
-        enqueue: dict[str, int] = {}
-        late: dict[str, int] = {}
         for i in range(0, entries, max(entries // 50, 1)):
             for r in await store.schedules.history(f"e{i:05d}", 1000):
                 key = r.scheduled_at.isoformat(timespec="seconds")
