@@ -31,6 +31,7 @@ __all__ = [
     "ms_time",
     "run_applied",
     "stored_entry",
+    "trim_period",
     "upserted",
 ]
 
@@ -91,6 +92,14 @@ def from_ms(ms: int) -> datetime:
 def drift_ms(run: ScheduleRun) -> int:
     """``executed_at - scheduled_at`` in whole milliseconds."""
     return epoch_ms(run.executed_at) - epoch_ms(run.scheduled_at)
+
+
+def trim_period(history_max: int) -> int:
+    """Every how many runs of an entry a SQL store deletes its runs beyond
+    ``history_max`` (a tenth of the bound, at most 100): finding the bound reads the
+    whole history, so doing it on every run would cost ``history_max`` reads per run.
+    The store's reads stop at the bound, so the extra rows are never seen."""
+    return max(1, min(100, history_max // 10))
 
 
 def check_batch(runs: Sequence[MarkRun]) -> list[MarkRun]:

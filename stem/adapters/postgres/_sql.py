@@ -428,40 +428,16 @@ class ScheduleStatements:
         self.due = f"""
             SELECT {select} FROM {entries}
             WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT $2"""
-        # $1 id, $2 expected version, $3 executed_at, $4 next_run_at, $5 disable,
-        # $6 success, $7 error, $8 drift ms, $9 jitter ms, $10 now, $11 scheduled_at,
-        # $12 duration ms, $13 runs to keep (>= 1). The update, the history row and the
-        # trim of older runs happen together or (stale version, no entry) not at all.
-        self.mark_run = f"""
-            WITH up AS (
-                UPDATE {entries} SET
-                    last_run_at = $3,
-                    next_run_at = CASE WHEN $5::boolean THEN NULL ELSE $4::timestamptz END,
-                    enabled = enabled AND NOT $5::boolean,
-                    total_run_count = total_run_count + 1,
-                    last_error = CASE WHEN $6::boolean THEN NULL ELSE $7::text END,
-                    last_success_at = CASE WHEN $6::boolean THEN $3 ELSE last_success_at END,
-                    last_error_at = CASE WHEN $6::boolean THEN last_error_at ELSE $3 END,
-                    drift_ms = $8, last_jitter_ms = $9, version = version + 1, updated_at = $10
-                WHERE id = $1 AND version = $2
-                RETURNING {select}
-            ), ins AS (
-                INSERT INTO {runs} (entry_id, scheduled_at, executed_at, success, duration_ms,
-                                    error)
-                SELECT id, $11, $3, $6::boolean, $12, $7::text FROM up
-            ), trimmed AS (
-                -- The statement's snapshot does not see the new run: keep $13 - 1 older.
-                DELETE FROM {runs} WHERE entry_id = $1 AND EXISTS (SELECT 1 FROM up)
-                AND id <= (SELECT id FROM {runs} WHERE entry_id = $1
-                           ORDER BY id DESC OFFSET $13::int - 1 LIMIT 1)
-            )
-            SELECT * FROM up"""
         # One array per field, element i for the i-th run (entry ids distinct): $1 ids,
         # $2 expected versions, $3 executed_at, $4 next_run_at, $5 disable, $6 success,
         # $7 error, $8 drift ms, $9 jitter ms, $10 scheduled_at, $11 duration ms; then
-        # $12 now, $13 runs to keep (>= 1). mark_run for the whole batch in one
-        # statement: each entry whose version matches is updated, gets its history row
-        # and loses its runs beyond the bound; the others (stale, gone) are untouched.
+        # $12 now, $13 runs to keep (>= 1), $14 trim period (>= 1). mark_run for the
+        # whole batch in one statement: each entry whose version matches is updated and
+        # gets its history row; the others (stale, gone) are untouched. An entry's runs
+        # beyond the bound are deleted every $14-th run of it (the phase differs per
+        # entry, so each batch trims a few entries), not on every run: finding the
+        # bound's row reads the entry's whole history, and 1,000 entries with 1,000
+        # runs each then took a second per batch. Reads never see more than the bound.
         self.mark_runs = f"""
             WITH batch AS (
                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[],
@@ -499,6 +475,7 @@ class ScheduleStatements:
                 -- The statement's snapshot does not see the new runs: keep $13 - 1 older.
                 DELETE FROM {runs} AS r USING up
                 WHERE r.entry_id = up.id
+                AND mod(up.total_run_count + abs(hashtext(up.id) % $14::int), $14::int) = 0
                 AND r.id <= (SELECT o.id FROM {runs} AS o WHERE o.entry_id = up.id
                              ORDER BY o.id DESC OFFSET $13::int - 1 LIMIT 1)
             )

@@ -5,12 +5,15 @@ An entry row keeps the Dart ``ScheduleEntry`` JSON (``data``) next to the column
 queries need (``version``, ``enabled``, ``next_run_at`` in epoch milliseconds, with a
 partial index for :meth:`SqliteScheduleStore.due`). Each write is one ``BEGIN
 IMMEDIATE`` transaction: the version check, the write and the history row commit
-together, and no other process writes in between.
+together, and no other process writes in between. Runs beyond ``history_max`` are
+deleted every few runs of an entry (:func:`stem.adapters._beat.trim_period`); reads stop
+at the bound.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -26,6 +29,7 @@ from stem.adapters._beat import (
     from_ms,
     run_applied,
     stored_entry,
+    trim_period,
 )
 from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
@@ -176,6 +180,7 @@ class SqliteScheduleStore:
             return []
         now = utcnow()
         bound = self.history_max
+        period = trim_period(bound)
         entries, runs_table = self._entries, self._runs
 
         def write(conn: sqlite3.Connection) -> list[ScheduleEntry | None]:
@@ -203,20 +208,24 @@ class SqliteScheduleStore:
                 conn.executemany(
                     f"INSERT INTO {runs_table} (entry_id, scheduled_at, executed_at, success, "
                     "duration_ms, error) VALUES (?, ?, ?, ?, ?, ?)", applied)
+                # Every few runs of an entry (its phase set by its id) its runs beyond
+                # the bound go: finding the bound reads the entry's whole history.
                 conn.executemany(
                     f"DELETE FROM {runs_table} WHERE entry_id = ?1 AND seq <= (SELECT seq "
                     f"FROM {runs_table} WHERE entry_id = ?1 ORDER BY seq DESC LIMIT 1 "
-                    "OFFSET ?2)", [(row[0], bound) for row in applied])
+                    "OFFSET ?2)", [(e.id, bound) for e in out
+                                   if e is not None and (e.total_run_count + zlib.crc32(
+                                       e.id.encode())) % period == 0])
             return out
 
         return await self._db.run(write)
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The entry's latest runs, newest first."""
-        check_limit(limit)
+        bounded = min(check_limit(limit), self.history_max)  # runs beyond await their trim
         rows = await self._db.run(lambda conn: conn.execute(
             f"SELECT scheduled_at, executed_at, success, duration_ms, error FROM {self._runs} "
-            "WHERE entry_id = ? ORDER BY seq DESC LIMIT ?", (entry_id, limit)).fetchall())
+            "WHERE entry_id = ? ORDER BY seq DESC LIMIT ?", (entry_id, bounded)).fetchall())
         return [ScheduleRun(entry_id, from_ms(s), from_ms(e), bool(ok), int(d), err)
                 for s, e, ok, d, err in rows]
 

@@ -432,6 +432,21 @@ class ScheduleStoreConformance:
         for entry_id in ("a", "b"):
             assert await schedules.history(entry_id) == [run(entry_id, n, n) for n in (3, 2)]
 
+    async def test_history_never_shows_more_than_the_bound(self, schedules: ScheduleStore
+                                                           ) -> None:
+        # A store may delete the runs beyond the bound lazily (every few runs), but it
+        # never returns them.
+        schedules.history_max = 25
+        for entry_id in ("a", "b"):
+            await schedules.upsert(make(entry_id, next_run_at=at(0)))
+        for n in range(31):
+            marked = await schedules.mark_runs([MarkRun(run(i, n, n), n + 1, at(n + 1))
+                                                for i in ("a", "b")])
+            assert all(m is not None for m in marked)
+            for entry_id in ("a", "b"):
+                history = await schedules.history(entry_id, limit=1000)
+                assert history == [run(entry_id, k, k) for k in range(n, max(n - 25, -1), -1)]
+
     async def test_bad_limits_are_refused(self, schedules: ScheduleStore) -> None:
         with pytest.raises(ValueError):
             await schedules.due(T0, limit=-1)
