@@ -78,10 +78,14 @@ def test_two_beats_dispatch_each_second_once_and_fail_over(
     kind = "sqlite" if store_url.startswith("sqlite") else (
         "redis" if store_url.startswith("redis") else "postgres")
     before, after = WINDOWS[kind]
-    asyncio.run(_setup(store_url, namespace))
     logs = [tmp_path / "beat-0.log", tmp_path / "beat-1.log"]
     beats = [start_beat(store_url, broker, namespace, log) for log in logs]
     try:
+        # The entry is written once both beats run (the next `due` call sees it), so a
+        # slow process start cannot make its first runs late and skip seconds.
+        wait_until(lambda: all(log.exists() and b"beat.started" in log.read_bytes()
+                               for log in logs), timeout=30)
+        asyncio.run(_setup(store_url, namespace))
         wait_until(lambda: any(b"beat.dispatched" in log.read_bytes() for log in logs
                                if log.exists()), timeout=20)
         time.sleep(before)
