@@ -2,8 +2,8 @@
 
 One loop per process: ask the schedule store for the entries due now (one read),
 enqueue them together (one ``enqueue_many``), record their runs with their next run
-times (one version-guarded ``mark_runs`` call for the batch), and sleep until the soonest known
-next run (at most ``tick`` seconds).
+times (one version-guarded ``mark_runs`` call for the batch), and sleep until the
+soonest known next run (at most ``tick`` seconds).
 
 Several beats may share one schedule store and one lock store: the one that holds the
 lease ``stem:beat`` in the lock store (the **leader**, lease ``lock_ttl``, renewed every
