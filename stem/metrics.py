@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from stem.app import Stem
     from stem.ports import QueueStats
 
-__all__ = ["PrometheusRecorder", "Recorder", "enable", "recorder", "serve"]
+__all__ = ["PrometheusRecorder", "Recorder", "disable", "enable", "recorder", "serve"]
 
 #: Seconds between two samples of the served queues' depth (broker.stats per queue).
 QUEUE_SAMPLE_INTERVAL = 5.0
@@ -106,6 +106,7 @@ class PrometheusRecorder(Recorder):
         self._workers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._apps: weakref.WeakSet[Stem] = weakref.WeakSet()
         self._queues: dict[str, QueueStats] = {}
+        self._servers: list[Any] = []
         r.register(_Collector(self))
 
     def task_started(self, task: str, queue: str) -> None:
@@ -241,11 +242,16 @@ def serve(port: int, *, addr: str = "0.0.0.0", app: Stem | None = None) -> Prome
         rec.track_app(app)
     server, _thread = start_http_server(port, addr=addr, registry=rec.registry)
     rec.port = server.server_port
+    rec._servers.append(server)
     return rec
 
 
 def disable() -> None:
-    """Back to the no-op recorder (tests)."""
+    """Back to the no-op recorder; stop the endpoints :func:`serve` started."""
     global recorder
     with _lock:
+        if isinstance(recorder, PrometheusRecorder):
+            for server in recorder._servers:
+                server.shutdown()
+                server.server_close()
         recorder = Recorder()
