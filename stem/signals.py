@@ -183,7 +183,10 @@ task_postrun = _s("task_postrun", "A handler finished (envelope=, state=: succee
 task_success = _s("task_success", "A task succeeded (envelope=, result=).", "task-succeeded")
 task_retry = _s("task_retry", "A task will be retried (envelope=, error=, delay=).")
 task_failure = _s("task_failure", "A task failed for good (envelope=, error=).", "task-failed")
-task_revoked = _s("task_revoked", "A task was revoked (envelope= or task_id=, reason=).")
+task_revoked = _s(
+    "task_revoked",
+    "A revoked task was cancelled without running, or stopped by a terminate revoke "
+    "(envelope=, entry=, reason=, terminated=).")
 task_rejected = _s("task_rejected", "A delivery was dead-lettered (reason=, envelope=, raw=).")
 task_progress = _s("task_progress", "A task reported progress (envelope=, percent=, data=).")
 task_timeout = _s(
@@ -209,10 +212,11 @@ schedule_entry_failed = _s(
     "schedule_entry_failed", "A beat could not dispatch a schedule entry (entry=, error=).")
 # -- control plane (sender: the worker) ----------------------------------------------------
 control_command_received = _s(
-    "control_command_received", "A worker received a control command (command=).")
+    "control_command_received",
+    "A worker received a control command (command=, payload=, message=).")
 control_command_completed = _s(
     "control_command_completed",
-    "A worker finished a control command (command=, status=, response= or error=).")
+    "A worker answered a control command (command=, payload=, message=, status=, reply=).")
 
 #: The Dart Stem's names for two signals (the same objects).
 task_succeeded = task_success
