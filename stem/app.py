@@ -640,7 +640,7 @@ class Stem:
             self._adopt_encoders(opts)  # definitions built without app.register
         args_encoder = opts.args_encoder or self.encoders.default_args_encoder
         headers = {**call.headers, ARGS_ENCODER_HEADER: args_encoder.id}
-        if tracing.ENABLED:  # before signing: the signature covers the headers
+        if tracing.ENABLED and tracing.active():  # before signing, which covers headers
             tracing.inject(headers)
         meta = {**call.meta, ARGS_ENCODER_META: args_encoder.id}
         time_limit = call.time_limit if call.time_limit is not None else opts.time_limit
@@ -758,7 +758,7 @@ class Stem:
         An envelope larger than ``STEM_MAX_PAYLOAD_BYTES`` (default 16 MiB) is refused
         with :class:`~stem.errors.PayloadTooLargeError` and nothing is published.
         """
-        if tracing.ENABLED:
+        if tracing.ENABLED and tracing.active():
             d = call.definition
             with tracing.enqueue_span(d.name, call.queue or d.options.queue,
                                       self.namespace) as span:
@@ -782,7 +782,7 @@ class Stem:
     ) -> list[str]:
         """Publish many calls in one broker round-trip; returns their ids in order (a
         unique call that is already pending gets the pending task's id)."""
-        if tracing.ENABLED:
+        if tracing.ENABLED and tracing.active():
             calls = list(calls)
             names = {c.definition.name for c in calls}
             with tracing.enqueue_span(names.pop() if len(names) == 1 else "*", None,

@@ -107,23 +107,39 @@ class PrometheusRecorder(Recorder):
         self._apps: weakref.WeakSet[Stem] = weakref.WeakSet()
         self._queues: dict[str, QueueStats] = {}
         self._servers: list[Any] = []
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
         r.register(_Collector(self))
 
+    def _of(self, task: str, queue: str) -> tuple[Any, Any, Any, Any, Any]:
+        """The labelled children of one task and queue (``labels()`` costs a lock and
+        checks per call; a dict lookup is what every task pays instead)."""
+        key = (task, queue)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._started.labels(task, queue), self._succeeded.labels(task, queue),
+                self._retried.labels(task, queue), self._failed.labels(task, queue),
+                self._duration.labels(task, queue))
+        return children
+
     def task_started(self, task: str, queue: str) -> None:
-        self._started.labels(task, queue).inc()
+        self._of(task, queue)[0].inc()
 
     def task_succeeded(self, task: str, queue: str, seconds: float) -> None:
-        self._succeeded.labels(task, queue).inc()
-        self._duration.labels(task, queue).observe(seconds)
+        c = self._of(task, queue)
+        c[1].inc()
+        c[4].observe(seconds)
 
     def task_retried(self, task: str, queue: str, seconds: float) -> None:
-        self._retried.labels(task, queue).inc()
-        self._duration.labels(task, queue).observe(seconds)
+        c = self._of(task, queue)
+        c[2].inc()
+        c[4].observe(seconds)
 
     def task_failed(self, task: str, queue: str, seconds: float | None) -> None:
-        self._failed.labels(task, queue).inc()
+        c = self._of(task, queue)
+        c[3].inc()
         if seconds is not None:
-            self._duration.labels(task, queue).observe(seconds)
+            c[4].observe(seconds)
 
     def task_rejected(self, task: str, queue: str) -> None:
         self._rejected.labels(task, queue).inc()

@@ -148,7 +148,7 @@ class Executor:
             self._thread_pool = ThreadPoolExecutor(self._threads, thread_name_prefix="stem-task")
         loop = asyncio.get_running_loop()
         call = functools.partial(func, *args, **prepared.kwargs)
-        if tracing.ENABLED:  # the execute span stays current in the handler's thread
+        if tracing.ENABLED and tracing.active():  # the execute span stays current there
             call = functools.partial(contextvars.copy_context().run, call)
         if soft is None and hard is None:
             return await loop.run_in_executor(self._thread_pool, call)

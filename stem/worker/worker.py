@@ -490,7 +490,8 @@ class Worker:
         assert completer is not None and runtime is not None
         env = prepared.envelope
         holding_slot = True
-        spans = tracing.TaskSpans(env, self.app.namespace) if tracing.ENABLED else None
+        spans = tracing.TaskSpans(env, self.app.namespace) if (
+            tracing.ENABLED and tracing.active()) else None
         outcome: Outcome | None = None
         try:
             if prepared.expired:
