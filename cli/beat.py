@@ -66,7 +66,7 @@ def beat_command(
     log_format: Annotated[str, typer.Option("--log-format", help="auto, pretty or json.")
                           ] = "auto",
     metrics_port: Annotated[int | None, typer.Option(
-        "--metrics-port", envvar="STEM_METRICS_PORT",
+        "--metrics-port", envvar="STEM_METRICS_PORT", callback=between(0, 65535),
         help="Serve Prometheus metrics on this port (/metrics; needs the metrics extra).")
     ] = None,
 ) -> None:

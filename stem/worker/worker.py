@@ -132,6 +132,8 @@ class Worker:
             raise ValueError("concurrency must be >= 1")
         if prefetch_multiplier < 1:
             raise ValueError("prefetch_multiplier must be >= 1")
+        if not heartbeat_interval > 0:
+            raise ValueError("heartbeat_interval must be > 0 seconds")
         self.prefetch_multiplier = prefetch_multiplier
         self.app = app
         self.app_spec = app_spec
