@@ -20,7 +20,7 @@ from stem.errors import ConfigurationError, StemError
 from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
 from stem.worker import Worker
-from stem_cli._app import between, error_line, fail, load_app
+from stem_cli._app import between, error_line, fail, load_app, serve_metrics
 from stem_cli.beat import beat_command, schedule_app
 from stem_cli.groups import group_app
 from stem_cli.ops import dlq_app, observe_app
@@ -130,6 +130,10 @@ def worker_start(
     log_format: Annotated[str, typer.Option("--log-format", callback=_log_format,
                           help="auto (pretty on a terminal, JSON lines otherwise), pretty "
                                "or json.")] = "auto",
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", envvar="STEM_METRICS_PORT", callback=between(0, 65535),
+        help="Serve Prometheus metrics on this port (/metrics; needs the metrics extra).")
+    ] = None,
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0.
 
@@ -139,6 +143,7 @@ def worker_start(
     """
     configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
+    serve_metrics(metrics_port, stem_app)
     worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
                     block_time=block_time, pool_size=pool, app_spec=app_spec,
                     max_tasks_per_child=max_tasks_per_child,

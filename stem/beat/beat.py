@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from stem import metrics
 from stem._time import to_iso, utcnow
 from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.specs import next_run
@@ -315,6 +316,7 @@ class Beat:
         together (one ``enqueue_many``) and recorded concurrently; the others one by one."""
         plain: list[tuple[ScheduleEntry, TaskCall[Any]]] = []
         single: list[Awaitable[bool]] = []
+        metrics.recorder.schedule_due(len(due))
         for entry in due:
             assert entry.next_run_at is not None
             planned = entry.next_run_at
@@ -462,10 +464,12 @@ class Beat:
         if error is not None:
             log.error("beat.failed", entry=entry.id, task=entry.task, error=error)
             schedule_entry_failed.send(self, entry=stored or entry, error=error)
+            metrics.recorder.schedule_failed()
             return False
         log.info("beat.dispatched", entry=entry.id, task=entry.task, task_id=task_id,
                  queue=entry.queue, drift_ms=drift_ms, jitter_ms=jitter,
                  next_run_at=to_iso(following) if following else None)
+        metrics.recorder.schedule_dispatched(drift_ms / 1000)
         schedule_entry_dispatched.send(self, entry=stored or entry, task_id=task_id,
                                        scheduled_at=scheduled, executed_at=executed,
                                        drift_ms=drift_ms)

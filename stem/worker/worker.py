@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stem import signals
+from stem import metrics, signals, tracing
 from stem._time import now_iso
 from stem._urls import mask_url
 from stem.adapters.sqlite._db import path_from_url
@@ -126,11 +126,14 @@ class Worker:
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
         prefetch_multiplier: int = 4,
+        heartbeat_interval: float = 10.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if prefetch_multiplier < 1:
             raise ValueError("prefetch_multiplier must be >= 1")
+        if not heartbeat_interval > 0:
+            raise ValueError("heartbeat_interval must be > 0 seconds")
         self.prefetch_multiplier = prefetch_multiplier
         self.app = app
         self.app_spec = app_spec
@@ -163,6 +166,8 @@ class Worker:
         self.processed = 0
         self._fetch_failing = False
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
+        #: Seconds between two ``worker_heartbeat`` signals.
+        self.heartbeat_interval = heartbeat_interval
         signals.worker_init.send(self)
 
     @staticmethod
@@ -230,20 +235,61 @@ class Worker:
             spawn=self._spawn, sender=self)
         log.info("worker.started", **self.describe())
         keeper = asyncio.create_task(self._lease_keeper())
+        metrics.recorder.worker_started(self)
+        observer = asyncio.create_task(self._observe())
         signals.worker_ready.send(self)
         try:
             await self._fetch_loop()
+            signals.worker_stopping.send(self, in_flight=self._running,
+                                         prefetched=len(self._waiting))
             await self._drain()
         finally:
             keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            observer.cancel()
+            await asyncio.gather(keeper, observer, return_exceptions=True)
             left = await self._final_flush()
             await self.executor.close()
+            metrics.recorder.worker_stopped(self)
             signals.worker_shutdown.send(self)
             log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed,
                      unsettled=left)
         if left:
             raise UnsettledDeliveriesError(left)
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks running now (their handlers started, not finished)."""
+        return self._running
+
+    @property
+    def prefetched(self) -> int:
+        """Tasks leased and waiting in the local buffer for a free slot."""
+        return len(self._waiting)
+
+    async def _observe(self) -> None:
+        """Send ``worker_heartbeat`` every ``heartbeat_interval`` seconds and, with
+        metrics on, sample the served queues' depth every few seconds."""
+        hb_every = self.heartbeat_interval
+        sample_every = metrics.QUEUE_SAMPLE_INTERVAL
+        next_hb = time.monotonic() + hb_every
+        while True:
+            if metrics.recorder.enabled:
+                for q in self.queues:
+                    try:
+                        metrics.recorder.queue_sampled(await self.app.broker.stats(q))
+                    except Exception as exc:  # an outage: the fetch loop reports it
+                        log.debug("worker.queue_sample_failed", queue=q, error=repr(exc))
+                        break
+            now = time.monotonic()
+            if now >= next_hb:
+                next_hb = now + hb_every
+                signals.worker_heartbeat.send(
+                    self, in_flight=self._running, prefetched=len(self._waiting),
+                    processed=self.processed, queues=list(self.queues))
+            wait = next_hb - now
+            if metrics.recorder.enabled:
+                wait = min(wait, sample_every)
+            await asyncio.sleep(max(wait, 0.01))
 
     def _remaining_grace(self) -> float:
         """Seconds left of the shutdown grace (which starts at the first call)."""
@@ -446,6 +492,9 @@ class Worker:
         assert completer is not None and runtime is not None
         env = prepared.envelope
         holding_slot = True
+        spans = tracing.TaskSpans(env, self.app.namespace) if (
+            tracing.ENABLED and tracing.active()) else None
+        outcome: Outcome | None = None
         try:
             if prepared.expired:
                 # Its deadline passed while it waited in the prefetch buffer.
@@ -468,16 +517,21 @@ class Worker:
                                meta=dict(base_meta)),
                     options.result_ttl,
                 )
+            metrics.recorder.task_started(env.name, env.queue)
             started = time.perf_counter()
             try:
-                value = await self.executor.execute(prepared, ctx)
+                if spans is None:
+                    value = await self.executor.execute(prepared, ctx)
+                else:
+                    with spans.execute():
+                        value = await self.executor.execute(prepared, ctx)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
                 elapsed = time.perf_counter() - started
                 holding_slot = False
                 self._free_slot()
-                outcome: Outcome = self.processor.failure(prepared, exc)
+                outcome = self.processor.failure(prepared, exc)
             else:
                 elapsed = time.perf_counter() - started
                 holding_slot = False
@@ -500,7 +554,10 @@ class Worker:
         finally:
             if holding_slot:
                 self._free_slot()
-        _emit_outcome(self, env, outcome)
+            if spans is not None:
+                spans.end(None if outcome is None else _STATES.get(type(outcome)))
+        if outcome is not None:
+            _emit_outcome(self, env, outcome)
 
     async def _rate_limited(self, d: Delivery, prepared: Prepared) -> bool:
         """Ask the rate gate; True when the delivery was re-scheduled instead of run."""
@@ -509,6 +566,7 @@ class Worker:
         if deferral is None:
             return False
         env = prepared.envelope
+        metrics.recorder.task_rate_limited(env.name, env.queue)
         if self.app.signer is not None:  # the old signature covers the old notBefore/meta
             self.app.signer.sign_or_strip(deferral.envelope)
         meta = {**deferral.meta, "task": env.name, "queue": env.queue,
@@ -575,6 +633,7 @@ class Worker:
                     log.warning("worker.lease_renew_failed", error=repr(exc), count=len(items))
                     await asyncio.sleep(min(1.0, vt / 4))
                     continue
+                metrics.recorder.leases_renewed(len(items))
                 deadline = time.monotonic() + vt
                 for f in items:
                     f.deadline = deadline
@@ -600,9 +659,13 @@ class Worker:
             log.warning("worker.extend_lease_refused", problem=problem)
             return
         await self.app.broker.extend_lease([d], seconds)
+        metrics.recorder.leases_renewed(1)
         f = self._active.get(d.receipt)
         if f is not None:
             f.deadline = max(f.deadline, time.monotonic() + seconds)
+
+
+_STATES: dict[type, str] = {Success: "succeeded", RetryLater: "retried", Failure: "failed"}
 
 
 def _emit_outcome(worker: Worker, env: Envelope, outcome: Outcome) -> None:
