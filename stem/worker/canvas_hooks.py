@@ -140,6 +140,42 @@ async def _follow_up(app: Stem, env: Envelope, outcome: Success | Failure,
             await _record_member(app, env, TaskState.FAILED, None, outcome.error, redelivered)
 
 
+async def ended_unrun(app: Stem, env: Envelope, error: TaskError, *, expired: bool,
+                      redelivered: bool) -> None:
+    """Follow-ups of a task that ended without running: dead-lettered before its
+    handler (bad arguments, unknown task, invalid envelope) or expired.
+
+    Its chain stops and its group or chord learns it failed (a chord's callback then
+    never runs and says which member failed), so no workflow waits forever on it. A
+    dead-lettered task is a final failure, so its ``link_error`` runs; an expired one
+    was dropped on purpose, so it does not (as a revoked one would not).
+    """
+    if not wants(env):
+        return
+    meta = env.meta
+    delay = 0.05
+    for attempt in range(ATTEMPTS):
+        try:
+            if not expired:
+                calls = [_child(app, env, e, env.id) for e in meta.get(META_LINK_ERROR) or ()]
+                if calls:
+                    await _publish(app, calls)
+            chain = meta.get(META_CHAIN)
+            if isinstance(chain, dict):
+                await _abort_chain(app, env, chain, error)
+            if META_GROUP_INDEX in meta:
+                async with _limit():
+                    await _record_member(app, env, TaskState.FAILED, None, error, redelivered)
+            return
+        except Exception as exc:
+            if attempt == ATTEMPTS - 1:
+                raise
+            log.warning("canvas.follow_up_failed", task=env.name, task_id=env.id,
+                        error=repr(exc), attempt=attempt)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 def _result_value(app: Stem, env: Envelope, outcome: Success) -> Any:
     if outcome.payload is None and env.meta.get(META_IGNORE_RESULT) is True:
         return None

@@ -32,7 +32,7 @@ from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
 from stem.retry import RetryStrategy
-from stem.status import TaskState, TaskStatus
+from stem.status import TaskError, TaskState, TaskStatus
 from stem.worker import canvas_hooks
 from stem.worker.completer import Completer
 from stem.worker.context_ops import ContextRuntime, WorkerContextOps
@@ -429,11 +429,14 @@ class Worker:
                                        type(exc).__name__, env)
                 continue
             if isinstance(prepared, Rejected):
+                if canvas_hooks.wants(env):
+                    await self._unrun_follow_ups(d, env, TaskError(
+                        type=prepared.error_type, message=prepared.reason), expired=False)
                 self._completer.reject(d, env.id, prepared.reason, prepared.error_type, env,
                                        meta=prepared.meta, error_meta=prepared.error_meta)
                 continue
             if isinstance(prepared, Expired):
-                self._expire(d, prepared.envelope, prepared.definition)
+                await self._expire(d, prepared.envelope, prepared.definition)
                 continue
             if self._running < self.concurrency:
                 self._start(d, prepared)
@@ -483,7 +486,7 @@ class Worker:
         try:
             if prepared.expired:
                 # Its deadline passed while it waited in the prefetch buffer.
-                self._expire(d, env, prepared.definition)
+                await self._expire(d, env, prepared.definition)
                 return
             options = prepared.definition.options
             if limits_of(options, env.meta) and await self._rate_limited(d, prepared):
@@ -551,9 +554,24 @@ class Worker:
                                    prepared.definition.options.result_ttl, deferral.delay)
         return True
 
-    def _expire(self, d: Delivery, env: Envelope, definition: TaskDefinition[Any, Any]) -> None:
+    async def _unrun_follow_ups(self, d: Delivery, env: Envelope, error: TaskError, *,
+                                expired: bool) -> None:
+        """Canvas follow-ups of a task that ends without running (before it settles, so
+        a crash in between brings it back); an error here is logged, never blocks the
+        settle."""
+        try:
+            await canvas_hooks.ended_unrun(self.app, env, error, expired=expired,
+                                           redelivered=d.redelivered)
+        except Exception:
+            log.exception("canvas.follow_up_abandoned", task=env.name, task_id=env.id)
+
+    async def _expire(self, d: Delivery, env: Envelope,
+                      definition: TaskDefinition[Any, Any]) -> None:
         """Cancel a delivery whose ``stem.expiresAt`` has passed, without running it."""
         assert self._completer is not None
+        if canvas_hooks.wants(env):
+            await self._unrun_follow_ups(d, env, TaskError(
+                type="TaskExpired", message="Task expired before execution"), expired=True)
         # The status meta the Dart worker writes for an expired task, so either reads it.
         meta = {**env.meta, "task": env.name, "queue": env.queue,
                 "worker": self.consumer_name, "expiredAt": now_iso(), "stem.expired": True}

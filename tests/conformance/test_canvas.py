@@ -215,3 +215,31 @@ async def test_signatures_check_options_and_arguments(app: Stem) -> None:
         await chain(add.s(1, 2), add.s(1, 2, 3)).enqueue()
     sig = add.s(1).set(queue="q", countdown=1).set(meta={"a": 1})
     assert sig.options["queue"] == "q" and sig.options["meta"] == {"a": 1}
+
+
+async def test_members_that_end_without_running_still_settle_the_workflow(app: Stem) -> None:
+    # A member dead-lettered before its handler (no such task here) fails its chord;
+    # an expired chain step stops the chain; neither leaves a workflow waiting forever.
+    from datetime import UTC, datetime, timedelta
+
+    add, total, record = app.tasks["add"], app.tasks["total"], app.tasks["record"]
+    ghost = app.definition("nobody.handles.this")
+    gone = datetime.now(UTC) - timedelta(seconds=1)
+    async with running_worker(app):
+        result = await chord([add.s(1, 1), ghost.si(), add.s(2, 2)], total.s()).enqueue()
+        callback = await result.callback_result(timeout=15)
+        assert callback.state is TaskState.FAILED and callback.error is not None
+        assert callback.meta["stem.chord.failedIndex"] == 1
+        assert "nobody.handles.this" in callback.error.message
+
+        steps = chain(add.s(1, 2), add.s(10).set(expires=gone), add.s(100))
+        chained = await steps.enqueue()
+        last = await chained.wait(timeout=15)
+        assert last.state is TaskState.CANCELLED
+
+        dead = ghost.si().link_error(record.s(tag="ghost-failed"))
+        dead_id = await dead.enqueue()
+        assert (await app.wait(dead_id, timeout=15)).state is TaskState.FAILED
+        err_id = stem.canvas.derived_id(dead_id, "link-error", 0)
+        assert (await app.wait(err_id, timeout=15)).value == "ghost-failed"
+    assert all(tag != "total" for tag, _ in app.ran)  # type: ignore[attr-defined]
