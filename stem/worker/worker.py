@@ -27,7 +27,7 @@ from stem._urls import mask_url
 from stem.adapters.sqlite._db import path_from_url
 from stem.context import TaskContext
 from stem.envelope import Envelope, payload_limit, peek_task_id
-from stem.errors import UnsettledDeliveriesError
+from stem.errors import ConfigurationError, ServiceUnavailableError, UnsettledDeliveriesError
 from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
@@ -103,6 +103,9 @@ class Worker:
     importable module). ``max_tasks_per_child`` and ``max_memory_per_child`` (KiB)
     recycle children. See :mod:`stem.worker.executor` and :mod:`stem.worker.pool`.
 
+    ``connect_timeout`` (seconds, default 0: fail at once): how long :meth:`run` waits
+    for an unreachable broker or backend at startup, retrying with backoff.
+
     Every delivery ends in exactly one of ack, retry or dead letter, whatever a
     handler, an envelope field or a retry strategy raises (an error in the worker's
     own settling code dead-letters the delivery with the reason). Shutdown is bounded
@@ -127,6 +130,7 @@ class Worker:
         max_memory_per_child: int | None = None,
         prefetch_multiplier: int = 4,
         heartbeat_interval: float = 10.0,
+        connect_timeout: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -135,6 +139,7 @@ class Worker:
         if not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be > 0 seconds")
         self.prefetch_multiplier = prefetch_multiplier
+        self.connect_timeout = connect_timeout
         self.app = app
         self.app_spec = app_spec
         self.pool_size = pool_size
@@ -209,6 +214,39 @@ class Worker:
         self._stop.set()
         self._slot_free.set()
 
+    async def _wait_for_stores(self) -> None:
+        """Ping the broker, then the backend; while one is unreachable, retry with backoff
+        (0.1 s doubling to 5 s) for up to ``connect_timeout`` seconds, logging
+        ``worker.waiting_for_store`` each time, then raise the last error.
+
+        A compose stack or a reboot may start the worker before its Redis or Postgres
+        accepts connections; a bad URL or refused credentials still fail at once
+        (a :class:`~stem.errors.ConfigurationError` is never retried).
+        """
+        deadline = time.monotonic() + self.connect_timeout
+        for what, url, part in (("broker", self.app.broker_url, self.app.broker),
+                                ("backend", self.app.backend_url, self.app.backend)):
+            delay, tries = 0.1, 0
+            while True:
+                try:
+                    await part.ping()
+                    break
+                except ConfigurationError:
+                    raise
+                except (ServiceUnavailableError, OSError) as exc:
+                    tries += 1
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop.is_set():
+                        raise
+                    wait = min(delay, left)
+                    log.warning("worker.waiting_for_store", store=what, url=shown_url(url),
+                                attempt=tries, retry_in=round(wait, 2),
+                                gives_up_in=round(left, 1), error=str(exc) or type(exc).__name__)
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, 5.0)
+            if tries:
+                log.info("worker.store_reachable", store=what, url=shown_url(url), attempts=tries + 1)
+
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then drain in-flight work and return.
 
@@ -218,8 +256,7 @@ class Worker:
         broker, backend = self.app.broker, self.app.backend
         payload_limit()  # a bad STEM_MAX_PAYLOAD_BYTES fails here, not in every fetch
         check_visibility_timeout(broker.default_visibility_timeout)
-        await broker.ping()
-        await backend.ping()
+        await self._wait_for_stores()
         await self.executor.start()  # warm the process pool before taking work
         if any(limits_of(d.options, {}) for d in self.app.tasks.values()):
             _ = self.app.rate_limiter  # no limiter for rate-limited tasks: fail at start
