@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench venv clean
+.PHONY: demo test lint typecheck bench venv clean example-retry
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/hello/run_demo.py
+
+# A flaky task retried on SQLite, each retry printed by signal receivers (examples/retry_task).
+example-retry: $(STAMP)
+	$(BIN)/python examples/retry_task/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check stem cli tests bench examples

@@ -2,11 +2,20 @@
 
     python -m bench.beat_drift --url redis://127.0.0.1:6379/2 --entries 1000 --seconds 8
     python -m bench.beat_drift --url postgresql://postgres@127.0.0.1:5432/test --failover
+    python -m bench.beat_drift --url postgresql://postgres@127.0.0.1:5432/test --record
 
 Drift: N entries due every second, dispatched by one in-process beat whose broker,
 backend, schedule store and lock store are all ``--url`` (a new namespace, removed
 afterwards). Prints p50/p99/max of how late each run was enqueued after its scheduled
-time, over the runs of the window (``--profile`` writes a pyinstrument HTML report).
+time, over the runs of the window (``--profile`` writes a pyinstrument HTML report), next
+to ``floor_ms``: the median time of one ``enqueue_many`` of N tasks on the same store
+just before, the part of the drift no beat can avoid on this machine at that moment;
+and, per second, the worst enqueue call and the worst start (how late the beat began
+the enqueue) over a sample of 50 entries (from their run history).
+
+Recording (``--record``): the time to record one second's runs of N entries, as one
+``mark_runs`` batch and as N ``mark_run`` calls (64 in flight, as the beat did before
+batches), alternately for ``--rounds`` rounds.
 
 Failover (``--failover``): two real ``stem beat`` processes share the store; an
 ``every:1s`` entry runs; the beat holding its lock is SIGKILLed, and the time from the
@@ -31,7 +40,7 @@ from typing import Any
 
 import stem
 from stem.adapters import store_from_url
-from stem.beat import Beat, ScheduleEntry
+from stem.beat import Beat, MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.beat import LEADER_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +83,22 @@ def _pct(values: list[int], q: float) -> int | None:
     return ordered[min(len(ordered) - 1, max(0, int(len(ordered) * q + 0.5) - 1))]
 
 
+async def _enqueue_floor(app: stem.Stem, entries: int, rounds: int = 5) -> float:
+    """Median time (ms) of one ``enqueue_many`` of ``entries`` tasks on this store: the
+    part of each run's drift a beat cannot avoid (its dispatch is that call)."""
+    from stem.task import TaskCall
+
+    definition = app.definition("bench.noop")
+    times = []
+    for _ in range(rounds):
+        calls = [TaskCall(definition, {}).with_options(task_id=uuid.uuid4().hex)
+                 for _ in range(entries)]
+        started = time.perf_counter()
+        await app.enqueue_many(calls)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
 async def drift(url: str, entries: int, seconds: float, profile: str | None) -> dict[str, Any]:
     url = _url(url)
     namespace = f"bench_beat_{uuid.uuid4().hex[:8]}"
@@ -86,7 +111,10 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
             await asyncio.gather(*(store.schedules.upsert(ScheduleEntry(
                 id=f"e{i:05d}", task="bench.noop", spec={"kind": "interval", "everyMs": 1000},
                 next_run_at=first)) for i in range(start, min(entries, start + 50))))
+        floor = await _enqueue_floor(app, entries)
         drifts: list[int] = []
+        enqueue: dict[str, int] = {}
+        late: dict[str, int] = {}
 
         by_second: dict[str, int] = {}
 
@@ -112,15 +140,72 @@ async def drift(url: str, entries: int, seconds: float, profile: str | None) -> 
             _write(profile, profiler.output_text(show_all=False)
                    if profile.endswith(".txt") else profiler.output_html())
         stem.signals.schedule_entry_dispatched.disconnect(on_dispatch)
+        # Split each second's worst drift of a sample of entries into the enqueue call
+        # (the run's durationMs) and how late the beat started it.
+        for i in range(0, entries, max(entries // 50, 1)):
+            for r in await store.schedules.history(f"e{i:05d}", 1000):
+                key = r.scheduled_at.isoformat(timespec="seconds")
+                ms = round((r.executed_at - r.scheduled_at).total_seconds() * 1000)
+                enqueue[key] = max(enqueue.get(key, 0), r.duration_ms)
+                late[key] = max(late.get(key, 0), ms - r.duration_ms)
     finally:
         await store.close()
         await app.close()
         await _cleanup(url, namespace)
-    return {"url": url.split("://")[0], "entries": entries, "runs": len(drifts),
+    return {"url": url.split("://")[0], "entries": entries, "floor_ms": floor,
+            "runs": len(drifts),
             "expected": entries * int(seconds),
             "p50_ms": statistics.median(drifts) if drifts else None,
             "p99_ms": _pct(drifts, 0.99), "max_ms": max(drifts) if drifts else None,
-            "max_ms_per_second": [by_second[k] for k in sorted(by_second)]}
+            "max_ms_per_second": [by_second[k] for k in sorted(by_second)],
+            "enqueue_ms_per_second": [enqueue[k] for k in sorted(enqueue)],
+            "start_late_ms_per_second": [late[k] for k in sorted(late)]}
+
+
+async def record(url: str, entries: int, rounds: int) -> dict[str, Any]:
+    url = _url(url)
+    namespace = f"bench_beat_{uuid.uuid4().hex[:8]}"
+    store = store_from_url(url, namespace=namespace)
+    schedules = store.schedules
+    batch_ms: list[float] = []
+    single_ms: list[float] = []
+    limit = asyncio.Semaphore(64)
+    try:
+        await store.migrate()
+        start = datetime.now(UTC).replace(microsecond=0)
+        ids = [f"e{i:05d}" for i in range(entries)]
+        for first in range(0, entries, 50):
+            await asyncio.gather(*(schedules.upsert(ScheduleEntry(
+                id=i, task="bench.noop", spec={"kind": "interval", "everyMs": 1000},
+                next_run_at=start)) for i in ids[first:first + 50]))
+        version = 1
+
+        def runs(n: int) -> list[MarkRun]:
+            at = start + timedelta(seconds=n)
+            return [MarkRun(ScheduleRun(i, at, at + timedelta(milliseconds=20), True, 20),
+                            version, at + timedelta(seconds=1)) for i in ids]
+
+        async def one(m: MarkRun) -> Any:
+            async with limit:
+                return await schedules.mark_run(m.run, expected_version=m.expected_version,
+                                                next_run_at=m.next_run_at)
+
+        for n in range(rounds * 2):
+            batch = runs(n)
+            started = time.perf_counter()
+            if n % 2 == 0:
+                done = await schedules.mark_runs(batch)
+            else:
+                done = await asyncio.gather(*(one(m) for m in batch))
+            took = (time.perf_counter() - started) * 1000
+            assert all(d is not None for d in done), "a run was not recorded"
+            (batch_ms if n % 2 == 0 else single_ms).append(round(took, 1))
+            version += 1
+    finally:
+        await store.close()
+        await _cleanup(url, namespace)
+    return {"url": url.split("://")[0], "entries": entries, "mark_runs_ms": batch_ms,
+            "mark_run_each_ms": single_ms}
 
 
 def _beat(url: str, namespace: str, lock_ttl: float, log: Path) -> subprocess.Popen[bytes]:
@@ -192,10 +277,14 @@ if __name__ == "__main__":
     parser.add_argument("--profile", metavar="HTML", help="write a pyinstrument report")
     parser.add_argument("--failover", action="store_true",
                         help="measure failover time of two stem beat processes instead")
+    parser.add_argument("--record", action="store_true",
+                        help="time recording N runs: one mark_runs vs N mark_run calls")
     parser.add_argument("--lock-ttl", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.failover:
         print(asyncio.run(failover(args.url, args.lock_ttl, args.rounds)))
+    elif args.record:
+        print(asyncio.run(record(args.url, args.entries, args.rounds)))
     else:
         print(asyncio.run(drift(args.url, args.entries, args.seconds, args.profile)))

@@ -69,3 +69,19 @@ def load_app(spec: str) -> Stem:
     if not isinstance(obj, Stem):
         raise fail(f"--app {spec!r}: {attr!r} is a {type(obj).__name__}, not a stem.Stem app")
     return obj
+
+
+def serve_metrics(port: int | None, app: Stem) -> None:
+    """``--metrics-port``: serve Prometheus metrics for ``app`` (nothing when None)."""
+    if port is None:
+        return
+    from stem import metrics
+    from stem.log import get_logger
+
+    try:
+        rec = metrics.serve(port, app=app)
+    except ImportError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"--metrics-port {port}: {exc}") from None
+    get_logger("stem.metrics").info("metrics.serving", port=rec.port, path="/metrics")

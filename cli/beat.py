@@ -23,7 +23,7 @@ from stem.beat.stores import BeatStores, open_beat_stores
 from stem.config import StemConfig
 from stem.errors import ConfigurationError
 from stem.log import configure_logging, get_logger
-from stem_cli._app import between, fail, load_app
+from stem_cli._app import between, fail, load_app, serve_metrics
 
 T = TypeVar("T")
 log = get_logger("stem.beat")
@@ -65,6 +65,10 @@ def beat_command(
                          ] = "INFO",
     log_format: Annotated[str, typer.Option("--log-format", help="auto, pretty or json.")
                           ] = "auto",
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", envvar="STEM_METRICS_PORT", callback=between(0, 65535),
+        help="Serve Prometheus metrics on this port (/metrics; needs the metrics extra).")
+    ] = None,
 ) -> None:
     """Dispatch due schedule entries as tasks until SIGTERM/SIGINT.
 
@@ -75,6 +79,7 @@ def beat_command(
     configure_logging(log_level.upper(), json={"auto": None, "pretty": False,
                                                "json": True}.get(log_format.lower()))
     stem_app = load_app(app_spec)
+    serve_metrics(metrics_port, stem_app)
 
     async def main() -> None:
         stores = open_beat_stores(schedule_store, lock_store, namespace=stem_app.namespace,

@@ -21,10 +21,12 @@ from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
 from stem.worker import Worker
 from stem_cli import control
-from stem_cli._app import between, error_line, fail, load_app
+from stem_cli._app import between, error_line, fail, load_app, serve_metrics
 from stem_cli.beat import beat_command, schedule_app
 from stem_cli.groups import group_app
-from stem_cli.ops import dlq_app, observe_app
+from stem_cli.multi import healthcheck_command, multi_app
+from stem_cli.observe import observe_app
+from stem_cli.ops import dlq_app
 
 try:  # typer >= 0.22 ships its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -37,6 +39,8 @@ worker_app = typer.Typer(help="Run and control workers.", no_args_is_help=True)
 tasks_app = typer.Typer(help="Inspect registered tasks.", no_args_is_help=True)
 app.add_typer(worker_app, name="worker")
 app.add_typer(tasks_app, name="tasks")
+worker_app.add_typer(multi_app, name="multi")
+worker_app.command("healthcheck")(healthcheck_command)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(observe_app, name="observe")
 app.add_typer(group_app, name="group")
@@ -132,6 +136,14 @@ def worker_start(
     log_format: Annotated[str, typer.Option("--log-format", callback=_log_format,
                           help="auto (pretty on a terminal, JSON lines otherwise), pretty "
                                "or json.")] = "auto",
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", envvar="STEM_METRICS_PORT", callback=between(0, 65535),
+        help="Serve Prometheus metrics on this port (/metrics; needs the metrics extra).")
+    ] = None,
+    connect_timeout: Annotated[float, typer.Option("--connect-timeout",
+                               callback=between(0, MAX_GRACE, " seconds"),
+                               help="Seconds to wait for an unreachable broker or backend at "
+                                    "startup, retrying with backoff (0: fail at once).")] = 0.0,
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0.
 
@@ -141,11 +153,12 @@ def worker_start(
     """
     configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
+    serve_metrics(metrics_port, stem_app)
     worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
                     block_time=block_time, pool_size=pool, app_spec=app_spec,
                     max_tasks_per_child=max_tasks_per_child,
                     max_memory_per_child=max_memory_per_child,
-                    prefetch_multiplier=prefetch_multiplier)
+                    prefetch_multiplier=prefetch_multiplier, connect_timeout=connect_timeout)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -1,17 +1,19 @@
-"""Operational commands: ``stem dlq`` and ``stem observe``."""
+"""Operational commands: ``stem dlq`` (``stem observe`` is in :mod:`stem_cli.observe`)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from stem.app import Stem
@@ -22,7 +24,6 @@ from stem_cli._app import between, fail, load_app
 T = TypeVar("T")
 
 dlq_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
-observe_app = typer.Typer(help="Look at queues.", no_args_is_help=True)
 
 AppOpt = Annotated[str | None, typer.Option("--app", "-A",
                    help="App whose broker to use (default: STEM_* environment).")]
@@ -62,6 +63,27 @@ def parse_duration(value: str | None, option: str) -> float | None:
     if seconds > MAX_RETRY_DELAY:
         raise fail(f"{option} {value!r} is longer than a year")
     return seconds
+
+
+#: Dead letters replayed per broker call: a replay of thousands moves a progress bar.
+REPLAY_BATCH = 500
+
+
+@contextmanager
+def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr for a long operation (``total`` items); yields the
+    function that advances it. Nothing is drawn when stderr is not a terminal or
+    ``total`` is small, so piped output and logs stay clean."""
+    console = Console(stderr=True)
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal or total < PROGRESS_MIN) as progress:
+        task = progress.add_task(what, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+#: Operations on fewer items than this finish without a progress bar.
+PROGRESS_MIN = 100
 
 
 def _when(epoch: float) -> str:
@@ -202,8 +224,9 @@ def dlq_replay(
             out += found[:limit] if limit is not None else found
         return out
 
+    chosen: list[DeadLetter] | None = None  # with --yes, listed in the same run below
     if dry_run or not yes:
-        letters = _run(app_spec, candidates)
+        chosen = letters = _run(app_spec, candidates)
         if not letters:
             typer.echo("nothing to replay")
             return
@@ -219,9 +242,19 @@ def dlq_replay(
         typer.confirm(f"Replay these {len(letters)} dead letters?", abort=True)
 
     async def op(a: Stem) -> dict[str, int]:
-        return {q: await a.broker.replay_dead_letters(q, limit, ids=wanted, since=after,
-                                                      delay=wait)
-                for q in _queues(a, queue)}
+        todo = chosen if chosen is not None else await candidates(a)
+        by_queue: dict[str, list[str]] = {}
+        for d in todo:
+            by_queue.setdefault(d.queue, []).append(d.id)
+        done = dict.fromkeys(_queues(a, queue), 0)
+        with progress_bar(len(todo), "replaying") as advance:
+            for q, q_ids in by_queue.items():
+                for i in range(0, len(q_ids), REPLAY_BATCH):
+                    batch = q_ids[i:i + REPLAY_BATCH]
+                    done[q] += await a.broker.replay_dead_letters(
+                        q, None, ids=batch, since=after, delay=wait)
+                    advance(len(batch))
+        return done
 
     done = _run(app_spec, op)
     for q, n in done.items():
@@ -239,30 +272,15 @@ def dlq_purge(
         typer.confirm("Delete these dead letters for good?", abort=True)
 
     async def op(a: Stem) -> dict[str, int]:
-        return {q: await a.broker.purge_dead_letters(q) for q in _queues(a, queue)}
+        names = _queues(a, queue)
+        total = sum([(await a.broker.stats(q)).dead for q in names])
+        done: dict[str, int] = {}
+        with progress_bar(total, "purging") as advance:
+            for q in names:
+                done[q] = await a.broker.purge_dead_letters(q)
+                advance(done[q])
+        return done
 
     done = _run(app_spec, op)
     for q, n in done.items():
         typer.echo(f"{q}: purged {n}")
-
-
-@observe_app.command("queues")
-def observe_queues(
-    app_spec: AppOpt = None,
-    queue: QueueOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Ready, delayed, in-flight and dead counts per queue."""
-    async def op(a: Stem) -> list[Any]:
-        return [await a.broker.stats(q) for q in _queues(a, queue)]
-
-    stats = _run(app_spec, op)
-    if json_out:
-        for s in stats:
-            typer.echo(orjson.dumps({"queue": s.queue, "pending": s.pending, "delayed": s.delayed,
-                                     "inFlight": s.in_flight, "dead": s.dead}).decode())
-        return
-    table = Table("queue", "ready", "delayed", "in flight", "dead", title="queues")
-    for s in stats:
-        table.add_row(s.queue, str(s.pending), str(s.delayed), str(s.in_flight), str(s.dead))
-    Console().print(table)

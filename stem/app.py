@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from fnmatch import translate
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar, overload
 
+from stem import signals, tracing
 from stem._sync import SyncBridge, refuse_in_event_loop
 from stem._time import to_iso, utcnow
 from stem._urls import mask_url
@@ -56,6 +57,7 @@ from stem.ports import (
 )
 from stem.retry import RetryPolicy, RetryStrategy
 from stem.revoke import RevokeEntry, default_requester, new_version
+from stem.signals import AppSignals
 from stem.signing import PayloadSigner, SigningConfig, signer_for
 from stem.stats import AppStats
 from stem.status import TaskResult, TaskState, TaskStatus
@@ -267,6 +269,9 @@ class Stem:
         self._sync = SyncBridge(self._close_current_loop)
         #: Producer counters for metrics (:class:`stem.stats.AppStats`): ``deduplicated``.
         self.stats = AppStats()
+        #: This app's signals: receivers connected here hear only this app's workers,
+        #: beats and producers (``stem.signals.<name>`` hears every app).
+        self.signals = AppSignals()
         #: Set while enqueues run their task in-process (``eager=True``, stem.testing.eager).
         self._eager: EagerRunner | None = None
         if eager_propagates and not eager:
@@ -715,6 +720,8 @@ class Stem:
             self._adopt_encoders(opts)  # definitions built without app.register
         args_encoder = opts.args_encoder or self.encoders.default_args_encoder
         headers = {**call.headers, ARGS_ENCODER_HEADER: args_encoder.id}
+        if tracing.ENABLED and tracing.active():  # before signing, which covers headers
+            tracing.inject(headers)
         meta = {**call.meta, ARGS_ENCODER_META: args_encoder.id}
         time_limit = call.time_limit if call.time_limit is not None else opts.time_limit
         soft = call.soft_time_limit if call.soft_time_limit is not None else opts.soft_time_limit
@@ -831,7 +838,17 @@ class Stem:
         An envelope larger than ``STEM_MAX_PAYLOAD_BYTES`` (default 16 MiB) is refused
         with :class:`~stem.errors.PayloadTooLargeError` and nothing is published.
         """
+        if tracing.ENABLED and tracing.active():
+            d = call.definition
+            with tracing.enqueue_span(d.name, call.queue or d.options.queue,
+                                      self.namespace) as span:
+                return await self._enqueue_call(call, connection, span)
+        return await self._enqueue_call(call, connection, None)
+
+    async def _enqueue_call(self, call: TaskCall[Any], connection: Any, span: Any) -> str:
         envelope = self.build_envelope(call)
+        if span is not None:
+            tracing.enqueued(span, envelope)
         if self._eager is not None:  # tests: run it here, now (no coalescing: it may nest)
             await self._eager.run([envelope])
             return envelope.id
@@ -845,6 +862,16 @@ class Stem:
     ) -> list[str]:
         """Publish many calls in one broker round-trip; returns their ids in order (a
         unique call that is already pending gets the pending task's id)."""
+        if tracing.ENABLED and tracing.active():
+            calls = list(calls)
+            names = {c.definition.name for c in calls}
+            with tracing.enqueue_span(names.pop() if len(names) == 1 else "*", None,
+                                      self.namespace, count=len(calls)):
+                return await self._enqueue_many(calls, connection)
+        return await self._enqueue_many(calls, connection)
+
+    async def _enqueue_many(self, calls: Iterable[TaskCall[Any]], connection: Any
+                            ) -> list[str]:
         envelopes = [self.build_envelope(c) for c in calls]
         subs: dict[str, str] = {}
         if self._eager is not None:
@@ -927,6 +954,15 @@ class Stem:
                 f"needs the Postgres broker; this app's broker is {type(self.broker).__name__} "
                 f"({mask_url(self.broker_url)})"
             )
+        if signals.before_task_publish.has_receivers:
+            self._signal_publish(signals.before_task_publish, envelopes, None)
+        subs = await self._publish_in(connection, broker, envelopes)
+        if signals.after_task_publish.has_receivers:
+            self._signal_publish(signals.after_task_publish, envelopes, subs)
+        return subs
+
+    async def _publish_in(self, connection: Any, broker: TransactionalPublisher,
+                          envelopes: list[Envelope]) -> dict[str, str]:
         store = self.shared_store
         publish_new = getattr(store, "publish_new", None)
         locks = self._locks_of(envelopes)
@@ -988,6 +1024,8 @@ class Stem:
         Unique tasks take their lock in the same step; one whose lock another task holds
         is not published, and the returned mapping gives, for each such id, the id of
         the task holding the lock (what ``enqueue`` returns instead)."""
+        if signals.before_task_publish.has_receivers:
+            self._signal_publish(signals.before_task_publish, envelopes, None)
         target = parts.publish_target
         if target is None:
             store = self.shared_store
@@ -1013,7 +1051,18 @@ class Stem:
             if not retry:
                 break
             pending = retry
+        if signals.after_task_publish.has_receivers:
+            self._signal_publish(signals.after_task_publish, envelopes, substitutes)
         return substitutes
+
+    def _signal_publish(self, signal: signals.Signal, envelopes: Sequence[Envelope],
+                        subs: dict[str, str] | None) -> None:
+        """``before_task_publish`` (``subs`` None) / ``after_task_publish`` per envelope."""
+        for env in envelopes:
+            if subs is None:
+                signal.send(self, envelope=env)
+            else:
+                signal.send(self, envelope=env, task_id=subs.get(env.id, env.id))
 
     @property
     def locks(self) -> LockStore:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.envelope import Envelope
 from stem.groups import GroupMember, GroupProgress, GroupRecord
 from stem.revoke import RevokeEntry
@@ -375,6 +375,15 @@ class ScheduleStore(Protocol):
         and clears ``last_error``; a failed one sets ``last_error = run.error`` and
         ``last_error_at``. ``disable`` also sets ``enabled = False``; ``updated_at``
         is the time of the write."""
+        ...
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """:meth:`mark_run` for each of ``runs`` (distinct entries; a repeated entry id is
+        a ValueError), in one round trip for the whole batch (one statement, script,
+        transaction or file write). Each entry is checked and written as by
+        :meth:`mark_run`: a stale version or a missing entry gives None in its place
+        and changes nothing, without affecting the other runs of the batch. Returns the
+        results in the order of ``runs``; an empty batch does nothing."""
         ...
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:

@@ -12,13 +12,15 @@ implementation of the port's rules.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from stem._time import utcnow
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
 
 __all__ = [
+    "check_batch",
     "check_history_max",
     "check_limit",
     "check_ttl",
@@ -29,6 +31,7 @@ __all__ = [
     "ms_time",
     "run_applied",
     "stored_entry",
+    "trim_period",
     "upserted",
 ]
 
@@ -89,6 +92,27 @@ def from_ms(ms: int) -> datetime:
 def drift_ms(run: ScheduleRun) -> int:
     """``executed_at - scheduled_at`` in whole milliseconds."""
     return epoch_ms(run.executed_at) - epoch_ms(run.scheduled_at)
+
+
+def trim_period(history_max: int) -> int:
+    """Every how many runs of an entry a SQL store deletes its runs beyond
+    ``history_max`` (a tenth of the bound, at most 100): finding the bound reads the
+    whole history, so doing it on every run would cost ``history_max`` reads per run.
+    The store's reads stop at the bound, so the extra rows are never seen."""
+    return max(1, min(100, history_max // 10))
+
+
+def check_batch(runs: Sequence[MarkRun]) -> list[MarkRun]:
+    """A ``mark_runs`` batch as a list: ValueError if an entry id appears twice; a run
+    whose times cannot be stored fails here, before anything is written."""
+    batch = list(runs)
+    seen: set[str] = set()
+    for item in batch:
+        if item.entry_id in seen:
+            raise ValueError(f"mark_runs: entry {item.entry_id!r} appears twice in one batch")
+        seen.add(item.entry_id)
+        drift_ms(item.run)
+    return batch
 
 
 _TIME_FIELDS = ("expire_at", "next_run_at", "last_run_at", "last_success_at", "last_error_at",

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 
 if TYPE_CHECKING:
     from stem.beat.beat import Beat
     from stem.beat.file_store import FileScheduleStore
 
-__all__ = ["Beat", "FileScheduleStore", "ScheduleEntry", "ScheduleRun"]
+__all__ = ["Beat", "FileScheduleStore", "MarkRun", "ScheduleEntry", "ScheduleRun"]
 
 
 def __getattr__(name: str) -> Any:

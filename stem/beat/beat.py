@@ -1,9 +1,9 @@
 """The beat: dispatches due schedule entries as tasks (``stem beat``).
 
 One loop per process: ask the schedule store for the entries due now (one read),
-enqueue them together (one ``enqueue_many``), record each run with its next run time
-(version-guarded ``mark_run`` calls, concurrently), and sleep until the soonest known
-next run (at most ``tick`` seconds).
+enqueue them together (one ``enqueue_many``), record their runs with their next run
+times (one version-guarded ``mark_runs`` call for the batch), and sleep until the
+soonest known next run (at most ``tick`` seconds).
 
 Several beats may share one schedule store and one lock store: the one that holds the
 lease ``stem:beat`` in the lock store (the **leader**, lease ``lock_ttl``, renewed every
@@ -35,8 +35,9 @@ from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from stem import metrics
 from stem._time import to_iso, utcnow
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.specs import next_run
 from stem.errors import ConfigurationError, ScheduleConflictError
 from stem.log import get_logger
@@ -315,6 +316,7 @@ class Beat:
         together (one ``enqueue_many``) and recorded concurrently; the others one by one."""
         plain: list[tuple[ScheduleEntry, TaskCall[Any]]] = []
         single: list[Awaitable[bool]] = []
+        metrics.recorder.schedule_due(len(due))
         for entry in due:
             assert entry.next_run_at is not None
             planned = entry.next_run_at
@@ -371,9 +373,8 @@ class Beat:
                       for o in outcome]
         executed = utcnow()
         duration = round((time.monotonic() - started) * 1000)
-        steps = [self._guarded(entry, self._after(entry, entry.next_run_at or executed, 0,
-                                                  executed, duration, task_id, error))
-                 for (entry, _), task_id, error in zip(plain, ids, errors, strict=True)]
+        dispatched = [(entry, task_id, error)
+                      for (entry, _), task_id, error in zip(plain, ids, errors, strict=True)]
         entry_ids = [entry.id for entry, _ in plain]
         self._in_flight.update(entry_ids)
         for entry_id in entry_ids:
@@ -381,7 +382,7 @@ class Beat:
 
         async def record() -> None:
             try:
-                await asyncio.gather(*steps)
+                await self._record_many(dispatched, executed, duration)
             finally:
                 self._in_flight.difference_update(entry_ids)
                 self._wake.set()
@@ -412,25 +413,63 @@ class Beat:
         duration = round((time.monotonic() - started) * 1000)
         return await self._after(entry, scheduled, jitter, executed, duration, task_id, message)
 
+    async def _record_many(self, dispatched: list[tuple[ScheduleEntry, str | None, str | None]],
+                           executed: datetime, duration: int) -> None:
+        """Record the runs of entries enqueued together (one ``mark_runs`` call), then log
+        and signal each."""
+        marks: list[MarkRun] = []
+        followings: list[datetime | None] = []
+        for entry, _, error in dispatched:
+            following = self._following(entry, executed)
+            followings.append(following)
+            marks.append(self._mark(entry, entry.next_run_at or executed, executed, 0,
+                                    error=error, next_at=following, duration_ms=duration))
+        async with self._limit:
+            try:
+                stored = await self.schedules.mark_runs(marks)
+            except Exception as exc:  # a store error must not stop the beat
+                for entry, _, _ in dispatched:
+                    log.error("beat.failed", entry=entry.id, task=entry.task, error=repr(exc))
+                    schedule_entry_failed.send(self, entry=entry, error=exc)
+                return
+        for (entry, task_id, error), mark, following, after in zip(
+                dispatched, marks, followings, stored, strict=True):
+            self._recorded(entry, after)
+            self._report(entry, after, mark.run.scheduled_at, 0, executed, task_id, error,
+                         following)
+
+    @staticmethod
+    def _following(entry: ScheduleEntry, executed: datetime) -> datetime | None:
+        """The next run after a dispatch at ``executed`` (None: none, or a bad spec)."""
+        try:
+            return next_run(entry.copy(last_run_at=executed), executed)
+        except ConfigurationError:
+            return None
+
     async def _after(self, entry: ScheduleEntry, scheduled: datetime, jitter: int,
                      executed: datetime, duration: int, task_id: str | None,
                      error: str | None) -> bool:
         """Record a dispatch (or its failure), then log and signal it."""
-        following: datetime | None
-        try:
-            following = next_run(entry.copy(last_run_at=executed), executed)
-        except ConfigurationError:
-            following = None
+        following = self._following(entry, executed)
         stored = await self._record(entry, scheduled, executed, jitter, error=error,
                                     next_at=following, duration_ms=duration)
+        return self._report(entry, stored, scheduled, jitter, executed, task_id, error,
+                            following)
+
+    def _report(self, entry: ScheduleEntry, stored: ScheduleEntry | None, scheduled: datetime,
+                jitter: int, executed: datetime, task_id: str | None, error: str | None,
+                following: datetime | None) -> bool:
+        """Log and signal a recorded dispatch; True if it was enqueued."""
         drift_ms = round((executed - scheduled).total_seconds() * 1000)
         if error is not None:
             log.error("beat.failed", entry=entry.id, task=entry.task, error=error)
             schedule_entry_failed.send(self, entry=stored or entry, error=error)
+            metrics.recorder.schedule_failed()
             return False
         log.info("beat.dispatched", entry=entry.id, task=entry.task, task_id=task_id,
                  queue=entry.queue, drift_ms=drift_ms, jitter_ms=jitter,
                  next_run_at=to_iso(following) if following else None)
+        metrics.recorder.schedule_dispatched(drift_ms / 1000)
         schedule_entry_dispatched.send(self, entry=stored or entry, task_id=task_id,
                                        scheduled_at=scheduled, executed_at=executed,
                                        drift_ms=drift_ms)
@@ -444,15 +483,18 @@ class Beat:
         self._report_broken(entry, exc)
         return False
 
-    async def _record(self, entry: ScheduleEntry, scheduled: datetime, executed: datetime,
-                      jitter: int, *, error: str | None, next_at: datetime | None,
-                      duration_ms: int = 0) -> ScheduleEntry | None:
+    @staticmethod
+    def _mark(entry: ScheduleEntry, scheduled: datetime, executed: datetime, jitter: int, *,
+              error: str | None, next_at: datetime | None, duration_ms: int = 0) -> MarkRun:
+        """What recording this dispatch writes (disabled when it has no next run or
+        expired)."""
         disable = next_at is None or (entry.expire_at is not None
                                       and executed >= entry.expire_at)
         run = ScheduleRun(entry.id, scheduled, executed, error is None, duration_ms, error)
-        stored = await self.schedules.mark_run(run, expected_version=entry.version,
-                                               next_run_at=next_at, jitter_ms=jitter,
-                                               disable=disable)
+        return MarkRun(run, entry.version, next_at, jitter, disable)
+
+    def _recorded(self, entry: ScheduleEntry, stored: ScheduleEntry | None) -> None:
+        """Note the entry's next run as recorded (or forget it after a conflict)."""
         if stored is None:
             log.warning("beat.conflict", entry=entry.id, version=entry.version,
                         detail="the entry changed while it was dispatched; run not recorded")
@@ -461,6 +503,16 @@ class Beat:
             self._known[entry.id] = stored.next_run_at
         else:
             self._known.pop(entry.id, None)
+
+    async def _record(self, entry: ScheduleEntry, scheduled: datetime, executed: datetime,
+                      jitter: int, *, error: str | None, next_at: datetime | None,
+                      duration_ms: int = 0) -> ScheduleEntry | None:
+        mark = self._mark(entry, scheduled, executed, jitter, error=error, next_at=next_at,
+                          duration_ms=duration_ms)
+        stored = await self.schedules.mark_run(mark.run, expected_version=mark.expected_version,
+                                               next_run_at=mark.next_run_at,
+                                               jitter_ms=mark.jitter_ms, disable=mark.disable)
+        self._recorded(entry, stored)
         return stored
 
     async def _skip(self, entry: ScheduleEntry, planned: datetime, now: datetime) -> bool:

@@ -21,7 +21,7 @@ import orjson
 
 from stem._time import from_iso, to_iso
 
-__all__ = ["ScheduleEntry", "ScheduleRun"]
+__all__ = ["MarkRun", "ScheduleEntry", "ScheduleRun"]
 
 # Dart JSON key -> attribute, for the datetime fields.
 _TIMES = {
@@ -157,3 +157,20 @@ class ScheduleRun:
         """Dart JSON."""
         return {"scheduledAt": to_iso(self.scheduled_at), "executedAt": to_iso(self.executed_at),
                 "success": self.success, "durationMs": self.duration_ms, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRun:
+    """One run to record with :meth:`stem.ports.ScheduleStore.mark_runs`: the arguments
+    of :meth:`~stem.ports.ScheduleStore.mark_run`, as a value."""
+
+    run: ScheduleRun
+    expected_version: int
+    next_run_at: datetime | None
+    jitter_ms: int = 0
+    disable: bool = False
+
+    @property
+    def entry_id(self) -> str:
+        """The entry the run belongs to."""
+        return self.run.entry_id

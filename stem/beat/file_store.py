@@ -20,7 +20,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,15 +30,15 @@ import orjson
 from stem._extras import require
 from stem._time import from_iso, to_iso, utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
-    drift_ms,
     is_due,
     ms_time,
     run_applied,
     upserted,
 )
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.specs import normalize_spec, parse_duration
 from stem.errors import ConfigurationError
 
@@ -72,12 +72,16 @@ def load_document(text: str | bytes, *, yaml: bool = False, source: str = "sched
         raise ConfigurationError(f"{source}: cannot parse it: {exc}") from None
 
 
-def entries_from_document(document: Any, *, source: str = "schedule file"
-                          ) -> list[ScheduleEntry]:
+def entries_from_document(document: Any, *, source: str = "schedule file",
+                          strict: bool = True) -> list[ScheduleEntry]:
     """The entries of a schedule document in any accepted form (see the module doc).
 
     Specs are checked and stored in their JSON form; ConfigurationError names the file,
-    the entry and what is wrong.
+    the entry and what is wrong. With ``strict=False`` (the store reading its own file)
+    a spec already in JSON form is kept as it is, unchecked, and so is the time zone: a
+    store returns what was written (keys of a spec it does not know included), and an
+    entry whose spec no longer parses is the beat's to report, not a file that cannot be
+    read.
     """
     if document is None:
         return []
@@ -94,7 +98,7 @@ def entries_from_document(document: Any, *, source: str = "schedule file"
     out = []
     seen: set[str] = set()
     for key, item in items:
-        entry = entry_from_file(item, entry_id=key, source=source)
+        entry = entry_from_file(item, entry_id=key, source=source, strict=strict)
         if entry.id in seen:
             raise ConfigurationError(f"{source}: entry {entry.id!r} appears twice")
         seen.add(entry.id)
@@ -103,8 +107,9 @@ def entries_from_document(document: Any, *, source: str = "schedule file"
 
 
 def entry_from_file(data: Any, *, entry_id: str | None = None,
-                    source: str = "schedule file") -> ScheduleEntry:
-    """One entry from a schedule file (Dart's aliases accepted)."""
+                    source: str = "schedule file", strict: bool = True) -> ScheduleEntry:
+    """One entry from a schedule file (Dart's aliases accepted; ``strict``: see
+    :func:`entries_from_document`)."""
     if not isinstance(data, dict):
         raise ConfigurationError(f"{source}: an entry must be an object, got {data!r}")
     data = dict(data)
@@ -124,8 +129,13 @@ def entry_from_file(data: Any, *, entry_id: str | None = None,
         raise ConfigurationError(f"{where}: lacks 'task' (or 'taskName')")
     if "spec" not in data:
         raise ConfigurationError(f"{where}: lacks 'spec' (or 'schedule')")
-    data["spec"] = normalize_spec(data["spec"], entry_id=ident)
-    if isinstance(options, dict) and "runOnce" in options and data["spec"]["kind"] == "clocked":
+    if strict or not isinstance(data["spec"], dict):
+        try:
+            data["spec"] = normalize_spec(data["spec"], entry_id=ident)
+        except ConfigurationError as exc:  # it names the entry; say which file too
+            raise ConfigurationError(f"{source}: {exc}") from None
+    if (isinstance(options, dict) and "runOnce" in options
+            and data["spec"].get("kind") == "clocked"):
         data["spec"]["runOnce"] = bool(options["runOnce"])
     elif options is not None:
         data["options"] = options  # kept as an unknown key, written back unchanged
@@ -141,7 +151,7 @@ def entry_from_file(data: Any, *, entry_id: str | None = None,
         entry = ScheduleEntry.from_dict(data)
     except ValueError as exc:
         raise ConfigurationError(f"{where}: {exc}") from None
-    if entry.timezone is not None:
+    if strict and entry.timezone is not None:
         from stem.beat.specs import zone
         try:
             zone(entry.timezone)
@@ -191,7 +201,7 @@ class FileScheduleStore:
             return {}, {}
         document = load_document(raw, yaml=_is_yaml(self.path), source=str(self.path))
         history = document.get("history", {}) if isinstance(document, dict) else {}
-        entries = entries_from_document(document, source=str(self.path))
+        entries = entries_from_document(document, source=str(self.path), strict=False)
         return {e.id: e for e in entries}, history if isinstance(history, dict) else {}
 
     def _write(self, entries: dict[str, ScheduleEntry],
@@ -268,25 +278,38 @@ class FileScheduleStore:
                        next_run_at: datetime | None, jitter_ms: int = 0,
                        disable: bool = False) -> ScheduleEntry | None:
         """Record a dispatch if the entry is still at ``expected_version``."""
+        return (await self.mark_runs([MarkRun(run, expected_version, next_run_at, jitter_ms,
+                                              disable)]))[0]
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """Record each run whose entry is still at its expected version: one locked
+        read-change-write of the file for the whole batch."""
+        batch = check_batch(runs)  # a bad run fails before the file is touched
+        if not batch:
+            return []
         now = utcnow()
-        drift_ms(run)  # a bad run fails before the file is touched
-        kept = ScheduleRun(run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
-                           ms_time(run.executed_at) or run.executed_at, run.success,
-                           run.duration_ms, run.error).to_dict()
         bound = self.history_max
 
         def change(entries: dict[str, ScheduleEntry],
-                   history: dict[str, list[dict[str, Any]]]) -> ScheduleEntry | None:
-            entry = entries.get(run.entry_id)
-            if entry is None or entry.version != expected_version:
-                return None
-            stored = run_applied(entry, run, next_run_at=next_run_at, jitter_ms=jitter_ms,
-                                 disable=disable, now=now)
-            entries[entry.id] = stored
-            runs = history.setdefault(entry.id, [])
-            runs.insert(0, kept)
-            del runs[bound:]
-            return stored
+                   history: dict[str, list[dict[str, Any]]]) -> list[ScheduleEntry | None]:
+            out: list[ScheduleEntry | None] = []
+            for item in batch:
+                run = item.run
+                entry = entries.get(run.entry_id)
+                if entry is None or entry.version != item.expected_version:
+                    out.append(None)
+                    continue
+                stored = run_applied(entry, run, next_run_at=item.next_run_at,
+                                     jitter_ms=item.jitter_ms, disable=item.disable, now=now)
+                entries[entry.id] = stored
+                kept = history.setdefault(entry.id, [])
+                kept.insert(0, ScheduleRun(
+                    run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
+                    ms_time(run.executed_at) or run.executed_at, run.success,
+                    run.duration_ms, run.error).to_dict())
+                del kept[bound:]
+                out.append(stored)
+            return out
         return await asyncio.to_thread(self._change, change)
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:

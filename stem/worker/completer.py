@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from stem import signals
+from stem import metrics, signals
 from stem._time import now_iso
 from stem.context import TaskContext
 from stem.encoding import RESULT_ENCODER_META
@@ -135,6 +135,7 @@ class Completer:
             emit(_stdlog, _WARNING, "task.expired", task=env.name, task_id=env.id,
                  state=TaskState.CANCELLED.value, attempt=env.attempt, queue=d.queue,
                  expires_at=env.meta.get(META_EXPIRES_AT))
+        metrics.recorder.task_expired(env.name, env.queue)
         self.status(TaskStatus(env.id, TaskState.CANCELLED, error=TaskError(
             type="TaskExpired", message="Task expired before execution"), meta=meta,
             attempt=env.attempt), ttl)
@@ -167,6 +168,7 @@ class Completer:
                  task_id=task_id, state=TaskState.FAILED.value,
                  attempt=env.attempt if env else None, queue=d.queue, reason=reason)
         signals.task_rejected.send(self._sender, reason=reason, envelope=env, raw=d.raw)
+        metrics.recorder.task_rejected(env.name if env else "", env.queue if env else d.queue)
         if task_id is not None:
             self._reject_statuses[task_id] = TaskStatus(
                 task_id, TaskState.FAILED,
@@ -226,12 +228,14 @@ class Completer:
                 emit(_stdlog, _INFO, "task.succeeded", task=env.name, task_id=env.id,
                      state=TaskState.SUCCEEDED.value, attempt=env.attempt,
                      runtime=round(runtime, 6))
+            metrics.recorder.task_succeeded(env.name, env.queue, runtime)
         elif isinstance(outcome, RetryLater):
             if _stdlog.isEnabledFor(_INFO):
                 emit(_stdlog, _INFO, "task.retried", task=env.name, task_id=env.id,
                      state=TaskState.RETRIED.value, attempt=env.attempt,
                      runtime=round(runtime, 6), delay=round(outcome.delay, 3),
                      error=outcome.error.message)
+            metrics.recorder.task_retried(env.name, env.queue, runtime)
             meta["retryDelayMs"] = round(outcome.delay * 1000)
             self.status(TaskStatus(env.id, TaskState.RETRIED, error=outcome.error,
                                    meta=meta, attempt=env.attempt), ttl)
@@ -242,6 +246,7 @@ class Completer:
                      state=TaskState.FAILED.value, attempt=env.attempt,
                      runtime=round(runtime, 6), error_type=outcome.error.type,
                      error=outcome.error.message)
+            metrics.recorder.task_failed(env.name, env.queue, runtime)
             meta["failedAt"] = now_iso()
             if outcome.dead_letter is not None:
                 meta["deadLetterReason"] = outcome.dead_letter

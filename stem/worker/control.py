@@ -25,7 +25,6 @@ from stem.control import (
     SHUTDOWN_MODES,
     decode,
     encode,
-    heartbeat_interval,
     signature_problem,
     store_part,
 )
@@ -49,7 +48,7 @@ class WorkerControl:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.started = time.time()
-        self.interval = heartbeat_interval()
+        self.interval = 10.0  # the worker's heartbeat_interval, read at start
         self._tasks: list[asyncio.Task[None]] = []
         self._channel: ControlChannel | None = None
         self._beats: HeartbeatStore | None = None
@@ -61,6 +60,7 @@ class WorkerControl:
     async def start(self) -> None:
         """Subscribe (from now on) and write the first heartbeat; never raises."""
         app = self.worker.app
+        self.interval = self.worker.heartbeat_interval
         self._channel = store_part(app.broker_store, "control")
         for store in (app.backend_store, app.broker_store):
             self._beats = store_part(store, "heartbeats")

@@ -23,12 +23,13 @@ win, see :func:`~stem.worker.processor.effective_limits`) are enforced by
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from stem import signals
+from stem import signals, tracing
 from stem.context import TaskContext
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError
@@ -147,6 +148,8 @@ class Executor:
             self._thread_pool = ThreadPoolExecutor(self._threads, thread_name_prefix="stem-task")
         loop = asyncio.get_running_loop()
         call = functools.partial(func, *args, **prepared.kwargs)
+        if tracing.ENABLED and tracing.active():  # the execute span stays current there
+            call = functools.partial(contextvars.copy_context().run, call)
         if soft is None and hard is None:
             return await loop.run_in_executor(self._thread_pool, call)
         return await run_in_thread(loop, self._thread_pool, call, env, soft=soft, hard=hard,

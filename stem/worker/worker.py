@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stem import signals
+from stem import metrics, signals, tracing
 from stem._time import now_iso
 from stem._urls import mask_url
 from stem.adapters.sqlite._db import path_from_url
 from stem.context import TaskContext
+from stem.control import heartbeat_interval as control_heartbeat_interval
 from stem.envelope import Envelope, payload_limit, peek_task_id
-from stem.errors import UnsettledDeliveriesError
+from stem.errors import ConfigurationError, ServiceUnavailableError, UnsettledDeliveriesError
 from stem.limits import check_visibility_timeout, visibility_timeout_problem
 from stem.log import get_logger
 from stem.ports import AtomicAckStore, Delivery
@@ -106,6 +107,9 @@ class Worker:
     importable module). ``max_tasks_per_child`` and ``max_memory_per_child`` (KiB)
     recycle children. See :mod:`stem.worker.executor` and :mod:`stem.worker.pool`.
 
+    ``connect_timeout`` (seconds, default 0: fail at once): how long :meth:`run` waits
+    for an unreachable broker or backend at startup, retrying with backoff.
+
     Every delivery ends in exactly one of ack, retry or dead letter, whatever a
     handler, an envelope field or a retry strategy raises (an error in the worker's
     own settling code dead-letters the delivery with the reason). Shutdown is bounded
@@ -129,12 +133,19 @@ class Worker:
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
         prefetch_multiplier: int = 4,
+        heartbeat_interval: float | None = None,
+        connect_timeout: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if prefetch_multiplier < 1:
             raise ValueError("prefetch_multiplier must be >= 1")
+        if heartbeat_interval is None:  # STEM_HEARTBEAT_INTERVAL, else 10 s
+            heartbeat_interval = control_heartbeat_interval()
+        if not heartbeat_interval > 0:
+            raise ValueError("heartbeat_interval must be > 0 seconds")
         self.prefetch_multiplier = prefetch_multiplier
+        self.connect_timeout = connect_timeout
         self.app = app
         self.app_spec = app_spec
         self.pool_size = pool_size
@@ -175,6 +186,8 @@ class Worker:
         #: Answers control commands and writes heartbeats (stem.worker.control).
         self.control = WorkerControl(self)
         self._stop_deadline: float | None = None  # monotonic; set when the drain starts
+        #: Seconds between two ``worker_heartbeat`` signals.
+        self.heartbeat_interval = heartbeat_interval
         signals.worker_init.send(self)
 
     @staticmethod
@@ -233,6 +246,39 @@ class Worker:
         self._stop.set()
         self._slot_free.set()
 
+    async def _wait_for_stores(self) -> None:
+        """Ping the broker, then the backend; while one is unreachable, retry with backoff
+        (0.1 s doubling to 5 s) for up to ``connect_timeout`` seconds, logging
+        ``worker.waiting_for_store`` each time, then raise the last error.
+
+        A compose stack or a reboot may start the worker before its Redis or Postgres
+        accepts connections; a bad URL or refused credentials still fail at once
+        (a :class:`~stem.errors.ConfigurationError` is never retried).
+        """
+        deadline = time.monotonic() + self.connect_timeout
+        for what, url, part in (("broker", self.app.broker_url, self.app.broker),
+                                ("backend", self.app.backend_url, self.app.backend)):
+            delay, tries = 0.1, 0
+            while True:
+                try:
+                    await part.ping()
+                    break
+                except ConfigurationError:
+                    raise
+                except (ServiceUnavailableError, OSError) as exc:
+                    tries += 1
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop.is_set():
+                        raise
+                    wait = min(delay, left)
+                    log.warning("worker.waiting_for_store", store=what, url=shown_url(url),
+                                attempt=tries, retry_in=round(wait, 2),
+                                gives_up_in=round(left, 1), error=str(exc) or type(exc).__name__)
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, 5.0)
+            if tries:
+                log.info("worker.store_reachable", store=what, url=shown_url(url), attempts=tries + 1)
+
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then drain in-flight work and return.
 
@@ -242,8 +288,7 @@ class Worker:
         broker, backend = self.app.broker, self.app.backend
         payload_limit()  # a bad STEM_MAX_PAYLOAD_BYTES fails here, not in every fetch
         check_visibility_timeout(broker.default_visibility_timeout)
-        await broker.ping()
-        await backend.ping()
+        await self._wait_for_stores()
         await self.executor.start()  # warm the process pool before taking work
         if any(limits_of(d.options, {}) for d in self.app.tasks.values()):
             _ = self.app.rate_limiter  # no limiter for rate-limited tasks: fail at start
@@ -262,21 +307,63 @@ class Worker:
         log.info("worker.started", **self.describe())
         keeper = asyncio.create_task(self._lease_keeper())
         syncer = asyncio.create_task(self.revocations.run())
+        metrics.recorder.worker_started(self)
+        observer = asyncio.create_task(self._observe())
         signals.worker_ready.send(self)
         try:
             await self._fetch_loop()
+            signals.worker_stopping.send(self, in_flight=self._running,
+                                         prefetched=len(self._waiting))
             await self._drain()
         finally:
             keeper.cancel()
             syncer.cancel()
-            await asyncio.gather(keeper, syncer, self.control.stop(), return_exceptions=True)
+            observer.cancel()
+            await asyncio.gather(keeper, syncer, observer, self.control.stop(),
+                                 return_exceptions=True)
             left = await self._final_flush()
             await self.executor.close()
+            metrics.recorder.worker_stopped(self)
             signals.worker_shutdown.send(self)
             log.info("worker.stopped", consumer=self.consumer_name, processed=self.processed,
                      unsettled=left)
         if left:
             raise UnsettledDeliveriesError(left)
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks running now (their handlers started, not finished)."""
+        return self._running
+
+    @property
+    def prefetched(self) -> int:
+        """Tasks leased and waiting in the local buffer for a free slot."""
+        return len(self._waiting)
+
+    async def _observe(self) -> None:
+        """Send ``worker_heartbeat`` every ``heartbeat_interval`` seconds and, with
+        metrics on, sample the served queues' depth every few seconds."""
+        hb_every = self.heartbeat_interval
+        sample_every = metrics.QUEUE_SAMPLE_INTERVAL
+        next_hb = time.monotonic() + hb_every
+        while True:
+            if metrics.recorder.enabled:
+                for q in self.queues:
+                    try:
+                        metrics.recorder.queue_sampled(await self.app.broker.stats(q))
+                    except Exception as exc:  # an outage: the fetch loop reports it
+                        log.debug("worker.queue_sample_failed", queue=q, error=repr(exc))
+                        break
+            now = time.monotonic()
+            if now >= next_hb:
+                next_hb = now + hb_every
+                signals.worker_heartbeat.send(
+                    self, in_flight=self._running, prefetched=len(self._waiting),
+                    processed=self.processed, queues=list(self.queues))
+            wait = next_hb - now
+            if metrics.recorder.enabled:
+                wait = min(wait, sample_every)
+            await asyncio.sleep(max(wait, 0.01))
 
     def _remaining_grace(self) -> float:
         """Seconds left of the shutdown grace (which starts at the first call)."""
@@ -497,6 +584,9 @@ class Worker:
         assert completer is not None and runtime is not None
         env = prepared.envelope
         holding_slot = True
+        spans = tracing.TaskSpans(env, self.app.namespace) if (
+            tracing.ENABLED and tracing.active()) else None
+        outcome: Outcome | None = None
         try:
             if prepared.expired:
                 # Its deadline passed while it waited in the prefetch buffer.
@@ -523,10 +613,15 @@ class Worker:
                                meta=dict(base_meta)),
                     options.result_ttl,
                 )
+            metrics.recorder.task_started(env.name, env.queue)
             started = time.perf_counter()
             run = self.running.start(env, prepared.definition.is_async)
             try:
-                value = await self.executor.execute(prepared, ctx)
+                if spans is None:
+                    value = await self.executor.execute(prepared, ctx)
+                else:
+                    with spans.execute():
+                        value = await self.executor.execute(prepared, ctx)
             except BaseException as exc:
                 revoked = self.running.revoked_by(run, exc)
                 if revoked is None and isinstance(exc, asyncio.CancelledError):
@@ -538,7 +633,7 @@ class Worker:
                     self.processed += 1
                     await self._revoke(d, env, prepared.definition, revoked, base_meta)
                     return
-                outcome: Outcome = self.processor.failure(prepared, exc)
+                outcome = self.processor.failure(prepared, exc)
             else:
                 elapsed = time.perf_counter() - started
                 holding_slot = False
@@ -565,7 +660,10 @@ class Worker:
         finally:
             if holding_slot:
                 self._free_slot()
-        _emit_outcome(self, env, outcome)
+            if spans is not None:
+                spans.end(None if outcome is None else _STATES.get(type(outcome)))
+        if outcome is not None:
+            _emit_outcome(self, env, outcome)
 
     async def _rate_limited(self, d: Delivery, prepared: Prepared) -> bool:
         """Ask the rate gate; True when the delivery was re-scheduled instead of run."""
@@ -574,6 +672,7 @@ class Worker:
         if deferral is None:
             return False
         env = prepared.envelope
+        metrics.recorder.task_rate_limited(env.name, env.queue)
         if self.app.signer is not None:  # the old signature covers the old notBefore/meta
             self.app.signer.sign_or_strip(deferral.envelope)
         meta = {**deferral.meta, "task": env.name, "queue": env.queue,
@@ -665,6 +764,7 @@ class Worker:
                     log.warning("worker.lease_renew_failed", error=repr(exc), count=len(items))
                     await asyncio.sleep(min(1.0, vt / 4))
                     continue
+                metrics.recorder.leases_renewed(len(items))
                 deadline = time.monotonic() + vt
                 for f in items:
                     f.deadline = deadline
@@ -690,9 +790,13 @@ class Worker:
             log.warning("worker.extend_lease_refused", problem=problem)
             return
         await self.app.broker.extend_lease([d], seconds)
+        metrics.recorder.leases_renewed(1)
         f = self._active.get(d.receipt)
         if f is not None:
             f.deadline = max(f.deadline, time.monotonic() + seconds)
+
+
+_STATES: dict[type, str] = {Success: "succeeded", RetryLater: "retried", Failure: "failed"}
 
 
 def _emit_outcome(worker: Worker, env: Envelope, outcome: Outcome) -> None:

@@ -252,7 +252,7 @@ async def test_locks_and_schedules_on_the_cluster(cluster: list[int], namespace:
     from datetime import UTC, datetime, timedelta
 
     from stem.adapters.redis import RedisStore
-    from stem.beat import ScheduleEntry, ScheduleRun
+    from stem.beat import MarkRun, ScheduleEntry, ScheduleRun
 
     store = RedisStore(f"redis://127.0.0.1:{cluster[2]}?cluster=1", namespace=namespace)
     try:
@@ -277,6 +277,12 @@ async def test_locks_and_schedules_on_the_cluster(cluster: list[int], namespace:
                                           next_run_at=t0 + timedelta(seconds=100))
         assert marked is not None and marked.version == 2
         assert len(await schedules.history("e0")) == 1
+        # A mark_runs batch is one script over the keys of many entries: one slot too.
+        batch = await schedules.mark_runs([
+            MarkRun(ScheduleRun(i, t0, t0, True), 1, t0 + timedelta(seconds=100))
+            for i in ids[1:]])
+        assert [m.version if m else None for m in batch] == [2] * 5
+        assert await schedules.due(t0 + timedelta(seconds=10)) == []
         assert [e.id for e in await schedules.entries()] == ids
         assert await schedules.remove("e0")
         assert [e.id for e in await schedules.due(t0 + timedelta(seconds=1000))] == ids[1:]

@@ -196,3 +196,55 @@ async def test_code_declared_entries_are_merged(app: stem.Stem, store: MemorySto
     fast = await store.schedules.get("fast")
     assert fast is not None and fast.queue == "q2" and fast.spec["everyMs"] == 30_000
     assert await store.schedules.get("store-only") is not None
+
+
+class CountingSchedules:
+    """The memory schedule store, counting ``mark_runs`` batches (or failing them)."""
+
+    def __init__(self, inner: Any, fail: bool = False) -> None:
+        self.inner, self.fail = inner, fail
+        self.batches: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def mark_runs(self, runs: Any) -> Any:
+        self.batches.append([m.entry_id for m in runs])
+        if self.fail:
+            raise ConnectionError("store down")
+        return await self.inner.mark_runs(runs)
+
+
+async def test_entries_due_together_are_recorded_in_one_batch(
+        app: stem.Stem, store: MemoryStore) -> None:
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    for n in range(5):
+        await store.schedules.upsert(entry(f"e{n}", "every:60s", next_run_at=due))
+    schedules = CountingSchedules(store.schedules)
+    beat = Beat(app, schedules=schedules, locks=store.locks)  # type: ignore[arg-type]
+    assert await beat.run_once() == 5
+    assert schedules.batches == [[f"e{n}" for n in range(5)]]
+    assert all(e.total_run_count == 1 for e in await store.schedules.entries())
+
+
+async def test_a_failed_batch_is_reported_per_entry_and_the_beat_goes_on(
+        app: stem.Stem, store: MemoryStore) -> None:
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    for n in range(3):
+        await store.schedules.upsert(entry(f"e{n}", "every:60s", next_run_at=due))
+    failed: list[str] = []
+
+    def on_failed(sender: Any, **kw: Any) -> None:
+        failed.append(kw["entry"].id)
+
+    stem.signals.schedule_entry_failed.connect(on_failed)
+    try:
+        failing = CountingSchedules(store.schedules, fail=True)
+        beat = Beat(app, schedules=failing, locks=store.locks)  # type: ignore[arg-type]
+        with capture_stem_logs() as logs:
+            assert await beat.run_once() == 3  # enqueued; only the record failed
+    finally:
+        stem.signals.schedule_entry_failed.disconnect(on_failed)
+    assert sorted(failed) == ["e0", "e1", "e2"]
+    assert sum(e["event"] == "beat.failed" for e in logs) == 3
+    assert len(await queued(store)) == 3

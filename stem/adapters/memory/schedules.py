@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import datetime
 
 from stem._time import utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
-    drift_ms,
     is_due,
     ms_time,
     run_applied,
     upserted,
 )
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.ports import DEFAULT_SCHEDULE_HISTORY
 
 
@@ -76,22 +77,32 @@ class MemoryScheduleStore:
                        next_run_at: datetime | None, jitter_ms: int = 0,
                        disable: bool = False) -> ScheduleEntry | None:
         """Record a dispatch if the entry is still at ``expected_version``."""
+        return (await self.mark_runs([MarkRun(run, expected_version, next_run_at, jitter_ms,
+                                              disable)]))[0]
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """Record each run whose entry is still at its expected version, under one lock."""
+        batch = check_batch(runs)
         now = utcnow()
-        drift_ms(run)  # a bad run fails before anything changes
-        kept = ScheduleRun(run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
-                           ms_time(run.executed_at) or run.executed_at, run.success,
-                           run.duration_ms, run.error)
+        out: list[ScheduleEntry | None] = []
         with self._lock:
-            entry = self._entries.get(run.entry_id)
-            if entry is None or entry.version != expected_version:
-                return None
-            stored = run_applied(entry, run, next_run_at=next_run_at, jitter_ms=jitter_ms,
-                                 disable=disable, now=now)
-            self._entries[entry.id] = stored
-            history = self._history.setdefault(entry.id, [])
-            history.insert(0, kept)
-            del history[self.history_max:]
-            return stored.copy()
+            for item in batch:
+                run = item.run
+                entry = self._entries.get(run.entry_id)
+                if entry is None or entry.version != item.expected_version:
+                    out.append(None)
+                    continue
+                stored = run_applied(entry, run, next_run_at=item.next_run_at,
+                                     jitter_ms=item.jitter_ms, disable=item.disable, now=now)
+                self._entries[entry.id] = stored
+                history = self._history.setdefault(entry.id, [])
+                history.insert(0, ScheduleRun(
+                    run.entry_id, ms_time(run.scheduled_at) or run.scheduled_at,
+                    ms_time(run.executed_at) or run.executed_at, run.success,
+                    run.duration_ms, run.error))
+                del history[self.history_max:]
+                out.append(stored.copy())
+        return out
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The latest runs, newest first."""

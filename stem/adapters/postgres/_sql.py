@@ -428,32 +428,56 @@ class ScheduleStatements:
         self.due = f"""
             SELECT {select} FROM {entries}
             WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT $2"""
-        # $1 id, $2 expected version, $3 executed_at, $4 next_run_at, $5 disable,
-        # $6 success, $7 error, $8 drift ms, $9 jitter ms, $10 now, $11 scheduled_at,
-        # $12 duration ms, $13 runs to keep (>= 1). The update, the history row and the
-        # trim of older runs happen together or (stale version, no entry) not at all.
-        self.mark_run = f"""
-            WITH up AS (
-                UPDATE {entries} SET
-                    last_run_at = $3,
-                    next_run_at = CASE WHEN $5::boolean THEN NULL ELSE $4::timestamptz END,
-                    enabled = enabled AND NOT $5::boolean,
-                    total_run_count = total_run_count + 1,
-                    last_error = CASE WHEN $6::boolean THEN NULL ELSE $7::text END,
-                    last_success_at = CASE WHEN $6::boolean THEN $3 ELSE last_success_at END,
-                    last_error_at = CASE WHEN $6::boolean THEN last_error_at ELSE $3 END,
-                    drift_ms = $8, last_jitter_ms = $9, version = version + 1, updated_at = $10
-                WHERE id = $1 AND version = $2
-                RETURNING {select}
+        # One array per field, element i for the i-th run (entry ids distinct): $1 ids,
+        # $2 expected versions, $3 executed_at, $4 next_run_at, $5 disable, $6 success,
+        # $7 error, $8 drift ms, $9 jitter ms, $10 scheduled_at, $11 duration ms; then
+        # $12 now, $13 runs to keep (>= 1), $14 trim period (>= 1). mark_run for the
+        # whole batch in one statement: each entry whose version matches is updated and
+        # gets its history row; the others (stale, gone) are untouched. An entry's runs
+        # beyond the bound are deleted every $14-th run of it (the phase differs per
+        # entry, so each batch trims a few entries), not on every run: finding the
+        # bound's row reads the entry's whole history, and 1,000 entries with 1,000
+        # runs each then took a second per batch. Reads never see more than the bound.
+        self.mark_runs = f"""
+            WITH batch AS (
+                SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[],
+                                     $4::timestamptz[], $5::boolean[], $6::boolean[],
+                                     $7::text[], $8::bigint[], $9::bigint[],
+                                     $10::timestamptz[], $11::bigint[])
+                    AS b(b_id, b_version, b_executed, b_next, b_disable, b_success, b_error,
+                         b_drift, b_jitter, b_scheduled, b_duration)
+            ), locked AS (
+                -- Rows locked in id order, so concurrent batches cannot deadlock.
+                SELECT l.id FROM {entries} AS l WHERE l.id = ANY($1::text[])
+                ORDER BY l.id FOR UPDATE
+            ), up AS (
+                UPDATE {entries} AS e SET
+                    last_run_at = b_executed,
+                    next_run_at = CASE WHEN b_disable THEN NULL ELSE b_next END,
+                    enabled = e.enabled AND NOT b_disable,
+                    total_run_count = e.total_run_count + 1,
+                    last_error = CASE WHEN b_success THEN NULL ELSE b_error END,
+                    last_success_at = CASE WHEN b_success THEN b_executed
+                                           ELSE e.last_success_at END,
+                    last_error_at = CASE WHEN b_success THEN e.last_error_at
+                                         ELSE b_executed END,
+                    drift_ms = b_drift, last_jitter_ms = b_jitter, version = e.version + 1,
+                    updated_at = $12
+                FROM batch JOIN locked ON locked.id = b_id
+                WHERE e.id = b_id AND e.version = b_version
+                RETURNING {", ".join(f"e.{c}" for c in SCHEDULE_COLUMNS)}, e.version
             ), ins AS (
                 INSERT INTO {runs} (entry_id, scheduled_at, executed_at, success, duration_ms,
                                     error)
-                SELECT id, $11, $3, $6::boolean, $12, $7::text FROM up
+                SELECT b_id, b_scheduled, b_executed, b_success, b_duration, b_error
+                FROM batch JOIN up ON up.id = b_id
             ), trimmed AS (
-                -- The statement's snapshot does not see the new run: keep $13 - 1 older.
-                DELETE FROM {runs} WHERE entry_id = $1 AND EXISTS (SELECT 1 FROM up)
-                AND id <= (SELECT id FROM {runs} WHERE entry_id = $1
-                           ORDER BY id DESC OFFSET $13::int - 1 LIMIT 1)
+                -- The statement's snapshot does not see the new runs: keep $13 - 1 older.
+                DELETE FROM {runs} AS r USING up
+                WHERE r.entry_id = up.id
+                AND mod(up.total_run_count + abs(hashtext(up.id) % $14::int), $14::int) = 0
+                AND r.id <= (SELECT o.id FROM {runs} AS o WHERE o.entry_id = up.id
+                             ORDER BY o.id DESC OFFSET $13::int - 1 LIMIT 1)
             )
             SELECT * FROM up"""
         # $1 id, $2 limit.

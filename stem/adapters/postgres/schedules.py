@@ -2,13 +2,16 @@
 and ``stem_schedule_runs`` (the run history) in the schema.
 
 Every write is one statement: an upsert guarded by the version it names (see
-:class:`stem.adapters.postgres._sql.ScheduleStatements`), and ``mark_run`` as one CTE
-that updates the entry if its version still matches, adds the run and deletes the
-entry's runs beyond the newest ``history_max``.
+:class:`stem.adapters.postgres._sql.ScheduleStatements`), and ``mark_runs`` (``mark_run``
+is a batch of one) as one CTE over arrays that updates each entry whose version still
+matches and adds its run; every few runs of an entry
+(:func:`stem.adapters._beat.trim_period`) it also deletes the runs beyond the newest
+``history_max``, and :meth:`PostgresScheduleStore.history` never reads past that bound.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,15 +19,17 @@ import orjson
 
 from stem._time import utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
     drift_ms,
     ms_time,
     stored_entry,
+    trim_period,
 )
 from stem.adapters.postgres._pool import Connector, parse_url
 from stem.adapters.postgres._sql import SCHEDULE_COLUMNS, ScheduleStatements
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
 from stem.ports import DEFAULT_SCHEDULE_HISTORY
 
@@ -128,18 +133,40 @@ class PostgresScheduleStore:
     async def mark_run(self, run: ScheduleRun, *, expected_version: int,
                        next_run_at: datetime | None, jitter_ms: int = 0,
                        disable: bool = False) -> ScheduleEntry | None:
-        """One statement: the guarded update, the history row and the trim."""
-        args = (run.entry_id, int(expected_version), ms_time(run.executed_at),
-                ms_time(next_run_at), bool(disable), bool(run.success), run.error,
-                drift_ms(run), int(jitter_ms), ms_time(utcnow()), ms_time(run.scheduled_at),
-                int(run.duration_ms), self.history_max)
-        row = await self._db.run(lambda c: c.fetchrow(self._sql.mark_run, *args))
-        return None if row is None else entry_of(row)
+        """One statement: the guarded update, the history row and the trim (a batch of
+        one: see :meth:`mark_runs`)."""
+        return (await self.mark_runs([MarkRun(run, expected_version, next_run_at, jitter_ms,
+                                              disable)]))[0]
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """One statement for the whole batch (arrays unnested in one CTE: the guarded
+        updates, the history rows and the trims)."""
+        batch = check_batch(runs)
+        if not batch:
+            return []
+        args = (
+            [m.entry_id for m in batch],
+            [int(m.expected_version) for m in batch],
+            [ms_time(m.run.executed_at) for m in batch],
+            [ms_time(m.next_run_at) for m in batch],
+            [bool(m.disable) for m in batch],
+            [bool(m.run.success) for m in batch],
+            [m.run.error for m in batch],
+            [drift_ms(m.run) for m in batch],
+            [int(m.jitter_ms) for m in batch],
+            [ms_time(m.run.scheduled_at) for m in batch],
+            [int(m.run.duration_ms) for m in batch],
+            ms_time(utcnow()), self.history_max, trim_period(self.history_max),
+        )
+        rows = await self._db.run(lambda c: c.fetch(self._sql.mark_runs, *args))
+        stored = {e.id: e for e in map(entry_of, rows)}
+        return [stored.get(m.entry_id) for m in batch]
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The entry's latest runs, newest first."""
         check_limit(limit)
-        rows = await self._db.run(lambda c: c.fetch(self._sql.history, entry_id, limit))
+        bounded = min(limit, self.history_max)  # runs beyond it await their trim
+        rows = await self._db.run(lambda c: c.fetch(self._sql.history, entry_id, bounded))
         return [ScheduleRun(entry_id, r[0], r[1], r[2], int(r[3]), r[4]) for r in rows]
 
     async def close(self) -> None:

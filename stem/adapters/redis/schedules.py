@@ -22,6 +22,7 @@ remove are Lua scripts (version compare, write, index, history together: atomic)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from redis.commands.core import AsyncScript
 
 from stem._time import from_iso, to_iso, utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
     drift_ms,
@@ -38,7 +40,7 @@ from stem.adapters._beat import (
     stored_entry,
 )
 from stem.adapters._shared import check_namespace
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
 from stem.ports import DEFAULT_SCHEDULE_HISTORY
 
@@ -58,6 +60,9 @@ _SCRIPT_FIELDS = frozenset({"version", "createdAt", "updatedAt"})
 NEVER = "+inf"
 #: Ids read per round trip while looking for due entries.
 PAGE = 100
+#: Most runs one ``mark_runs`` script records (a larger batch takes several calls), so
+#: that one script does not hold up the server for long.
+MARK_RUNS_CHUNK = 1000
 
 
 def id_part(entry_id: str) -> str:
@@ -167,18 +172,22 @@ class RedisScheduleStore:
 
     # -- plumbing ------------------------------------------------------------------
 
-    async def _script(self, name: str, entry_id: str, args: list[Any], what: str) -> Any:
+    async def _script(self, name: str, entry_id: str | list[str], args: list[Any],
+                      what: str) -> Any:
         client = self._conn.client
         if self._scripts is None or self._scripts[0] is not client:
             # register_script only hashes the source; EVALSHA loads it on NOSCRIPT.
             self._scripts = (client, {
                 "upsert": client.register_script(scripts.SCHEDULE_UPSERT),
                 "mark_run": client.register_script(scripts.SCHEDULE_MARK_RUN),
+                "mark_runs": client.register_script(scripts.SCHEDULE_MARK_RUNS),
                 "remove": client.register_script(scripts.SCHEDULE_REMOVE),
             })
         script: Any = self._scripts[1][name]
         try:
-            return await script(self._keys(entry_id), args)
+            keys = (self._keys(entry_id) if isinstance(entry_id, str)
+                    else [k for i in entry_id for k in self._keys(i)])
+            return await script(keys, args)
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, f"Stem schedule store {what}") from exc
 
@@ -254,19 +263,38 @@ class RedisScheduleStore:
             offset += len(ids)
         return out
 
+    def _mark_args(self, item: MarkRun, updated_at: str) -> list[Any]:
+        run, next_at = item.run, ms_time(item.next_run_at)
+        return [int(item.expected_version), run.entry_id, to_iso(run.executed_at),
+                "" if next_at is None else to_iso(next_at),
+                NEVER if next_at is None else epoch_ms(next_at),
+                int(item.disable), int(run.success), run.error or "", drift_ms(run),
+                int(item.jitter_ms), updated_at, to_iso(run.scheduled_at),
+                int(run.duration_ms), self.history_max]
+
     async def mark_run(self, run: ScheduleRun, *, expected_version: int,
                        next_run_at: datetime | None, jitter_ms: int = 0,
                        disable: bool = False) -> ScheduleEntry | None:
         """The version check, the entry update, the index and the history in one script."""
-        next_at = ms_time(next_run_at)
-        reply = await self._script("mark_run", run.entry_id, [
-            int(expected_version), run.entry_id, to_iso(run.executed_at),
-            "" if next_at is None else to_iso(next_at),
-            NEVER if next_at is None else epoch_ms(next_at),
-            int(disable), int(run.success), run.error or "", drift_ms(run), int(jitter_ms),
-            to_iso(utcnow()), to_iso(run.scheduled_at), int(run.duration_ms), self.history_max,
-        ], "mark_run")
+        item = MarkRun(run, expected_version, next_run_at, jitter_ms, disable)
+        reply = await self._script("mark_run", run.entry_id,
+                                   self._mark_args(item, to_iso(utcnow())), "mark_run")
         return None if not reply else decode_entry(run.entry_id, reply)
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """Every run of the batch in one script call (per :data:`MARK_RUNS_CHUNK` runs):
+        each entry checked and written as by :meth:`mark_run`."""
+        batch = check_batch(runs)
+        out: list[ScheduleEntry | None] = []
+        now = to_iso(utcnow())
+        for start in range(0, len(batch), MARK_RUNS_CHUNK):
+            chunk = batch[start:start + MARK_RUNS_CHUNK]
+            args = [a for item in chunk for a in self._mark_args(item, now)]
+            replies = await self._script("mark_runs", [m.entry_id for m in chunk], args,
+                                         "mark_runs")
+            out += [decode_entry(m.entry_id, r) if isinstance(r, list) and r else None
+                    for m, r in zip(chunk, replies, strict=True)]
+        return out
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The newest ``limit`` entries of the history stream (``XREVRANGE``)."""

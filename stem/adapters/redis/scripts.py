@@ -795,39 +795,62 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 return {1, v, created}
 """
 
+# mark(hash, index, history, a, o): record one run whose arguments are a[o+1]..a[o+14]
+# in the order of SCHEDULE_MARK_RUN's ARGV. Returns the entry's fields (HGETALL), or
+# false when the version moved on or the entry is gone (then nothing is written).
+_SCHEDULE_MARK = """
+local function mark(kh, ki, kx, a, o)
+  if redis.call('EXISTS', kh) == 0 then return false end
+  local v = tonumber(redis.call('HGET', kh, 'version')) or 0
+  if v ~= tonumber(a[o + 1]) then return false end
+  local count = tonumber(redis.call('HGET', kh, 'totalRunCount')) or 0
+  local enabled = redis.call('HGET', kh, 'enabled') ~= 'false'
+  local nxt = a[o + 4]
+  if a[o + 6] == '1' then
+    enabled = false
+    nxt = ''
+    redis.call('HSET', kh, 'enabled', 'false')
+  end
+  redis.call('HSET', kh, 'lastRunAt', a[o + 3], 'nextRunAt', nxt, 'driftMs', a[o + 9],
+             'lastJitterMs', a[o + 10], 'updatedAt', a[o + 11], 'totalRunCount', count + 1,
+             'version', v + 1)
+  if a[o + 7] == '1' then
+    redis.call('HSET', kh, 'lastSuccessAt', a[o + 3], 'lastError', '')
+  else
+    redis.call('HSET', kh, 'lastErrorAt', a[o + 3], 'lastError', a[o + 8])
+  end
+  if enabled and nxt ~= '' then
+    redis.call('ZADD', ki, a[o + 5], a[o + 2])
+  else
+    redis.call('ZADD', ki, '+inf', a[o + 2])
+  end
+  redis.call('XADD', kx, 'MAXLEN', a[o + 14], '*', 'scheduledAt', a[o + 12],
+             'executedAt', a[o + 3], 'success', a[o + 7] == '1' and 'true' or 'false',
+             'durationMs', a[o + 13], 'error', a[o + 8])
+  return redis.call('HGETALL', kh)
+end
+"""
+
 #: ARGV: 1 expected version, 2 id, 3 executedAt, 4 next run ISO ('' none), 5 its index
 #: score, 6 disable 0/1, 7 success 0/1, 8 error ('' none), 9 driftMs, 10 lastJitterMs,
 #: 11 updatedAt, 12 scheduledAt, 13 durationMs, 14 history bound. Returns the entry's
 #: fields (HGETALL) or nil when the version moved on or the entry is gone.
-SCHEDULE_MARK_RUN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-local v = tonumber(redis.call('HGET', KEYS[1], 'version')) or 0
-if v ~= tonumber(ARGV[1]) then return nil end
-local count = tonumber(redis.call('HGET', KEYS[1], 'totalRunCount')) or 0
-local enabled = redis.call('HGET', KEYS[1], 'enabled') ~= 'false'
-local nxt = ARGV[4]
-if ARGV[6] == '1' then
-  enabled = false
-  nxt = ''
-  redis.call('HSET', KEYS[1], 'enabled', 'false')
+SCHEDULE_MARK_RUN = _SCHEDULE_MARK + """
+local out = mark(KEYS[1], KEYS[2], KEYS[3], ARGV, 0)
+if not out then return nil end
+return out
+"""
+
+#: A batch of runs of distinct entries: KEYS are (hash, index, history) per run, ARGV 14
+#: per run in SCHEDULE_MARK_RUN's order. Returns one reply per run, in order: the
+#: entry's fields, or 0 when its version moved on or it is gone (that run only).
+SCHEDULE_MARK_RUNS = _SCHEDULE_MARK + """
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local fields = mark(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3], ARGV, 14 * i)
+  if fields then out[i + 1] = fields else out[i + 1] = 0 end
 end
-redis.call('HSET', KEYS[1], 'lastRunAt', ARGV[3], 'nextRunAt', nxt, 'driftMs', ARGV[9],
-           'lastJitterMs', ARGV[10], 'updatedAt', ARGV[11], 'totalRunCount', count + 1,
-           'version', v + 1)
-if ARGV[7] == '1' then
-  redis.call('HSET', KEYS[1], 'lastSuccessAt', ARGV[3], 'lastError', '')
-else
-  redis.call('HSET', KEYS[1], 'lastErrorAt', ARGV[3], 'lastError', ARGV[8])
-end
-if enabled and nxt ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[2])
-else
-  redis.call('ZADD', KEYS[2], '+inf', ARGV[2])
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[14], '*', 'scheduledAt', ARGV[12],
-           'executedAt', ARGV[3], 'success', ARGV[7] == '1' and 'true' or 'false',
-           'durationMs', ARGV[13], 'error', ARGV[8])
-return redis.call('HGETALL', KEYS[1])
+return out
 """
 
 #: ARGV: 1 id. Delete the entry, its history and its index member; 1/0 (existed).

@@ -5,12 +5,16 @@ An entry row keeps the Dart ``ScheduleEntry`` JSON (``data``) next to the column
 queries need (``version``, ``enabled``, ``next_run_at`` in epoch milliseconds, with a
 partial index for :meth:`SqliteScheduleStore.due`). Each write is one ``BEGIN
 IMMEDIATE`` transaction: the version check, the write and the history row commit
-together, and no other process writes in between.
+together, and no other process writes in between. Runs beyond ``history_max`` are
+deleted every few runs of an entry (:func:`stem.adapters._beat.trim_period`); reads stop
+at the bound.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import zlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,15 +22,16 @@ import orjson
 
 from stem._time import from_iso, utcnow
 from stem.adapters._beat import (
+    check_batch,
     check_history_max,
     check_limit,
-    drift_ms,
     epoch_ms,
     from_ms,
     run_applied,
     stored_entry,
+    trim_period,
 )
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
 from stem.ports import DEFAULT_SCHEDULE_HISTORY
 
@@ -164,39 +169,63 @@ class SqliteScheduleStore:
                        disable: bool = False) -> ScheduleEntry | None:
         """Check the version, update the entry, add the run and trim the history, in one
         ``BEGIN IMMEDIATE`` transaction."""
+        return (await self.mark_runs([MarkRun(run, expected_version, next_run_at, jitter_ms,
+                                              disable)]))[0]
+
+    async def mark_runs(self, runs: Sequence[MarkRun]) -> list[ScheduleEntry | None]:
+        """:meth:`mark_run` for every run of the batch, in one ``BEGIN IMMEDIATE``
+        transaction."""
+        batch = check_batch(runs)  # a bad run fails before the transaction
+        if not batch:
+            return []
         now = utcnow()
         bound = self.history_max
-        runs = self._runs
-        history_row: tuple[Any, ...] = (
-            run.entry_id, epoch_ms(run.scheduled_at), epoch_ms(run.executed_at),
-            int(run.success), int(run.duration_ms), run.error)
-        drift_ms(run)  # a bad run fails before the transaction
+        period = trim_period(bound)
+        entries, runs_table = self._entries, self._runs
 
-        def write(conn: sqlite3.Connection) -> ScheduleEntry | None:
+        def write(conn: sqlite3.Connection) -> list[ScheduleEntry | None]:
+            out: list[ScheduleEntry | None] = []
+            applied: list[tuple[Any, ...]] = []
             with immediate(conn):
-                row = self._read(conn, run.entry_id)
-                if row is None or row[0] != expected_version:
-                    return None
-                out = run_applied(self._decode(*row), run, next_run_at=next_run_at,
-                                  jitter_ms=jitter_ms, disable=disable, now=now)
-                self._write(conn, out)
-                conn.execute(
-                    f"INSERT INTO {runs} (entry_id, scheduled_at, executed_at, success, "
-                    "duration_ms, error) VALUES (?, ?, ?, ?, ?, ?)", history_row)
-                conn.execute(
-                    f"DELETE FROM {runs} WHERE entry_id = ?1 AND seq <= (SELECT seq FROM {runs} "
-                    "WHERE entry_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                    (run.entry_id, bound))
-                return out
+                for item in batch:
+                    run = item.run
+                    row = self._read(conn, run.entry_id)
+                    if row is None or row[0] != item.expected_version:
+                        out.append(None)
+                        continue
+                    stored = run_applied(self._decode(*row), run, next_run_at=item.next_run_at,
+                                         jitter_ms=item.jitter_ms, disable=item.disable, now=now)
+                    out.append(stored)
+                    applied.append((
+                        run.entry_id, epoch_ms(run.scheduled_at), epoch_ms(run.executed_at),
+                        int(run.success), int(run.duration_ms), run.error))
+                    conn.execute(
+                        f"UPDATE {entries} SET version = ?, enabled = ?, next_run_at = ?, "
+                        "data = ? WHERE id = ?",
+                        (stored.version, int(stored.enabled),
+                         None if stored.next_run_at is None else epoch_ms(stored.next_run_at),
+                         stored.to_json(), stored.id))
+                conn.executemany(
+                    f"INSERT INTO {runs_table} (entry_id, scheduled_at, executed_at, success, "
+                    "duration_ms, error) VALUES (?, ?, ?, ?, ?, ?)", applied)
+                # Every few runs of an entry (its phase set by its id) its runs beyond
+                # the bound go: finding the bound reads the entry's whole history.
+                conn.executemany(
+                    f"DELETE FROM {runs_table} WHERE entry_id = ?1 AND seq <= (SELECT seq "
+                    f"FROM {runs_table} WHERE entry_id = ?1 ORDER BY seq DESC LIMIT 1 "
+                    "OFFSET ?2)", [(e.id, bound) for e in out
+                                   if e is not None and (e.total_run_count + zlib.crc32(
+                                       e.id.encode())) % period == 0])
+            return out
 
         return await self._db.run(write)
 
     async def history(self, entry_id: str, limit: int = 50) -> list[ScheduleRun]:
         """The entry's latest runs, newest first."""
-        check_limit(limit)
+        bounded = min(check_limit(limit), self.history_max)  # runs beyond await their trim
         rows = await self._db.run(lambda conn: conn.execute(
             f"SELECT scheduled_at, executed_at, success, duration_ms, error FROM {self._runs} "
-            "WHERE entry_id = ? ORDER BY seq DESC LIMIT ?", (entry_id, limit)).fetchall())
+            "WHERE entry_id = ? ORDER BY seq DESC LIMIT ?", (entry_id, bounded)).fetchall())
         return [ScheduleRun(entry_id, from_ms(s), from_ms(e), bool(ok), int(d), err)
                 for s, e, ok, d, err in rows]
 

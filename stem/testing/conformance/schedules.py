@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from stem.beat.entry import ScheduleEntry, ScheduleRun
+from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.errors import ScheduleConflictError
 from stem.ports import DEFAULT_SCHEDULE_HISTORY, ScheduleStore
 
@@ -52,10 +52,13 @@ class ScheduleStoreConformance:
 
     A subclass provides the ``schedule_store_factory`` fixture
     (:data:`ScheduleStoreFactory`); each test builds one store with it and closes it
-    at the end.
+    at the end. A store whose default history bound is not
+    :data:`~stem.ports.DEFAULT_SCHEDULE_HISTORY` says so in ``expected_history_max``.
     """
 
     pytestmark = [pytest.mark.asyncio]
+    #: ``history_max`` of a store built without a bound.
+    expected_history_max: int = DEFAULT_SCHEDULE_HISTORY
 
     @pytest_asyncio.fixture
     async def schedules(self, schedule_store_factory: ScheduleStoreFactory
@@ -71,7 +74,7 @@ class ScheduleStoreConformance:
     # -- upsert, get, entries, remove ------------------------------------------------
 
     async def test_upsert_creates_at_version_one(self, schedules: ScheduleStore) -> None:
-        assert schedules.history_max == DEFAULT_SCHEDULE_HISTORY
+        assert schedules.history_max == self.expected_history_max
         assert await schedules.get("a") is None
         before = datetime.now(UTC) - timedelta(seconds=5)
         stored = await schedules.upsert(make("a", next_run_at=at(0), version=7))
@@ -346,6 +349,103 @@ class ScheduleStoreConformance:
         assert await schedules.history("a", limit=50) == runs[:-4:-1]
         entry = await schedules.get("a")
         assert entry is not None and entry.total_run_count == 7  # the count is not bounded
+
+    # -- mark_runs (a batch) ----------------------------------------------------------
+
+    async def test_mark_runs_records_each_run_as_mark_run_does(self, schedules: ScheduleStore
+                                                               ) -> None:
+        await schedules.upsert(make("a", next_run_at=at(0)))
+        await schedules.upsert(make("b", next_run_at=at(0), last_error="old"))
+        await schedules.upsert(make("c", next_run_at=at(0)))
+        ra, rb = run("a", 0, 0.25, duration_ms=40), run("b", 0, 1, success=False, error="E")
+        rc = run("c", 0, 0.5)
+        marked = await schedules.mark_runs([
+            MarkRun(ra, 1, at(30), jitter_ms=7),
+            MarkRun(rb, 1, at(60)),
+            MarkRun(rc, 1, at(30), disable=True),
+        ])
+        assert [m.id if m else None for m in marked] == ["a", "b", "c"]
+        a, b, c = marked
+        assert a is not None and b is not None and c is not None
+        assert (a.version, a.last_run_at, a.next_run_at, a.drift_ms, a.last_jitter_ms,
+                a.total_run_count, a.last_success_at) == (2, at(0.25), at(30), 250, 7, 1,
+                                                          at(0.25))
+        assert (b.last_error, b.last_error_at, b.last_success_at, b.next_run_at) == (
+            "E", at(1), None, at(60))
+        assert not c.enabled and c.next_run_at is None
+        for entry in marked:
+            assert entry is not None and await schedules.get(entry.id) == entry
+        assert await schedules.history("a") == [ra]
+        assert await schedules.history("b") == [rb]
+        assert await schedules.history("c") == [rc]
+        assert [e.id for e in await schedules.due(at(45))] == ["a"]
+
+    async def test_mark_runs_stale_or_missing_entries_get_none_only(
+            self, schedules: ScheduleStore) -> None:
+        await schedules.upsert(make("a", next_run_at=at(0)))
+        await schedules.upsert(make("b", next_run_at=at(0)))
+        edited = await schedules.upsert(make("b", next_run_at=at(0), queue="edited"))  # v2
+        await schedules.upsert(make("c", next_run_at=at(0)))
+        marked = await schedules.mark_runs([
+            MarkRun(run("a", 0, 0), 1, at(30)),
+            MarkRun(run("b", 0, 0), 1, at(30)),      # stale: b is at version 2
+            MarkRun(run("gone", 0, 0), 1, at(30)),   # no such entry
+            MarkRun(run("c", 0, 0), 1, at(30)),
+        ])
+        assert [m.id if m else None for m in marked] == ["a", None, None, "c"]
+        assert await schedules.get("b") == edited
+        assert await schedules.history("b") == []
+        assert await schedules.get("gone") is None and await schedules.history("gone") == []
+        assert [len(await schedules.history(i)) for i in ("a", "c")] == [1, 1]
+
+    async def test_mark_runs_of_nothing_does_nothing(self, schedules: ScheduleStore) -> None:
+        assert await schedules.mark_runs([]) == []
+
+    async def test_mark_runs_refuses_an_entry_twice(self, schedules: ScheduleStore) -> None:
+        stored = await schedules.upsert(make("a", next_run_at=at(0)))
+        with pytest.raises(ValueError):
+            await schedules.mark_runs([MarkRun(run("a", 0, 0), 1, at(30)),
+                                       MarkRun(run("a", 30, 30), 2, at(60))])
+        assert await schedules.get("a") == stored and await schedules.history("a") == []
+
+    async def test_concurrent_mark_runs_batches_each_entry_won_once(
+            self, schedules: ScheduleStore) -> None:
+        ids = [f"e{n}" for n in range(5)]
+        for entry_id in ids:
+            await schedules.upsert(make(entry_id, next_run_at=at(0)))
+        batches = await asyncio.gather(*(
+            schedules.mark_runs([MarkRun(run(i, 0, k), 1, at(30)) for i in ids[k % 2:] + ids[:k % 2]])
+            for k in range(4)))
+        for entry_id in ids:
+            won = [m for batch in batches for m in batch if m is not None and m.id == entry_id]
+            assert len(won) == 1 and won[0].version == 2 and won[0].total_run_count == 1
+            assert len(await schedules.history(entry_id)) == 1
+
+    async def test_mark_runs_bounds_each_history(self, schedules: ScheduleStore) -> None:
+        schedules.history_max = 2
+        for entry_id in ("a", "b"):
+            await schedules.upsert(make(entry_id, next_run_at=at(0)))
+        for n in range(4):
+            marked = await schedules.mark_runs([MarkRun(run(i, n, n), n + 1, at(n + 1))
+                                                for i in ("a", "b")])
+            assert all(m is not None for m in marked)
+        for entry_id in ("a", "b"):
+            assert await schedules.history(entry_id) == [run(entry_id, n, n) for n in (3, 2)]
+
+    async def test_history_never_shows_more_than_the_bound(self, schedules: ScheduleStore
+                                                           ) -> None:
+        # A store may delete the runs beyond the bound lazily (every few runs), but it
+        # never returns them.
+        schedules.history_max = 25
+        for entry_id in ("a", "b"):
+            await schedules.upsert(make(entry_id, next_run_at=at(0)))
+        for n in range(31):
+            marked = await schedules.mark_runs([MarkRun(run(i, n, n), n + 1, at(n + 1))
+                                                for i in ("a", "b")])
+            assert all(m is not None for m in marked)
+            for entry_id in ("a", "b"):
+                history = await schedules.history(entry_id, limit=1000)
+                assert history == [run(entry_id, k, k) for k in range(n, max(n - 25, -1), -1)]
 
     async def test_bad_limits_are_refused(self, schedules: ScheduleStore) -> None:
         with pytest.raises(ValueError):
