@@ -29,6 +29,7 @@ from stem.app import Stem
 from stem.beat.entry import ScheduleEntry
 from stem.beat.stores import open_beat_stores
 from stem.config import StemConfig
+from stem.control import ControlClient
 from stem.ports import DeadLetter, QueueStats
 from stem_cli._app import between, fail, load_app
 from stem_cli.multi import node_health
@@ -50,10 +51,10 @@ CountOpt = Annotated[int | None, typer.Option("--count", callback=between(1, 10*
 #: ``observe schedules``: an entry this late (seconds past its next run) counts as overdue:
 #: beat looks every second, so it means no beat is dispatching it.
 OVERDUE_AFTER = 30.0
-#: What ``observe workers`` says while worker heartbeats are not recorded anywhere.
-NO_HEARTBEATS = ("workers do not record heartbeats in this version: shown is what the broker "
-                 "knows (leases in flight per queue) and, with --pid-dir, the local nodes of "
-                 "`stem worker multi`")
+#: What ``observe workers`` shows, and where it comes from.
+NO_HEARTBEATS = ("workers from their heartbeats in the result backend (stale: none for two "
+                 "intervals; `stem worker status`), leases in flight per queue from the "
+                 "broker and, with --pid-dir, the local nodes of `stem worker multi`")
 
 
 def _console() -> Console:
@@ -160,21 +161,36 @@ def observe_workers(
     json_out: JsonOpt = False, watch: WatchOpt = False, interval: IntervalOpt = 2.0,
     count: CountOpt = None,
 ) -> None:
-    """What is known about running workers: leases in flight per queue and local nodes.
+    """What is known about running workers: their heartbeats, leases in flight per queue
+    and local nodes.
 
-    Workers do not record heartbeats in this version, so this shows what the broker
-    knows (how many deliveries are leased, i.e. being worked on, per queue) and, with
-    ``--pid-dir``, each local node's pid and uptime. ``--json``: one object.
+    The workers with a heartbeat in the result backend (stale ones marked, as `stem
+    worker status` shows them), what the broker knows (how many deliveries are leased,
+    i.e. being worked on, per queue) and, with ``--pid-dir``, each local node's pid and
+    uptime. ``--json``: one object.
     """
     async def fetch(a: Stem) -> dict[str, Any]:
         stats = [await a.broker.stats(q) for q in _queues(a, queue)]
         nodes = [node_health(p) for p in sorted(pid_dir.glob("*.pid"))] if pid_dir else []
-        return {"source": "broker", "note": NO_HEARTBEATS, "nodes": nodes,
+        try:
+            beats = [{**h.data, "ageMs": round(h.age * 1000), "stale": h.stale}
+                     for h in await ControlClient(a).workers()]
+        except Exception:  # a backend without heartbeats: the broker's view alone
+            beats = []
+        return {"source": "broker", "note": NO_HEARTBEATS, "nodes": nodes, "workers": beats,
                 "queues": [{"queue": s.queue, "inFlight": s.in_flight, "pending": s.pending}
                            for s in stats]}
 
     def render(data: dict[str, Any]) -> RenderableType:
         parts: list[RenderableType] = []
+        if data["workers"]:
+            live = Table("worker", "state", "last seen", "in flight", "processed", "queues",
+                         title="workers")
+            for w in data["workers"]:
+                live.add_row(str(w.get("workerId")), "STALE" if w["stale"] else "live",
+                             f"{w['ageMs'] / 1000:.0f}s ago", str(w.get("inflight", "")),
+                             str(w.get("processed", "")), ", ".join(w.get("queues", [])))
+            parts.append(live)
         if data["nodes"]:
             nodes = Table("node", "status", "pid", "up", "pid file", title="local nodes")
             for n in data["nodes"]:

@@ -233,6 +233,9 @@ async def test_status_lists_live_workers_and_marks_a_killed_one_stale(
     worker = start()
     [wid] = await eventually(lambda: _live(producer, 1), timeout=60)
     assert wid in _follow_twice(env)
+    [observed] = [json.loads(line) for line in
+                  stem_cli(env, "observe", "workers", "--json").stdout.splitlines()]
+    assert [w["workerId"] for w in observed["workers"]] == [wid]
     worker.send_signal(signal.SIGKILL)  # no chance to remove its heartbeat
     worker.wait(30)
 
