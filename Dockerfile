@@ -17,13 +17,12 @@ ENV PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --home-dir /home/stem --uid 10001 stem
 COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels
-COPY deploy/docker/healthcheck.py /usr/local/lib/stem/healthcheck.py
 WORKDIR /app
 COPY --chown=stem:stem examples ./examples
 USER stem
-# Healthy while the broker and result backend named by STEM_* answer a ping (the same
-# URLs the worker uses when its app reads them from the environment).
+# Healthy while the stores named by STEM_* (broker, backend, revoke and rate-limit
+# stores) answer: the same URLs the worker uses when its app reads the environment.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["python", "/usr/local/lib/stem/healthcheck.py"]
+    CMD ["stem", "health"]
 ENTRYPOINT []
 CMD ["stem", "--help"]

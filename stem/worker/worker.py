@@ -693,6 +693,7 @@ class Worker:
                 "worker": self.consumer_name, **revoked_meta(entry, now_iso())}
         self._completer.revoked(d, env, meta, definition.options.result_ttl,
                                 revoked_message(entry))
+        metrics.recorder.task_revoked(env.name, env.queue)
         signals.task_revoked.send(self, envelope=env, entry=entry, reason=entry.reason,
                                   terminated=base_meta is not None)
 
