@@ -701,8 +701,11 @@ class Worker:
         """New revoke entries: stop the running attempts they terminate."""
         for entry in entries:
             if entry.is_queue_pause:
-                log.info("worker.queue_paused" if not entry.is_expired()
-                         else "worker.queue_resumed", queue=entry.task_id.split(":", 1)[1])
+                queue = entry.task_id.split(":", 1)[1]
+                if entry.is_expired():
+                    log.info("worker.queue_resumed", queue=queue)
+                else:
+                    log.info("worker.queue_paused", queue=queue)
                 self._slot_free.set()  # the fetch loop looks at its queues again
             elif entry.terminate:
                 self.running.terminate(entry, self.executor.process_pool)
