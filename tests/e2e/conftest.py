@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import WorkerProcesses
+from tests.services import drop_pg_schema, drop_redis_keys
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+async def url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path
+              ) -> AsyncIterator[str]:
+    """A store URL per server kind, isolated by the test's namespace (dropped after)."""
+    name = request.param
+    if name == "sqlite":
+        yield f"sqlite:///{tmp_path / 'stem.db'}"
+        return
+    base = request.getfixturevalue(f"{name}_url")
+    yield base
+    if name == "redis":
+        await drop_redis_keys(base, namespace)
+    else:
+        await drop_pg_schema(base, namespace)
 
 
 @pytest.fixture

@@ -18,25 +18,9 @@ import pytest
 import stem
 from stem import TaskState
 from tests.helpers import WorkerProcesses, eventually
-from tests.services import drop_pg_schema, drop_redis_keys
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
-async def url(request: pytest.FixtureRequest, namespace: str, tmp_path: Path
-              ) -> AsyncIterator[str]:
-    name = request.param
-    if name == "sqlite":
-        yield f"sqlite:///{tmp_path / 'stem.db'}"
-        return
-    base = request.getfixturevalue(f"{name}_url")
-    yield base
-    if name == "redis":
-        await drop_redis_keys(base, namespace)
-    else:
-        await drop_pg_schema(base, namespace)
 
 
 @pytest.fixture
