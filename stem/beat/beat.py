@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from stem import metrics
+from stem._aio import cancel_and_wait, wait_event
 from stem._time import to_iso, utcnow
 from stem.beat.entry import MarkRun, ScheduleEntry, ScheduleRun
 from stem.beat.specs import next_run
@@ -166,14 +167,10 @@ class Beat:
                     self._wake.clear()
                     delay = self.tick
                 if delay > 0 and not self._stop.is_set():
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), delay)
-                    except TimeoutError:
-                        pass
+                    await wait_event(self._wake, delay)
         finally:
             await self._drain()
-            if keeper is not None:
-                keeper.cancel()
+            await cancel_and_wait(keeper)  # before the release, so it cannot re-take the lease
             await self._release_lease()
             log.info("beat.stopped", beat=self.id)
 

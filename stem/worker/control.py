@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from stem import signals
+from stem._aio import cancel_and_wait
 from stem._time import now_iso
 from stem.control import (
     SHUTDOWN_MODES,
@@ -78,9 +79,7 @@ class WorkerControl:
 
     async def stop(self) -> None:
         """Stop both loops; remove this worker's heartbeat."""
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         if self._beats is not None:
             try:
                 await asyncio.wait_for(self._beats.remove(self.worker_id), 2)

@@ -72,6 +72,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stem._aio import wait_event
 from stem._time import from_iso
 from stem.context import TaskContext
 from stem.envelope import Envelope
@@ -396,7 +397,7 @@ class ProcessPool:
             returncode = await child.proc.wait()
             # Everything the child wrote before exiting is read before we judge its exit.
             with suppress(TimeoutError):
-                await asyncio.wait_for(child.socket_closed.wait(), 1.0)
+                await wait_event(child.socket_closed, 1.0)
         except asyncio.CancelledError:
             if child.proc is not None and child.proc.returncode is None:
                 child.proc.kill()

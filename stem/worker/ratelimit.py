@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from stem._aio import within
 from stem._time import utcnow
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError
@@ -188,7 +189,7 @@ class RateGate:
             while waiters := self._queued.pop(spec, None):
                 self.calls += 1
                 try:
-                    got = await asyncio.wait_for(
+                    got = await within(
                         self._limiter().acquire_many(spec[0], rate.tokens, rate.period,
                                                      len(waiters), max_wait=horizon(rate)),
                         LIMITER_TIMEOUT)

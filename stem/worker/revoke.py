@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from stem._aio import wait_event
 from stem._time import utcnow
 from stem.envelope import Envelope
 from stem.errors import TaskRevokedError
@@ -166,10 +167,7 @@ class Revocations:
         if self._store is None:
             return
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.interval)
             self._wake.clear()
             try:
                 await self.sync()

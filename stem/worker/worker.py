@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stem import metrics, signals, tracing
+from stem._aio import cancel_and_wait, wait_event
 from stem._time import now_iso
 from stem._urls import mask_url
 from stem.adapters.sqlite._db import path_from_url
@@ -316,10 +317,7 @@ class Worker:
                                          prefetched=len(self._waiting))
             await self._drain()
         finally:
-            keeper.cancel()
-            syncer.cancel()
-            observer.cancel()
-            await asyncio.gather(keeper, syncer, observer, self.control.stop(),
+            await asyncio.gather(cancel_and_wait(keeper, syncer, observer), self.control.stop(),
                                  return_exceptions=True)
             left = await self._final_flush()
             await self.executor.close()
@@ -445,10 +443,7 @@ class Worker:
             queues = self._consumed_queues()
             if not queues:  # every queue is paused: wait for a resume (or the stop)
                 self._slot_free.clear()
-                try:
-                    await asyncio.wait_for(self._slot_free.wait(), self.block_time)
-                except TimeoutError:
-                    pass
+                await wait_event(self._slot_free, self.block_time)
                 continue
             try:
                 deliveries = await broker.fetch(
@@ -463,10 +458,7 @@ class Worker:
                 if not self._fetch_failing:
                     log.error("worker.fetch_failed", error=repr(exc))
                     self._fetch_failing = True
-                try:
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                except TimeoutError:
-                    pass
+                await wait_event(self._stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if self._fetch_failing:
@@ -751,11 +743,8 @@ class Worker:
             next_due = min(next_due, now + _KEEPER_MAX_SLEEP)
             if next_due > now:
                 self._lease_changed.clear()
-                try:
-                    await asyncio.wait_for(self._lease_changed.wait(), next_due - now)
+                if await wait_event(self._lease_changed, next_due - now):
                     continue
-                except TimeoutError:
-                    pass
             now = time.monotonic()
             due: dict[float, list[_InFlight]] = {}
             for f in list(self._active.values()):

@@ -7,6 +7,8 @@ import threading
 import time
 from collections import deque
 
+from stem._aio import wait_event
+
 #: Messages the in-process log keeps (older ones are dropped).
 KEEP = 1000
 
@@ -49,9 +51,7 @@ class MemoryControlChannel:
                 return pos, msgs
             self._waiters.add(waiter)
         try:
-            await asyncio.wait_for(waiter[1].wait(), timeout)
-        except TimeoutError:
-            pass
+            await wait_event(waiter[1], timeout)
         finally:
             with self._lock:
                 self._waiters.discard(waiter)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
+from stem._aio import within
 from stem.adapters._leasing import NOTHING, Claim, LeasingBroker, delivery
 from stem.adapters._shared import (
     DEAD_LETTER_SWEEP_INTERVAL,
@@ -185,7 +186,7 @@ class _Wakeup:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             broker._waiters.add(waiter)
             try:
-                await asyncio.wait_for(waiter, seconds)
+                await within(waiter, seconds)
             except TimeoutError:
                 woken = False
             finally:

@@ -15,6 +15,8 @@ import time
 import uuid
 from collections import deque
 
+from stem._aio import wait_event
+
 from ._pool import Connector, ListenHub
 
 FALLBACK_POLL = 0.5
@@ -99,10 +101,7 @@ class PostgresControlChannel:
                 if left <= 0:
                     return f"{token}:{top}", []
                 step = left if listening else min(left, FALLBACK_POLL)
-                try:
-                    await asyncio.wait_for(event.wait(), step)
-                except TimeoutError:
-                    pass
+                await wait_event(event, step)
         finally:
             self._events.discard(event)
 

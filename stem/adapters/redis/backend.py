@@ -20,6 +20,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from stem._aio import cancel_and_wait, wait_event
 from stem.adapters._shared import check_max_items, check_namespace, meta_appended
 from stem.adapters._waiting import Watch, wait_for_terminal
 from stem.errors import ServiceUnavailableError, StemError
@@ -191,11 +192,7 @@ class _Notifier:
     async def close(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            reader.cancel()
-            try:
-                await reader
-            except BaseException:  # it was cancelled on purpose
-                pass
+            await cancel_and_wait(reader)
         if self._ps is not None:
             await self._ps.aclose()  # type: ignore[no-untyped-call]
             self._ps = None
@@ -441,10 +438,7 @@ class _ChannelWatch:
 
     async def changed(self, seconds: float | None) -> TaskStatus | bool:
         step = RECHECK_INTERVAL if seconds is None else min(seconds, RECHECK_INTERVAL)
-        try:
-            await asyncio.wait_for(self._waiter.event.wait(), step)
-        except TimeoutError:
-            pass
+        await wait_event(self._waiter.event, step)
         self._waiter.event.clear()
         data, self._waiter.data = self._waiter.data, None
         if data is not None:
