@@ -20,6 +20,7 @@ from stem.errors import ConfigurationError, StemError
 from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
 from stem.worker import Worker
+from stem.worker.gctune import DEFAULT_GC_THRESHOLD, MAX_GC_THRESHOLD, tune_gc
 from stem_cli import control
 from stem_cli._app import between, error_line, fail, load_app, serve_metrics
 from stem_cli.beat import beat_command, schedule_app
@@ -144,6 +145,11 @@ def worker_start(
                                callback=between(0, MAX_GRACE, " seconds"),
                                help="Seconds to wait for an unreachable broker or backend at "
                                     "startup, retrying with backoff (0: fail at once).")] = 0.0,
+    gc_threshold: Annotated[int, typer.Option(
+        "--gc-threshold", envvar="STEM_GC_THRESHOLD", callback=between(0, MAX_GC_THRESHOLD),
+        help="The garbage collector's first-generation threshold for this process, set "
+             "after start-up objects are frozen (0: Python's default, 700).")
+    ] = DEFAULT_GC_THRESHOLD,
 ) -> None:
     """Start a worker: consume queues until SIGTERM/SIGINT, then drain and exit 0.
 
@@ -159,6 +165,7 @@ def worker_start(
                     max_tasks_per_child=max_tasks_per_child,
                     max_memory_per_child=max_memory_per_child,
                     prefetch_multiplier=prefetch_multiplier, connect_timeout=connect_timeout)
+    tune_gc(gc_threshold)  # after the app and its tasks are imported: they are frozen
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ which process ran what, and when.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from pathlib import Path
@@ -47,3 +48,9 @@ async def work(ctx: stem.TaskContext, seconds: float) -> int:
     await asyncio.sleep(seconds)
     _mark("done", ctx.id)
     return os.getpid()
+
+
+@app.task(name="e2e.gc")
+async def gc_settings() -> list[int]:
+    """The worker process's collector: [first-generation threshold, frozen objects]."""
+    return [gc.get_threshold()[0], gc.get_freeze_count()]
