@@ -425,6 +425,13 @@ def test_url_parsing_standalone_tls_cluster_and_options() -> None:
     assert s.seconds("claim_interval", 1.0) == 0.2 and s.seconds("block_time", 1.5) == 1.5
     assert "s3cret" not in s.safe_url and "***" in s.safe_url
 
+    # No per-command deadline unless asked: TCP keepalive (and TCP_USER_TIMEOUT) finds a
+    # dead server instead of a 5 s wait_for around every command.
+    plain = parse_redis_url("redis://127.0.0.1:6379/0").connection_kwargs
+    assert plain["socket_timeout"] is None and plain["socket_keepalive"] is True
+    assert plain["socket_keepalive_options"][socket.TCP_KEEPIDLE] == 15
+    assert plain["socket_keepalive_options"][socket.TCP_USER_TIMEOUT] == 30_000
+
     tls = parse_redis_url("rediss://user:pw@secure.example:6390/0?ssl_cert_reqs=none")
     assert tls.connection_kwargs["connection_class"] is SSLConnection
     assert tls.connection_kwargs["username"] == "user"

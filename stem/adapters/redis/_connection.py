@@ -19,6 +19,7 @@ the ``ssl_*`` options):
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -113,6 +114,20 @@ DEFAULT_DEAD_LETTER_MAX = 100_000
 #: Fail a connection attempt to an unreachable host within this many seconds
 #: (overridable with ``?socket_connect_timeout=``).
 DEFAULT_CONNECT_TIMEOUT = 2.0
+
+
+def keepalive_options() -> dict[int, int]:
+    """TCP options for Stem's Redis connections: keepalive after 15 s idle, a probe every
+    5 s, dead after 3 missed (about 30 s), and on Linux TCP_USER_TIMEOUT of 30 s for sent
+    data that is never acknowledged. Only the options this platform has."""
+    wanted = (("TCP_KEEPIDLE", 15), ("TCP_KEEPALIVE", 15), ("TCP_KEEPINTVL", 5),
+              ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 30_000))
+    out: dict[int, int] = {}
+    for name, value in wanted:
+        opt = getattr(socket, name, None)
+        if opt is not None and opt not in out:  # macOS names idle time TCP_KEEPALIVE
+            out[opt] = value
+    return out
 
 
 def safe_url(url: str) -> str:
@@ -319,6 +334,14 @@ def _redis_py_kwargs(clean_url: str, original: str) -> dict[str, Any]:
     # Stem parses replies itself on the hot paths, in the RESP2 shapes.
     kwargs["protocol"] = 2
     kwargs.setdefault("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    # No per-command deadline unless asked (?socket_timeout=): redis-py 8 defaults to 5 s,
+    # which wraps every send in asyncio.wait_for (a Task per command on Python 3.11) and
+    # every read in a timeout, 15-25 % of a producer's CPU per enqueue. A dead server or
+    # path is found by TCP instead: keepalive probes on an idle connection and
+    # TCP_USER_TIMEOUT for data the server never acknowledges (both well under a minute).
+    kwargs.setdefault("socket_timeout", None)
+    kwargs.setdefault("socket_keepalive", True)
+    kwargs.setdefault("socket_keepalive_options", keepalive_options())
     # One quick retry covers a pooled connection the server closed while idle; more
     # would re-send non-idempotent writes and hide outages from the caller, who has
     # its own backoff (the fetch loop, the worker).
