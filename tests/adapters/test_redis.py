@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as rexc
 from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
@@ -861,3 +862,33 @@ def test_closing_a_store_closes_its_connections(redis_url: str, namespace: str) 
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "unclosed" not in out.stderr, out.stderr
+
+
+# -- the lanes: hot commands on dedicated connections ------------------------------------
+
+
+async def test_lane_script_loads_itself_on_noscript_and_survives_a_killed_connection(
+        redis_url: str, namespace: str, raw: aioredis.Redis) -> None:
+    from stem.adapters.redis._connection import RedisConnector, parse_redis_url
+
+    conn = RedisConnector(parse_redis_url(redis_url))
+    try:
+        # A source no server has seen: the first EVALSHA meets NOSCRIPT and loads it.
+        script = conn.script(f"-- {namespace}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])")
+        key = f"{namespace}:lane"
+        assert await script([key], [2]) == 2
+        assert await script([key], [3]) == 5
+        # The server drops the lane's connection: the next call reconnects and runs once.
+        lane_id = await conn.lanes.call("CLIENT", "ID")
+        assert await raw.execute_command("CLIENT", "KILL", "ID", lane_id) == 1
+        assert await script([key], [1]) == 6
+        assert int(await raw.get(key)) == 6
+        # A command error is raised and leaves the connection usable.
+        with pytest.raises(rexc.ResponseError):
+            await conn.lanes.call("INCRBY", key, "not-a-number")
+        assert await script([key], [1]) == 7
+    finally:
+        await conn.close()
+    # Closing hands the lanes' connections back: nothing of ours stays connected.
+    names = [c for c in (await raw.client_list()) if c.get("id") == str(lane_id)]
+    assert names == []

@@ -225,8 +225,8 @@ class RedisBackend:
         self._conn = RedisConnector(settings) if connector is None else connector
         self._prefix = f"{namespace}:result:"
         self._notifier: _Notifier | None = None
-        self._set_script: AsyncScript | None = None
-        self._add_script: AsyncScript | None = None
+        self._set_script: Any = None
+        self._add_script: Any = None
         self._cas_script: tuple[Any, AsyncScript] | None = None
 
     def __repr__(self) -> str:
@@ -259,9 +259,7 @@ class RedisBackend:
             ttls.append(b"%d:%d" % (ms, status.state.is_terminal))
         client = self._conn.client
         try:
-            if len(keys) == 1 and ttls[0].endswith(b":0"):
-                await client.execute_command("SET", keys[0], raws[0], "PX", ttls[0][:-2])
-            elif isinstance(client, RedisCluster):
+            if isinstance(client, RedisCluster):
                 pipe = client.pipeline(transaction=False)
                 for key, raw, ttl_flag in zip(keys, raws, ttls, strict=True):
                     ms_text, _, terminal = ttl_flag.partition(b":")
@@ -269,11 +267,12 @@ class RedisBackend:
                     if terminal == b"1":
                         pipe.execute_command("PUBLISH", key, raw)
                 await pipe.execute()
+            elif len(keys) == 1 and ttls[0].endswith(b":0"):
+                await self._conn.lanes.call("SET", keys[0], raws[0], "PX", ttls[0][:-2])
             else:
                 if self._set_script is None:
-                    self._set_script = client.register_script(scripts.SET_STATUSES)
-                script: Any = self._set_script
-                await script(keys, [b",".join(ttls), *raws])
+                    self._set_script = self._conn.script(scripts.SET_STATUSES)
+                await self._set_script(keys, [b",".join(ttls), *raws])
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem result backend set") from exc
 
@@ -304,9 +303,8 @@ class RedisBackend:
                         await client.execute_command("PUBLISH", keys[i], raws[i])
             else:
                 if self._add_script is None:
-                    self._add_script = client.register_script(scripts.ADD_STATUSES)
-                script: Any = self._add_script
-                written = [int(p) - 1 for p in await script(keys, [b",".join(ttls), *raws])]
+                    self._add_script = self._conn.script(scripts.ADD_STATUSES)
+                written = [int(p) - 1 for p in await self._add_script(keys, [b",".join(ttls), *raws])]
         except CONNECTION_ERRORS as exc:
             raise self._conn.unavailable(exc, "Stem result backend add") from exc
         return {unique[i][0].id for i in written}
@@ -422,7 +420,7 @@ class RedisBackend:
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             await notifier.close()
-        self._set_script = None
+        self._set_script = self._add_script = None
         self._cas_script = None
         if self._owns_conn:
             await self._conn.close()

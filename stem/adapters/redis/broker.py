@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import redis.exceptions as rexc
-from redis.commands.core import AsyncScript
 
 from stem._time import now_epoch
 from stem.adapters._leasing import Claim, LeasingBroker, delivery
@@ -225,7 +224,7 @@ class RedisBroker(LeasingBroker):
         self._owns_conn = connector is None
         self._conn = RedisConnector(settings) if connector is None else connector
         self._keys: dict[str, QueueKeys] = {}
-        self._scripts: dict[str, AsyncScript] | None = None
+        self._scripts: dict[str, Any] | None = None
         self._ready_groups: set[str] = set()
         self._next_claim: dict[str, float] = {}
         self._consumers: set[str] = set()
@@ -247,11 +246,10 @@ class RedisBroker(LeasingBroker):
         return k
 
     @property
-    def _script(self) -> dict[str, AsyncScript]:
+    def _script(self) -> dict[str, Any]:
         if self._scripts is None:
-            client = self._conn.client
-            # register_script only hashes the source; EVALSHA loads it on NOSCRIPT.
-            self._scripts = {name: client.register_script(src) for name, src in scripts.ALL.items()}
+            # Only hashed here; EVALSHA loads a script on NOSCRIPT.
+            self._scripts = {name: self._conn.script(src) for name, src in scripts.ALL.items()}
         return self._scripts
 
     @property
