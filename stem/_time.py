@@ -95,19 +95,28 @@ def now_epoch() -> float:
 
 
 _iso_second: tuple[int, str] = (0, "")
+_iso_ms: tuple[int, str] = (0, "")
 
 
 def now_iso() -> str:
-    """The current UTC time in the wire format, cheaply (the worker stamps every status).
+    """The current UTC time in the wire format, cheaply (the worker stamps every status,
+    twice per task).
 
-    The ``YYYY-MM-DDTHH:MM:SS`` prefix is formatted once per second and reused; the
-    tuple swap is atomic, so threads may call this too.
+    The whole stamp is reused within one millisecond (a busy worker stamps dozens per
+    millisecond) and the ``YYYY-MM-DDTHH:MM:SS`` prefix within one second; the tuple
+    swaps are atomic, so threads may call this too.
     """
-    global _iso_second
+    global _iso_second, _iso_ms
     t = time.time()
-    sec = int(t)
+    ms = int(t * 1000)
+    last_ms, text = _iso_ms
+    if ms == last_ms:
+        return text
+    sec = ms // 1000
     cached, prefix = _iso_second
     if sec != cached:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         _iso_second = (sec, prefix)
-    return f"{prefix}.{int((t - sec) * 1000):03d}Z"
+    text = f"{prefix}.{ms - sec * 1000:03d}Z"
+    _iso_ms = (ms, text)
+    return text

@@ -90,10 +90,14 @@ async def _publish(app: Stem, calls: list[TaskCall[Any]]) -> None:
         await asyncio.gather(*(app.enqueue_call(c) for c in calls))
 
 
+#: The meta keys :func:`wants` looks for, as a set (one C-level test per task).
+_CANVAS_KEYS = frozenset(CANVAS_META_KEYS)
+
+
 def wants(env: Envelope) -> bool:
     """Whether a finished ``env`` has canvas follow-ups (a few dict lookups)."""
     meta = env.meta
-    return bool(meta) and any(k in meta for k in CANVAS_META_KEYS)
+    return bool(meta) and not _CANVAS_KEYS.isdisjoint(meta)
 
 
 async def run(app: Stem, env: Envelope, outcome: Outcome, *, redelivered: bool) -> None:

@@ -198,6 +198,16 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
+#: The per-call keys :func:`meta_problem` checks and ``prepare`` reads: an envelope
+#: whose meta has none of them (most: only the args encoder) skips every check.
+_CALL_META_KEYS = frozenset({
+    META_EXPIRES_AT, META_MAX_RETRIES, META_TIME_LIMIT_MS, META_SOFT_TIME_LIMIT_MS,
+    META_TIME_LIMIT, META_SOFT_TIME_LIMIT, META_RETRY_POLICY, META_IGNORE_RESULT})
+#: The keys of per-call time limits (:func:`effective_limits`).
+_LIMIT_META_KEYS = frozenset({
+    META_TIME_LIMIT_MS, META_SOFT_TIME_LIMIT_MS, META_TIME_LIMIT, META_SOFT_TIME_LIMIT})
+
+
 def meta_limit(meta: dict[str, Any], ms_key: str, seconds_key: str) -> float | None:
     """A per-call limit in seconds from the meta: the Dart key (milliseconds) first,
     else the older key (seconds); None when neither is there."""
@@ -233,8 +243,12 @@ def effective_limits(envelope: Envelope, definition: TaskDefinition[Any, Any]
                      ) -> tuple[float | None, float | None]:
     """(soft, hard) time limits for this attempt: envelope meta wins over task options."""
     meta = envelope.meta
-    hard = meta_limit(meta, META_TIME_LIMIT_MS, META_TIME_LIMIT) if meta else None
-    soft = meta_limit(meta, META_SOFT_TIME_LIMIT_MS, META_SOFT_TIME_LIMIT) if meta else None
+    options = definition.options
+    if not meta or _LIMIT_META_KEYS.isdisjoint(meta):  # the common case: the task's own
+        soft, hard = options.soft_time_limit, options.time_limit
+        return (None if soft is None else float(soft)), (None if hard is None else float(hard))
+    hard = meta_limit(meta, META_TIME_LIMIT_MS, META_TIME_LIMIT)
+    soft = meta_limit(meta, META_SOFT_TIME_LIMIT_MS, META_SOFT_TIME_LIMIT)
     if hard is None:
         hard = definition.options.time_limit
     if soft is None:
@@ -277,7 +291,7 @@ class Processor:
                             "worker's app", UnknownTaskError.__name__)
         expires: datetime | None = None
         ignore_result = definition.options.ignore_result
-        if envelope.meta:
+        if envelope.meta and not _CALL_META_KEYS.isdisjoint(envelope.meta):
             problem = meta_problem(envelope.meta)
             if problem is not None:
                 return Rejected(f"invalid envelope: {problem}", "EnvelopeDecodeError")

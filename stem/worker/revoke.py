@@ -199,8 +199,11 @@ class RunningTasks:
     def __init__(self) -> None:
         self.by_id: dict[str, Running] = {}
 
-    def start(self, env: Envelope, is_async: bool) -> Running:
-        run = Running(env, is_async, asyncio.current_task())
+    def start(self, env: Envelope, is_async: bool,
+              loop: asyncio.AbstractEventLoop | None = None) -> Running:
+        """Record the attempt of ``env`` running in the current task (of ``loop``, when
+        given: saves looking the running loop up, a getpid() call on Python 3.11)."""
+        run = Running(env, is_async, asyncio.current_task(loop))
         self.by_id[env.id] = run
         return run
 

@@ -182,6 +182,8 @@ class Worker:
                                        on_change=self._revocations_changed)
         #: The attempts running now (terminate, stats, inspect).
         self.running = RunningTasks()
+        #: The loop run() runs on (set there).
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         #: Attempts that failed for good (stats).
         self.failed = 0
         #: Answers control commands and writes heartbeats (stem.worker.control).
@@ -286,6 +288,7 @@ class Worker:
         Raises :class:`~stem.errors.UnsettledDeliveriesError` when deliveries were left
         unsettled because the grace ran out while the store was unreachable.
         """
+        self._loop = asyncio.get_running_loop()
         broker, backend = self.app.broker, self.app.backend
         payload_limit()  # a bad STEM_MAX_PAYLOAD_BYTES fails here, not in every fetch
         check_visibility_timeout(broker.default_visibility_timeout)
@@ -538,7 +541,9 @@ class Worker:
 
     def _start(self, d: Delivery, prepared: Prepared) -> None:
         self._running += 1
-        task = asyncio.create_task(self._run(d, prepared))
+        # The loop's own method: asyncio.create_task asks for the running loop, which on
+        # Python 3.11 is a getpid() system call, once per task.
+        task = self._loop.create_task(self._run(d, prepared))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -607,7 +612,7 @@ class Worker:
                 )
             metrics.recorder.task_started(env.name, env.queue)
             started = time.perf_counter()
-            run = self.running.start(env, prepared.definition.is_async)
+            run = self.running.start(env, prepared.definition.is_async, self._loop)
             try:
                 if spans is None:
                     value = await self.executor.execute(prepared, ctx)

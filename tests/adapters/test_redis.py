@@ -892,3 +892,15 @@ async def test_lane_script_loads_itself_on_noscript_and_survives_a_killed_connec
     # Closing hands the lanes' connections back: nothing of ours stays connected.
     names = [c for c in (await raw.client_list()) if c.get("id") == str(lane_id)]
     assert names == []
+
+
+def test_pack_command_is_byte_for_byte_redis_pys() -> None:
+    from redis.asyncio.connection import Connection
+
+    from stem.adapters.redis._connection import pack_command
+
+    args = ["EVALSHA", "a" * 40, 3, b"k\x00ey", "clé", 1.5, -7, bytearray(b"ba"),
+            b"x" * 70_000]
+    assert pack_command(args) == b"".join(Connection().pack_command(*args))
+    with pytest.raises(rexc.DataError):
+        pack_command(["SET", "k", True])

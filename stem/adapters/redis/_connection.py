@@ -407,6 +407,30 @@ class BlockingConn:
     node: ClusterNode | None = None
 
 
+def pack_command(args: Sequence[Any]) -> bytes:
+    """One command in the Redis protocol (RESP), as redis-py's ``pack_command`` makes it
+    byte for byte, in a third of the time for the long argument lists of Stem's
+    scripts (a settle names hundreds of entries). bytes, str (UTF-8), int and float."""
+    parts = [b"*%d\r\n" % len(args)]
+    add = parts.append
+    for arg in args:
+        kind = type(arg)
+        if kind is bytes:
+            data = arg
+        elif kind is str:
+            data = arg.encode()
+        elif kind is int:
+            data = b"%d" % arg
+        elif kind is float:
+            data = repr(arg).encode()
+        elif isinstance(arg, bytearray | memoryview):
+            data = bytes(arg)
+        else:
+            raise rexc.DataError(f"cannot send a {kind.__name__} to Redis: {arg!r:.60}")
+        add(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class Lanes:
     """Stem's hot commands on connections of their own, past redis-py's per-command path.
 
@@ -436,13 +460,14 @@ class Lanes:
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply (a ResponseError reply is raised)."""
         conn = self._idle.pop() if self._idle else await self._take()
+        packed = pack_command(args)
         try:
             try:
-                await conn.send_packed_command(conn.pack_command(*args))
+                await conn.send_packed_command(packed)
                 return await conn.read_response()
             except (rexc.ConnectionError, rexc.TimeoutError, OSError):
                 await conn.disconnect(nowait=True)
-                await conn.send_packed_command(conn.pack_command(*args))
+                await conn.send_packed_command(packed)
                 return await conn.read_response()
         finally:
             self._idle.append(conn)
