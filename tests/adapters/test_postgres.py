@@ -905,7 +905,8 @@ async def test_a_stale_row_count_is_refreshed_so_the_fetch_plan_walks_the_index(
             f"SELECT n_live_tup > 4000 FROM pg_stat_user_tables WHERE relid = '{table}'::regclass"))
 
     await eventually(live_counted, timeout=10)
-    assert "Sort" in (await plan()).split("CTE upd")[0]  # the slow plan: sort everything
+    # With reltuples 0 the planner usually sorts the whole backlog (the slow plan), but
+    # it may also guess from the table's pages: only the plan after the refresh is ours.
     assert await broker.refresh_stats() is True
     assert await raw_conn.fetchval(
         f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
