@@ -911,3 +911,62 @@ async def test_a_stale_row_count_is_refreshed_so_the_fetch_plan_walks_the_index(
         f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
     assert "Sort" not in (await plan()).split("CTE upd")[0]  # no sort of the backlog
     assert await broker.refresh_stats() is False  # fresh now: nothing to do
+
+
+async def test_a_fetch_finding_the_queue_drained_vacuums_the_table_small(
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+    # Fewer rows than VACUUM_EVERY: only the idle fetch's vacuum can reclaim them.
+    from stem.adapters.postgres import broker as pg_broker
+
+    assert 3000 < pg_broker.VACUUM_EVERY
+    table = f'"{namespace}".stem_jobs'
+    await broker.ping()  # migrates
+    await raw_conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    await broker.publish([env() for _ in range(1500)])
+    got = await broker.fetch(["q"], 1500, block=1, consumer="w")
+    assert len(got) == 1500
+    await broker.ack(got)
+    assert await raw_conn.fetchval(f"SELECT pg_relation_size('{table}'::regclass)") > 0
+    assert await broker.fetch(["q"], 10, block=0, consumer="w") == []
+
+    # (How small it gets depends on the server: another session's old snapshot keeps
+    # dead rows, and their pages, from being reclaimed.)
+    async def vacuumed() -> bool:
+        return bool(await raw_conn.fetchval(
+            "SELECT vacuum_count >= 1 FROM pg_stat_user_tables WHERE relid = $1::regclass",
+            table))
+
+    await eventually(vacuumed, timeout=10, interval=0.1)
+
+
+async def test_a_backlog_in_a_table_vacuumed_empty_is_analyzed_before_it_is_counted(
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A drained table vacuumed (to no pages) has reltuples 0 and no column statistics;
+    # the statistics views may not count a new backlog for seconds. Its size tells.
+    from stem.adapters.postgres import broker as pg_broker
+
+    monkeypatch.setattr(pg_broker, "STATS_MIN_ROWS", 10**9)  # the live count never tells
+    table = f'"{namespace}".stem_jobs'
+    await broker.publish([env()])
+    await raw_conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    await raw_conn.execute(f"DELETE FROM {table}")
+    await raw_conn.execute(f"VACUUM (ANALYZE) {table}")
+    assert await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") == 0
+    assert await broker.refresh_stats() is False  # empty: nothing to do
+    for _ in range(5):
+        await broker.publish([env() for _ in range(1000)])
+    sql = broker._sql.fetch_one_queue
+    args = ("q", 400, 30.0, "w", uuid.uuid4())
+
+    async def plan() -> str:
+        return "\n".join(r[0] for r in await raw_conn.fetch("EXPLAIN " + sql, *args))
+
+    assert await broker.refresh_stats() is True
+    assert await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
+    picked, lease = (await plan()).split("CTE upd")
+    assert "Sort" not in picked  # the fetch index, not a sort of the backlog
+    assert "stem_jobs_pkey" in lease  # leased through the primary key
+    assert await broker.refresh_stats() is False

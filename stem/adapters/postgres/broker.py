@@ -57,10 +57,16 @@ COPY_MIN_BATCH = 64
 VACUUM_EVERY = 20_000
 #: Seconds between two vacuums started by this process.
 VACUUM_MIN_INTERVAL = 5.0
+#: Rows leased or deleted since the last vacuum that make a fetch finding its queues
+#: empty vacuum the jobs table (a drained backlog's dead rows and pages, at once).
+IDLE_VACUUM_MIN = 1_000
 #: Seconds between two checks of the planner's row count for the jobs table.
 STATS_CHECK_INTERVAL = 5.0
 #: Live rows below which a stale row count cannot hurt a plan (no ANALYZE).
 STATS_MIN_ROWS = 2_000
+#: Pages the jobs table must have grown by since its last ANALYZE or VACUUM (and at
+#: least doubled) to be analyzed again even before the live row count shows it.
+STATS_MIN_PAGES = 64
 
 log = get_logger(__name__)
 #: Dead letters read per page while replaying.
@@ -277,9 +283,23 @@ class PostgresBroker(LeasingBroker):
         if now - self._last_stats_check >= STATS_CHECK_INTERVAL and not self._vacuum_failed:
             self._last_stats_check = now
             self._in_background(self.refresh_stats())
-        if self._churn < VACUUM_EVERY or self._vacuum_failed:
-            return
-        if now - self._last_vacuum < VACUUM_MIN_INTERVAL:
+        if self._churn >= VACUUM_EVERY:
+            self._vacuum_soon(now)
+
+    def _idle(self) -> None:
+        """A fetch found its queues empty: vacuum what the drained backlog left.
+
+        Between two VACUUM_EVERY vacuums up to that many dead rows pile up, and
+        nothing vacuums them once the queue is drained (autovacuum may be off): the
+        table would keep the backlog's size and dead rows until the next backlog,
+        whose fetches then walk past the dead index entries. Vacuumed while empty,
+        the table is truncated to (nearly) nothing.
+        """
+        if self._churn >= IDLE_VACUUM_MIN:
+            self._vacuum_soon(time.monotonic())
+
+    def _vacuum_soon(self, now: float) -> None:
+        if self._vacuum_failed or now - self._last_vacuum < VACUUM_MIN_INTERVAL:
             return
         self._churn = 0
         self._last_vacuum = now
@@ -299,7 +319,12 @@ class PostgresBroker(LeasingBroker):
         plans a sort of the whole backlog on every call instead of walking the fetch
         index, several times slower until statistics catch up. One cheap comparison of
         the planner's count (``reltuples``) with the live one every few seconds keeps
-        every hot statement's plan right.
+        every hot statement's plan right. The live count reaches the statistics views
+        only when the producers' sessions report it (up to seconds later), so the
+        table's size on disk is compared too: a table grown to twice the pages it had
+        when last analyzed (or vacuumed: an emptied table is truncated, and then the
+        planner has no column statistics at all) holds a backlog the plans don't
+        know about.
         """
         table = f"{self.settings.quoted_schema}.stem_jobs"
 
@@ -308,7 +333,10 @@ class PostgresBroker(LeasingBroker):
             if row is None:
                 return False
             planned, live = float(row[0]), float(row[1] or 0)
-            if not (live > STATS_MIN_ROWS and (planned < live / 2 or planned > live * 2)):
+            planned_pages, pages = int(row[2]), int(row[3])
+            stale_rows = live > STATS_MIN_ROWS and (planned < live / 2 or planned > live * 2)
+            grown = pages >= planned_pages * 2 + STATS_MIN_PAGES
+            if not (stale_rows or grown):
                 return False
             return bool(await self._maintain(conn, f"ANALYZE {table}"))
 
@@ -528,6 +556,7 @@ class PostgresBroker(LeasingBroker):
             retry=False,
         )
         if not rows:
+            self._idle()
             return NOTHING
         self._touched(len(rows))
         out = []
