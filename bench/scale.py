@@ -11,10 +11,11 @@ Phases (sizes times ``--scale``), each one row of the table:
   order (the sequence of the Postgres plan-stability issue). Each drain enqueues its
   backlog, then starts the worker(s); the rate runs from first to last completion,
   the wall time from starting the workers to the last completion; the workers idle
-  2.5 s before they are stopped. On Postgres also
+  3 s before they are stopped. On Postgres also
   the rate of each half of the drain (a slow first half is a bad plan that statistics
   only fixed later), and the jobs table's planner row count (``reltuples``), live and
-  dead rows and total size after the phase. The Postgres sequence starts from the
+  dead rows, size (heap alone, and with its indexes and TOAST) and the vacuums and
+  analyzes it had so far, after the phase. The Postgres sequence starts from the
   state a previous run leaves: the jobs table's ``reltuples`` is 0 (see
   :func:`stale_stats`).
 - due: 50k tasks with the same ``eta`` a few seconds ahead, enqueued while one worker
@@ -50,7 +51,7 @@ from stem._urls import mask_url
 from stem.log import configure_logging
 
 #: Seconds the workers idle after a drain before they are stopped (> their 1 s block).
-SETTLE = 2.5
+SETTLE = 3.0
 
 
 def default_url(backend: str) -> str:
@@ -139,7 +140,7 @@ class Scale(Bench):
         await self.pg.execute("SELECT pg_stat_clear_snapshot()")
         row = await self.pg.fetchrow(f"""
             SELECT c.reltuples, c.relpages, s.n_live_tup, s.n_dead_tup,
-                   pg_total_relation_size(c.oid) AS size,
+                   pg_relation_size(c.oid) AS heap, pg_total_relation_size(c.oid) AS size,
                    s.vacuum_count + s.autovacuum_count AS vacuums,
                    s.analyze_count + s.autoanalyze_count AS analyzes
             FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
@@ -336,8 +337,8 @@ def report(kind: str, rows: list[Row], console: Console, scale: float) -> None:
     pg = kind == "postgres"
     cols = ["phase", "tasks", "workers", "rate /s", "wall s"]
     if pg:
-        cols += ["1st half /s", "2nd half /s", "reltuples", "live", "dead", "size MiB",
-                 "vac/an"]
+        cols += ["1st half /s", "2nd half /s", "reltuples", "live", "dead", "heap MiB",
+                 "total MiB", "vac/an"]
     title = f"make bench-scale — {kind}" + (f" (scale {scale:g})" if scale != 1 else "")
     t = Table(*cols, title=title)
     for r in rows:
@@ -350,10 +351,10 @@ def report(kind: str, rows: list[Row], console: Console, scale: float) -> None:
                       f"{r.second_half:,.0f}" if r.second_half else "-"]
             if tb:
                 cells += [f"{tb['reltuples']:,.0f}", f"{tb['n_live_tup']:,.0f}",
-                          f"{tb['n_dead_tup']:,.0f}", _mib(tb["size"]),
+                          f"{tb['n_dead_tup']:,.0f}", _mib(tb["heap"]), _mib(tb["size"]),
                           f"{tb['vacuums']:.0f}/{tb['analyzes']:.0f}"]
             else:
-                cells += ["-"] * 5
+                cells += ["-"] * 6
         t.add_row(*cells)
     console.print(t)
     for r in rows:
