@@ -11,11 +11,11 @@ Phases (sizes times ``--scale``), each one row of the table:
   order (the sequence of the Postgres plan-stability issue). Each drain enqueues its
   backlog, then starts the worker(s); the rate runs from first to last completion,
   the wall time from starting the workers to the last completion; the workers idle
-  3 s before they are stopped. On Postgres also
-  the rate of each half of the drain (a slow first half is a bad plan that statistics
-  only fixed later), and the jobs table's planner row count (``reltuples``), live and
-  dead rows, size (heap alone, and with its indexes and TOAST) and the vacuums and
-  analyzes it had so far, after the phase. The Postgres sequence starts from the
+  3 s before they are stopped. On Postgres also the rate of each half of the drain
+  (a slow first half is a bad plan that statistics only fixed later), and the jobs
+  table's planner row count (``reltuples``), live and dead rows, size (heap alone,
+  and with its indexes and TOAST) and the vacuums and analyzes it had so far, after
+  the phase. The Postgres sequence starts from the
   state a previous run leaves: the jobs table's ``reltuples`` is 0 (see
   :func:`stale_stats`).
 - due: 50k tasks with the same ``eta`` a few seconds ahead, enqueued while one worker
