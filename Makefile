@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench venv clean example-retry
+.PHONY: demo test lint typecheck bench bench-scale venv clean example-retry
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: lint
 FLOORS ?= ../shared/bench
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --floor-dir $(FLOORS)
+
+# Scale and cost growth (bench/scale.py): big backlogs, 2 workers vs 1, 50k tasks due at
+# one moment, a worker's RSS over 200k tasks. SCALE=0.1 for a quick check.
+SCALE ?= 1
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale --scale $(SCALE)
 
 clean:
 	rm -rf $(VENV) .stem .pytest_cache .mypy_cache .ruff_cache

@@ -912,3 +912,73 @@ async def test_a_stale_row_count_is_refreshed_so_the_fetch_plan_walks_the_index(
         f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
     assert "Sort" not in (await plan()).split("CTE upd")[0]  # no sort of the backlog
     assert await broker.refresh_stats() is False  # fresh now: nothing to do
+
+
+async def test_a_fetch_finding_the_queue_drained_vacuums_the_table_small(
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+    # Fewer rows than VACUUM_EVERY: only the idle fetch's vacuum can reclaim them,
+    # once everything this broker leased is settled.
+    from stem.adapters.postgres import broker as pg_broker
+
+    assert 3000 < pg_broker.VACUUM_EVERY
+    table = f'"{namespace}".stem_jobs'
+    await broker.ping()  # migrates
+    await raw_conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    await broker.publish([env() for _ in range(1500)])
+    got = await broker.fetch(["q"], 1500, block=1, consumer="w")
+    assert len(got) == 1500
+    await broker.ack(got[:1400])
+    assert await raw_conn.fetchval(f"SELECT pg_relation_size('{table}'::regclass)") > 0
+    # Nothing left to fetch but 100 still leased: the drain's tail, not yet drained.
+    assert await broker.fetch(["q"], 10, block=0, consumer="w") == []
+    await asyncio.sleep(0.3)
+    assert await raw_conn.fetchval(
+        "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = $1::regclass", table) == 0
+    await broker.ack(got[1400:])
+    assert await broker.fetch(["q"], 10, block=0, consumer="w") == []
+
+    # (How small it gets depends on the server: another session's old snapshot keeps
+    # dead rows, and their pages, from being reclaimed.)
+    async def vacuumed() -> bool:
+        return bool(await raw_conn.fetchval(
+            "SELECT vacuum_count >= 1 FROM pg_stat_user_tables WHERE relid = $1::regclass",
+            table))
+
+    await eventually(vacuumed, timeout=10, interval=0.1)
+
+
+async def test_a_backlog_the_statistics_views_have_not_counted_yet_is_analyzed_too(
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+    # What a drained queue leaves: the rows gone, the pages still there, reltuples 0
+    # (the planner then expects no row at all: the lease UPDATE walked the fetch
+    # index for its ids). The next backlog reaches n_live_tup only when its producer's
+    # session reports it, seconds later; the broker counts what it fetches from.
+    table = f'"{namespace}".stem_jobs'
+    await broker.publish([env() for _ in range(2000)])
+    await raw_conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    await raw_conn.execute(f"DELETE FROM {table}")
+    await raw_conn.execute(f"ANALYZE {table}")
+    assert await broker.fetch(["q"], 10, block=0, consumer="w") == []
+    assert await broker.refresh_stats() is False  # empty: nothing to do
+    for _ in range(5):
+        await broker.publish([env() for _ in range(1000)])
+    # Not reported yet, as far as the statistics views can tell.
+    await raw_conn.execute(f"SELECT pg_stat_reset_single_table_counters('{table}'::regclass)")
+    assert await raw_conn.fetchval(
+        f"SELECT n_live_tup FROM pg_stat_user_tables WHERE relid = '{table}'::regclass") == 0
+    assert await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") == 0
+    sql = broker._sql.fetch_one_queue
+    args = ("q", 400, 30.0, "w", uuid.uuid4())
+
+    async def plan() -> str:
+        return "\n".join(r[0] for r in await raw_conn.fetch("EXPLAIN " + sql, *args))
+
+    assert "stem_jobs_pkey" not in (await plan()).split("CTE upd")[1]  # the slow plan
+    assert await broker.refresh_stats() is True
+    assert await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
+    picked, lease = (await plan()).split("CTE upd")
+    assert "Sort" not in picked  # the fetch index, not a sort of the backlog
+    assert "stem_jobs_pkey" in lease  # leased through the primary key
+    assert await broker.refresh_stats() is False  # fresh now

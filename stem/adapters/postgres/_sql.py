@@ -269,9 +269,14 @@ class Statements:
             SELECT d.task_id, d.queue, t.reason, d.attempt, d.owner, d.envelope
             FROM d JOIN t ON t.id = d.id ORDER BY d.id"""
 
-        # The planner's row count of the jobs table next to the live one (maintenance).
+        # The planner's row count of the jobs table, the statistics system's count of
+        # live rows (reported up to seconds late) and the rows of the queues $1 (text[])
+        # there are now, counted up to $2 (maintenance).
         self.table_stats = f"""
-            SELECT c.reltuples, s.n_live_tup FROM pg_class c
+            SELECT c.reltuples, s.n_live_tup,
+                   (SELECT count(*) FROM (SELECT 1 FROM {jobs}
+                                          WHERE queue = ANY($1::text[]) LIMIT $2) q) AS seen
+            FROM pg_class c
             JOIN pg_stat_user_tables s ON s.relid = c.oid
             WHERE c.oid = '{jobs}'::regclass"""
 

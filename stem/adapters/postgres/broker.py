@@ -57,6 +57,14 @@ COPY_MIN_BATCH = 64
 VACUUM_EVERY = 20_000
 #: Seconds between two vacuums started by this process.
 VACUUM_MIN_INTERVAL = 5.0
+#: Rows leased or deleted since the last vacuum that make a fetch finding its queues
+#: empty vacuum the jobs table (a drained backlog's dead rows and pages, at once).
+IDLE_VACUUM_MIN = 1_000
+#: Seconds after the last vacuum started here before an idle fetch starts one.
+IDLE_VACUUM_INTERVAL = 1.0
+#: Seconds an idle fetch waits for this process's leased rows to be settled before
+#: vacuuming anyway (long tasks).
+IDLE_VACUUM_WAIT = 60.0
 #: Seconds between two checks of the planner's row count for the jobs table.
 STATS_CHECK_INTERVAL = 5.0
 #: Live rows below which a stale row count cannot hurt a plan (no ANALYZE).
@@ -244,6 +252,10 @@ class PostgresBroker(LeasingBroker):
         self._generation = 0
         self._waiters: set[asyncio.Future[None]] = set()
         self._churn = 0
+        # Rows this process leased and has not settled yet (a fetch finding nothing
+        # while some are still out is a drain's tail, not a drained queue).
+        self._held = 0
+        self._idle_since: float | None = None
         self._last_sweep = float("-inf")
         self._last_vacuum = 0.0
         self._last_stats_check = float("-inf")
@@ -285,6 +297,39 @@ class PostgresBroker(LeasingBroker):
         self._last_vacuum = now
         self._in_background(self.vacuum())
 
+    def _idle(self) -> None:
+        """A fetch found its queues empty: vacuum what the drained backlog left.
+
+        Between two VACUUM_EVERY vacuums up to that many dead rows pile up, and
+        nothing vacuums them once the queue is drained (autovacuum may be off): the
+        table would keep the backlog's size and dead rows until the next backlog,
+        whose fetches then walk past the dead index entries. Vacuumed while empty,
+        the table is truncated to (nearly) nothing. So once this process has settled
+        all it leased (its own drain's tail acked) and at least IDLE_VACUUM_MIN rows
+        churned; if another vacuum is running (one started during the drain), the
+        next idle fetch tries again.
+        """
+        now = time.monotonic()
+        if (self._churn < IDLE_VACUUM_MIN or self._vacuum_failed
+                or now - self._last_vacuum < IDLE_VACUUM_INTERVAL):
+            return
+        if self._held > 0:  # the tail is still out
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since < IDLE_VACUUM_WAIT:
+                return
+        self._idle_since = None
+        churn, self._churn = self._churn, 0
+        self._last_vacuum = now
+        self._in_background(self._idle_vacuum(churn))
+
+    async def _idle_vacuum(self, churn: int) -> None:
+        if not await self.vacuum():
+            self._churn += churn  # not this time: at the next idle fetch
+
+    def _settled(self, rows: int) -> None:
+        self._held = max(0, self._held - rows)
+
     def _in_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -299,15 +344,20 @@ class PostgresBroker(LeasingBroker):
         plans a sort of the whole backlog on every call instead of walking the fetch
         index, several times slower until statistics catch up. One cheap comparison of
         the planner's count (``reltuples``) with the live one every few seconds keeps
-        every hot statement's plan right.
+        every hot statement's plan right. The live count reaches the statistics views
+        only when the producers' sessions report it (seconds later, after a whole
+        drain of a small backlog), so the rows of the queues fetched from are also
+        counted, up to twice STATS_MIN_ROWS (one short index walk): enough to see a
+        backlog in a table the planner believes empty.
         """
         table = f"{self.settings.quoted_schema}.stem_jobs"
 
         async def op(conn: Any) -> bool:
-            row = await conn.fetchrow(self._sql.table_stats)
+            row = await conn.fetchrow(self._sql.table_stats, sorted(self._watched),
+                                      2 * STATS_MIN_ROWS)
             if row is None:
                 return False
-            planned, live = float(row[0]), float(row[1] or 0)
+            planned, live = float(row[0]), max(float(row[1] or 0), float(row[2]))
             if not (live > STATS_MIN_ROWS and (planned < live / 2 or planned > live * 2)):
                 return False
             return bool(await self._maintain(conn, f"ANALYZE {table}"))
@@ -528,7 +578,10 @@ class PostgresBroker(LeasingBroker):
             retry=False,
         )
         if not rows:
+            self._idle()
             return NOTHING
+        self._held += len(rows)
+        self._idle_since = None
         self._touched(len(rows))
         out = []
         for row in rows:
@@ -549,12 +602,14 @@ class PostgresBroker(LeasingBroker):
         # One statement.
         ids, leases = _keys(deliveries)
         await self._db.run(lambda c: c.execute(self._sql.ack, ids, leases))
+        self._settled(len(ids))
         self._touched(len(ids))
 
     async def _nack(self, deliveries: Sequence[Delivery]) -> None:
         # Jobs keep their place in line; the statement NOTIFYs idle fetchers.
         ids, leases = _keys(deliveries)
         await self._db.run(lambda c: c.execute(self._sql.nack, ids, leases, self._channel))
+        self._settled(len(ids))
 
     async def _retry(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         # One statement swaps each still-leased job for its replacement.
@@ -563,11 +618,13 @@ class PostgresBroker(LeasingBroker):
         await self._db.run(
             lambda c: c.execute(self._sql.retry, ids, leases, *arrays, self._channel)
         )
+        self._settled(len(ids))
 
     async def _dead_letter(self, items: Sequence[tuple[Delivery, str]]) -> None:
         ids, leases = _keys([d for d, _ in items])
         reasons = [r for _, r in items]
         await self._db.run(lambda c: c.execute(self._sql.dead_letter, ids, leases, reasons))
+        self._settled(len(ids))
         await self._maybe_sweep()
 
     async def _maybe_sweep(self) -> None:
@@ -723,4 +780,5 @@ class PostgresBroker(LeasingBroker):
                 self._sql.ack_with_results, ids_, states, blobs, ttls, channel, ids, leases
             )
         )
+        self._settled(len(ids))
         self._touched(len(ids))
