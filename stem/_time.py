@@ -120,3 +120,28 @@ def now_iso() -> str:
     text = f"{prefix}.{ms - sec * 1000:03d}Z"
     _iso_ms = (ms, text)
     return text
+
+
+_wire_ms: tuple[int, WireTime | None] = (0, None)
+
+
+def wire_now() -> WireTime:
+    """The current UTC time at millisecond precision (what the wire keeps), as a
+    :class:`WireTime` whose text is already set, so :func:`to_iso` costs nothing.
+
+    What a producer stamps ``enqueuedAt`` with: formatting a fresh datetime for each
+    envelope was a fifth of a bulk enqueue's CPU. One value is shared by every call
+    within the same millisecond (datetimes are immutable).
+    """
+    global _wire_ms
+    t = time.time()
+    ms = int(t * 1000)
+    last, value = _wire_ms
+    if ms == last and value is not None:
+        return value
+    sec, milli = divmod(ms, 1000)
+    parts = time.gmtime(sec)
+    value = WireTime(*parts[:6], milli * 1000, tzinfo=UTC)
+    value.wire_text = time.strftime("%Y-%m-%dT%H:%M:%S", parts) + f".{milli:03d}Z"
+    _wire_ms = (ms, value)
+    return value

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol
 
 from stem import signals, tracing
 from stem._sync import SyncBridge, refuse_in_event_loop
-from stem._time import to_iso, utcnow
+from stem._time import to_iso, utcnow, wire_now
 from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
@@ -706,7 +706,7 @@ class Stem:
         """Turn a call into its wire envelope: encode args once, apply options."""
         d = call.definition
         opts = d.options
-        now = utcnow()
+        now = wire_now()
         check_schedule(call.countdown, call.eta)  # a TaskCall built without with_options
         not_before: datetime | None = call.eta
         if call.countdown is not None:

@@ -490,7 +490,7 @@ class PostgresBroker(LeasingBroker):
                 added = {r[0] for r in rows}
                 fresh = [j for j in jobs if j[0].id in added]
                 if fresh:
-                    await self._copy(conn, fresh)
+                    await self._copy(conn, fresh, own_transaction=True)
             return added
         if len(jobs) == 1:
             one = await conn.fetchrow(self._sql.publish_new_one,
@@ -529,7 +529,8 @@ class PostgresBroker(LeasingBroker):
         else:
             await conn.execute(self._sql.publish, *arrays, self._channel)
 
-    async def _copy(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
+    async def _copy(self, conn: Any, items: Sequence[tuple[Envelope, bytes, str]], *,
+                    own_transaction: bool = False) -> None:
         """A large batch by COPY (several times faster than one INSERT of arrays).
 
         Rows without a ``not_before`` leave the column out so the server's ``now()``
@@ -543,7 +544,8 @@ class PostgresBroker(LeasingBroker):
                     lease_seconds(e.visibility_timeout), _int4(e.attempt), raw)
                    for e, raw, q in items if e.not_before is not None]
         schema = self.settings.schema
-        async with conn.transaction():
+
+        async def copy() -> None:
             if ready:
                 await conn.copy_records_to_table(
                     "stem_jobs", schema_name=schema, records=ready,
@@ -555,6 +557,14 @@ class PostgresBroker(LeasingBroker):
                              "attempt", "envelope"])
             queues = list(dict.fromkeys(q for _, _, q in items))
             await conn.execute(self._sql.notify_queues, self._channel, queues)
+
+        if own_transaction:
+            # Inside publish_new's transaction (or savepoint), which a failure rolls
+            # back whole: a savepoint of our own would only add two round trips.
+            await copy()
+        else:
+            async with conn.transaction():
+                await copy()
 
     async def _watch(self, queues: list[str], consumer: str, block: float) -> _Wakeup:
         self._watched.update(queues)
