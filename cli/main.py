@@ -6,12 +6,10 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stem import __version__
 from stem._urls import mask_url
@@ -19,7 +17,6 @@ from stem.app import Stem
 from stem.errors import ConfigurationError, StemError
 from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
-from stem.worker import Worker
 from stem_cli import control
 from stem_cli._app import between, error_line, fail, load_app, serve_metrics
 from stem_cli.beat import beat_command, schedule_app
@@ -27,6 +24,9 @@ from stem_cli.groups import group_app
 from stem_cli.multi import healthcheck_command, multi_app
 from stem_cli.observe import observe_app
 from stem_cli.ops import dlq_app
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 try:  # typer >= 0.22 ships its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -68,6 +68,8 @@ def _root(
 def _console() -> Console:
     """Rich output for a terminal; piped or redirected, never truncated (a table as wide
     as its widest row, whatever ``COLUMNS`` says)."""
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
 
@@ -151,6 +153,8 @@ def worker_start(
     backend URLs, queues, concurrency, prefetch, pool), then one line per finished task at
     INFO.
     """
+    from stem.worker import Worker
+
     configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
     serve_metrics(metrics_port, stem_app)
@@ -205,6 +209,8 @@ def tasks_ls(
     ``time_limit`` (``with_options``, ``Retry(time_limit=...)``) sends a ``def``
     handler to the process pool.
     """
+    from rich.table import Table
+
     stem_app = load_app(app_spec)
     rows: list[dict[str, Any]] = []
     for name in sorted(stem_app.tasks):
@@ -234,6 +240,9 @@ def result(
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
 ) -> None:
     """Show a task's state, value, error, attempts and progress."""
+    from rich.console import Console
+    from rich.table import Table
+
     stem_app = load_app(app_spec) if app_spec else Stem.from_env()
 
     async def get() -> Any:
