@@ -234,14 +234,14 @@ QueuesOpt = Annotated[list[str], typer.Option("--queue", "-Q", help="Queue (repe
 
 
 def _pause_command(pause: bool) -> Callable[..., None]:
-    from rich.console import Console
-    from rich.table import Table
-
-    from stem.control import queue_entries
-
     def command(queue: QueuesOpt, app_spec: AppOpt = None, timeout: TimeoutOpt = "",
                 json_out: JsonOpt = False,
                 reason: Annotated[str | None, typer.Option("--reason")] = None) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from stem.control import queue_entries
+
         async def store(a: Stem) -> None:
             entries = queue_entries(a, queue, pause=pause, reason=reason)
             await a.revokes.upsert_many(entries)  # durable first: survives restarts
@@ -326,8 +326,6 @@ def register(app: typer.Typer, worker_app: typer.Typer) -> None:
     worker_app.command("status")(worker_status)
     app.command("purge")(purge)
     app.command("health")(health)
-
-
 
 
 async def _check(component: str, url: str | None, probe: Callable[[], Awaitable[Any]]
