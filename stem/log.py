@@ -26,7 +26,10 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
-import structlog
+
+# structlog (which imports rich's traceback and console when rich is installed) is
+# imported by the first log call at an enabled level, or by configure_logging's
+# pretty renderer: a worker logging at WARNING does not load it for INFO lines.
 
 #: The attribute of a LogRecord that carries the structured event dict.
 EVENT_ATTR = "stem_event"
@@ -66,11 +69,14 @@ def _to_stdlib(_: Any, method: str, event_dict: MutableMapping[str, Any]
     return (_Message(fields),), kwargs
 
 
-_PROCESSORS: list[Any] = [
-    structlog.stdlib.filter_by_level,  # a disabled level costs one isEnabledFor call
-    structlog.contextvars.merge_contextvars,
-    _to_stdlib,
-]
+def _processors() -> list[Any]:
+    import structlog
+
+    return [
+        structlog.stdlib.filter_by_level,  # a disabled level costs one isEnabledFor call
+        structlog.contextvars.merge_contextvars,
+        _to_stdlib,
+    ]
 
 
 def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
@@ -82,7 +88,9 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     level costs that one check: the worker's per-task lines use it.
     """
     fields = {"event": event, **fields}
-    context = structlog.contextvars.get_contextvars()
+    # Context variables are bound through structlog.contextvars: not imported, none bound.
+    contextvars = sys.modules.get("structlog.contextvars")
+    context = contextvars.get_contextvars() if contextvars is not None else None
     if context:
         for key, value in context.items():
             fields.setdefault(key, value)
@@ -92,14 +100,72 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     logger.handle(record)
 
 
-def get_logger(name: str) -> Any:
-    """A structlog logger writing to the stdlib logger ``name`` (use ``__name__``)."""
+def _wrap(name: str) -> Any:
+    import structlog
+
     return structlog.wrap_logger(
         logging.getLogger(name),
-        processors=_PROCESSORS,
+        processors=_processors(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+class _Logger:
+    """What :func:`get_logger` returns: structlog's stdlib ``BoundLogger``, built on first
+    use. A call at a disabled level returns None at once, as structlog's first
+    processor (``filter_by_level``) would, without importing structlog; every other
+    call and attribute goes to the structlog logger."""
+
+    __slots__ = ("_logger", "_name", "_stdlib")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._stdlib = logging.getLogger(name)
+        self._logger: Any = None
+
+    def _bound(self) -> Any:
+        if self._logger is None:
+            self._logger = _wrap(self._name)
+        return self._logger
+
+    def debug(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        if not self._stdlib.isEnabledFor(logging.DEBUG):
+            return None
+        return self._bound().debug(event, *args, **kw)
+
+    def info(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        if not self._stdlib.isEnabledFor(logging.INFO):
+            return None
+        return self._bound().info(event, *args, **kw)
+
+    def warning(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        if not self._stdlib.isEnabledFor(logging.WARNING):
+            return None
+        return self._bound().warning(event, *args, **kw)
+
+    def error(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        if not self._stdlib.isEnabledFor(logging.ERROR):
+            return None
+        return self._bound().error(event, *args, **kw)
+
+    def exception(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        if not self._stdlib.isEnabledFor(logging.ERROR):
+            return None
+        return self._bound().exception(event, *args, **kw)
+
+    def critical(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        if not self._stdlib.isEnabledFor(logging.CRITICAL):
+            return None
+        return self._bound().critical(event, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bound(), name)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger writing to the stdlib logger ``name`` (use ``__name__``)."""
+    return _Logger(name)
 
 
 class StemFormatter(logging.Formatter):
@@ -112,8 +178,11 @@ class StemFormatter(logging.Formatter):
     def __init__(self, *, json: bool) -> None:
         super().__init__()
         self.json = json
-        self._console = None if json else structlog.dev.ConsoleRenderer(
-            colors=sys.stderr.isatty())
+        self._console = None
+        if not json:
+            import structlog.dev
+
+            self._console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, EVENT_ATTR, None)
