@@ -60,8 +60,7 @@ def _load() -> bool:
     global _otel_trace, _otel_context, _propagator
     if sys.modules.get("opentelemetry.trace") is None:
         return False
-    from opentelemetry import context
-    from opentelemetry import trace
+    from opentelemetry import context, trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     _otel_context, _propagator = context, TraceContextTextMapPropagator()
