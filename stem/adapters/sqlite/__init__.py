@@ -26,12 +26,12 @@ __all__ = [
     "backend_from_url", "broker_from_url", "store_from_url",
 ]
 
-# Imported on first use: a worker of another broker imports ``._db`` (for
+# Imported on first use: a worker of another broker imports ``._paths`` (for
 # ``path_from_url``), which runs this package, and needs none of the adapters.
 _LAZY = {
     "SqliteBackend": ".backend", "SqliteBroker": ".broker", "SqliteLockStore": ".locks",
     "SqliteScheduleStore": ".schedules", "SqliteStore": ".store", "store_from_url": ".store",
-    "dead_letter_retention_from_url": "._db", "path_from_url": "._db",
+    "dead_letter_retention_from_url": "._paths", "path_from_url": "._paths",
 }
 
 
@@ -46,7 +46,7 @@ def __getattr__(name: str) -> Any:
 
 def broker_from_url(url: str, *, namespace: str = "stem") -> SqliteBroker:
     """A :class:`SqliteBroker` on the file named by ``url``."""
-    from ._db import dead_letter_retention_from_url, path_from_url
+    from ._paths import dead_letter_retention_from_url, path_from_url
     from .broker import SqliteBroker
 
     return SqliteBroker(path_from_url(url), namespace=namespace,
@@ -55,7 +55,7 @@ def broker_from_url(url: str, *, namespace: str = "stem") -> SqliteBroker:
 
 def backend_from_url(url: str, *, namespace: str = "stem") -> SqliteBackend:
     """A :class:`SqliteBackend` on the file named by ``url``."""
-    from ._db import path_from_url
+    from ._paths import path_from_url
     from .backend import SqliteBackend
 
     return SqliteBackend(path_from_url(url), namespace=namespace)
