@@ -27,9 +27,9 @@ from typing import Any
 
 import orjson
 
-# structlog (which imports rich's traceback and console when rich is installed) is
-# imported by the first log call at an enabled level, or by configure_logging's
-# pretty renderer: a worker logging at WARNING does not load it for INFO lines.
+# structlog (which imports rich's console and traceback when rich is installed) is
+# imported by configure_logging's pretty renderer or a logger's bind(): a worker logging
+# JSON lines does not load it (see _Logger).
 
 #: The attribute of a LogRecord that carries the structured event dict.
 EVENT_ATTR = "stem_event"
@@ -112,10 +112,17 @@ def _wrap(name: str) -> Any:
 
 
 class _Logger:
-    """What :func:`get_logger` returns: structlog's stdlib ``BoundLogger``, built on first
-    use. A call at a disabled level returns None at once, as structlog's first
-    processor (``filter_by_level``) would, without importing structlog; every other
-    call and attribute goes to the structlog logger."""
+    """What :func:`get_logger` returns: structlog's stdlib ``BoundLogger`` API without
+    importing structlog for the level methods.
+
+    ``debug`` ... ``critical`` and ``exception`` make the record structlog's chain
+    (:data:`_processors`) makes: nothing at a disabled level, else the fields (the
+    keywords, ``positional_args``, ``event``, then the context variables bound through
+    ``structlog.contextvars``) as ``record.stem_event`` and the :class:`_Message`, with
+    ``exc_info`` handed to the record. Like :func:`emit` it builds the record directly
+    (no ``findCaller``: the caller structlog's chain reported was its own frame). Every
+    other attribute (``bind``, ``new``, ...) is structlog's logger, built on first use.
+    """
 
     __slots__ = ("_logger", "_name", "_stdlib")
 
@@ -124,43 +131,51 @@ class _Logger:
         self._stdlib = logging.getLogger(name)
         self._logger: Any = None
 
-    def _bound(self) -> Any:
-        if self._logger is None:
-            self._logger = _wrap(self._name)
-        return self._logger
+    def _log(self, level: int, event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        logger = self._stdlib
+        if not logger.isEnabledFor(level):  # structlog's filter_by_level
+            return
+        exc_info = kw.pop("exc_info", None)
+        fields = dict(kw)
+        if args:
+            fields["positional_args"] = args
+        fields["event"] = event
+        contextvars = sys.modules.get("structlog.contextvars")  # none bound without it
+        if contextvars is not None:
+            for key, value in contextvars.get_contextvars().items():
+                fields.setdefault(key, value)
+        if exc_info:  # as Logger._log reads it
+            if isinstance(exc_info, BaseException):
+                exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+            elif not isinstance(exc_info, tuple):
+                exc_info = sys.exc_info()
+        record = logger.makeRecord(logger.name, level, "", 0, _Message(fields), (),
+                                   exc_info or None, extra={EVENT_ATTR: fields})
+        logger.handle(record)
 
-    def debug(self, event: Any = None, *args: Any, **kw: Any) -> Any:
-        if not self._stdlib.isEnabledFor(logging.DEBUG):
-            return None
-        return self._bound().debug(event, *args, **kw)
+    def debug(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.DEBUG, event, args, kw)
 
-    def info(self, event: Any = None, *args: Any, **kw: Any) -> Any:
-        if not self._stdlib.isEnabledFor(logging.INFO):
-            return None
-        return self._bound().info(event, *args, **kw)
+    def info(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.INFO, event, args, kw)
 
-    def warning(self, event: Any = None, *args: Any, **kw: Any) -> Any:
-        if not self._stdlib.isEnabledFor(logging.WARNING):
-            return None
-        return self._bound().warning(event, *args, **kw)
+    def warning(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.WARNING, event, args, kw)
 
-    def error(self, event: Any = None, *args: Any, **kw: Any) -> Any:
-        if not self._stdlib.isEnabledFor(logging.ERROR):
-            return None
-        return self._bound().error(event, *args, **kw)
+    def error(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.ERROR, event, args, kw)
 
-    def exception(self, event: Any = None, *args: Any, **kw: Any) -> Any:
-        if not self._stdlib.isEnabledFor(logging.ERROR):
-            return None
-        return self._bound().exception(event, *args, **kw)
+    def exception(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        kw.setdefault("exc_info", True)
+        self._log(logging.ERROR, event, args, kw)
 
-    def critical(self, event: Any = None, *args: Any, **kw: Any) -> Any:
-        if not self._stdlib.isEnabledFor(logging.CRITICAL):
-            return None
-        return self._bound().critical(event, *args, **kw)
+    def critical(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.CRITICAL, event, args, kw)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._bound(), name)
+        if self._logger is None:
+            self._logger = _wrap(self._name)
+        return getattr(self._logger, name)
 
 
 def get_logger(name: str) -> Any:

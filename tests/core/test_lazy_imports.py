@@ -165,3 +165,59 @@ def _typer_kwargs(args: list[str]) -> dict[str, Any]:
     finally:
         command.callback = original
     return got
+
+
+# -- stem.log's loggers make the records structlog's chain made, without structlog ------
+
+
+def test_log_records_are_those_of_the_structlog_chain(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    import structlog.contextvars
+
+    from stem import log as stem_log
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("stem.test_lazy_log")
+    handler = Keep()
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    ours, theirs = stem_log.get_logger(logger.name), stem_log._wrap(logger.name)
+
+    def calls(log: Any) -> None:
+        log.debug("dropped.debug", a=1)
+        log.info("info.event", a=1, b="x")
+        log.warning("warning.event %s", 5, c=[1, 2])
+        try:
+            raise ValueError("boom")
+        except ValueError as exc:
+            log.exception("exception.event", d=None)
+            log.error("error.event", exc_info=exc)
+        log.critical("critical.event", exc_info=False)
+        with structlog.contextvars.bound_contextvars(request="r1", a="shadowed"):
+            log.info("context.event", a=2)
+
+    try:
+        calls(theirs)
+        expected, records[:] = list(records), []
+        calls(ours)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == len(expected) == 6
+    for got, want in zip(records, expected, strict=True):
+        assert (got.name, got.levelno, got.args) == (want.name, want.levelno, want.args)
+        assert str(got.msg) == str(want.msg)
+        assert getattr(got, stem_log.EVENT_ATTR) == getattr(want, stem_log.EVENT_ATTR)
+        assert list(getattr(got, stem_log.EVENT_ATTR)) == list(
+            getattr(want, stem_log.EVENT_ATTR))  # the same order of fields
+        assert (got.exc_info is None) == (want.exc_info is None)
+        if got.exc_info and want.exc_info:  # two raises: equal, not the same
+            assert got.exc_info[0] is want.exc_info[0]
+            assert str(got.exc_info[1]) == str(want.exc_info[1])
+    assert ours.bind(x=1) is not None  # the rest of the API is structlog's
