@@ -82,19 +82,26 @@ def test_worker_start_imports_only_its_broker(tmp_path: Path, url: str, driver: 
     assert driver.split(".")[0] in {m.split(".")[0] for m in worker}  # the broker's driver
     other = "asyncpg" if driver == "redis.asyncio" else "redis"
     assert other not in {m.split(".")[0] for m in worker}
-    assert _loaded(worker - baseline, NOT_FOR_A_PLAIN_WORKER) == []
+    assert _loaded(worker - baseline, (*NOT_FOR_A_PLAIN_WORKER, "stem.canvas")) == []
 
 
 def test_import_stem_and_the_cli_loads_no_optional_package() -> None:
-    code = ("import json, sys, stem, stem_cli.main; from stem import *; "
-            "print(json.dumps(sorted(sys.modules)))")
+    code = "import json, sys, stem, stem_cli.main; print(json.dumps(sorted(sys.modules)))"
     modules = _modules(code, Path.cwd(), {})
-    assert _loaded(modules, NOT_FOR_A_PLAIN_WORKER) == []
+    assert _loaded(modules, (*NOT_FOR_A_PLAIN_WORKER, "stem.canvas")) == []
+    code = "import json, sys; from stem import *; print(json.dumps(sorted(sys.modules)))"
+    assert _loaded(_modules(code, Path.cwd(), {}), NOT_FOR_A_PLAIN_WORKER) == []
 
 
 def test_public_names_still_import() -> None:
     for name in stem.__all__:
         assert getattr(stem, name) is not None, name
+    from stem import Signature, chain, chord, group  # lazy: stem.canvas on first use
+    from stem.canvas import Signature as canvas_signature
+
+    assert Signature is canvas_signature
+    assert (stem.chain, stem.chord, stem.group) == (chain, chord, group)
+    assert set(stem.__all__) <= set(dir(stem))
 
 
 # -- stem worker start reads its options without typer's runtime, as typer would -------
