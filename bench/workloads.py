@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -238,7 +238,7 @@ class Bench:
             proc = self._worker(self.concurrency, counter=False)
             try:
                 res = await self.app.wait(tid, timeout=60)
-                times.append((float(res.value) - t0) * 1000)
+                times.append((float(cast(float, res.value)) - t0) * 1000)
                 await asyncio.sleep(1.0)
                 rss.append(self._rss_mib(proc.pid))
             finally:
@@ -315,11 +315,12 @@ def _compile_bytecode() -> None:
     it: a checkout run with ``PYTHONDONTWRITEBYTECODE=1`` (the image sets it) would
     otherwise compile them from source at every start and W0 would time the compiler."""
     import compileall
+    from importlib.util import find_spec
 
-    import stem_cli
-
-    for package in (stem, stem_cli, bench_app):
-        compileall.compile_dir(Path(package.__file__ or "").parent, quiet=1)
+    cli = find_spec("stem_cli")
+    files = [stem.__file__, bench_app.__file__, cli.origin if cli else None]
+    for file in filter(None, files):
+        compileall.compile_dir(Path(file).parent, quiet=1)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
