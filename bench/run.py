@@ -1,4 +1,4 @@
-"""`make bench`: workloads W1-W4 on Redis and Postgres, next to the raw floors of the same run.
+"""`make bench`: workloads W0-W4 on Redis and Postgres, next to the raw floors of the same run.
 
 Usage::
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="a broker (and result backend) URL instead")
     parser.add_argument("--floor-dir", type=Path, help="folder with the raw floor scripts")
     parser.add_argument("--n", type=int, default=10_000, help="tasks for W1/W2")
-    parser.add_argument("-w", "--workload", action="append", help="W1..W4 (default all)")
+    parser.add_argument("-w", "--workload", action="append", help="W0..W4 (default all)")
     parser.add_argument("-c", "--concurrency", type=int, default=100)
     parser.add_argument("--counter-redis", default=None,
                         help="Redis for the per-task INCR of W2 (peers' parity); '' for none "
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1 or args.concurrency < 1:
         parser.error("--n and -c must be positive")
     urls = [args.url] if args.url else [URLS[b] for b in args.backends or ["redis", "postgres"]]
-    wl = {w.upper() for w in (args.workload or ["W1", "W2", "W3", "W4"])}
+    wl = {w.upper() for w in (args.workload or ["W0", "W1", "W2", "W3", "W4"])}
     for url in [*urls, args.counter_redis or ""]:
         if url and not args.yes and not workloads.is_local(url):
             parser.error(f"{mask_url(url)} is not on this machine; the benchmark only touches "

@@ -1,8 +1,10 @@
-"""The benchmark workloads W1-W4 against a broker, next to the raw floor in the same run.
+"""The benchmark workloads W0-W4 against a broker, next to the raw floor in the same run.
 
-W1 enqueue N one-by-one and with enqueue_many; W2 drain an N-task backlog with one
-worker process; W3 enqueue→start latency on an idle worker (300 sequential trips);
-W4 2,000 tasks of ``asyncio.sleep(0.05)`` at concurrency 200 (ideal ≈ 0.5 s).
+W0 start → first task (median of 3 cold starts of ``stem worker start``, the task
+enqueued before the process is spawned) and the idle worker's RSS; W1 enqueue N
+one-by-one and with enqueue_many; W2 drain an N-task backlog with one worker process;
+W3 enqueue→start latency on an idle worker (300 sequential trips); W4 2,000 tasks of
+``asyncio.sleep(0.05)`` at concurrency 200 (ideal ≈ 0.5 s).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -34,6 +36,8 @@ PEERS = {  # the peers' published figures: best peer per figure on this kind of 
     "postgres": {"drain": 894, "enqueue_one": 1403, "enqueue_bulk": 21634, "p50": 2.85,
                  "p99": 7.03},
 }
+#: arq's start → first task and idle RSS: the best peer for W0 whatever the broker.
+W0_PEER = {"start_ms": 131.0, "idle_rss_mib": 31.0}
 
 
 @dataclass
@@ -175,17 +179,27 @@ class Bench:
             finally:
                 await r.aclose()
 
-    def _worker(self, concurrency: int) -> subprocess.Popen[bytes]:
+    def _worker(self, concurrency: int, *, counter: bool = True) -> subprocess.Popen[bytes]:
         env = {**os.environ, "STEM_BROKER_URL": self.url, "STEM_NAMESPACE": self.namespace,
                "BENCH_COUNTER": f"{self.namespace}:counter",
                "BENCH_POOL": str(max(concurrency, 32)), **self.worker_env}
         env.pop("STEM_RESULT_BACKEND_URL", None)
-        if self.redis_counter_url:
+        env.pop("BENCH_REDIS_URL", None)
+        if self.redis_counter_url and counter:
             env["BENCH_REDIS_URL"] = self.redis_counter_url
         return subprocess.Popen(
             [sys.executable, "-m", "stem_cli", "worker", "start", "--app",
              "bench.bench_app:app", "-c", str(concurrency), "--log-level", "WARNING",
              "--block-time", "1"], env=env)
+
+    @staticmethod
+    def _rss_mib(pid: int) -> float:
+        """The process's resident set (``VmRSS`` of ``/proc/<pid>/status``) in MiB."""
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
 
     @staticmethod
     def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -207,6 +221,32 @@ class Bench:
             got = await self.app.backend.get_many(ids[s:s + 1000])
             out.update({k: v.payload for k, v in got.items() if v.state.value == "succeeded"})
         return out
+
+    async def w0(self, fig: Figures, starts: int = 3) -> None:
+        """Start → first task: a ``bench.start`` task waits in the queue before the worker
+        process is spawned; the clock runs from just before the spawn to the time the
+        handler started (its return value). Median of ``starts`` cold starts. Then the
+        idle RSS of the last worker, once it ran that task and sat idle for a second."""
+        _compile_bytecode()
+        definition = self.app.definition("bench.start")
+        times: list[float] = []
+        rss: list[float] = []
+        for _ in range(starts):
+            tid = await definition.enqueue()
+            t0 = time.time()
+            # No INCR: a Redis client in a Postgres worker would count in its RSS.
+            proc = self._worker(self.concurrency, counter=False)
+            try:
+                res = await self.app.wait(tid, timeout=60)
+                times.append((float(cast(float, res.value)) - t0) * 1000)
+                await asyncio.sleep(1.0)
+                rss.append(self._rss_mib(proc.pid))
+            finally:
+                self._stop(proc)
+        fig.values["start_ms"] = statistics.median(times)
+        fig.values["idle_rss_mib"] = statistics.median(rss)
+        fig.notes.append("W0 starts ms: " + ", ".join(f"{t:.0f}" for t in times)
+                         + "; idle RSS MiB: " + ", ".join(f"{r:.1f}" for r in rss))
 
     async def w1(self, fig: Figures) -> None:
         call = self.app.definition("bench.noop").call()
@@ -270,6 +310,19 @@ class Bench:
         fig.values["w4_seconds"] = max(e for _, e in spans) - min(s for s, _ in spans)
 
 
+def _compile_bytecode() -> None:
+    """Write the bytecode of Stem, its CLI and the bench app, as an installed package has
+    it: a checkout run with ``PYTHONDONTWRITEBYTECODE=1`` (the image sets it) would
+    otherwise compile them from source at every start and W0 would time the compiler."""
+    import compileall
+    from importlib.util import find_spec
+
+    cli = find_spec("stem_cli")
+    files = [stem.__file__, bench_app.__file__, cli.origin if cli else None]
+    for file in filter(None, files):
+        compileall.compile_dir(Path(file).parent, quiet=1)
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.0%}" if a and b else "-"
 
@@ -279,6 +332,12 @@ def report(kind: str, fig: Figures, console: Console) -> None:
     peer = PEERS.get(kind, {})
     t = Table("figure", "stem", "floor (same run)", "stem / floor", "best peer", "stem / peer",
               title=f"make bench — {kind}")
+    for label, key, fmt in (("W0 start → first task ms", "start_ms", "{:.0f}"),
+                            ("W0 idle RSS MiB", "idle_rss_mib", "{:.1f}")):
+        w0 = fig.values.get(key)
+        arq = W0_PEER[key]
+        t.add_row(label, fmt.format(w0) if w0 else "-", "-", "-", f"{arq:.0f} (arq)",
+                  f"{w0 / arq:.1f}x" if w0 else "-")
     rows = [("W1 enqueue one-by-one /s", "enqueue_one"), ("W1 enqueue_many /s", "enqueue_bulk"),
             ("W2 drain no-op /s (vs floor)", "drain"),
             ("W2 drain +INCR /s (vs peers)", "drain_incr")]
@@ -338,6 +397,8 @@ async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
                   signing=signing)
     try:
         await bench.app.broker.purge("default")
+        if "W0" in workloads:
+            await bench.w0(fig)
         if "W1" in workloads:
             await bench.w1(fig)
         if "W2" in workloads:

@@ -7,23 +7,24 @@ import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stem._time import from_iso, to_iso, utcnow
-from stem.beat.beat import Beat, sync_entries
-from stem.beat.entry import ScheduleEntry
-from stem.beat.file_store import entries_from_document, load_document
-from stem.beat.specs import describe, next_fire, normalize_spec, parse_spec, zone
-from stem.beat.stores import BeatStores, open_beat_stores
 from stem.config import StemConfig
 from stem.errors import ConfigurationError
 from stem.log import configure_logging, get_logger
 from stem_cli._app import between, fail, load_app, serve_metrics
+
+# The beat's code and rich are imported by the commands that use them: a worker's CLI
+# (which registers these commands) does not load them.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from stem.beat.entry import ScheduleEntry
+    from stem.beat.stores import BeatStores
 
 T = TypeVar("T")
 log = get_logger("stem.beat")
@@ -38,6 +39,8 @@ LIST_COLUMNS = ("id", "task", "queue", "spec", "next run", "last run", "jitter",
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
 
@@ -76,6 +79,9 @@ def beat_command(
     store first. Several beats may share one schedule store and lock store; with a
     file store, run only one.
     """
+    from stem.beat.beat import Beat
+    from stem.beat.stores import open_beat_stores
+
     configure_logging(log_level.upper(), json={"auto": None, "pretty": False,
                                                "json": True}.get(log_format.lower()))
     stem_app = load_app(app_spec)
@@ -108,6 +114,8 @@ def beat_command(
 
 
 def _with_store(url: str | None, op: Callable[[BeatStores], Awaitable[T]]) -> T:
+    from stem.beat.stores import open_beat_stores
+
     async def go() -> T:
         stores = open_beat_stores(url, namespace=StemConfig.from_env().namespace,
                                   want_locks=False)
@@ -125,6 +133,10 @@ def _when(dt: datetime | None) -> str:
 @schedule_app.command("list")
 def schedule_list(schedule_store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Every entry: task, queue, spec, next and last run, jitter, enabled."""
+    from rich.table import Table
+
+    from stem.beat.specs import describe
+
     entries = _with_store(schedule_store, lambda s: s.schedules.entries())
     if json_out:
         _echo_json([e.to_dict() for e in entries])
@@ -141,6 +153,8 @@ def schedule_list(schedule_store: StoreOpt = None, json_out: JsonOpt = False) ->
 def schedule_show(entry_id: str, schedule_store: StoreOpt = None, json_out: JsonOpt = False
                   ) -> None:
     """One entry and its latest runs."""
+    from rich.table import Table
+
     async def op(s: BeatStores) -> tuple[ScheduleEntry | None, list[Any]]:
         entry = await s.schedules.get(entry_id)
         return entry, (await s.schedules.history(entry_id, 10) if entry else [])
@@ -183,6 +197,9 @@ def schedule_apply(
 ) -> None:
     """Create or update the file's entries (their run history is kept; entries not in the
     file are left alone)."""
+    from stem.beat.beat import sync_entries
+    from stem.beat.file_store import entries_from_document, load_document
+
     try:
         text = file.read_bytes()
     except OSError as exc:
@@ -281,6 +298,8 @@ def schedule_dry_run(
     json_out: JsonOpt = False,
 ) -> None:
     """Preview the next fire times of a spec (or of an entry, in its time zone)."""
+    from stem.beat.specs import next_fire, normalize_spec, parse_spec, zone
+
     if (spec is None) == (entry_id is None):
         raise fail("give either --spec or --id")
     if entry_id is not None:

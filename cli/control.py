@@ -5,26 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stem._time import to_iso
 from stem.app import Stem
-from stem.control import (
-    SHUTDOWN_MODES,
-    ControlClient,
-    ControlReply,
-    heartbeat_interval,
-    queue_entries,
-)
-from stem.revoke import RevokeEntry
-from stem.worker.worker import shown_url
 from stem_cli._app import error_line, fail
 from stem_cli.ops import AppOpt, _queues, _run, parse_duration
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from stem.control import ControlReply
+    from stem.revoke import RevokeEntry
 
 
 def worker_revoke(
@@ -41,6 +36,9 @@ def worker_revoke(
     """Revoke tasks: queued or delayed ones never run (stored cancelled); with
     --terminate a running one is stopped. Written to the revoke store first, then
     announced to the workers (which apply it within a second)."""
+    from rich.console import Console
+    from rich.table import Table
+
     ttl = parse_duration(expires_in, "--expires-in")
     if not task_ids:
         raise fail("name at least one task id to revoke")
@@ -102,6 +100,8 @@ def _timeout(value: str | None) -> float:
 def _send(app_spec: str | None, command: str, payload: dict[str, Any] | None,
           workers: list[str] | None, timeout: str | None,
           before: Callable[[Stem], Awaitable[None]] | None = None) -> list[ControlReply]:
+    from stem.control import ControlClient
+
     async def op(a: Stem) -> list[ControlReply]:
         if before is not None:
             await before(a)
@@ -113,6 +113,8 @@ def _send(app_spec: str | None, command: str, payload: dict[str, Any] | None,
 
 def _finish(replies: list[ControlReply], workers: list[str] | None, json_out: bool,
             table: Callable[[list[ControlReply]], Table]) -> None:
+    from rich.console import Console
+
     if json_out:
         typer.echo(orjson.dumps([r.to_json() for r in replies]).decode())
     elif replies:
@@ -136,6 +138,8 @@ def _ms(value: Any) -> str:
 def worker_ping(app_spec: AppOpt = None, workers: WorkerOpt = None,
                 timeout: TimeoutOpt = "", json_out: JsonOpt = False) -> None:
     """Ask workers to answer; lists those that did."""
+    from rich.table import Table
+
     def table(rs: list[ControlReply]) -> Table:
         t = Table("worker", "status", "in flight", "queues", title="ping")
         t.columns[0].no_wrap = True
@@ -150,6 +154,8 @@ def worker_ping(app_spec: AppOpt = None, workers: WorkerOpt = None,
 def worker_stats(app_spec: AppOpt = None, workers: WorkerOpt = None,
                  timeout: TimeoutOpt = "", json_out: JsonOpt = False) -> None:
     """Concurrency, in-flight, processed and failed counts, queues, pool, uptime."""
+    from rich.table import Table
+
     def table(rs: list[ControlReply]) -> Table:
         t = Table("worker", "in flight", "done", "failed", "queues", "pool", "uptime",
                   title="stats")
@@ -175,6 +181,8 @@ def worker_inspect(app_spec: AppOpt = None, workers: WorkerOpt = None,
                        "--include-revoked/--no-revoked",
                        help="Also list the revocations each worker holds.")] = True) -> None:
     """The tasks running on each worker (with their runtime), paused queues, revocations."""
+    from rich.table import Table
+
     def table(rs: list[ControlReply]) -> Table:
         t = Table("worker", "task id", "task", "queue", "attempt", "runtime", title="active")
         t.columns[0].no_wrap = True
@@ -204,6 +212,10 @@ def worker_shutdown(
                        "--grace, then requeue; hard: requeue running tasks now.")] = "warm",
 ) -> None:
     """Stop workers through the control plane."""
+    from rich.table import Table
+
+    from stem.control import SHUTDOWN_MODES
+
     if mode not in SHUTDOWN_MODES:
         raise fail(f"--mode {mode!r}: use warm, soft or hard")
 
@@ -225,6 +237,11 @@ def _pause_command(pause: bool) -> Callable[..., None]:
     def command(queue: QueuesOpt, app_spec: AppOpt = None, timeout: TimeoutOpt = "",
                 json_out: JsonOpt = False,
                 reason: Annotated[str | None, typer.Option("--reason")] = None) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from stem.control import queue_entries
+
         async def store(a: Stem) -> None:
             entries = queue_entries(a, queue, pause=pause, reason=reason)
             await a.revokes.upsert_many(entries)  # durable first: survives restarts
@@ -264,6 +281,11 @@ def worker_status(
 ) -> None:
     """Workers with a heartbeat in the result backend; stale ones (no heartbeat for two
     intervals) are marked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stem.control import ControlClient, heartbeat_interval
+
     async def op(a: Stem) -> None:
         client = ControlClient(a)
         while True:
@@ -306,8 +328,6 @@ def register(app: typer.Typer, worker_app: typer.Typer) -> None:
     app.command("health")(health)
 
 
-
-
 async def _check(component: str, url: str | None, probe: Callable[[], Awaitable[Any]]
                  ) -> dict[str, Any]:
     try:
@@ -328,6 +348,11 @@ HEALTH_TIMEOUT = 10.0
 def health(app_spec: AppOpt = None, json_out: JsonOpt = False) -> None:
     """Check the broker, the result backend and the configured stores (revoke store,
     rate limiter) answer; exit 0 when all do, 1 otherwise (a container health check)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stem.worker.worker import shown_url
+
     async def op(a: Stem) -> list[dict[str, Any]]:
         checks = [_check("broker", shown_url(a.broker_url), a.broker.ping),
                   _check("backend", shown_url(a.backend_url), a.backend.ping)]

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stem.app import Stem
-from stem.canvas import META_BATCH, META_CHORD_CALLBACK_ID
-from stem.groups import GroupRecord
 from stem_cli._app import between, fail
 from stem_cli.ops import AppOpt, _run
+
+if TYPE_CHECKING:
+    from stem.groups import GroupRecord
 
 group_app = typer.Typer(help="Look at groups, chords and batches.", no_args_is_help=True)
 
 
 def _kind(record: GroupRecord) -> str:
+    from stem.canvas import META_BATCH, META_CHORD_CALLBACK_ID
+
     if record.meta.get(META_BATCH) is True:
         return "batch"
     return "chord" if META_CHORD_CALLBACK_ID in record.meta else "group"
@@ -38,6 +39,11 @@ def group_show(
     json_out: Annotated[bool, typer.Option("--json", help="The whole record as JSON.")] = False,
 ) -> None:
     """A group's state, counters, chord claim and its members' outcomes in order."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stem.canvas import META_CHORD_CALLBACK_ID
+
     async def op(a: Stem) -> GroupRecord | None:
         return await a.get_group(group_id)
 

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from stem import __version__
 from stem._urls import mask_url
 from stem.app import Stem
 from stem.errors import ConfigurationError, StemError
+from stem.limits import DEFAULT_GC_THRESHOLD, MAX_GC_THRESHOLD
 from stem.log import LOG_FORMATS, configure_logging, parse_level
 from stem.task import isolation_for
-from stem.worker import Worker
-from stem.worker.gctune import DEFAULT_GC_THRESHOLD, MAX_GC_THRESHOLD, tune_gc
 from stem_cli import control
 from stem_cli._app import between, error_line, fail, load_app, serve_metrics
 from stem_cli.beat import beat_command, schedule_app
@@ -28,6 +27,9 @@ from stem_cli.groups import group_app
 from stem_cli.multi import healthcheck_command, multi_app
 from stem_cli.observe import observe_app
 from stem_cli.ops import dlq_app
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 try:  # typer >= 0.22 ships its own copy of click
     from typer._click.exceptions import ClickException, UsageError
@@ -69,6 +71,8 @@ def _root(
 def _console() -> Console:
     """Rich output for a terminal; piped or redirected, never truncated (a table as wide
     as its widest row, whatever ``COLUMNS`` says)."""
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
 
@@ -157,6 +161,9 @@ def worker_start(
     backend URLs, queues, concurrency, prefetch, pool), then one line per finished task at
     INFO.
     """
+    from stem.worker import Worker
+    from stem.worker.gctune import tune_gc
+
     configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
     stem_app = load_app(app_spec)
     serve_metrics(metrics_port, stem_app)
@@ -212,6 +219,8 @@ def tasks_ls(
     ``time_limit`` (``with_options``, ``Retry(time_limit=...)``) sends a ``def``
     handler to the process pool.
     """
+    from rich.table import Table
+
     stem_app = load_app(app_spec)
     rows: list[dict[str, Any]] = []
     for name in sorted(stem_app.tasks):
@@ -241,6 +250,9 @@ def result(
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw status JSON.")] = False,
 ) -> None:
     """Show a task's state, value, error, attempts and progress."""
+    from rich.console import Console
+    from rich.table import Table
+
     stem_app = load_app(app_spec) if app_spec else Stem.from_env()
 
     async def get() -> Any:
@@ -340,6 +352,111 @@ async def _migrate_app(stem_app: Stem, url: str | None) -> list[tuple[str, list[
     return done
 
 
+_INT = re.compile(r"[0-9]+")
+_FLOAT = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def _plain_value(kind: Any, text: str) -> Any:
+    """``text`` as ``kind`` (str, int or float) when it is a plain value that typer
+    would read the same way; else :data:`_DEFER`."""
+    if kind is str:
+        return text
+    if kind is int and _INT.fullmatch(text):
+        return int(text)
+    if kind is float and _FLOAT.fullmatch(text):
+        return float(text)
+    return _DEFER
+
+
+_DEFER: Any = object()
+#: Option settings the plain reading below does not apply: an option with one is read by typer.
+_UNPLAIN = ("prompt", "is_flag", "count", "is_eager", "parser", "click_type", "default_factory",
+            "min", "max", "confirmation_prompt")
+
+
+def worker_start_kwargs(args: Sequence[str]) -> dict[str, Any] | None:
+    """``stem worker start``'s arguments read from the command's own option declarations
+    without typer's runtime, or None to let typer parse them.
+
+    Typer turns every option into a pydantic ``TypeAdapter`` when a command runs: about
+    9 MiB and 80 ms of a worker that needs none of it afterwards. This reads the plain
+    forms only (``--name value``, ``--name=value``, ``-X value``; whole numbers and
+    decimals as typer reads them) and calls the option callbacks as click does, the
+    defaults included. Anything else (``--help``, an unknown, repeated or malformed
+    option, a value a callback refuses, an option's environment variable set) returns
+    None, and typer parses the command line and reports the error as always.
+    """
+    import inspect
+    import typing
+
+    if list(args[:2]) != ["worker", "start"]:
+        return None
+    hints = typing.get_type_hints(worker_start, include_extras=True)
+    decls: dict[str, str] = {}
+    kinds: dict[str, tuple[Any, bool]] = {}  # name -> (str/int/float, repeatable)
+    infos: dict[str, Any] = {}
+    for name, hint in hints.items():
+        if name == "return":
+            continue
+        meta = typing.get_args(hint) if typing.get_origin(hint) is Annotated else ()
+        if len(meta) < 2:
+            return None
+        annotation, info = meta[:2]
+        if not isinstance(info, typer.models.OptionInfo) or not info.expose_value or any(
+                getattr(info, a, None) for a in _UNPLAIN):
+            return None
+        if info.callback is not None and len(inspect.signature(info.callback).parameters) != 1:
+            return None  # a callback taking the context or the parameter: typer calls it
+        names = list(info.param_decls or ())
+        if isinstance(info.default, str) and info.default.startswith("-"):
+            names.insert(0, info.default)
+        repeatable = annotation in (list[str], list[str] | None)
+        kind = str if repeatable else next(
+            (k for k in (str, int, float) if annotation in (k, k | None)), None)
+        if kind is None or not names:
+            return None
+        for decl in names:
+            decls[decl] = name
+        kinds[name], infos[name] = (kind, repeatable), info
+    given: dict[str, Any] = {}
+    rest = list(args[2:])
+    while rest:
+        token = rest.pop(0)
+        opt, eq, text = token.partition("=") if token.startswith("--") else (token, "", "")
+        target = decls.get(opt)
+        if target is None:
+            return None
+        name = target
+        if not eq:
+            if not rest or rest[0].startswith("-"):
+                return None
+            text = rest.pop(0)
+        kind, repeatable = kinds[name]
+        value = _plain_value(kind, text)
+        if value is _DEFER or (name in given and not repeatable):
+            return None
+        given[name] = [*given.get(name, []), value] if repeatable else value
+    kwargs: dict[str, Any] = {}
+    for name, param in inspect.signature(worker_start).parameters.items():
+        info = infos[name]
+        envvars = [info.envvar] if isinstance(info.envvar, str) else list(info.envvar or ())
+        if name not in given and any(e in os.environ for e in envvars):
+            return None
+        if name in given:
+            value = given[name]
+        elif param.default is inspect.Parameter.empty:
+            return None  # a required option is missing: typer says so
+        else:
+            value = param.default
+        if info.callback is not None:
+            try:
+                value = info.callback(value)
+            except typer.BadParameter:
+                return None
+        kwargs[name] = value
+    return kwargs
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 
@@ -348,9 +465,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     :class:`ConfigurationError`; a usage error (unknown option, value out of range) is
     one line naming the option and exit 2, as click does. No traceback for either.
     """
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rv = app(args=list(sys.argv[1:] if argv is None else argv), prog_name="stem",
-                 standalone_mode=False)
+        fast = worker_start_kwargs(args)
+        if fast is not None:  # as typer would call it, without its runtime (see there)
+            return _call(worker_start, fast)
+        rv = app(args=args, prog_name="stem", standalone_mode=False)
     except StemError as exc:
         error_line(str(exc) or type(exc).__name__)
         return 2 if isinstance(exc, ConfigurationError) else 1
@@ -369,6 +489,19 @@ def run(argv: Sequence[str] | None = None) -> int:
         error_line("aborted")
         return 1
     return rv if isinstance(rv, int) else 0
+
+
+def _call(command: Any, kwargs: dict[str, Any]) -> int:
+    """Run a command as click's ``main(standalone_mode=False)`` does: its Exit is the exit
+    status; Ctrl-C or EOF abort."""
+    try:
+        command(**kwargs)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except (EOFError, KeyboardInterrupt):
+        typer.echo(err=True)
+        raise typer.Abort() from None
+    return 0
 
 
 def main() -> None:

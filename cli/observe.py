@@ -10,30 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import re
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
 
 import orjson
 import typer
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from stem.app import Stem
-from stem.beat.entry import ScheduleEntry
-from stem.beat.stores import open_beat_stores
 from stem.config import StemConfig
-from stem.control import ControlClient
 from stem.ports import DeadLetter, QueueStats
 from stem_cli._app import between, fail, load_app
-from stem_cli.multi import node_health
 from stem_cli.ops import AppOpt, QueueOpt, _letter_json, _queues, _when
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from stem.beat.entry import ScheduleEntry
 
 T = TypeVar("T")
 
@@ -58,6 +54,8 @@ NO_HEARTBEATS = ("workers from their heartbeats in the result backend (stale: no
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     console = Console()
     return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
 
@@ -75,6 +73,10 @@ class _View(Generic[T]):
 
 def _show(view: _View[T], json_out: bool, watch: bool, interval: float, count: int | None
           ) -> None:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
     async def go() -> None:
         try:
             if not watch:
@@ -136,6 +138,8 @@ def observe_queues(app_spec: AppOpt = None, queue: QueueOpt = None, json_out: Js
                    watch: WatchOpt = False, interval: IntervalOpt = 2.0,
                    count: CountOpt = None) -> None:
     """Ready, delayed, in-flight and dead counts per queue (``--json``: one object a line)."""
+    from rich.table import Table
+
     async def fetch(a: Stem) -> list[QueueStats]:
         return [await a.broker.stats(q) for q in _queues(a, queue)]
 
@@ -169,6 +173,13 @@ def observe_workers(
     i.e. being worked on, per queue) and, with ``--pid-dir``, each local node's pid and
     uptime. ``--json``: one object.
     """
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from stem.control import ControlClient
+    from stem_cli.multi import node_health
+
     async def fetch(a: Stem) -> dict[str, Any]:
         stats = [await a.broker.stats(q) for q in _queues(a, queue)]
         nodes = [node_health(p) for p in sorted(pid_dir.glob("*.pid"))] if pid_dir else []
@@ -233,6 +244,12 @@ def observe_schedules(
 
     ``--json``: one object, ``{"summary": {...}, "entries": [...]}``.
     """
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from stem.beat.stores import open_beat_stores
+
     stores = open_beat_stores(schedule_store, namespace=StemConfig.from_env().namespace,
                               want_locks=False)
 
@@ -275,6 +292,9 @@ def observe_dlq(
 ) -> None:
     """Dead letters per queue (how many) and the first ``--limit`` of each: task id, task,
     reason. ``--json``: one object, ``{"queues": {name: count}, "letters": [...]}``."""
+    from rich.console import Group
+    from rich.table import Table
+
     async def fetch(a: Stem) -> tuple[dict[str, int], list[DeadLetter]]:
         counts: dict[str, int] = {}
         letters: list[DeadLetter] = []
@@ -364,6 +384,10 @@ def observe_metrics(
 
     ``--json``: one list of ``{"name", "labels", "value"}`` objects.
     """
+    import urllib.request
+
+    from rich.table import Table
+
     if url is not None and not url.startswith(("http://", "https://")):
         raise fail(f"--url {url!r} is not an http:// or https:// address")
 

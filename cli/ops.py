@@ -12,9 +12,6 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from stem.app import Stem
 from stem.ports import DeadLetter
@@ -74,6 +71,15 @@ def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr for a long operation (``total`` items); yields the
     function that advances it. Nothing is drawn when stderr is not a terminal or
     ``total`` is small, so piped output and logs stay clean."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     console = Console(stderr=True)
     with Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True,
@@ -130,6 +136,9 @@ def dlq_list(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Dead letters, oldest first, with the reason each was dead-lettered."""
+    from rich.console import Console
+    from rich.table import Table
+
     after = parse_since(since)
 
     async def op(a: Stem) -> list[Any]:

@@ -15,6 +15,8 @@ Quick start::
     task_id = send_email.delay("a@example.com")        # from sync code
 """
 
+from typing import TYPE_CHECKING, Any
+
 from stem._default import (
     default_app,
     enqueue,
@@ -25,7 +27,6 @@ from stem._default import (
     wait_sync,
 )
 from stem.app import Stem
-from stem.canvas import Signature, chain, chord, group
 from stem.config import StemConfig
 from stem.context import TaskContext
 from stem.encoding import (
@@ -68,7 +69,30 @@ from stem.status import TaskError, TaskResult, TaskState, TaskStatus
 from stem.task import AsyncTaskDefinition, SyncTaskDefinition, TaskCall, TaskDefinition, TaskOptions
 from stem.tls import TlsConfig
 
+if TYPE_CHECKING:
+    from stem.canvas import Signature, chain, chord, group
+
 __version__ = "0.1.0"
+
+#: Names imported on first use (``stem.Signature``, ``from stem import chain``): a worker
+#: or a producer that never builds a canvas does not import it.
+_LAZY = {"Signature": "stem.canvas", "chain": "stem.canvas", "chord": "stem.canvas",
+         "group": "stem.canvas"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 __all__ = [
     "AesGcmPayloadEncoder",

@@ -18,11 +18,12 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from typing import TypeVar
-
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from typing import TYPE_CHECKING, TypeVar
 
 from stem.errors import SyncCallInLoopError
+
+if TYPE_CHECKING:  # anyio is imported by the first sync call, not by every process
+    from anyio.from_thread import BlockingPortal
 
 T = TypeVar("T")
 
@@ -79,6 +80,8 @@ class SyncBridge:
             if self._portal is not None:  # forked: that portal's thread is the parent's
                 self._inherited.append((self._cm, self._portal))
                 self._cm = self._portal = None
+            from anyio.from_thread import start_blocking_portal
+
             cm = start_blocking_portal()
             portal = cm.__enter__()
             self._cm, self._portal, self._pid = cm, portal, pid

@@ -22,9 +22,6 @@ from stem._urls import mask_url
 from stem.adapters import store_from_url
 from stem.adapters._shared import add_then_publish
 from stem.beat.entry import ScheduleEntry
-from stem.canvas import BatchStatus, BatchSubmission, Signature, link_meta
-from stem.canvas import inspect_batch as _inspect_batch
-from stem.canvas import submit_batch as _submit_batch
 from stem.config import StemConfig, check_namespace, check_revoke_url, check_url
 from stem.context import TaskContext
 from stem.encoding import (
@@ -94,6 +91,7 @@ from stem.unique import (
 )
 
 if TYPE_CHECKING:
+    from stem.canvas import BatchStatus, BatchSubmission, Signature
     from stem.testing._eager import EagerRunner
 
 P = ParamSpec("P")
@@ -749,6 +747,8 @@ class Stem:
         if call.task_id is not None:
             kwargs["id"] = call.task_id
         if call.link or call.link_error:  # callbacks' ids derive from this task's id
+            from stem.canvas import link_meta  # the canvas: imported by its first user
+
             kwargs.setdefault("id", new_task_id())
             meta.update(link_meta(self, kwargs["id"], call.link, call.link_error))
         vt = call.visibility_timeout if call.visibility_timeout is not None \
@@ -1086,11 +1086,15 @@ class Stem:
                            batch_id: str | None = None) -> BatchSubmission:
         """Enqueue ``signatures`` as one batch; the same ``batch_id`` again returns the
         same task ids and enqueues nothing new (see :func:`stem.canvas.submit_batch`)."""
-        return await _submit_batch(self, signatures, batch_id)
+        from stem.canvas import submit_batch
+
+        return await submit_batch(self, signatures, batch_id)
 
     async def inspect_batch(self, batch_id: str) -> BatchStatus | None:
         """A batch's counts per state, failed ids and derived state (None: unknown)."""
-        return await _inspect_batch(self, batch_id)
+        from stem.canvas import inspect_batch
+
+        return await inspect_batch(self, batch_id)
 
     async def get_group(self, group_id: str) -> GroupRecord | None:
         """The stored record of a group, chord or batch (None: unknown or expired)."""

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from stem._time import from_iso, to_iso
+import stem._canvas_keys as _keys
+from stem._time import to_iso
 from stem.envelope import new_task_id
 from stem.errors import ConfigurationError, StemError, TaskArgumentError, WaitTimeoutError
 from stem.groups import GroupRecord
@@ -40,31 +41,30 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-# -- wire keys (the Dart Stem's where it has one) ---------------------------------------
+# -- wire keys: kept in stem._canvas_keys, which the worker reads without the canvas ----
 
-META_LINK = "stem.link"
-META_LINK_ERROR = "stem.linkError"
-META_PARENT_ID = "stem.parentTaskId"
-META_ROOT_ID = "stem.rootTaskId"
-META_PARENT_ATTEMPT = "stem.parentAttempt"
-META_CHAIN = "stem.chain"
-META_CHAIN_ID = "chainId"
-META_CHAIN_INDEX = "chainIndex"
-HEADER_CHAIN_ID = "stem-chain-id"
-HEADER_CHAIN_INDEX = "stem-chain-index"
-META_GROUP_ID = "groupId"
-META_GROUP_INDEX = "stem.groupIndex"
-HEADER_GROUP_ID = "stem-group-id"
-META_CHORD_ID = "chordId"
-META_CHORD_CALLBACK_ID = "stem.chord.callbackTaskId"
-META_CHORD_CALLBACK = "stem.chord.callback"
-HEADER_CHORD_ID = "stem-chord-id"
-META_BATCH = "stem.batch"
-META_BATCH_ID = "stem.batchId"
-META_BATCH_TASK_IDS = "stem.batch.taskIds"
-
-#: The meta keys that give a finished task follow-up work (see stem.worker.canvas_hooks).
-CANVAS_META_KEYS = (META_LINK, META_LINK_ERROR, META_CHAIN, META_GROUP_INDEX)
+META_LINK = _keys.META_LINK
+META_LINK_ERROR = _keys.META_LINK_ERROR
+META_PARENT_ID = _keys.META_PARENT_ID
+META_ROOT_ID = _keys.META_ROOT_ID
+META_PARENT_ATTEMPT = _keys.META_PARENT_ATTEMPT
+META_CHAIN = _keys.META_CHAIN
+META_CHAIN_ID = _keys.META_CHAIN_ID
+META_CHAIN_INDEX = _keys.META_CHAIN_INDEX
+HEADER_CHAIN_ID = _keys.HEADER_CHAIN_ID
+HEADER_CHAIN_INDEX = _keys.HEADER_CHAIN_INDEX
+META_GROUP_ID = _keys.META_GROUP_ID
+META_GROUP_INDEX = _keys.META_GROUP_INDEX
+HEADER_GROUP_ID = _keys.HEADER_GROUP_ID
+META_CHORD_ID = _keys.META_CHORD_ID
+META_CHORD_CALLBACK_ID = _keys.META_CHORD_CALLBACK_ID
+META_CHORD_CALLBACK = _keys.META_CHORD_CALLBACK
+HEADER_CHORD_ID = _keys.HEADER_CHORD_ID
+META_BATCH = _keys.META_BATCH
+META_BATCH_ID = _keys.META_BATCH_ID
+META_BATCH_TASK_IDS = _keys.META_BATCH_TASK_IDS
+CANVAS_META_KEYS = _keys.CANVAS_META_KEYS
+parse_not_before = _keys.parse_not_before
 
 _NAMESPACE = uuid.UUID("5d0c1c55-7e11-4b7e-9c0a-57e4ca4fa5e1")
 
@@ -627,11 +627,6 @@ def _now() -> datetime:
     from stem._time import utcnow
 
     return utcnow()
-
-
-def parse_not_before(value: Any) -> datetime | None:
-    """An entry's ``notBefore`` (ISO-8601 or null)."""
-    return from_iso(value) if isinstance(value, str) else None
 
 
 __all__ = [

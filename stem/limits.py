@@ -67,3 +67,12 @@ def max_payload_bytes(env: dict[str, str] | None = None) -> int:
         raise ConfigurationError(
             f"STEM_MAX_PAYLOAD_BYTES must be a positive number of bytes, got {raw!r}")
     return value
+
+
+#: First-generation garbage-collector threshold ``stem worker start`` sets unless told
+#: (``--gc-threshold`` / ``STEM_GC_THRESHOLD``; 0 keeps Python's own settings; see
+#: :mod:`stem.worker.gctune`).
+DEFAULT_GC_THRESHOLD = 10_000
+
+#: The largest threshold accepted (a bigger one only delays freeing cycles).
+MAX_GC_THRESHOLD = 1_000_000

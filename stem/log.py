@@ -26,7 +26,10 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
-import structlog
+
+# structlog (which imports rich's console and traceback when rich is installed) is
+# imported by configure_logging's pretty renderer or a logger's bind(): a worker logging
+# JSON lines does not load it (see _Logger).
 
 #: The attribute of a LogRecord that carries the structured event dict.
 EVENT_ATTR = "stem_event"
@@ -66,11 +69,14 @@ def _to_stdlib(_: Any, method: str, event_dict: MutableMapping[str, Any]
     return (_Message(fields),), kwargs
 
 
-_PROCESSORS: list[Any] = [
-    structlog.stdlib.filter_by_level,  # a disabled level costs one isEnabledFor call
-    structlog.contextvars.merge_contextvars,
-    _to_stdlib,
-]
+def _processors() -> list[Any]:
+    import structlog
+
+    return [
+        structlog.stdlib.filter_by_level,  # a disabled level costs one isEnabledFor call
+        structlog.contextvars.merge_contextvars,
+        _to_stdlib,
+    ]
 
 
 def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
@@ -82,7 +88,9 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     level costs that one check: the worker's per-task lines use it.
     """
     fields = {"event": event, **fields}
-    context = structlog.contextvars.get_contextvars()
+    # Context variables are bound through structlog.contextvars: not imported, none bound.
+    contextvars = sys.modules.get("structlog.contextvars")
+    context = contextvars.get_contextvars() if contextvars is not None else None
     if context:
         for key, value in context.items():
             fields.setdefault(key, value)
@@ -92,14 +100,87 @@ def emit(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
     logger.handle(record)
 
 
-def get_logger(name: str) -> Any:
-    """A structlog logger writing to the stdlib logger ``name`` (use ``__name__``)."""
+def _wrap(name: str) -> Any:
+    import structlog
+
     return structlog.wrap_logger(
         logging.getLogger(name),
-        processors=_PROCESSORS,
+        processors=_processors(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+class _Logger:
+    """What :func:`get_logger` returns: structlog's stdlib ``BoundLogger`` API without
+    importing structlog for the level methods.
+
+    ``debug`` ... ``critical`` and ``exception`` make the record structlog's chain
+    (:data:`_processors`) makes: nothing at a disabled level, else the fields (the
+    keywords, ``positional_args``, ``event``, then the context variables bound through
+    ``structlog.contextvars``) as ``record.stem_event`` and the :class:`_Message`, with
+    ``exc_info`` handed to the record. Like :func:`emit` it builds the record directly
+    (no ``findCaller``: the caller structlog's chain reported was its own frame). Every
+    other attribute (``bind``, ``new``, ...) is structlog's logger, built on first use.
+    """
+
+    __slots__ = ("_logger", "_name", "_stdlib")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._stdlib = logging.getLogger(name)
+        self._logger: Any = None
+
+    def _log(self, level: int, event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        logger = self._stdlib
+        if not logger.isEnabledFor(level):  # structlog's filter_by_level
+            return
+        exc_info = kw.pop("exc_info", None)
+        fields = dict(kw)
+        if args:
+            fields["positional_args"] = args
+        fields["event"] = event
+        contextvars = sys.modules.get("structlog.contextvars")  # none bound without it
+        if contextvars is not None:
+            for key, value in contextvars.get_contextvars().items():
+                fields.setdefault(key, value)
+        if exc_info:  # as Logger._log reads it
+            if isinstance(exc_info, BaseException):
+                exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+            elif not isinstance(exc_info, tuple):
+                exc_info = sys.exc_info()
+        record = logger.makeRecord(logger.name, level, "", 0, _Message(fields), (),
+                                   exc_info or None, extra={EVENT_ATTR: fields})
+        logger.handle(record)
+
+    def debug(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.DEBUG, event, args, kw)
+
+    def info(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.INFO, event, args, kw)
+
+    def warning(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.WARNING, event, args, kw)
+
+    def error(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.ERROR, event, args, kw)
+
+    def exception(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        kw.setdefault("exc_info", True)
+        self._log(logging.ERROR, event, args, kw)
+
+    def critical(self, event: Any = None, *args: Any, **kw: Any) -> None:
+        self._log(logging.CRITICAL, event, args, kw)
+
+    def __getattr__(self, name: str) -> Any:
+        if self._logger is None:
+            self._logger = _wrap(self._name)
+        return getattr(self._logger, name)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger writing to the stdlib logger ``name`` (use ``__name__``)."""
+    return _Logger(name)
 
 
 class StemFormatter(logging.Formatter):
@@ -112,8 +193,11 @@ class StemFormatter(logging.Formatter):
     def __init__(self, *, json: bool) -> None:
         super().__init__()
         self.json = json
-        self._console = None if json else structlog.dev.ConsoleRenderer(
-            colors=sys.stderr.isatty())
+        self._console = None
+        if not json:
+            import structlog.dev
+
+            self._console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, EVENT_ATTR, None)

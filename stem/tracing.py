@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterator, MutableMapping
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 from stem.task import META_PARENT_TASK_ID, META_ROOT_TASK_ID
@@ -32,19 +34,38 @@ from stem.task import META_PARENT_TASK_ID, META_ROOT_TASK_ID
 if TYPE_CHECKING:
     from stem.envelope import Envelope
 
-try:
-    from opentelemetry import context as _otel_context
-    from opentelemetry import trace as _otel_trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # the otel extra is not installed: tracing off, at no cost
-    _otel_trace = None  # type: ignore[assignment]
+
+def _importable(name: str) -> bool:
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
 
 #: True when spans are made (opentelemetry-api importable and STEM_TRACING not off).
-ENABLED: bool = _otel_trace is not None and os.environ.get(
+ENABLED: bool = _importable("opentelemetry.trace") and os.environ.get(
     "STEM_TRACING", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 _HOST = socket.gethostname()
-_propagator: Any = TraceContextTextMapPropagator() if _otel_trace is not None else None
+# The API is imported by the first active() that finds it imported by someone else: a
+# tracer provider is set through it, so a process that never imported it has none, and
+# does not pay for importing it (see _load).
+_otel_trace: Any = None
+_otel_context: Any = None
+_propagator: Any = None
+
+
+def _load() -> bool:
+    """Bind the API's modules once the application imported them (True when it did)."""
+    global _otel_trace, _otel_context, _propagator
+    if sys.modules.get("opentelemetry.trace") is None:
+        return False
+    from opentelemetry import context, trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    _otel_context, _propagator = context, TraceContextTextMapPropagator()
+    _otel_trace = trace
+    return True
 
 
 def active() -> bool:
@@ -52,6 +73,8 @@ def active() -> bool:
     tracer provider (until then the API's proxy makes no-op spans, which still cost
     about 20 µs per task; so call sites skip them)."""
     if not ENABLED:
+        return False
+    if _otel_trace is None and not _load():  # nobody imported the API: no provider
         return False
     # The API's global, None until set_tracer_provider (get_tracer_provider() would look
     # at the environment on every call until then: 2 µs).

@@ -26,7 +26,7 @@ import asyncio
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from stem.canvas import (
+from stem._canvas_keys import (  # the wire keys: the canvas itself is not imported
     CANVAS_META_KEYS,
     HEADER_CHAIN_ID,
     HEADER_CHAIN_INDEX,

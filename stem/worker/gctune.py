@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import gc
 
-#: First-generation threshold ``stem worker start`` sets unless told
-#: (``--gc-threshold`` / ``STEM_GC_THRESHOLD``; 0 keeps Python's own settings).
-DEFAULT_GC_THRESHOLD = 10_000
+from stem.limits import DEFAULT_GC_THRESHOLD, MAX_GC_THRESHOLD
 
-#: The largest threshold accepted (a bigger one only delays freeing cycles).
-MAX_GC_THRESHOLD = 1_000_000
+__all__ = ["DEFAULT_GC_THRESHOLD", "MAX_GC_THRESHOLD", "tune_gc"]
 
 
 def tune_gc(threshold: int = DEFAULT_GC_THRESHOLD) -> None:

@@ -30,7 +30,6 @@ caller's ``on_timeout(limit, hard)`` once per attempt (the worker sends the
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import threading
 from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import Executor as FuturesExecutor
@@ -257,6 +256,8 @@ class _ThreadRun:
 
 
 def _set_async_exc(ident: int, exc_type: type[BaseException] | None) -> int:
+    import ctypes  # only a thread that overran its hard limit needs it
+
     exc: Any = ctypes.py_object(exc_type) if exc_type is not None else None
     return int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc))
 

@@ -25,7 +25,7 @@ from stem import metrics, signals, tracing
 from stem._aio import cancel_and_wait, wait_event
 from stem._time import now_iso
 from stem._urls import mask_url
-from stem.adapters.sqlite._db import path_from_url
+from stem.adapters.sqlite._paths import path_from_url
 from stem.context import TaskContext
 from stem.control import heartbeat_interval as control_heartbeat_interval
 from stem.envelope import Envelope, payload_limit, peek_task_id
