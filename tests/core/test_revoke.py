@@ -94,6 +94,33 @@ async def test_terminate_cancels_an_inline_async_task(app: stem.Stem) -> None:
     assert (await app.broker.stats("default")).in_flight == 0
 
 
+async def test_terminate_reaches_a_task_run_after_others_in_the_same_slot(
+        app: stem.Stem) -> None:
+    # One slot and a backlog: the worker runs the deliveries one after another in the
+    # same asyncio task. A terminate must stop the one running now, and the slot must go
+    # on with the rest.
+    started = asyncio.Event()
+
+    @app.task(name="t.quick")
+    async def quick(n: int) -> int:
+        return n
+
+    @app.task(name="t.spin")
+    async def spin() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    first = [await quick.enqueue(i) for i in range(3)]
+    stuck = await spin.enqueue()
+    after = [await quick.enqueue(i) for i in range(3, 6)]
+    async with running_worker(app, concurrency=1, prefetch_multiplier=8):
+        await asyncio.wait_for(started.wait(), 5)
+        await app.revoke(stuck, terminate=True)
+        for task_id in first + after:
+            assert await eventually(lambda t=task_id: _state(app, t, TaskState.SUCCEEDED))
+        assert await _state(app, stuck, TaskState.CANCELLED)
+
+
 async def test_terminate_stops_a_thread_task_at_its_next_heartbeat(app: stem.Stem) -> None:
     started = threading.Event()
     stopped: list[BaseException] = []
