@@ -433,6 +433,10 @@ def test_url_parsing_standalone_tls_cluster_and_options() -> None:
     assert plain["socket_keepalive_options"][socket.TCP_KEEPIDLE] == 15
     assert plain["socket_keepalive_options"][socket.TCP_USER_TIMEOUT] == 30_000
 
+    for bad in ("socket_timeout=0", "socket_connect_timeout=-1", "socket_timeout=inf"):
+        with pytest.raises(ConfigurationError, match="positive number of seconds"):
+            parse_redis_url(f"redis://127.0.0.1:6379/0?{bad}")
+
     tls = parse_redis_url("rediss://user:pw@secure.example:6390/0?ssl_cert_reqs=none")
     assert tls.connection_kwargs["connection_class"] is SSLConnection
     assert tls.connection_kwargs["username"] == "user"

@@ -332,6 +332,13 @@ def _redis_py_kwargs(clean_url: str, original: str) -> dict[str, Any]:
         ) from exc
     if "ssl" in kwargs:
         kwargs["ssl"] = str(kwargs["ssl"]).lower() in _TRUE
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        value = kwargs.get(name)
+        # redis-py takes 0 as "time out at once": every command would fail.
+        if value is not None and not 0 < float(value) < math.inf:
+            raise ConfigurationError(
+                f"Redis URL {safe_url(original)!r}: {name}={value!r} must be a positive "
+                "number of seconds (leave socket_timeout out for no per-command deadline)")
     # Stem parses replies itself on the hot paths, in the RESP2 shapes.
     kwargs["protocol"] = 2
     kwargs.setdefault("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT)
