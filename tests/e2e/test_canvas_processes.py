@@ -64,7 +64,10 @@ async def app(url: str, namespace: str) -> AsyncIterator[stem.Stem]:
 def workers(url: str, namespace: str, tmp_path: Path) -> Iterator[WorkerProcesses]:
     procs = WorkerProcesses(tmp_path)
     procs.env = {"STEM_BROKER_URL": url, "STEM_RESULT_BACKEND_URL": "",  # type: ignore[attr-defined]
-                 "STEM_NAMESPACE": namespace, "CANVAS_SIDE_URL": url.split("?")[0]}
+                 "STEM_NAMESPACE": namespace,
+                 # Redis: without Stem's own options; Postgres: whole, as the query may
+                 # name the server (an embedded one's socket directory and port).
+                 "CANVAS_SIDE_URL": url if url.startswith("postgres") else url.split("?")[0]}
     yield procs
     procs.kill_all()
 
