@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from stem._canvas_keys import (  # the wire keys: the canvas itself is not imported
@@ -104,10 +105,16 @@ async def run(app: Stem, env: Envelope, outcome: Outcome, *, redelivered: bool) 
     """Do ``env``'s follow-ups for ``outcome``, retrying store errors with backoff."""
     if not isinstance(outcome, Success | Failure):
         return
+    await _retrying(env, lambda: _follow_up(app, env, outcome, redelivered))
+
+
+async def _retrying(env: Envelope, step: Callable[[], Awaitable[None]]) -> None:
+    """Run ``step`` (a task's follow-ups), retrying a store error with backoff up to
+    ATTEMPTS times; the last error is raised."""
     delay = 0.05
     for attempt in range(ATTEMPTS):
         try:
-            await _follow_up(app, env, outcome, redelivered)
+            await step()
             return
         except Exception as exc:
             if attempt == ATTEMPTS - 1:
@@ -157,27 +164,20 @@ async def ended_unrun(app: Stem, env: Envelope, error: TaskError, *, expired: bo
     if not wants(env):
         return
     meta = env.meta
-    delay = 0.05
-    for attempt in range(ATTEMPTS):
-        try:
-            if not expired:
-                calls = [_child(app, env, e, env.id) for e in meta.get(META_LINK_ERROR) or ()]
-                if calls:
-                    await _publish(app, calls)
-            chain = meta.get(META_CHAIN)
-            if isinstance(chain, dict):
-                await _abort_chain(app, env, chain, error)
-            if META_GROUP_INDEX in meta:
-                async with _limit():
-                    await _record_member(app, env, TaskState.FAILED, None, error, redelivered)
-            return
-        except Exception as exc:
-            if attempt == ATTEMPTS - 1:
-                raise
-            log.warning("canvas.follow_up_failed", task=env.name, task_id=env.id,
-                        error=repr(exc), attempt=attempt)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    async def step() -> None:
+        if not expired:
+            calls = [_child(app, env, e, env.id) for e in meta.get(META_LINK_ERROR) or ()]
+            if calls:
+                await _publish(app, calls)
+        chain = meta.get(META_CHAIN)
+        if isinstance(chain, dict):
+            await _abort_chain(app, env, chain, error)
+        if META_GROUP_INDEX in meta:
+            async with _limit():
+                await _record_member(app, env, TaskState.FAILED, None, error, redelivered)
+
+    await _retrying(env, step)
 
 
 def _result_value(app: Stem, env: Envelope, outcome: Success) -> Any:
