@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
@@ -505,6 +506,54 @@ async def test_idle_fetch_survives_its_listener_being_killed(
     published = time.perf_counter()
     assert len(await asyncio.wait_for(fetch, 8)) == 1
     assert time.perf_counter() - published < 0.25
+
+
+async def test_an_operation_cancelled_mid_query_leaves_the_store_usable(
+    producer: PostgresBroker, raw_conn: asyncpg.Connection, app_name: str
+) -> None:
+    """The connection kept between operations goes back to the pool when an operation on
+    it is cut off (the pool cancels the query); the next operations run at once."""
+    await producer.ping()  # connected: one connection is kept for the next operation
+    sleeper = asyncio.create_task(producer._db.run(lambda c: c.execute("SELECT pg_sleep(30)")))
+
+    async def sleeping() -> bool:
+        n = await raw_conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+            "AND query LIKE 'SELECT pg_sleep%' AND state = 'active'", app_name)
+        return bool(n)
+
+    await eventually(sleeping, timeout=5)
+    sleeper.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sleeper
+    started = time.perf_counter()
+    for _ in range(3):
+        await producer.publish([env()])
+    assert time.perf_counter() - started < 5
+    await eventually(lambda: _not(sleeping), timeout=5)  # the server stopped that query
+    assert (await producer.stats("q")).pending == 3
+
+
+async def test_an_error_inside_a_transaction_leaves_no_transaction_open(
+    producer: PostgresBroker,
+) -> None:
+    async def fails_in_transaction(conn: asyncpg.Connection) -> None:
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1")
+        raise RuntimeError("boom")
+
+    await producer.ping()
+    with pytest.raises(RuntimeError, match="boom"):
+        await producer._db.run(fails_in_transaction)
+    async def in_transaction(conn: asyncpg.Connection) -> bool:
+        return conn.is_in_transaction()
+
+    for _ in range(3):  # whichever connection serves these is not inside a transaction
+        assert not await producer._db.run(in_transaction)
+
+
+async def _not(check: Any) -> bool:
+    return not await check()
 
 
 async def _listening(broker: PostgresBroker) -> bool:

@@ -162,6 +162,12 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
 
 
+def _detached(exc: BaseException) -> bool:
+    """True when a kept pool connection was closed while idle: the pool then takes its
+    proxy back, and the first call on it fails before sending anything."""
+    return isinstance(exc, asyncpg.InterfaceError) and "released back to the pool" in str(exc)
+
+
 def unavailable(settings: PgSettings, exc: BaseException, role: str) -> ServiceUnavailableError:
     """A ServiceUnavailableError naming the server (no password) and what to check."""
     tls = tls_hint(exc, settings.dsn)
@@ -215,6 +221,11 @@ class Connector:
         # never closed here.
         self._external = pool
         self._pool: Any = None
+        # One connection of our own pool kept checked out between operations: ``run``
+        # takes it when it is free instead of going through the pool. asyncpg's acquire
+        # and release (a shielded task and an idle timer per release) were a seventh of a
+        # one-by-one enqueue's CPU. Never for an application's pool (it may be small).
+        self._hot: Any = None
         self._lock: asyncio.Lock | None = None
         self._ever_connected = False
         self._outage_since: float | None = None
@@ -251,22 +262,35 @@ class Connector:
 
     async def run(self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
         """Run ``op(connection)`` on a pooled connection, reconnecting through outages."""
+        hot, pool = self._hot, self._pool
+        if hot is not None:
+            # The common case: the kept connection is free (taken by setting it aside).
+            self._hot = None
+            try:
+                result = await op(hot)
+            except BaseException as exc:
+                # The pool resets it (an open transaction, a cut-off query) or, after a
+                # connection error, replaces it; the retry below goes through the pool.
+                await self._give_back(pool, hot, exc)
+                if not (is_connection_error(exc) or _detached(exc)):
+                    raise
+            else:
+                await self._keep(pool, hot)
+                if self._outage_since is not None:
+                    self._note_ok()
+                return result
         attempt = 0
         started = time.monotonic()
         while True:
             try:
                 pool = await self._get_pool()
-                async with pool.acquire() as conn:
-                    try:
-                        result = await op(conn)
-                    except Exception as exc:
-                        if is_connection_error(exc):
-                            # Never hand a half-dead connection back to the pool: the
-                            # next acquire then opens a fresh one. (A connection that
-                            # already closed has detached itself; nothing to do then.)
-                            with contextlib.suppress(asyncpg.InterfaceError):
-                                conn.terminate()
-                        raise
+                conn = await pool.acquire()
+                try:
+                    result = await op(conn)
+                except BaseException as exc:
+                    await self._give_back(pool, conn, exc)
+                    raise
+                await self._keep(pool, conn)
             except _LOGIN_ERRORS as exc:
                 # Not an outage but a wrong URL: retrying cannot help.
                 raise unavailable(self.settings, exc, self.role) from exc
@@ -308,6 +332,30 @@ class Connector:
             )
             self._outage_since = None
 
+    async def _keep(self, pool: Any, conn: Any) -> None:
+        """After a successful operation: keep ``conn`` as the free connection, or give it
+        back to ``pool`` (one is kept already, the pool is the application's, or it was
+        closed meanwhile)."""
+        if self._hot is None and pool is self._pool and pool is not self._external:
+            self._hot = conn
+        else:
+            await pool.release(conn)
+
+    @staticmethod
+    async def _give_back(pool: Any, conn: Any, exc: BaseException) -> None:
+        """After a failed operation: hand ``conn`` back to ``pool``, which rolls back or
+        cancels what it was doing. Never a half-dead connection: the next acquire then
+        opens a fresh one. (A connection that already closed has detached itself.)"""
+        if _detached(exc):
+            return  # the pool has it back already
+        if is_connection_error(exc):
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+        try:
+            await pool.release(conn)
+        except Exception as release_exc:  # the operation's own error is the one to raise
+            log.debug("postgres.release_failed", error=repr(release_exc))
+
     async def ready(self) -> None:
         """Connect and migrate now (normally the first operation does it)."""
         await self.run(lambda c: c.fetchval("SELECT 1"))
@@ -327,6 +375,9 @@ class Connector:
     async def close(self) -> None:
         """Close the pool (not an application's own); a later operation opens a new one."""
         pool, self._pool = self._pool, None
+        hot, self._hot = self._hot, None
+        if hot is not None and pool is not None:
+            await pool.release(hot)  # close() waits for every acquired connection
         if pool is not None and pool is not self._external:
             await pool.close()
 
