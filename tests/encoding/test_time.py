@@ -73,3 +73,23 @@ def test_offsetless_time_is_local_time_as_in_dart() -> None:
 def test_garbage_raises_value_error() -> None:
     with pytest.raises(ValueError):
         from_iso("yesterday")
+
+
+def test_wire_now_text_matches_its_value_across_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wire_now caches the second's fields and the millisecond's value: each stamp's
+    text is still exactly what to_iso writes for that instant, across a second boundary
+    and a day boundary."""
+    import stem._time as t
+
+    clock = [1_767_225_599.998]  # 2025-12-31T23:59:59.998Z
+    monkeypatch.setattr(t.time, "time", lambda: clock[0])
+    seen = []
+    for step in range(5):  # .998, .999, then 00:00:00.000, .001, .002 on the next day
+        clock[0] = (1_767_225_599_998 + step + 0.5) / 1000  # mid-millisecond
+        value = t.wire_now()
+        plain = datetime(*value.timetuple()[:6], value.microsecond, tzinfo=UTC)
+        assert value.wire_text == to_iso(plain) == t.wire_now().wire_text
+        seen.append(value.wire_text)
+    assert seen == ["2025-12-31T23:59:59.998Z", "2025-12-31T23:59:59.999Z",
+                    "2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.001Z",
+                    "2026-01-01T00:00:00.002Z"]

@@ -514,6 +514,9 @@ class RedisConnector:
         # A client the application passed in is used as is and never closed here.
         self._external = client
         self._client: Client | None = client
+        # Fixed for the connector's life; asked on every command path, and isinstance
+        # against redis-py's cluster class walks typing's Protocol checks each time.
+        self._is_cluster = settings.mode == "cluster" or isinstance(client, RedisCluster)
         self._cluster_ready = False
         self._lanes: Lanes | None = None
 
@@ -534,7 +537,7 @@ class RedisConnector:
     @property
     def is_cluster(self) -> bool:
         """True for Redis Cluster URLs (scripts and multi-key commands stay in one slot)."""
-        return self.settings.mode == "cluster" or isinstance(self._external, RedisCluster)
+        return self._is_cluster
 
     @property
     def has_client(self) -> bool:
