@@ -125,7 +125,7 @@ def now_iso() -> str:
 _wire_ms: tuple[int, WireTime | None] = (0, None)
 #: The current second's fields and text (a producer sending one by one misses the
 #: millisecond cache on every call; the second changes a thousand times less often).
-_wire_sec: tuple[int, tuple[int, ...], str] = (-1, (), "")
+_wire_sec: tuple[int, tuple[int, int, int, int, int, int], str] = (-1, (0, 0, 0, 0, 0, 0), "")
 
 
 def wire_now() -> WireTime:
@@ -145,9 +145,12 @@ def wire_now() -> WireTime:
     cached_sec, fields, text = _wire_sec
     if sec != cached_sec:
         parts = time.gmtime(sec)
-        fields, text = tuple(parts[:6]), time.strftime("%Y-%m-%dT%H:%M:%S", parts)
+        fields = (parts.tm_year, parts.tm_mon, parts.tm_mday, parts.tm_hour, parts.tm_min,
+                  parts.tm_sec)
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", parts)
         _wire_sec = (sec, fields, text)
-    value = WireTime(*fields, milli * 1000, tzinfo=UTC)
+    year, month, day, hour, minute, second = fields
+    value = WireTime(year, month, day, hour, minute, second, milli * 1000, tzinfo=UTC)
     value.wire_text = f"{text}.{milli:03d}Z"
     _wire_ms = (ms, value)
     return value
