@@ -43,6 +43,9 @@ async def test_postgres_store_on_the_applications_pool(postgres_url: str, namesp
         async with PostgresStore(url, namespace=namespace, pool=pool) as store:
             await store.broker.publish([Envelope(name="t", queue="q")])  # migrates first
             assert (await store.broker.stats("q")).pending == 1
+            # Between operations the store holds none of the application's connections
+            # (its own pool keeps one checked out; a pool it was given is never kept).
+            assert pool.get_idle_size() == pool.get_size()
         # The store closed its own LISTEN connection but left the pool to its owner.
         assert not pool._closed
         async with pool.acquire() as conn:
