@@ -26,6 +26,7 @@ from stem._time import utcnow
 from stem.adapters import backend_from_url, broker_from_url
 from stem.adapters._leasing import Claim
 from stem.adapters.postgres import PostgresBroker, PostgresResultBackend, migrate, migrations
+from stem.adapters.postgres import broker as pg_broker_module
 from stem.adapters.postgres._pool import parse_url
 from stem.envelope import Envelope
 from stem.errors import ConfigurationError, ServiceUnavailableError
@@ -930,7 +931,10 @@ async def test_dead_letters_written_without_task_id_are_listed_by_envelope_id(
 
 
 async def test_a_stale_row_count_is_refreshed_so_the_fetch_plan_walks_the_index(
-        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # This test checks the row count itself: no automatic check after publishing.
+    monkeypatch.setattr(pg_broker_module, "PUBLISHED_CHECK_ROWS", 10**9)
     # The state a drained queue leaves when autovacuum is off: a vacuumed, empty table
     # whose planner row count (0) no longer matches the backlog that arrives next.
     table = f'"{namespace}".stem_jobs'
@@ -961,6 +965,54 @@ async def test_a_stale_row_count_is_refreshed_so_the_fetch_plan_walks_the_index(
         f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass") > 4000
     assert "Sort" not in (await plan()).split("CTE upd")[0]  # no sort of the backlog
     assert await broker.refresh_stats() is False  # fresh now: nothing to do
+
+
+async def _emptied_without_stats(raw_conn: asyncpg.Connection, table: str) -> None:
+    """What a drained queue leaves when autovacuum is off: an empty, vacuumed table whose
+    planner row count (0) will not match the next backlog."""
+    await raw_conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    await raw_conn.execute(f"DELETE FROM {table}")
+    await raw_conn.execute(f"VACUUM {table}")
+    assert await _reltuples(raw_conn, table) == 0
+
+
+async def _reltuples(raw_conn: asyncpg.Connection, table: str) -> float:
+    return float(await raw_conn.fetchval(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{table}'::regclass"))
+
+
+async def test_a_bulk_publish_gets_the_row_count_right_before_any_fetch(
+        producer: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+    table = f'"{namespace}".stem_jobs'
+    await producer.publish([env()])  # migrates
+    await _emptied_without_stats(raw_conn, table)
+    for _ in range(5):
+        await producer.publish([env() for _ in range(1000)])
+
+    async def counted() -> bool:
+        return await _reltuples(raw_conn, table) > 2000
+
+    # The producer checked (and analyzed) in the background: no fetch has run yet.
+    await eventually(counted, timeout=10)
+    plan = "\n".join(r[0] for r in await raw_conn.fetch(
+        "EXPLAIN " + producer._sql.fetch_one_queue, "q", 400, 30.0, "w", uuid.uuid4()))
+    assert "Sort" not in plan.split("CTE upd")[0]  # the fetch index, not a sort
+
+
+async def test_the_first_fetch_checks_the_row_count_before_it_runs(
+        broker: PostgresBroker, producer: PostgresBroker, raw_conn: asyncpg.Connection,
+        namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backlog written by a producer that does not check (an older one, or SQL).
+    monkeypatch.setattr(pg_broker_module, "PUBLISHED_CHECK_ROWS", 10**9)
+    table = f'"{namespace}".stem_jobs'
+    await producer.publish([env()])
+    await _emptied_without_stats(raw_conn, table)
+    for _ in range(5):
+        await producer.publish([env() for _ in range(1000)])
+    assert await _reltuples(raw_conn, table) == 0
+    got = await broker.fetch(["q"], 10, block=0, consumer="w")
+    assert len(got) == 10
+    assert await _reltuples(raw_conn, table) > 4000  # analyzed before that fetch ran
 
 
 async def test_a_fetch_finding_the_queue_drained_vacuums_the_table_small(
@@ -997,7 +1049,10 @@ async def test_a_fetch_finding_the_queue_drained_vacuums_the_table_small(
 
 
 async def test_a_backlog_the_statistics_views_have_not_counted_yet_is_analyzed_too(
-        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str) -> None:
+        broker: PostgresBroker, raw_conn: asyncpg.Connection, namespace: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # This test checks the row count itself: no automatic check after publishing.
+    monkeypatch.setattr(pg_broker_module, "PUBLISHED_CHECK_ROWS", 10**9)
     # What a drained queue leaves: the rows gone, the pages still there, reltuples 0
     # (the planner then expects no row at all: the lease UPDATE walked the fetch
     # index for its ids). The next backlog reaches n_live_tup only when its producer's

@@ -37,6 +37,7 @@ from stem.adapters.postgres._pool import Connector, ListenHub, parse_url
 from stem.adapters.postgres._sql import Statements
 from stem.adapters.postgres.backend import results_channel, status_arrays
 from stem.envelope import Envelope, peek_task_id
+from stem.errors import ServiceUnavailableError
 from stem.limits import clamp_priority
 from stem.log import get_logger
 from stem.ports import (
@@ -69,6 +70,9 @@ IDLE_VACUUM_WAIT = 60.0
 STATS_CHECK_INTERVAL = 5.0
 #: Live rows below which a stale row count cannot hurt a plan (no ANALYZE).
 STATS_MIN_ROWS = 2_000
+#: Rows published by this process after which it checks the planner's row count
+#: (twice STATS_MIN_ROWS: a check must see a backlog big enough to act on).
+PUBLISHED_CHECK_ROWS = 2 * STATS_MIN_ROWS
 
 log = get_logger(__name__)
 #: Dead letters read per page while replaying.
@@ -260,6 +264,13 @@ class PostgresBroker(LeasingBroker):
         self._last_vacuum = 0.0
         self._last_stats_check = float("-inf")
         self._vacuum_failed = False
+        # Rows this process published since it last checked the planner's row count,
+        # and their queues: a producer's bulk enqueue gets the count right before any
+        # worker plans a fetch of that backlog.
+        self._published = 0
+        self._published_queues: set[str] = set()
+        # The first fetch checks the row count before it runs (not in the background).
+        self._first_claim = True
 
     # -- notifications --------------------------------------------------------
 
@@ -296,6 +307,25 @@ class PostgresBroker(LeasingBroker):
         self._churn = 0
         self._last_vacuum = now
         self._in_background(self.vacuum())
+
+    def _publishing(self, items: Sequence[tuple[Envelope, bytes, str]]) -> None:
+        """Count rows published; past PUBLISHED_CHECK_ROWS, check the planner's row count in
+        the background (at most every STATS_CHECK_INTERVAL seconds).
+
+        The backlog a producer just wrote is what the next fetches plan against: when
+        the table's row count is stale (an emptied table, autovacuum off or not yet
+        run), a worker's first fetches would sort the whole backlog each time.
+        """
+        self._published += len(items)
+        if len(self._published_queues) < 64:
+            self._published_queues.update(q for _, _, q in items)
+        if self._published <= PUBLISHED_CHECK_ROWS or self._vacuum_failed:
+            return
+        now = time.monotonic()
+        if now - self._last_stats_check >= STATS_CHECK_INTERVAL:
+            self._last_stats_check = now
+            self._published = 0
+            self._in_background(self.refresh_stats())
 
     def _idle(self) -> None:
         """A fetch found its queues empty: vacuum what the drained backlog left.
@@ -353,8 +383,8 @@ class PostgresBroker(LeasingBroker):
         table = f"{self.settings.quoted_schema}.stem_jobs"
 
         async def op(conn: Any) -> bool:
-            row = await conn.fetchrow(self._sql.table_stats, sorted(self._watched),
-                                      2 * STATS_MIN_ROWS)
+            queues = sorted(self._watched | self._published_queues)
+            row = await conn.fetchrow(self._sql.table_stats, queues, 2 * STATS_MIN_ROWS)
             if row is None:
                 return False
             planned, live = float(row[0]), max(float(row[1] or 0), float(row[2]))
@@ -364,6 +394,10 @@ class PostgresBroker(LeasingBroker):
 
         try:
             return bool(await self._db.run(op, retry=False))
+        except ServiceUnavailableError as exc:
+            # An outage, not a refusal: the next check tries again.
+            log.debug("postgres.analyze_skipped", table=table, error=repr(exc))
+            return False
         except Exception as exc:
             self._vacuum_failed = True
             log.warning("postgres.analyze_failed", table=table, error=repr(exc))
@@ -407,6 +441,7 @@ class PostgresBroker(LeasingBroker):
         # One statement that also NOTIFYs their queues.
         items = [(e, e.to_json(), e.queue) for e in envelopes]
         await self._db.run(lambda c: self._insert(c, items))
+        self._publishing(items)
 
     async def publish_with_connection(self, connection: Any, envelopes: Sequence[Envelope]) -> None:
         """Insert envelopes through the caller's asyncpg ``connection``.
@@ -477,7 +512,9 @@ class PostgresBroker(LeasingBroker):
         if connection is not None:
             await self._db.ready()
             return await self._insert_new(connection, jobs, blobs, ttls)
-        return await self._db.run(lambda c: self._insert_new(c, jobs, blobs, ttls))
+        added = await self._db.run(lambda c: self._insert_new(c, jobs, blobs, ttls))
+        self._publishing(jobs)
+        return added
 
     async def _insert_new(self, conn: Any, jobs: Sequence[tuple[Envelope, bytes, str]],
                           blobs: list[bytes], ttls: list[float]) -> set[str]:
@@ -574,6 +611,13 @@ class PostgresBroker(LeasingBroker):
 
     async def _claim(self, queues: list[str], max_count: int, consumer: str, polled: bool
                      ) -> Claim:
+        if self._first_claim:
+            # This process's first fetch: a backlog written while the planner's row
+            # count was stale would otherwise be sorted whole by every fetch until the
+            # background check below (seconds later) catches it.
+            self._first_claim = False
+            self._last_stats_check = time.monotonic()
+            await self.refresh_stats()
         lease = uuid.uuid4()
         order: str | list[str]
         if len(queues) == 1:
