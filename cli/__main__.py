@@ -1,5 +1,5 @@
 """python -m stem_cli."""
 
-from stem_cli.main import main
+from stem_cli._entry import main
 
 main()

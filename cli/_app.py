@@ -6,12 +6,16 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from stem._urls import mask_urls_in
 from stem.app import Stem
+
+if TYPE_CHECKING:
+    import typer
+
+# Typer is imported where an error needs it: ``stem worker start`` runs without it
+# (see stem_cli._worker).
 
 
 def error_line(message: str) -> None:
@@ -22,11 +26,16 @@ def error_line(message: str) -> None:
     always one line.
     """
     text = " ".join(mask_urls_in(message).split())
-    typer.echo(f"stem: error: {text}", err=True)
+    stream = sys.stderr
+    if stream is not None:
+        stream.write(f"stem: error: {text}\n")
+        stream.flush()
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line to stderr and return the Exit to raise."""
+    import typer
+
     error_line(message)
     return typer.Exit(code)
 
@@ -35,6 +44,8 @@ def between(low: float, high: float, unit: str = "") -> Callable[[Any], Any]:
     """An option callback refusing values outside ``low..high`` (NaN too), naming the range."""
     def check(value: Any) -> Any:
         if value is not None and not low <= value <= high:  # NaN fails the comparison
+            import typer
+
             raise typer.BadParameter(f"{value} is not in the range {_num(low)}..{_num(high)}{unit}")
         return value
     return check

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,11 +14,21 @@ from stem import __version__
 from stem._urls import mask_url
 from stem.app import Stem
 from stem.errors import ConfigurationError, StemError
-from stem.limits import DEFAULT_GC_THRESHOLD, MAX_GC_THRESHOLD
-from stem.log import LOG_FORMATS, configure_logging, parse_level
+from stem.limits import DEFAULT_GC_THRESHOLD
 from stem.task import isolation_for
 from stem_cli import control
-from stem_cli._app import between, error_line, fail, load_app, serve_metrics
+from stem_cli._app import between, error_line, fail, load_app
+from stem_cli._worker import (
+    MAX_BLOCK_TIME,
+    MAX_CONCURRENCY,
+    MAX_GRACE,
+    MAX_POOL,
+    MAX_PREFETCH_MULTIPLIER,
+    MIN_BLOCK_TIME,
+    OPTION,
+    run_worker,
+)
+from stem_cli._worker import parse as parse_worker_start
 from stem_cli.beat import beat_command, schedule_app
 from stem_cli.groups import group_app
 from stem_cli.multi import healthcheck_command, multi_app
@@ -76,35 +83,8 @@ def _console() -> Console:
     console = Console()
     return console if console.is_terminal else Console(width=100_000, soft_wrap=True)
 
-#: Bounds of the numeric options (out of range: a usage error naming the range, exit 2).
-MAX_CONCURRENCY = 10_000
-MAX_PREFETCH_MULTIPLIER = 1_000
-MAX_POOL = 1_024
-MAX_GRACE = 86_400.0
-MIN_BLOCK_TIME, MAX_BLOCK_TIME = 0.01, 3_600.0
-MAX_COUNT = 2**31 - 1
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: ``stem tasks ls``: the table's columns, in order, and the keys of each ``--json`` object.
 TASKS_LS_COLUMNS = ("name", "queue", "max_retries", "priority", "isolation", "handler")
-
-
-def _log_level(value: str) -> str:
-    try:
-        parse_level(value)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{value!r} is not one of {', '.join(LOG_LEVELS)} (any case)") from None
-    return value.upper()
-
-
-def _log_format(value: str) -> str:
-    if value.lower() not in LOG_FORMATS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_FORMATS)}")
-    return value.lower()
-
-
-#: ``--log-format`` -> ``configure_logging(json=...)``: None lets it look at the terminal.
-_JSON_FOR_FORMAT: dict[str, bool | None] = {"auto": None, "pretty": False, "json": True}
 
 
 @worker_app.command("start")
@@ -113,44 +93,44 @@ def worker_start(
     queue: Annotated[list[str] | None, typer.Option("--queue", "-Q",
                      help="Queue to consume (repeatable). Default: all queues of the app's tasks.")] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c",
-                           callback=between(1, MAX_CONCURRENCY),
+                           callback=OPTION["concurrency"].check,
                            help=f"Tasks in flight at once (1..{MAX_CONCURRENCY}).")] = 16,
-    grace: Annotated[float, typer.Option("--grace", callback=between(0, MAX_GRACE, " seconds"),
+    grace: Annotated[float, typer.Option("--grace", callback=OPTION["grace"].check,
                      help="Seconds a graceful stop waits for running tasks "
                           f"(0..{MAX_GRACE:g}).")] = 30.0,
     block_time: Annotated[float, typer.Option("--block-time",
-                          callback=between(MIN_BLOCK_TIME, MAX_BLOCK_TIME, " seconds"),
+                          callback=OPTION["block_time"].check,
                           help="Seconds one fetch blocks when idle "
                                f"({MIN_BLOCK_TIME:g}..{MAX_BLOCK_TIME:g}).")] = 1.0,
-    pool: Annotated[int | None, typer.Option("--pool", callback=between(1, MAX_POOL),
+    pool: Annotated[int | None, typer.Option("--pool", callback=OPTION["pool"].check,
                     help=f"Run def tasks in N (1..{MAX_POOL}) child processes (killable at "
                          "hard time limits). Default: only tasks that need it get a pool.")] = None,
     max_tasks_per_child: Annotated[int | None, typer.Option("--max-tasks-per-child",
-                                   callback=between(1, MAX_COUNT),
+                                   callback=OPTION["max_tasks_per_child"].check,
                                    help="Replace a pool child after this many tasks.")] = None,
     max_memory_per_child: Annotated[int | None, typer.Option("--max-memory-per-child",
-                                    callback=between(1, MAX_COUNT),
+                                    callback=OPTION["max_memory_per_child"].check,
                                     help="Replace a pool child once its resident memory "
                                          "exceeds this many KiB.")] = None,
     prefetch_multiplier: Annotated[int, typer.Option("--prefetch-multiplier",
-                                   callback=between(1, MAX_PREFETCH_MULTIPLIER),
+                                   callback=OPTION["prefetch_multiplier"].check,
                                    help="Lease up to concurrency x this many tasks at once "
                                         f"(1..{MAX_PREFETCH_MULTIPLIER}).")] = 4,
-    log_level: Annotated[str, typer.Option("--log-level", callback=_log_level,
+    log_level: Annotated[str, typer.Option("--log-level", callback=OPTION["log_level"].check,
                          help="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")] = "INFO",
-    log_format: Annotated[str, typer.Option("--log-format", callback=_log_format,
+    log_format: Annotated[str, typer.Option("--log-format", callback=OPTION["log_format"].check,
                           help="auto (pretty on a terminal, JSON lines otherwise), pretty "
                                "or json.")] = "auto",
     metrics_port: Annotated[int | None, typer.Option(
-        "--metrics-port", envvar="STEM_METRICS_PORT", callback=between(0, 65535),
+        "--metrics-port", envvar="STEM_METRICS_PORT", callback=OPTION["metrics_port"].check,
         help="Serve Prometheus metrics on this port (/metrics; needs the metrics extra).")
     ] = None,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout",
-                               callback=between(0, MAX_GRACE, " seconds"),
+                               callback=OPTION["connect_timeout"].check,
                                help="Seconds to wait for an unreachable broker or backend at "
                                     "startup, retrying with backoff (0: fail at once).")] = 0.0,
     gc_threshold: Annotated[int, typer.Option(
-        "--gc-threshold", envvar="STEM_GC_THRESHOLD", callback=between(0, MAX_GC_THRESHOLD),
+        "--gc-threshold", envvar="STEM_GC_THRESHOLD", callback=OPTION["gc_threshold"].check,
         help="The garbage collector's first-generation threshold for this process, set "
              "after start-up objects are frozen (0: Python's default, 700).")
     ] = DEFAULT_GC_THRESHOLD,
@@ -161,43 +141,11 @@ def worker_start(
     backend URLs, queues, concurrency, prefetch, pool), then one line per finished task at
     INFO.
     """
-    from stem.worker import Worker
-    from stem.worker.gctune import tune_gc
-
-    configure_logging(log_level, json=_JSON_FOR_FORMAT[log_format])
-    stem_app = load_app(app_spec)
-    serve_metrics(metrics_port, stem_app)
-    worker = Worker(stem_app, queues=queue, concurrency=concurrency, shutdown_grace=grace,
-                    block_time=block_time, pool_size=pool, app_spec=app_spec,
-                    max_tasks_per_child=max_tasks_per_child,
-                    max_memory_per_child=max_memory_per_child,
-                    prefetch_multiplier=prefetch_multiplier, connect_timeout=connect_timeout)
-    tune_gc(gc_threshold)  # after the app and its tasks are imported: they are frozen
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        main_task = asyncio.current_task()
-        signals_seen = 0
-
-        def on_signal() -> None:
-            nonlocal signals_seen
-            signals_seen += 1
-            if signals_seen == 1:
-                worker.request_stop()
-            elif main_task is not None:  # a second signal: stop now
-                main_task.cancel()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await worker.run()
-        finally:
-            await stem_app.close()
-
-    try:
-        asyncio.run(main())
-    except asyncio.CancelledError:
-        raise typer.Exit(1) from None
+    code = run_worker(app_spec, queue, concurrency, grace, block_time, pool,
+                      max_tasks_per_child, max_memory_per_child, prefetch_multiplier,
+                      log_level, log_format, metrics_port, connect_timeout, gc_threshold)
+    if code:
+        raise typer.Exit(code)
 
 
 @tasks_app.command("ls")
@@ -352,109 +300,9 @@ async def _migrate_app(stem_app: Stem, url: str | None) -> list[tuple[str, list[
     return done
 
 
-_INT = re.compile(r"[0-9]+")
-_FLOAT = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
-
-
-def _plain_value(kind: Any, text: str) -> Any:
-    """``text`` as ``kind`` (str, int or float) when it is a plain value that typer
-    would read the same way; else :data:`_DEFER`."""
-    if kind is str:
-        return text
-    if kind is int and _INT.fullmatch(text):
-        return int(text)
-    if kind is float and _FLOAT.fullmatch(text):
-        return float(text)
-    return _DEFER
-
-
-_DEFER: Any = object()
-#: Option settings the plain reading below does not apply: an option with one is read by typer.
-_UNPLAIN = ("prompt", "is_flag", "count", "is_eager", "parser", "click_type", "default_factory",
-            "min", "max", "confirmation_prompt")
-
-
-def worker_start_kwargs(args: Sequence[str]) -> dict[str, Any] | None:
-    """``stem worker start``'s arguments read from the command's own option declarations
-    without typer's runtime, or None to let typer parse them.
-
-    Typer turns every option into a pydantic ``TypeAdapter`` when a command runs: about
-    9 MiB and 80 ms of a worker that needs none of it afterwards. This reads the plain
-    forms only (``--name value``, ``--name=value``, ``-X value``; whole numbers and
-    decimals as typer reads them) and calls the option callbacks as click does, the
-    defaults included. Anything else (``--help``, an unknown, repeated or malformed
-    option, a value a callback refuses, an option's environment variable set) returns
-    None, and typer parses the command line and reports the error as always.
-    """
-    import inspect
-    import typing
-
-    if list(args[:2]) != ["worker", "start"]:
-        return None
-    hints = typing.get_type_hints(worker_start, include_extras=True)
-    decls: dict[str, str] = {}
-    kinds: dict[str, tuple[Any, bool]] = {}  # name -> (str/int/float, repeatable)
-    infos: dict[str, Any] = {}
-    for name, hint in hints.items():
-        if name == "return":
-            continue
-        meta = typing.get_args(hint) if typing.get_origin(hint) is Annotated else ()
-        if len(meta) < 2:
-            return None
-        annotation, info = meta[:2]
-        if not isinstance(info, typer.models.OptionInfo) or not info.expose_value or any(
-                getattr(info, a, None) for a in _UNPLAIN):
-            return None
-        if info.callback is not None and len(inspect.signature(info.callback).parameters) != 1:
-            return None  # a callback taking the context or the parameter: typer calls it
-        names = list(info.param_decls or ())
-        if isinstance(info.default, str) and info.default.startswith("-"):
-            names.insert(0, info.default)
-        repeatable = annotation in (list[str], list[str] | None)
-        kind = str if repeatable else next(
-            (k for k in (str, int, float) if annotation in (k, k | None)), None)
-        if kind is None or not names:
-            return None
-        for decl in names:
-            decls[decl] = name
-        kinds[name], infos[name] = (kind, repeatable), info
-    given: dict[str, Any] = {}
-    rest = list(args[2:])
-    while rest:
-        token = rest.pop(0)
-        opt, eq, text = token.partition("=") if token.startswith("--") else (token, "", "")
-        target = decls.get(opt)
-        if target is None:
-            return None
-        name = target
-        if not eq:
-            if not rest or rest[0].startswith("-"):
-                return None
-            text = rest.pop(0)
-        kind, repeatable = kinds[name]
-        value = _plain_value(kind, text)
-        if value is _DEFER or (name in given and not repeatable):
-            return None
-        given[name] = [*given.get(name, []), value] if repeatable else value
-    kwargs: dict[str, Any] = {}
-    for name, param in inspect.signature(worker_start).parameters.items():
-        info = infos[name]
-        envvars = [info.envvar] if isinstance(info.envvar, str) else list(info.envvar or ())
-        if name not in given and any(e in os.environ for e in envvars):
-            return None
-        if name in given:
-            value = given[name]
-        elif param.default is inspect.Parameter.empty:
-            return None  # a required option is missing: typer says so
-        else:
-            value = param.default
-        if info.callback is not None:
-            try:
-                value = info.callback(value)
-            except typer.BadParameter:
-                return None
-        kwargs[name] = value
-    return kwargs
+#: ``stem worker start``'s arguments read without typer (see :mod:`stem_cli._worker`),
+#: or None to let typer parse them.
+worker_start_kwargs = parse_worker_start
 
 
 def run(argv: Sequence[str] | None = None) -> int:

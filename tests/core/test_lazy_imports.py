@@ -49,9 +49,10 @@ async def run(self):  # stop where the worker would start fetching
     print(json.dumps(sorted(sys.modules)))
 
 worker_module.Worker.run = run
-from stem_cli.main import run as cli
-sys.exit(cli(["worker", "start", "--app", "lazy_app:app", "-c", "100",
-              "--log-level", "WARNING", "--block-time", "1"]))
+from stem_cli._entry import main  # the console script
+sys.argv = ["stem", "worker", "start", "--app", "lazy_app:app", "-c", "100",
+            "--log-level", "WARNING", "--block-time", "1"]
+main()
 """
 
 
@@ -83,6 +84,8 @@ def test_worker_start_imports_only_its_broker(tmp_path: Path, url: str, driver: 
     other = "asyncpg" if driver == "redis.asyncio" else "redis"
     assert other not in {m.split(".")[0] for m in worker}
     assert _loaded(worker - baseline, (*NOT_FOR_A_PLAIN_WORKER, "stem.canvas")) == []
+    # A plain command line never reaches typer (nor its click, nor the other commands).
+    assert _loaded(worker, ("typer", "click", "stem_cli.main", "stem_cli.control")) == []
 
 
 def test_import_stem_and_the_cli_loads_no_optional_package() -> None:
@@ -153,6 +156,33 @@ def test_other_commands_are_left_to_typer() -> None:
     assert cli.worker_start_kwargs(["worker", "stats", "--app", "x:app"]) is None
     assert cli.worker_start_kwargs(["--version"]) is None
     assert cli.worker_start_kwargs([]) is None
+
+
+def test_the_option_table_is_typers_declaration() -> None:
+    """stem_cli._worker.OPTIONS (read without typer) and typer's declaration of
+    ``stem worker start`` (its help, and every command line the table does not read)
+    name the same options, spellings, defaults, checks and environment variables."""
+    import inspect
+    import typing
+
+    from stem_cli import _worker
+
+    hints = typing.get_type_hints(cli.worker_start, include_extras=True)
+    params = inspect.signature(cli.worker_start).parameters
+    assert list(params) == [o.name for o in _worker.OPTIONS]
+    for opt in _worker.OPTIONS:
+        annotation, info = typing.get_args(hints[opt.name])[:2]
+        decls = list(info.param_decls or ())
+        if isinstance(info.default, str) and info.default.startswith("-"):
+            decls.insert(0, info.default)
+        assert tuple(decls) == opt.decls, opt.name
+        default = params[opt.name].default
+        assert (_worker.REQUIRED if default is inspect.Parameter.empty else default) \
+            == opt.default, opt.name
+        assert info.callback is opt.check, opt.name
+        assert info.envvar == opt.envvar, opt.name
+        assert (annotation in (list[str], list[str] | None)) == opt.repeatable, opt.name
+        assert annotation in (opt.kind, opt.kind | None, list[opt.kind] | None), opt.name
 
 
 def _typer_kwargs(args: list[str]) -> dict[str, Any]:
