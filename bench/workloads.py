@@ -179,7 +179,8 @@ class Bench:
             finally:
                 await r.aclose()
 
-    def _worker(self, concurrency: int, *, counter: bool = True) -> subprocess.Popen[bytes]:
+    def _worker(self, concurrency: int, *, counter: bool = True,
+                runtime: Runtime | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "STEM_BROKER_URL": self.url, "STEM_NAMESPACE": self.namespace,
                "BENCH_COUNTER": f"{self.namespace}:counter",
                "BENCH_POOL": str(max(concurrency, 32)), **self.worker_env}
@@ -187,8 +188,12 @@ class Bench:
         env.pop("BENCH_REDIS_URL", None)
         if self.redis_counter_url and counter:
             env["BENCH_REDIS_URL"] = self.redis_counter_url
+        python = sys.executable
+        if runtime is not None:
+            python = runtime.python
+            env["PYTHONPATH"] = runtime.path
         return subprocess.Popen(
-            [sys.executable, "-m", "stem_cli", "worker", "start", "--app",
+            [python, "-m", "stem_cli", "worker", "start", "--app",
              "bench.bench_app:app", "-c", str(concurrency), "--log-level", "WARNING",
              "--block-time", "1"], env=env)
 
@@ -222,12 +227,15 @@ class Bench:
             out.update({k: v.payload for k, v in got.items() if v.state.value == "succeeded"})
         return out
 
-    async def w0(self, fig: Figures, starts: int = 3) -> None:
+    async def w0(self, fig: Figures, starts: int = 3, *, runtime: Runtime | None = None,
+                 suffix: str = "", label: str = "") -> None:
         """Start → first task: a ``bench.start`` task waits in the queue before the worker
         process is spawned; the clock runs from just before the spawn to the time the
         handler started (its return value). Median of ``starts`` cold starts. Then the
-        idle RSS of the last worker, once it ran that task and sat idle for a second."""
-        _compile_bytecode()
+        idle RSS of the last worker, once it ran that task and sat idle for a second.
+        ``runtime``: the Python (and path) that runs the worker, else this one."""
+        if runtime is None:
+            _compile_bytecode()
         definition = self.app.definition("bench.start")
         times: list[float] = []
         rss: list[float] = []
@@ -235,7 +243,7 @@ class Bench:
             tid = await definition.enqueue()
             t0 = time.time()
             # No INCR: a Redis client in a Postgres worker would count in its RSS.
-            proc = self._worker(self.concurrency, counter=False)
+            proc = self._worker(self.concurrency, counter=False, runtime=runtime)
             try:
                 res = await self.app.wait(tid, timeout=60)
                 times.append((float(cast(float, res.value)) - t0) * 1000)
@@ -243,9 +251,9 @@ class Bench:
                 rss.append(self._rss_mib(proc.pid))
             finally:
                 self._stop(proc)
-        fig.values["start_ms"] = statistics.median(times)
-        fig.values["idle_rss_mib"] = statistics.median(rss)
-        fig.notes.append("W0 starts ms: " + ", ".join(f"{t:.0f}" for t in times)
+        fig.values["start_ms" + suffix] = statistics.median(times)
+        fig.values["idle_rss_mib" + suffix] = statistics.median(rss)
+        fig.notes.append(f"W0{label} starts ms: " + ", ".join(f"{t:.0f}" for t in times)
                          + "; idle RSS MiB: " + ", ".join(f"{r:.1f}" for r in rss))
 
     async def w1(self, fig: Figures) -> None:
@@ -310,6 +318,83 @@ class Bench:
         fig.values["w4_seconds"] = max(e for _, e in spans) - min(s for s, _ in spans)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """A Python and the PYTHONPATH its worker processes get."""
+
+    python: str
+    path: str
+
+
+#: Stem's extras a W0 worker is installed with (one broker each; both here).
+_W0_EXTRAS = ("redis", "postgres")
+_REQ = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?")
+
+
+def _runtime_requirements() -> list[str]:
+    """``stem-tasks[redis,postgres]``'s requirements, pinned to the versions installed
+    here (so both W0 figures run the same libraries)."""
+    from importlib.metadata import requires, version
+
+    out: list[str] = []
+    for req in requires("stem-tasks") or []:
+        spec, _, marker = req.partition(";")
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)[\"']", marker)
+        if extra is not None and extra.group(1) not in _W0_EXTRAS:
+            continue
+        m = _REQ.match(spec)
+        if m is None:
+            continue
+        out.append(f"{m.group(1)}{m.group(2) or ''}=={version(m.group(1))}")
+    return sorted(set(out))
+
+
+def installed_runtime(root: Path = Path(".stem")) -> Runtime | str:
+    """A Python that runs this checkout's Stem as ``pip install
+    'stem-tasks[redis,postgres]'`` would, or why there is none.
+
+    The development venv is not what a deployment runs: Stem is an editable install
+    there (an import hook in every start-up) and the test extras are installed, among
+    them the OpenTelemetry SDK, which redis-py imports whenever it is present (about
+    35 ms and 3.5 MiB of a Redis worker's start). So W0 is measured in a venv with only
+    Stem's runtime dependencies (made once under ``.stem/bench-venv`` by pip, from its
+    cache or the index) and a fresh copy of this checkout's ``stem`` and ``stem_cli``
+    (as a wheel installs them), and again in the development venv.
+    """
+    import compileall
+    import shutil
+
+    venv = root / "bench-venv"
+    python = venv / "bin" / "python"
+    reqs = "\n".join(_runtime_requirements()) + "\n"
+    stamp = venv / "stem-bench-requirements.txt"
+    try:
+        if not (python.exists() and stamp.exists() and stamp.read_text() == reqs):
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                           capture_output=True, timeout=300)
+            (venv / "requirements.txt").write_text(reqs)
+            subprocess.run([str(python), "-m", "pip", "install", "-q",
+                            "--disable-pip-version-check", "-r", str(venv / "requirements.txt")],
+                           check=True, capture_output=True, timeout=600)
+            stamp.write_text(reqs)
+        src = root / "bench-src"
+        shutil.rmtree(src, ignore_errors=True)
+        repo = Path(stem.__file__).resolve().parent.parent
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(repo / "stem", src / "stem", ignore=skip)
+        shutil.copytree(repo / "cli", src / "stem_cli", ignore=skip)
+        subprocess.run([str(python), "-c",
+                        "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=1)",
+                        str(src)], check=True, capture_output=True, timeout=300)
+        compileall.compile_dir(Path(bench_app.__file__).parent, quiet=1)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return f"no installed-like venv ({exc}; {detail.decode(errors='replace')[-200:]})"
+    return Runtime(str(python.absolute()),
+                   os.pathsep.join([str(src.absolute()), str(repo)]))
+
+
 def _compile_bytecode() -> None:
     """Write the bytecode of Stem, its CLI and the bench app, as an installed package has
     it: a checkout run with ``PYTHONDONTWRITEBYTECODE=1`` (the image sets it) would
@@ -333,9 +418,13 @@ def report(kind: str, fig: Figures, console: Console) -> None:
     t = Table("figure", "stem", "floor (same run)", "stem / floor", "best peer", "stem / peer",
               title=f"make bench — {kind}")
     for label, key, fmt in (("W0 start → first task ms", "start_ms", "{:.0f}"),
-                            ("W0 idle RSS MiB", "idle_rss_mib", "{:.1f}")):
+                            ("W0 idle RSS MiB", "idle_rss_mib", "{:.1f}"),
+                            ("W0 start ms, this dev venv", "start_ms_dev", "{:.0f}"),
+                            ("W0 idle RSS MiB, this dev venv", "idle_rss_mib_dev", "{:.1f}")):
         w0 = fig.values.get(key)
-        arq = W0_PEER[key]
+        if w0 is None and key.endswith("_dev"):
+            continue
+        arq = W0_PEER[key.removesuffix("_dev")]
         t.add_row(label, fmt.format(w0) if w0 else "-", "-", "-", f"{arq:.0f} (arq)",
                   f"{w0 / arq:.1f}x" if w0 else "-")
     rows = [("W1 enqueue one-by-one /s", "enqueue_one"), ("W1 enqueue_many /s", "enqueue_bulk"),
@@ -398,7 +487,13 @@ async def run(url: str, *, n: int, workloads: set[str], floor_dir: Path | None,
     try:
         await bench.app.broker.purge("default")
         if "W0" in workloads:
-            await bench.w0(fig)
+            runtime = installed_runtime()
+            if isinstance(runtime, Runtime):
+                await bench.w0(fig, runtime=runtime, label=" (installed)")
+                await bench.w0(fig, suffix="_dev", label=" (dev venv)")
+            else:
+                fig.notes.append(f"W0 in this dev venv: {runtime}")
+                await bench.w0(fig)
         if "W1" in workloads:
             await bench.w1(fig)
         if "W2" in workloads:
