@@ -61,12 +61,22 @@ def to_iso(dt: datetime) -> str:
     return dt.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
+#: The last UTC ('Z') text parsed and its value: the envelopes of one bulk enqueue carry
+#: the same ``enqueuedAt`` text (stamped once per millisecond), and a worker decodes
+#: them one after another. Values are immutable, so sharing one is safe.
+_last_iso: tuple[str, datetime] = ("", datetime(1970, 1, 1, tzinfo=UTC))
+
+
 def from_iso(value: str) -> datetime:
     """Parse an ISO-8601 string into an aware UTC :class:`WireTime`.
 
     A value without an offset is local time, as Dart's ``DateTime.parse`` reads it
     (older Dart producers wrote ``DateTime.now()`` that way). Raises ValueError.
     """
+    global _last_iso
+    last_text, last = _last_iso
+    if value == last_text:
+        return last
     out = WireTime.fromisoformat(value)
     if out.tzinfo is not UTC:  # the common 'Z' case needs no conversion
         # A naive datetime's astimezone() interprets it in the local zone.
@@ -74,6 +84,8 @@ def from_iso(value: str) -> datetime:
         out = WireTime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
                        utc.microsecond, tzinfo=UTC)
     out.wire_text = value
+    if value.endswith("Z"):  # not local time, whose meaning the process's zone decides
+        _last_iso = (value, out)
     return out
 
 

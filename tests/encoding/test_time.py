@@ -93,3 +93,15 @@ def test_wire_now_text_matches_its_value_across_seconds(monkeypatch: pytest.Monk
     assert seen == ["2025-12-31T23:59:59.998Z", "2025-12-31T23:59:59.999Z",
                     "2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.001Z",
                     "2026-01-01T00:00:00.002Z"]
+
+
+def test_a_repeated_text_reads_back_the_same_value() -> None:
+    """from_iso reuses the value of the text it read last (a batch's envelopes share
+    one enqueuedAt); a different text, or local time, is parsed afresh."""
+    a = from_iso("2026-03-21T10:15:30.123Z")
+    b = from_iso("2026-03-21T10:15:30.123Z")
+    assert b is a and to_iso(b) == "2026-03-21T10:15:30.123Z"
+    c = from_iso("2026-03-21T10:15:30.124Z")
+    assert c is not a and c - a == timedelta(milliseconds=1)
+    naive = from_iso("2026-03-21T10:15:30.123")
+    assert from_iso("2026-03-21T10:15:30.123") is not naive  # local time: never shared
