@@ -32,6 +32,25 @@ def error_line(message: str) -> None:
         stream.flush()
 
 
+#: Set (to anything but empty or 0) to get the traceback of an unexpected error as well.
+TRACEBACK_ENV = "STEM_TRACEBACK"
+
+
+def unexpected_error(exc: BaseException) -> int:
+    """Report an error that is not Stem's own (a driver's error Stem does not wrap, or a
+    bug) as one ``stem: error:`` line naming its type, masked like every other; with
+    ``STEM_TRACEBACK=1`` the traceback comes first. Returns the exit status, 1."""
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        import traceback
+
+        text = "".join(traceback.format_exception(exc))
+        stream = sys.stderr
+        if stream is not None:
+            stream.write(mask_urls_in(text))
+    error_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    return 1
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one error line to stderr and return the Exit to raise."""
     import typer

@@ -28,7 +28,8 @@ def _run_worker(kwargs: dict[str, object]) -> int:
     """:func:`stem_cli._worker.run_worker` with the CLI's error handling (as
     :func:`stem_cli.main.run` does it): a StemError is one ``stem: error:`` line and exit 1,
     or 2 for a ConfigurationError; an error already reported (``fail``) exits with its
-    status; Ctrl-C before the worker runs is ``aborted``, exit 1."""
+    status; any other error is one line too (:func:`stem_cli._app.unexpected_error`);
+    Ctrl-C before the worker runs is ``aborted``, exit 1."""
     from stem.errors import ConfigurationError, StemError
     from stem_cli import _worker
     from stem_cli._app import error_line
@@ -46,4 +47,6 @@ def _run_worker(kwargs: dict[str, object]) -> int:
         typer = sys.modules.get("typer")
         if typer is not None and isinstance(exc, typer.Exit):  # from fail(): reported
             return int(exc.exit_code)
-        raise
+        from stem_cli._app import unexpected_error
+
+        return unexpected_error(exc)

@@ -17,7 +17,7 @@ from stem.errors import ConfigurationError, StemError
 from stem.limits import DEFAULT_GC_THRESHOLD
 from stem.task import isolation_for
 from stem_cli import control
-from stem_cli._app import between, error_line, fail, load_app
+from stem_cli._app import between, error_line, fail, load_app, unexpected_error
 from stem_cli._worker import (
     MAX_BLOCK_TIME,
     MAX_CONCURRENCY,
@@ -336,6 +336,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except typer.Abort:
         error_line("aborted")
         return 1
+    except Exception as exc:  # a driver's or a bug's: still one line (see unexpected_error)
+        return unexpected_error(exc)
     return rv if isinstance(rv, int) else 0
 
 

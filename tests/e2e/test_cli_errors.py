@@ -14,6 +14,7 @@ import pytest
 
 import stem
 from tests.e2e.test_cli import run_stem
+from tests.services import drop_pg_schema
 
 PW = "Hunter2-s3cret"
 APP = ["-A", "tests.e2e.e2e_app:app"]
@@ -139,3 +140,28 @@ def test_valid_log_level_in_any_case_is_accepted() -> None:
                    "--grace", "0", env={"STEM_BROKER_URL": f"amqp://:{PW}@h/"})
     line = assert_one_clean_line(out, 2)
     assert "unsupported scheme" in line
+
+
+async def test_an_error_stem_does_not_wrap_is_one_line_too(postgres_url: str,
+                                                            namespace: str) -> None:
+    """A driver's error Stem has no wrapper for (here: a table altered behind Stem's back)
+    is one masked ``stem: error:`` line naming its type, exit 1; ``STEM_TRACEBACK=1``
+    adds the traceback before that line."""
+    import asyncpg
+
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}schema={namespace}"
+    env = {"STEM_BROKER_URL": url}
+    try:
+        assert run_stem("migrate", env=env).returncode == 0
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            await conn.execute(f'ALTER TABLE "{namespace}".stem_dead_letters DROP COLUMN reason')
+        finally:
+            await conn.close()
+        line = assert_one_clean_line(run_stem("dlq", "list", env=env), 1)
+        assert line == 'stem: error: UndefinedColumnError: column "reason" does not exist'
+        out = run_stem("dlq", "list", env={**env, "STEM_TRACEBACK": "1"})
+        assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
+        assert out.stderr.strip().splitlines()[-1] == line
+    finally:
+        await drop_pg_schema(postgres_url, namespace)
