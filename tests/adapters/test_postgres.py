@@ -535,6 +535,39 @@ async def test_an_operation_cancelled_mid_query_leaves_the_store_usable(
     assert (await producer.stats("q")).pending == 3
 
 
+async def test_a_connection_lost_mid_operation_is_retried_only_where_allowed(
+    producer: PostgresBroker, raw_conn: asyncpg.Connection, app_name: str
+) -> None:
+    """Cut off while it runs on the kept connection, an operation runs again through the
+    pool when it may be retried, and is an outage error when it may not (a fetch)."""
+    calls = 0
+
+    async def op(conn: asyncpg.Connection) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await conn.execute("SELECT pg_sleep(30)")
+        return calls
+
+    async def sleeping() -> bool:
+        return bool(await raw_conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+            "AND query LIKE 'SELECT pg_sleep%' AND state = 'active'", app_name))
+
+    for retry, outcome in ((False, ServiceUnavailableError), (True, 2)):
+        await producer.ping()  # a kept connection
+        calls = 0
+        task = asyncio.create_task(producer._db.run(op, retry=retry))
+        await eventually(sleeping, timeout=5)
+        await kill_connections(raw_conn, app_name)
+        if retry:
+            assert await asyncio.wait_for(task, 10) == outcome
+        else:
+            with pytest.raises(ServiceUnavailableError):
+                await asyncio.wait_for(task, 10)
+            assert calls == 1
+
+
 async def test_an_error_inside_a_transaction_leaves_no_transaction_open(
     producer: PostgresBroker,
 ) -> None:

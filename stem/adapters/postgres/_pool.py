@@ -270,10 +270,16 @@ class Connector:
                 result = await op(hot)
             except BaseException as exc:
                 # The pool resets it (an open transaction, a cut-off query) or, after a
-                # connection error, replaces it; the retry below goes through the pool.
+                # connection error, replaces it. The operation then goes through the pool
+                # below: always when nothing was sent (the connection had closed while
+                # kept), after a connection error only where it may be retried.
                 await self._give_back(pool, hot, exc)
-                if not (is_connection_error(exc) or _detached(exc)):
-                    raise
+                if not _detached(exc):
+                    if not is_connection_error(exc):
+                        raise
+                    if not retry:
+                        self._note_outage(exc)
+                        raise unavailable(self.settings, exc, self.role) from exc
             else:
                 await self._keep(pool, hot)
                 if self._outage_since is not None:
